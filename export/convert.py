@@ -1,0 +1,140 @@
+"""`python -m export convert`: a PaliGemma 2 checkpoint -> a model directory the runtimes load.
+
+Steps:
+ 1. check the arguments and the inputs that are cheap to check (OUT_DIR, the VAE npz, the config)
+    before any weight is loaded;
+ 2. load the model with eager attention (sdpa drops Gemma 2's attention softcap);
+ 3. export each graph into a sibling work directory, copy the tokenizer and processor files;
+ 4. write manifest.json last, then move the directory into place, so a crash never leaves an
+    OUT_DIR that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import decoder, embedding, manifest, segmentation, vision
+from .errors import ExportError
+from .graph import export_graph
+
+DTYPES = ("fp32", "fp16")
+COPIED_FILES = ("tokenizer.json", "config.json", "generation_config.json", "preprocessor_config.json")
+# What a Hub download needs: weights, config, tokenizer and processor files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+def resolve_source(model: str) -> Path:
+    """A local `save_pretrained` directory, or a Hub id downloaded through huggingface_hub's cache."""
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise ExportError(f"{model} is a file; give a checkpoint directory or a Hub id such as google/paligemma2-3b-mix-224")
+        return path
+    if model.count("/") != 1 or model.startswith(("/", ".")):
+        raise ExportError(f"{model}: no such directory, and not a Hub id of the form owner/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise ExportError(f"{model} is gated: accept its licence on the Hub, then set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ExportError(f"{model}: no such model on the Hub (or it is private: set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise ExportError(f"{model} is not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network)") from None
+    except HfHubHTTPError as e:
+        raise ExportError(f"{model}: download failed: {str(e).splitlines()[0]}") from None
+
+
+def check_source(src: Path) -> dict:
+    """The config must be PaliGemma with a Gemma 2 text model, and the processor files present."""
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ExportError(f"{src} has no config.json: not a checkpoint written by save_pretrained")
+    config = json.loads(config_path.read_text())
+    model_type = config.get("model_type")
+    if model_type != "paligemma":
+        raise ExportError(f"{config_path}: model_type is {model_type!r}, expected 'paligemma' (a PaliGemma 2 checkpoint)")
+    text_type = config.get("text_config", {}).get("model_type")
+    if text_type != "gemma2":
+        raise ExportError(
+            f"{config_path}: text_config.model_type is {text_type!r}, expected 'gemma2' (PaliGemma 1 checkpoints are not supported)"
+        )
+    missing = [f for f in ("tokenizer.json",) if not (src / f).is_file()]
+    if not any((src / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("preprocessor_config.json")
+    if missing:
+        raise ExportError(
+            f"{src} lacks processor files {', '.join(missing)}: save them with "
+            "PaliGemmaProcessor.from_pretrained(ID).save_pretrained(DIR) beside the model"
+        )
+    return config
+
+
+def prepare_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise ExportError(f"{out_dir} exists and is not empty: pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is a file")
+
+
+def convert(
+    model: str,
+    out_dir: Path,
+    *,
+    dtype: str = "fp32",
+    seg_vae: Path | None = None,
+    force: bool = False,
+) -> Path:
+    out_dir = Path(out_dir)
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    prepare_out_dir(out_dir, force)
+    vae = segmentation.load_vae(seg_vae) if seg_vae else None
+    src = resolve_source(model)
+    check_source(src)
+
+    import torch
+    from transformers import AutoProcessor, GenerationConfig, PaliGemmaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(src)
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(src, attn_implementation="eager", dtype=torch_dtype).eval()
+    try:
+        generation_config = GenerationConfig.from_pretrained(src)
+    except OSError:
+        generation_config = hf.generation_config
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        for graph, make_spec in (("vision_encoder", vision.spec), ("embed_tokens", embedding.spec), ("decoder", decoder.spec)):
+            export_graph(make_spec(hf), work / manifest.graph_path(graph, dtype))
+        del hf
+        seg_path = None
+        if vae is not None:
+            seg_path = "onnx/seg_decoder.onnx"
+            segmentation.export(vae, work / seg_path)
+        for name in ("tokenizer.json", "config.json"):
+            shutil.copy2(src / name, work / name)
+        generation_config.to_json_file(work / "generation_config.json")
+        processor.image_processor.to_json_file(work / "preprocessor_config.json")
+        facts = manifest.model_facts(hf_config(src), processor, generation_config)
+        manifest.write_manifest(work, source=model, facts=facts, dtypes=[dtype], seg_decoder=seg_path)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+def hf_config(src: Path):
+    from transformers import PaliGemmaConfig
+
+    return PaliGemmaConfig.from_pretrained(src)

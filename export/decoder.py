@@ -1,0 +1,126 @@
+"""decoder_model_merged.onnx: the Gemma 2 text decoder with KV cache, one graph for prefill and steps.
+
+I/O (transformers.js PaliGemma convention):
+    inputs_embeds   f32[B,T,H]  raw embedding rows; image rows are features / sqrt(H)
+    attention_mask  i64[B,P+T]  1 = real token, 0 = left pad
+    token_type_ids  i64[B,P+T]  0 = prompt (prefix-LM block), 1 = generated
+    position_ids    i64[B,T]    1-based, pads 0 + 1 (see REFERENCE.md)
+    past_key_values.{i}.key / .value  f32[B,KVH,P,D]
+ -> logits          f32[B,1,V]  last position only, final softcap applied
+    present.{i}.key / .value  f32[B,KVH,P+T,D]
+
+The attention masks (full and sliding-window, prefix-LM block OR-ed on top) are built here from
+attention_mask and token_type_ids, the same rule transformers' masking_utils applies, so the
+runtime only carries two integer rows per request. The full cache is kept; the window lives in
+the mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .graph import GraphSpec
+
+
+def attention_masks(
+    attention_mask: torch.Tensor,  # i64[B,K], K = P + T
+    token_type_ids: torch.Tensor,  # i64[B,K]
+    query_length: int | torch.SymInt,
+    sliding_window: int,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Additive masks f[B,1,T,K] for "full_attention" and "sliding_attention" layers."""
+    kv_length = attention_mask.shape[1]
+    past_length = kv_length - query_length
+    k_idx = torch.arange(kv_length, device=attention_mask.device)
+    q_idx = k_idx[past_length:]  # absolute cache indices of the queries, left pads included
+    causal = k_idx[None, :] <= q_idx[:, None]  # [T,K]
+    in_window = k_idx[None, :] > q_idx[:, None] - sliding_window
+    prompt = token_type_ids == 0  # [B,K]
+    # Prefix-LM: prompt tokens see each other both ways; generated tokens (type 1) never join.
+    block = prompt[:, past_length:, None] & prompt[:, None, :]  # [B,T,K]
+    keep = attention_mask.bool()[:, None, :]  # pads are never keys
+    full = (causal[None] | block) & keep
+    sliding = ((causal & in_window)[None] | block) & keep
+    # finfo.min rather than -inf: a fully masked row must not turn into NaN.
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
+    return {
+        "full_attention": torch.where(full, zero, low)[:, None],
+        "sliding_attention": torch.where(sliding, zero, low)[:, None],
+    }
+
+
+class DecoderWithPast(nn.Module):
+    """Wraps transformers' Gemma 2 stack so that the exported graph runs its exact modules."""
+
+    def __init__(self, model):
+        super().__init__()
+        text_config = model.config.text_config
+        self.text_model = model.model.language_model
+        self.lm_head = model.lm_head
+        self.num_layers = text_config.num_hidden_layers
+        self.sliding_window = text_config.sliding_window or 2**62
+        self.final_logit_softcapping = text_config.final_logit_softcapping
+        self.hidden_size = text_config.hidden_size
+
+    def forward(self, inputs_embeds, attention_mask, token_type_ids, position_ids, past_key_values):
+        dtype = inputs_embeds.dtype
+        # transformers scales token rows by sqrt(H) cast to the weight dtype; image rows arrive
+        # pre-divided by sqrt(H), so one scaling serves both.
+        hidden = inputs_embeds * torch.tensor(self.hidden_size**0.5, dtype=dtype)
+        cache = DynamicCache(
+            ddp_cache_data=[(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.num_layers)]
+        )
+        masks = attention_masks(attention_mask, token_type_ids, inputs_embeds.shape[1], self.sliding_window, dtype)
+        out = self.text_model(
+            inputs_embeds=hidden,
+            attention_mask=masks,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = self.lm_head(out.last_hidden_state[:, -1:, :])
+        if self.final_logit_softcapping is not None:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        presents = []
+        for layer in cache.layers:
+            presents += [layer.keys, layer.values]
+        return (logits, *presents)
+
+
+def spec(model, batch: int = 2, past: int = 3, seq: int = 4) -> GraphSpec:
+    """Example inputs (B, P, T all > 1 so no axis is specialised) and the graph's names and axes."""
+    cfg = model.config.text_config
+    dtype = next(model.parameters()).dtype
+    kv = (batch, cfg.num_key_value_heads, past, cfg.head_dim)
+    past_tensors = tuple(torch.randn(kv, dtype=dtype) for _ in range(2 * cfg.num_hidden_layers))
+    args = (
+        torch.randn(batch, seq, cfg.hidden_size, dtype=dtype),
+        torch.ones(batch, past + seq, dtype=torch.int64),
+        torch.zeros(batch, past + seq, dtype=torch.int64),
+        torch.arange(past + 1, past + seq + 1, dtype=torch.int64)[None].repeat(batch, 1),
+        past_tensors,
+    )
+    past_names = [f"past_key_values.{i}.{kind}" for i in range(cfg.num_hidden_layers) for kind in ("key", "value")]
+    present_names = [f"present.{i}.{kind}" for i in range(cfg.num_hidden_layers) for kind in ("key", "value")]
+    b, t, p = "batch_size", "sequence_length", "past_sequence_length"
+    axes = {
+        "inputs_embeds": {0: b, 1: t},
+        "attention_mask": {0: b, 1: "total_sequence_length"},
+        "token_type_ids": {0: b, 1: "total_sequence_length"},
+        "position_ids": {0: b, 1: t},
+        **{n: {0: b, 2: p} for n in past_names},
+        "logits": {0: b},
+        **{n: {0: b, 2: "total_sequence_length"} for n in present_names},
+    }
+    return GraphSpec(
+        module=DecoderWithPast(model),
+        args=args,
+        input_names=["inputs_embeds", "attention_mask", "token_type_ids", "position_ids", *past_names],
+        output_names=["logits", *present_names],
+        axes=axes,
+    )

@@ -1,0 +1,97 @@
+"""manifest.json: the one description of a converted model directory that the runtimes read.
+
+Every shape, id and file name the Rust runtime needs is here, so it never guesses. Written last
+and atomically: a directory without manifest.json is not a finished conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+FORMAT = "paligemma-onnx"
+FORMAT_VERSION = 1
+
+# transformers.js file-name suffixes per dtype (model.onnx, model_fp16.onnx, ...).
+DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16"}
+GRAPH_STEMS = {
+    "vision_encoder": "vision_encoder",
+    "embed_tokens": "embed_tokens",
+    "decoder": "decoder_model_merged",
+}
+
+
+def graph_path(graph: str, dtype: str) -> str:
+    return f"onnx/{GRAPH_STEMS[graph]}{DTYPE_SUFFIX[dtype]}.onnx"
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("transformers", "torch", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def model_facts(config, processor, generation_config) -> dict:
+    """Shapes and ids from the Hugging Face config, tokenizer and processor."""
+    text = config.text_config
+    vision = config.vision_config
+    tok = processor.tokenizer
+    eos = generation_config.eos_token_id if generation_config.eos_token_id is not None else tok.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    image_size = processor.image_processor.size["height"]
+    return {
+        "image_size": image_size,
+        "patch_size": vision.patch_size,
+        "num_image_tokens": processor.image_seq_length,
+        "hidden_size": text.hidden_size,
+        "vocab_size": text.vocab_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "head_dim": text.head_dim,
+        "sliding_window": text.sliding_window,
+        "layer_types": list(text.layer_types),
+        "max_position_embeddings": text.max_position_embeddings,
+        "final_logit_softcapping": text.final_logit_softcapping,
+        "attn_logit_softcapping": text.attn_logit_softcapping,
+        "image_token_id": config.image_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": eos,
+        "loc_token_start": tok.convert_tokens_to_ids("<loc0000>"),
+        "seg_token_start": tok.convert_tokens_to_ids("<seg000>"),
+    }
+
+
+def write_manifest(out_dir: Path, *, source: str, facts: dict, dtypes: list[str], seg_decoder: str | None) -> Path:
+    graphs = {g: {d: graph_path(g, d) for d in dtypes} for g in GRAPH_STEMS}
+    if seg_decoder:
+        graphs["seg_decoder"] = {"fp32": seg_decoder}
+    files = sorted(
+        str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and p.name != "manifest.json"
+    )
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        **facts,
+        "dtypes": dtypes,
+        "graphs": graphs,
+        "files": files,
+        "file_sizes": {f: (out_dir / f).stat().st_size for f in files},
+        "producer": _versions(),
+    }
+    tmp = out_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out_dir / "manifest.json")
+    return out_dir / "manifest.json"
+
+
+def read_manifest(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "manifest.json").read_text())
