@@ -1,0 +1,193 @@
+//! Greedy generation over the exported graphs, step for step what transformers'
+//! `generate(do_sample=False)` does (`export/runtime.py` is the Python twin):
+//!
+//! 1. left-pad the prompts; `<image>` ids are looked up as 0 and their rows replaced by the image
+//!    features, in order;
+//! 2. positions are `cumsum(mask) - 1` with pads at 0, plus 1 (PaliGemma counts from 1);
+//! 3. one prefill run over all prompt positions (token type 0: the prefix-LM block);
+//! 4. then one run per token (type 1) with the KV cache; a row that emitted `<eos>` is fed `<pad>`
+//!    with its mask still growing, so every row sees exactly what it would see alone.
+
+use ndarray::{concatenate, s, Array2, Array3, ArrayView3, Axis};
+
+use crate::session::{KvCache, ModelError, ModelSessions};
+
+/// One prepared request: pixel values f32[3,S,S] and prompt ids (see `prompt`).
+pub struct Prepared {
+    pub pixel_values: Array3<f32>,
+    pub input_ids: Vec<i64>,
+}
+
+/// Generated ids of one request, up to and without `<eos>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    pub token_ids: Vec<i64>,
+    /// `true` when `<eos>` ended the row, `false` when max_new_tokens did.
+    pub stopped_by_eos: bool,
+}
+
+/// The padded prompt batch: ids, mask and 1-based positions, i64[B,L] each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaddedBatch {
+    pub input_ids: Array2<i64>,
+    pub attention_mask: Array2<i64>,
+    pub position_ids: Array2<i64>,
+}
+
+/// Left-pads `prompts` with `pad_id` and derives positions as transformers does.
+pub fn pad_left(prompts: &[&[i64]], pad_id: i64) -> PaddedBatch {
+    let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let mut input_ids = Array2::from_elem((prompts.len(), len), pad_id);
+    let mut attention_mask = Array2::zeros((prompts.len(), len));
+    let mut position_ids = Array2::ones((prompts.len(), len));
+    for (row, prompt) in prompts.iter().enumerate() {
+        let start = len - prompt.len();
+        for (i, &id) in prompt.iter().enumerate() {
+            input_ids[[row, start + i]] = id;
+            attention_mask[[row, start + i]] = 1;
+            position_ids[[row, start + i]] = i as i64 + 1;
+        }
+    }
+    PaddedBatch {
+        input_ids,
+        attention_mask,
+        position_ids,
+    }
+}
+
+/// Replaces the rows of `<image>` positions in `embeds` f32[B,L,H] with `features` f32[B,N,H].
+pub fn splice_image_features(
+    embeds: &mut Array3<f32>,
+    input_ids: &Array2<i64>,
+    features: ArrayView3<f32>,
+    image_token_id: i64,
+) -> Result<(), ModelError> {
+    for (row, ids) in input_ids.outer_iter().enumerate() {
+        let positions: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == image_token_id).map(|(i, _)| i).collect();
+        let available = features.shape()[1];
+        if positions.len() != available {
+            return Err(ModelError::Run {
+                graph: "vision_encoder",
+                message: format!("prompt row {row} holds {} <image> tokens but the vision graph gives {available} features", positions.len()),
+            });
+        }
+        for (k, pos) in positions.into_iter().enumerate() {
+            embeds.slice_mut(s![row, pos, ..]).assign(&features.slice(s![row, k, ..]));
+        }
+    }
+    Ok(())
+}
+
+/// Index of the first maximum, as torch.argmax and numpy.argmax pick on ties.
+fn argmax(row: ndarray::ArrayView1<f32>) -> i64 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as i64
+}
+
+/// Runs `batch` to completion. `on_token(row, id)` sees each new id of an unfinished row as soon
+/// as it is chosen (for streaming); `<eos>` is not passed on.
+pub fn generate(
+    sessions: &mut ModelSessions,
+    batch: &[Prepared],
+    max_new_tokens: usize,
+    mut on_token: impl FnMut(usize, i64),
+) -> Result<Vec<Generated>, ModelError> {
+    let m = sessions.manifest().clone();
+    let rows = batch.len();
+    let prompts: Vec<&[i64]> = batch.iter().map(|r| r.input_ids.as_slice()).collect();
+    let padded = pad_left(&prompts, m.pad_token_id);
+
+    let pixels: Vec<_> = batch.iter().map(|r| r.pixel_values.view().insert_axis(Axis(0))).collect();
+    let pixel_values = concatenate(Axis(0), &pixels).map_err(|e| ModelError::Run {
+        graph: "vision_encoder",
+        message: format!("pixel values of different sizes in one batch: {e}"),
+    })?;
+    let features = sessions.encode_image(pixel_values)?;
+    let lookup = padded.input_ids.mapv(|t| if t == m.image_token_id { 0 } else { t });
+    let mut embeds = sessions.embed_tokens(lookup.view())?;
+    splice_image_features(&mut embeds, &padded.input_ids, features.view(), m.image_token_id)?;
+
+    let mut mask = padded.attention_mask;
+    let mut token_types = Array2::<i64>::zeros(mask.raw_dim());
+    let mut positions = padded.position_ids;
+    let mut cache = KvCache::new(&m, rows)?;
+    let mut out = vec![
+        Generated {
+            token_ids: Vec::new(),
+            stopped_by_eos: false,
+        };
+        rows
+    ];
+    for step in 0..max_new_tokens {
+        let logits = sessions.decode(embeds.view(), mask.view(), token_types.view(), positions.view(), &mut cache)?;
+        let mut next = Array2::<i64>::from_elem((rows, 1), m.pad_token_id);
+        for (row, generated) in out.iter_mut().enumerate() {
+            if generated.stopped_by_eos {
+                continue;
+            }
+            let token = argmax(logits.row(row));
+            next[[row, 0]] = token;
+            if m.is_eos(token) {
+                generated.stopped_by_eos = true;
+            } else {
+                generated.token_ids.push(token);
+                on_token(row, token);
+            }
+        }
+        if step + 1 == max_new_tokens || out.iter().all(|g| g.stopped_by_eos) {
+            break;
+        }
+        embeds = sessions.embed_tokens(next.view())?;
+        let ones = Array2::<i64>::ones((rows, 1));
+        mask = concatenate(Axis(1), &[mask.view(), ones.view()]).map_err(shape_error)?;
+        token_types = concatenate(Axis(1), &[token_types.view(), ones.view()]).map_err(shape_error)?;
+        positions = positions.slice(s![.., -1..]).mapv(|p| p + 1);
+    }
+    Ok(out)
+}
+
+fn shape_error(e: ndarray::ShapeError) -> ModelError {
+    ModelError::Run {
+        graph: "decoder",
+        message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn left_padding_gives_one_based_positions_and_pads_at_one() {
+        let a = [7, 8, 9];
+        let b = [5];
+        let p = pad_left(&[&a, &b], 0);
+        assert_eq!(p.input_ids.row(1).to_vec(), vec![0, 0, 5]);
+        assert_eq!(p.attention_mask.row(1).to_vec(), vec![0, 0, 1]);
+        // transformers: cumsum(mask) - 1, pads set to 0, then + 1.
+        assert_eq!(p.position_ids.row(0).to_vec(), vec![1, 2, 3]);
+        assert_eq!(p.position_ids.row(1).to_vec(), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_equal_maxima() {
+        let v = ndarray::arr1(&[0.5f32, 2.0, 2.0, -1.0]);
+        assert_eq!(argmax(v.view()), 1);
+    }
+
+    #[test]
+    fn image_rows_are_spliced_in_order_and_counts_checked() {
+        let ids = ndarray::arr2(&[[9, 9, 2, 4]]);
+        let mut embeds = Array3::<f32>::zeros((1, 4, 2));
+        let features = ndarray::arr3(&[[[1.0f32, 1.0], [2.0, 2.0]]]);
+        splice_image_features(&mut embeds, &ids, features.view(), 9).unwrap();
+        assert_eq!(embeds.slice(s![0, .., 0]).to_vec(), vec![1.0, 2.0, 0.0, 0.0]);
+        let short = ndarray::arr2(&[[9, 2, 4, 4]]);
+        assert!(splice_image_features(&mut embeds, &short, features.view(), 9).is_err());
+    }
+}

@@ -1,0 +1,844 @@
+//! Finding and loading the ONNX Runtime shared library, and building sessions on a chosen list
+//! of execution providers.
+//!
+//! The crate uses `ort` 2.0.0-rc.15 with `load-dynamic`: nothing is linked at build time, the
+//! library comes from the `onnxruntime==1.31.1` wheel at run time. `ort::init_from` does the
+//! `dlopen` and rejects a library whose minor version is below the API level ort was built for
+//! (`ort::MINOR_VERSION`, 31); this module decides *which* file to hand it, remembers where it
+//! came from, and turns ort's load errors into messages that say what to install.
+//!
+//! Provider registration follows ONNX Runtime's own C API (`SessionOptionsAppendExecutionProvider_*`,
+//! the same calls the Python `providers=[...]` argument makes) because the `cuda`/`tensorrt` ort
+//! features that wrap them are not enabled in this crate. Which provider really ran which node is
+//! read back with `Session_GetEpGraphAssignmentInfo` (C API 24+), since a provider that registers
+//! can still be handed no node at all.
+
+use std::ffi::CStr;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::ptr;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use ort::environment::Environment;
+use ort::session::builder::SessionBuilder;
+use ort::session::Session;
+use ort::AsPointer;
+
+/// The oldest ONNX Runtime this crate runs on, as `(major, minor)`: the API level `ort` rc.15 is built for.
+pub const MIN_VERSION: (u32, u32) = (1, ort::MINOR_VERSION);
+
+/// Environment variable naming the library file, shared with `ort`'s own fallback.
+pub const ENV_DYLIB_PATH: &str = "ORT_DYLIB_PATH";
+
+/// The fix every "library not usable" message ends with.
+const INSTALL_HINT: &str = "run `.ci/setup` (creates .venv with onnxruntime 1.31.1), or `pip install onnxruntime==1.31.1` \
+     and pass --ort-lib PATH/TO/onnxruntime/capi/libonnxruntime.so.1.31.1 or set ORT_DYLIB_PATH";
+
+/// Session config key that makes ONNX Runtime keep the node-to-provider assignment readable after load.
+const RECORD_ASSIGNMENT_KEY: &str = "session.record_ep_graph_assignment_info";
+
+/// Where the loaded library was found; printed with the path so a user knows which setting won.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LibSource {
+    /// `--ort-lib PATH`.
+    Explicit,
+    /// The `ORT_DYLIB_PATH` environment variable.
+    EnvVar,
+    /// A `libonnxruntime.so*` in the directory of the running executable.
+    NextToExecutable,
+    /// The onnxruntime wheel in a `.venv` above the executable (or above the crate at build time).
+    RepoVenv,
+}
+
+impl fmt::Display for LibSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Explicit => "--ort-lib",
+            Self::EnvVar => "ORT_DYLIB_PATH",
+            Self::NextToExecutable => "next to the executable",
+            Self::RepoVenv => "the repository's .venv onnxruntime wheel",
+        })
+    }
+}
+
+/// The loaded ONNX Runtime: file, version and which search rule found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrtInfo {
+    /// Absolute path handed to `dlopen`.
+    pub path: PathBuf,
+    /// `major.minor.patch` as carried by the library's file name (`libonnxruntime.so.1.31.1`, after
+    /// following symlinks); `>=1.31` when the name carries none. ort exposes no call for the exact
+    /// version string of a library that loaded, only the guarantee that its minor level is high enough.
+    pub version: String,
+    pub source: LibSource,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrtLibError {
+    #[error("ONNX Runtime library {path} (from {origin}) does not exist or is not a file; fix the path, or {INSTALL_HINT}")]
+    NotAFile { path: PathBuf, origin: LibSource },
+    #[error("no ONNX Runtime library found; searched: {}. To fix: {INSTALL_HINT}", searched.join("; "))]
+    NotFound { searched: Vec<String> },
+    #[error("ONNX Runtime library {path} (from {origin}) could not be loaded: {reason}. To fix: {INSTALL_HINT}")]
+    NotLoadable {
+        path: PathBuf,
+        origin: LibSource,
+        reason: String,
+    },
+    #[error("ONNX Runtime at {path} (from {origin}) is version {found}; this program needs >= {}.{}. To fix: {INSTALL_HINT}", MIN_VERSION.0, MIN_VERSION.1)]
+    TooOld {
+        path: PathBuf,
+        origin: LibSource,
+        found: String,
+    },
+    #[error("ONNX Runtime is already loaded from {loaded} in this process; it cannot also load {requested}. Pass the same library everywhere")]
+    AlreadyLoaded { loaded: PathBuf, requested: PathBuf },
+    #[error("ONNX Runtime loaded from {path} but its environment could not be created: {message}")]
+    Environment { path: PathBuf, message: String },
+}
+
+/// A parsed `major.minor.patch` version, as found in library file names and in ort's version string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OrtVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl OrtVersion {
+    /// Parses `1.31.1` (a missing patch reads as 0; any suffix after a non-digit is ignored: `1.32.0-dev`).
+    pub fn parse(text: &str) -> Option<OrtVersion> {
+        let mut parts = text.trim().split('.').map(|part| {
+            let digits: &str = &part[..part
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(part.len())];
+            digits.parse::<u32>().ok()
+        });
+        let major = parts.next()??;
+        let minor = parts.next()??;
+        let patch = parts.next().flatten().unwrap_or(0);
+        Some(OrtVersion {
+            major,
+            minor,
+            patch,
+        })
+    }
+
+    pub fn is_supported(&self) -> bool {
+        (self.major, self.minor) >= MIN_VERSION
+    }
+}
+
+impl fmt::Display for OrtVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// True for ONNX Runtime's own library names: `libonnxruntime.so`, `libonnxruntime.so.1.31.1`,
+/// `libonnxruntime.1.31.1.dylib`, `onnxruntime.dll`; false for its provider plug-ins
+/// (`libonnxruntime_providers_shared.so`) and the Python extension.
+pub fn is_ort_library_name(name: &str) -> bool {
+    name == "libonnxruntime.so"
+        || name.starts_with("libonnxruntime.so.")
+        || name == "onnxruntime.dll"
+        || (name.starts_with("libonnxruntime.") && name.ends_with(".dylib"))
+}
+
+/// The version carried by a library file name (`libonnxruntime.so.1.31.1` -> 1.31.1), if any.
+pub fn version_from_file_name(name: &str) -> Option<OrtVersion> {
+    let rest = name.strip_prefix("libonnxruntime.so.").or_else(|| {
+        name.strip_prefix("libonnxruntime.")
+            .and_then(|r| r.strip_suffix(".dylib"))
+    })?;
+    OrtVersion::parse(rest)
+}
+
+/// Of several library names in one directory, the one to load: the highest version in the name,
+/// a bare `libonnxruntime.so` only when no name carries a version.
+pub fn pick_library<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    names
+        .into_iter()
+        .filter(|name| is_ort_library_name(name))
+        .max_by(|a, b| (version_from_file_name(a), *a).cmp(&(version_from_file_name(b), *b)))
+}
+
+/// The inputs of the library search, separated from the process so tests can point it at temp dirs.
+#[derive(Debug, Clone, Default)]
+pub struct LibSearch {
+    /// `--ort-lib PATH`.
+    pub explicit: Option<PathBuf>,
+    /// Value of `ORT_DYLIB_PATH` (unset or empty: `None`).
+    pub env_path: Option<PathBuf>,
+    /// Directory of the running executable.
+    pub exe_dir: Option<PathBuf>,
+    /// The crate root recorded at build time, searched for `.venv` after the executable's ancestors.
+    pub build_root: Option<PathBuf>,
+}
+
+impl LibSearch {
+    /// The search this process would run: `explicit`, then `ORT_DYLIB_PATH`, the executable's
+    /// directory and its ancestors, then the crate root this binary was built from.
+    pub fn from_process(explicit: Option<&Path>) -> LibSearch {
+        LibSearch {
+            explicit: explicit.map(Path::to_path_buf),
+            env_path: std::env::var_os(ENV_DYLIB_PATH)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            exe_dir: std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(Path::to_path_buf)),
+            build_root: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+        }
+    }
+
+    /// Runs the search. An explicit path or `ORT_DYLIB_PATH` that names no file is an error at
+    /// once rather than a reason to look elsewhere: silently loading another library would hide
+    /// the typo.
+    pub fn locate(&self) -> Result<(PathBuf, LibSource), OrtLibError> {
+        for (given, source) in [
+            (&self.explicit, LibSource::Explicit),
+            (&self.env_path, LibSource::EnvVar),
+        ] {
+            if let Some(path) = given {
+                return if path.is_file() {
+                    Ok((absolute(path), source))
+                } else {
+                    Err(OrtLibError::NotAFile {
+                        path: path.clone(),
+                        origin: source,
+                    })
+                };
+            }
+        }
+
+        let mut searched = vec![
+            "--ort-lib (not given)".to_string(),
+            format!("{ENV_DYLIB_PATH} (not set)"),
+        ];
+        if let Some(dir) = &self.exe_dir {
+            if let Some(found) = library_in_dir(dir) {
+                return Ok((found, LibSource::NextToExecutable));
+            }
+            searched.push(format!("{}/libonnxruntime.so*", dir.display()));
+        }
+
+        let mut roots: Vec<&Path> = self
+            .exe_dir
+            .iter()
+            .flat_map(|dir| dir.ancestors())
+            .collect();
+        roots.extend(self.build_root.as_deref());
+        for root in &roots {
+            if let Some(found) = library_in_venv(root) {
+                return Ok((found, LibSource::RepoVenv));
+            }
+        }
+        if let Some(dir) = &self.exe_dir {
+            searched.push(format!("{}/.venv/lib/python3*/site-packages/onnxruntime/capi/ and in every parent directory", dir.display()));
+        }
+        if let Some(root) = &self.build_root {
+            searched.push(format!(
+                "{}/.venv/lib/python3*/site-packages/onnxruntime/capi/",
+                root.display()
+            ));
+        }
+        Err(OrtLibError::NotFound { searched })
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn library_in_dir(dir: &Path) -> Option<PathBuf> {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.path().is_file())
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .collect();
+    pick_library(names.iter().map(String::as_str)).map(|name| absolute(&dir.join(name)))
+}
+
+fn library_in_venv(root: &Path) -> Option<PathBuf> {
+    let lib = root.join(".venv").join("lib");
+    let mut pythons: Vec<PathBuf> = std::fs::read_dir(&lib)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("python3"))
+        .map(|entry| entry.path())
+        .collect();
+    pythons.sort();
+    pythons.iter().rev().find_map(|python| {
+        library_in_dir(
+            &python
+                .join("site-packages")
+                .join("onnxruntime")
+                .join("capi"),
+        )
+    })
+}
+
+/// Finds the ONNX Runtime library: `explicit` (`--ort-lib`), then `ORT_DYLIB_PATH`, then a
+/// `libonnxruntime.so*` next to the executable, then the `.venv` onnxruntime wheel of the
+/// repository above the executable (or the crate root at build time).
+pub fn locate(explicit: Option<&Path>) -> Result<(PathBuf, LibSource), OrtLibError> {
+    LibSearch::from_process(explicit).locate()
+}
+
+struct Loaded {
+    info: OrtInfo,
+    environment: Environment,
+}
+
+/// ONNX Runtime can be loaded once per process (ort keeps the first library for good).
+static LOADED: Mutex<Option<Loaded>> = Mutex::new(None);
+
+/// Locates and loads ONNX Runtime once per process and creates its environment. Later calls
+/// return the first result; asking for a different file after that is an error.
+pub fn init(explicit: Option<&Path>) -> Result<OrtInfo, OrtLibError> {
+    init_with(&LibSearch::from_process(explicit))
+}
+
+fn init_with(search: &LibSearch) -> Result<OrtInfo, OrtLibError> {
+    let mut loaded = LOADED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(done) = loaded.as_ref() {
+        return match &search.explicit {
+            Some(requested) if absolute(requested) != done.info.path => {
+                Err(OrtLibError::AlreadyLoaded {
+                    loaded: done.info.path.clone(),
+                    requested: requested.clone(),
+                })
+            }
+            _ => Ok(done.info.clone()),
+        };
+    }
+
+    let (path, source) = search.locate()?;
+    // A zero-byte, foreign or too-old file comes back from ort as an error carrying dlopen's
+    // text or the version string; none of those paths panics.
+    let builder = ort::init_from(&path).map_err(|error| match error {
+        ort::LoadDynamicError::BadVersion { version_str, path } => OrtLibError::TooOld {
+            path,
+            origin: source,
+            found: version_str,
+        },
+        ort::LoadDynamicError::Dlopen { error, path } => OrtLibError::NotLoadable {
+            path,
+            origin: source,
+            reason: error_chain(&error),
+        },
+        ort::LoadDynamicError::MissingApi { path } => OrtLibError::NotLoadable {
+            path,
+            origin: source,
+            reason: "it does not export `OrtGetApiBase`, so it is not an ONNX Runtime library"
+                .to_string(),
+        },
+        other => OrtLibError::NotLoadable {
+            path: path.clone(),
+            origin: source,
+            reason: other.to_string(),
+        },
+    })?;
+    let environment =
+        builder
+            .with_name("paligemma")
+            .build()
+            .map_err(|e| OrtLibError::Environment {
+                path: path.clone(),
+                message: one_line(&e.to_string()),
+            })?;
+
+    let file_version = std::fs::canonicalize(&path)
+        .ok()
+        .and_then(|real| {
+            real.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(version_from_file_name)
+        })
+        .or_else(|| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(version_from_file_name)
+        })
+        .filter(OrtVersion::is_supported);
+    let version = match file_version {
+        Some(v) => v.to_string(),
+        None => format!(">={}.{}", MIN_VERSION.0, MIN_VERSION.1),
+    };
+    let info = OrtInfo {
+        path,
+        version,
+        source,
+    };
+    *loaded = Some(Loaded {
+        info: info.clone(),
+        environment,
+    });
+    Ok(info)
+}
+
+fn environment() -> Option<Environment> {
+    let loaded = LOADED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    loaded.as_ref().map(|done| done.environment.clone())
+}
+
+/// An execution provider this crate can ask ONNX Runtime for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExecutionProvider {
+    Cpu,
+    Cuda,
+    TensorRt,
+}
+
+/// The names [`ExecutionProvider::from_str`] accepts, for messages and `--help`.
+pub const PROVIDER_NAMES: &str = "cpu, cuda, tensorrt";
+
+impl ExecutionProvider {
+    /// ONNX Runtime's name for the provider, as reported by the graph assignment.
+    pub fn ort_name(self) -> &'static str {
+        match self {
+            Self::Cpu => "CPUExecutionProvider",
+            Self::Cuda => "CUDAExecutionProvider",
+            Self::TensorRt => "TensorrtExecutionProvider",
+        }
+    }
+}
+
+impl fmt::Display for ExecutionProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "CPU",
+            Self::Cuda => "CUDA",
+            Self::TensorRt => "TensorRT",
+        })
+    }
+}
+
+impl FromStr for ExecutionProvider {
+    type Err = SessionError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda),
+            "tensorrt" => Ok(Self::TensorRt),
+            _ => Err(SessionError::UnknownProvider {
+                name: name.to_string(),
+            }),
+        }
+    }
+}
+
+/// Parses a comma-separated provider list in priority order: `"tensorrt,cuda,cpu"`.
+pub fn parse_ep_list(list: &str) -> Result<Vec<ExecutionProvider>, SessionError> {
+    let mut providers = Vec::new();
+    for name in list.split(',') {
+        let provider: ExecutionProvider = name.parse()?;
+        if providers.contains(&provider) {
+            return Err(SessionError::DuplicateProvider {
+                list: list.to_string(),
+                provider,
+            });
+        }
+        providers.push(provider);
+    }
+    Ok(providers)
+}
+
+/// One provider that did not start, and ONNX Runtime's reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderFailure {
+    pub provider: ExecutionProvider,
+    pub reason: String,
+}
+
+impl fmt::Display for ProviderFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.provider, self.reason)
+    }
+}
+
+/// What a session build did: the providers that were handed nodes, and the fallbacks taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionReport {
+    /// ONNX Runtime names (`CPUExecutionProvider`, ...) of the providers assigned at least one node,
+    /// in the order ONNX Runtime lists them.
+    pub providers: Vec<String>,
+    /// One line per requested provider that could not start while a later one took over.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("ONNX Runtime is not loaded: call onnxruntime::init before building a session")]
+    NotInitialized,
+    #[error("unknown execution provider {name:?}; valid names: {PROVIDER_NAMES}")]
+    UnknownProvider { name: String },
+    #[error("execution provider {provider} appears twice in {list:?}; list each provider once, in priority order")]
+    DuplicateProvider {
+        list: String,
+        provider: ExecutionProvider,
+    },
+    #[error("graph file {path} does not exist; check the model directory or re-run the export")]
+    MissingGraph { path: PathBuf },
+    #[error("graph file {path} is not a valid ONNX model ({message}); re-run the export or re-download the model")]
+    CorruptGraph { path: PathBuf, message: String },
+    #[error("no requested execution provider could start for {path}: {}. Install onnxruntime-gpu (CUDA 13, cuDNN 9, TensorRT 10) and point --ort-lib at its library, or add `cpu` to the provider list", failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    ProvidersFailed {
+        path: PathBuf,
+        failures: Vec<ProviderFailure>,
+    },
+    #[error("ONNX Runtime could not build a session for {path}: {message}")]
+    Ort { path: PathBuf, message: String },
+}
+
+/// Builds a session for the graph at `path` with the providers in priority order (empty: ONNX
+/// Runtime's default, CPU) and `threads` intra-op threads (`None`: ONNX Runtime's default).
+///
+/// A provider that cannot start is an error naming it and ONNX Runtime's reason, unless another
+/// listed provider starts: then the session is built without it and `SessionReport::warnings`
+/// says so. Nothing is printed.
+pub fn build_session(
+    path: &Path,
+    eps: &[ExecutionProvider],
+    threads: Option<usize>,
+) -> Result<(Session, SessionReport), SessionError> {
+    let environment = environment().ok_or(SessionError::NotInitialized)?;
+    if !path.is_file() {
+        return Err(SessionError::MissingGraph {
+            path: path.to_path_buf(),
+        });
+    }
+    let ort_failure = |e: ort::Error| SessionError::Ort {
+        path: path.to_path_buf(),
+        message: one_line(&e.to_string()),
+    };
+
+    let mut candidates: Vec<ExecutionProvider> = eps.to_vec();
+    let mut failures: Vec<ProviderFailure> = Vec::new();
+    loop {
+        let mut builder = new_builder(&environment, threads).map_err(ort_failure)?;
+        let mut started = Vec::new();
+        for &provider in &candidates {
+            match register(provider, &mut builder) {
+                Ok(()) => started.push(provider),
+                Err(e) => failures.push(ProviderFailure {
+                    provider,
+                    reason: one_line(&e.to_string()),
+                }),
+            }
+        }
+        if !candidates.is_empty() && started.is_empty() {
+            return Err(SessionError::ProvidersFailed {
+                path: path.to_path_buf(),
+                failures,
+            });
+        }
+
+        match builder.commit_from_file(path) {
+            Ok(session) => {
+                let providers = assigned_providers(&session).map_err(ort_failure)?;
+                let warnings = fallback_warnings(&failures, &started);
+                return Ok((
+                    session,
+                    SessionReport {
+                        providers,
+                        warnings,
+                    },
+                ));
+            }
+            Err(e) if is_model_error(e.code()) => {
+                return Err(SessionError::CorruptGraph {
+                    path: path.to_path_buf(),
+                    message: one_line(&e.to_string()),
+                });
+            }
+            Err(e) => {
+                // A GPU provider registers lazily: a missing device or CUDA library only shows up
+                // here. Blame the highest-priority accelerator and retry without it.
+                let Some(culprit) = started
+                    .iter()
+                    .copied()
+                    .find(|p| *p != ExecutionProvider::Cpu)
+                else {
+                    return Err(ort_failure(e));
+                };
+                failures.push(ProviderFailure {
+                    provider: culprit,
+                    reason: one_line(&e.to_string()),
+                });
+                candidates = started.into_iter().filter(|p| *p != culprit).collect();
+                if candidates.is_empty() {
+                    return Err(SessionError::ProvidersFailed {
+                        path: path.to_path_buf(),
+                        failures,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn new_builder(
+    environment: &Environment,
+    threads: Option<usize>,
+) -> Result<SessionBuilder, ort::Error> {
+    let builder = Session::builder(environment)?
+        .with_config_entry(RECORD_ASSIGNMENT_KEY, "1")
+        .map_err(ort::Error::<()>::from)?;
+    match threads {
+        Some(n) => builder
+            .with_intra_threads(n)
+            .map_err(ort::Error::<()>::from),
+        None => Ok(builder),
+    }
+}
+
+/// Status codes that mean the file itself is wrong, whatever the provider.
+fn is_model_error(code: ort::ErrorCode) -> bool {
+    matches!(
+        code,
+        ort::ErrorCode::InvalidProtobuf
+            | ort::ErrorCode::InvalidGraph
+            | ort::ErrorCode::NoModel
+            | ort::ErrorCode::NoSuchFile
+    )
+}
+
+/// The warning lines for providers that failed while at least one listed provider started.
+fn fallback_warnings(failures: &[ProviderFailure], started: &[ExecutionProvider]) -> Vec<String> {
+    let running = started
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    failures
+        .iter()
+        .map(|failure| {
+            format!(
+                "execution provider {} could not start ({}); falling back to {}",
+                failure.provider, failure.reason, running
+            )
+        })
+        .collect()
+}
+
+fn register(provider: ExecutionProvider, builder: &mut SessionBuilder) -> Result<(), ort::Error> {
+    let api = ort::api();
+    let options = builder.ptr_mut();
+    // SAFETY: `options` is the live OrtSessionOptions owned by `builder`; each provider-options
+    // struct is created, passed by pointer (ONNX Runtime copies it) and released here.
+    unsafe {
+        match provider {
+            // The CPU provider is always present; appending it is a no-op in ONNX Runtime.
+            ExecutionProvider::Cpu => Ok(()),
+            ExecutionProvider::Cuda => {
+                let mut cuda: *mut ort::sys::OrtCUDAProviderOptionsV2 = ptr::null_mut();
+                ort::Error::result_from_status((api.CreateCUDAProviderOptions)(&mut cuda))?;
+                let status = (api.SessionOptionsAppendExecutionProvider_CUDA_V2)(options, cuda);
+                (api.ReleaseCUDAProviderOptions)(cuda);
+                ort::Error::result_from_status(status)
+            }
+            ExecutionProvider::TensorRt => {
+                let mut trt: *mut ort::sys::OrtTensorRTProviderOptionsV2 = ptr::null_mut();
+                ort::Error::result_from_status((api.CreateTensorRTProviderOptions)(&mut trt))?;
+                let status = (api.SessionOptionsAppendExecutionProvider_TensorRT_V2)(options, trt);
+                (api.ReleaseTensorRTProviderOptions)(trt);
+                ort::Error::result_from_status(status)
+            }
+        }
+    }
+}
+
+/// Distinct names of the providers ONNX Runtime assigned nodes to, in its order.
+fn assigned_providers(session: &Session) -> Result<Vec<String>, ort::Error> {
+    let api = ort::api();
+    let mut subgraphs: *const *const ort::sys::OrtEpAssignedSubgraph = ptr::null();
+    let mut count: usize = 0;
+    let mut names: Vec<String> = Vec::new();
+    // SAFETY: the session was built with `session.record_ep_graph_assignment_info=1`; the array
+    // and the strings it leads to are owned by the session, which outlives this function.
+    unsafe {
+        ort::Error::result_from_status((api.Session_GetEpGraphAssignmentInfo)(
+            session.ptr(),
+            &mut subgraphs,
+            &mut count,
+        ))?;
+        for i in 0..count {
+            let subgraph = *subgraphs.add(i);
+            let mut name: *const std::ffi::c_char = ptr::null();
+            ort::Error::result_from_status((api.EpAssignedSubgraph_GetEpName)(
+                subgraph, &mut name,
+            ))?;
+            if name.is_null() {
+                continue;
+            }
+            let name = CStr::from_ptr(name).to_string_lossy().into_owned();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// `libloading` puts the `dlerror()` text (`file too short`) in the error's source, not its message.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        // Wrappers often repeat their source's text in their own message.
+        let inner_text = inner.to_string();
+        if !text.ends_with(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        cause = inner.source();
+    }
+    text
+}
+
+/// ONNX Runtime messages carry newlines and a final period; error lines must stay one line and
+/// read well with text after them.
+fn one_line(message: &str) -> String {
+    message
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_end_matches('.')
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_parses_from_ort_version_strings() {
+        assert_eq!(
+            OrtVersion::parse("1.31.1"),
+            Some(OrtVersion {
+                major: 1,
+                minor: 31,
+                patch: 1
+            })
+        );
+        assert_eq!(
+            OrtVersion::parse("1.32.0-dev"),
+            Some(OrtVersion {
+                major: 1,
+                minor: 32,
+                patch: 0
+            })
+        );
+        assert_eq!(
+            OrtVersion::parse("1.31"),
+            Some(OrtVersion {
+                major: 1,
+                minor: 31,
+                patch: 0
+            })
+        );
+        assert_eq!(OrtVersion::parse("garbage"), None);
+        assert_eq!(OrtVersion::parse(""), None);
+    }
+
+    #[test]
+    fn versions_below_the_api_level_are_unsupported() {
+        assert!(OrtVersion::parse("1.31.1").is_some_and(|v| v.is_supported()));
+        assert!(OrtVersion::parse("1.40.0").is_some_and(|v| v.is_supported()));
+        assert!(OrtVersion::parse("1.30.9").is_some_and(|v| !v.is_supported()));
+        assert!(OrtVersion::parse("1.9.0").is_some_and(|v| !v.is_supported()));
+    }
+
+    #[test]
+    fn library_names_exclude_provider_plugins() {
+        assert!(is_ort_library_name("libonnxruntime.so.1.31.1"));
+        assert!(is_ort_library_name("libonnxruntime.so"));
+        assert!(is_ort_library_name("libonnxruntime.1.31.1.dylib"));
+        assert!(!is_ort_library_name("libonnxruntime_providers_shared.so"));
+        assert!(!is_ort_library_name(
+            "onnxruntime_pybind11_state.cpython-311-x86_64-linux-gnu.so"
+        ));
+    }
+
+    #[test]
+    fn highest_versioned_library_wins_over_bare_name() {
+        let names = [
+            "libonnxruntime.so",
+            "libonnxruntime.so.1.9.0",
+            "libonnxruntime.so.1.31.1",
+            "libonnxruntime_providers_shared.so",
+        ];
+        assert_eq!(pick_library(names), Some("libonnxruntime.so.1.31.1"));
+        assert_eq!(
+            pick_library(["libonnxruntime.so"]),
+            Some("libonnxruntime.so")
+        );
+        assert_eq!(pick_library(["libonnxruntime_providers_cuda.so"]), None);
+    }
+
+    #[test]
+    fn provider_list_parses_in_priority_order() {
+        let list = parse_ep_list("tensorrt, CUDA ,cpu").ok();
+        assert_eq!(
+            list,
+            Some(vec![
+                ExecutionProvider::TensorRt,
+                ExecutionProvider::Cuda,
+                ExecutionProvider::Cpu
+            ])
+        );
+    }
+
+    #[test]
+    fn unknown_provider_lists_valid_names() {
+        let message = parse_ep_list("cuda,rocm")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("\"rocm\"") && message.contains(PROVIDER_NAMES),
+            "{message}"
+        );
+        assert!(matches!(
+            parse_ep_list(""),
+            Err(SessionError::UnknownProvider { .. })
+        ));
+        assert!(matches!(
+            parse_ep_list("cpu,cpu"),
+            Err(SessionError::DuplicateProvider { .. })
+        ));
+    }
+
+    #[test]
+    fn each_failed_provider_warns_naming_the_fallback() {
+        let failures = [ProviderFailure {
+            provider: ExecutionProvider::TensorRt,
+            reason: "libnvinfer.so.10: cannot open shared object file".to_string(),
+        }];
+        let warnings = fallback_warnings(
+            &failures,
+            &[ExecutionProvider::Cuda, ExecutionProvider::Cpu],
+        );
+        assert_eq!(
+            warnings,
+            vec!["execution provider TensorRT could not start (libnvinfer.so.10: cannot open shared object file); falling back to CUDA, CPU".to_string()]
+        );
+    }
+
+    #[test]
+    fn ort_messages_collapse_to_one_line() {
+        assert_eq!(
+            one_line("Load model failed:\n  bad proto.\n"),
+            "Load model failed: bad proto"
+        );
+    }
+}

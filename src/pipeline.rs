@@ -1,0 +1,310 @@
+//! The public entry point: a [`Pipeline`] built once from a model directory or Hub repo, then
+//! [`Request`]s in and typed [`Response`]s out (text, token ids, boxes, masks).
+//!
+//! Steps of [`Pipeline::run`]:
+//! 1. per request: load the image and compute pixel values (`preprocess`), encode the prompt
+//!    (`prompt`); a request that fails here fails alone;
+//! 2. the valid requests run as one left-padded batch (`generate`), or one by one when the decoder
+//!    cannot batch (a community export without attention_mask/token_type_ids);
+//! 3. per request: decode the text; `detect ...` prompts give boxes, `segment ...` prompts boxes
+//!    and masks through seg_decoder.onnx (`detect`, `segment`).
+
+use std::path::PathBuf;
+
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::config::{ConfigError, Manifest};
+use crate::detect::{parse_detections, parse_segmentation, Detection};
+use crate::generate::{generate, Generated, Prepared};
+use crate::hub::{resolve_model, HubError, HubOptions};
+use crate::onnxruntime::{init, ExecutionProvider, OrtInfo, OrtLibError};
+use crate::preprocess::{decode_image, load_image, pixel_values, ImageLimits, ImageProcessorConfig, LoadedImage, PreprocessError};
+use crate::prompt::{PromptEncoder, PromptError};
+use crate::segment::{decoder_input, segments, Segment, SegmentError};
+use crate::session::{ModelError, ModelSessions};
+
+/// Errors that stop the pipeline from loading.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    OrtLib(#[from] OrtLibError),
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
+    #[error("{path}: the image processor resizes to {found}x{found}, the manifest says {expected}; the files come from different conversions")]
+    ImageSize { path: PathBuf, expected: usize, found: u32 },
+}
+
+/// Errors of one request; the other requests of a batch are unaffected.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Image(#[from] PreprocessError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+}
+
+pub struct PipelineOptions {
+    /// A converted model directory (with manifest.json) or a Hub repo id.
+    pub model: String,
+    /// Which graphs of the manifest to run ("fp32").
+    pub dtype: String,
+    /// Execution providers in priority order; empty means ONNX Runtime's default (CPU).
+    pub providers: Vec<ExecutionProvider>,
+    pub threads: Option<usize>,
+    /// An explicit ONNX Runtime library (`--ort-lib`); otherwise see `onnxruntime::locate`.
+    pub ort_lib: Option<PathBuf>,
+    pub image_limits: ImageLimits,
+}
+
+impl PipelineOptions {
+    pub fn new(model: impl Into<String>) -> PipelineOptions {
+        PipelineOptions {
+            model: model.into(),
+            dtype: "fp32".into(),
+            providers: Vec::new(),
+            threads: None,
+            ort_lib: None,
+            image_limits: ImageLimits::default(),
+        }
+    }
+}
+
+/// Where a request's image comes from.
+pub enum ImageInput {
+    Path(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+pub struct Request {
+    pub image: ImageInput,
+    pub prompt: String,
+    pub max_new_tokens: usize,
+}
+
+/// What one request produced; serialises to the CLI's `--json` object.
+#[derive(Debug, Clone, Serialize)]
+pub struct Response {
+    pub text: String,
+    /// Generated ids, up to and without `<eos>`.
+    pub token_ids: Vec<i64>,
+    pub detections: Vec<Detection>,
+    pub segments: Vec<Segment>,
+    /// Objects of a detect/segment answer that were malformed and dropped.
+    pub malformed_objects: usize,
+    /// `true` when `<eos>` ended the answer, `false` when max_new_tokens did.
+    pub finished: bool,
+    /// Original image size `[width, height]`: the pixel space of boxes and masks.
+    pub image_size: [u32; 2],
+    #[serde(skip)]
+    pub image: RgbImage,
+}
+
+/// The task a prompt asks for, by its PaliGemma prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Task {
+    Detect,
+    Segment,
+    Text,
+}
+
+impl Task {
+    fn of(prompt: &str) -> Task {
+        let first = prompt.split_whitespace().next().unwrap_or("");
+        match first {
+            "detect" => Task::Detect,
+            "segment" => Task::Segment,
+            _ => Task::Text,
+        }
+    }
+}
+
+pub struct Pipeline {
+    pub model_dir: PathBuf,
+    pub ort: OrtInfo,
+    sessions: ModelSessions,
+    prompts: PromptEncoder,
+    image_config: ImageProcessorConfig,
+    limits: ImageLimits,
+}
+
+impl Pipeline {
+    /// 1. ONNX Runtime; 2. the model directory (downloading a Hub repo if needed); 3. manifest,
+    /// tokenizer and image processor; 4. sessions, checked against the manifest.
+    pub fn load(options: PipelineOptions) -> Result<Pipeline, LoadError> {
+        let ort = init(options.ort_lib.as_deref())?;
+        let model_dir = resolve_model(&options.model, &HubOptions::from_env()?)?;
+        let manifest = Manifest::load(&model_dir)?;
+        let config_path = model_dir.join("preprocessor_config.json");
+        let image_config = ImageProcessorConfig::from_file(&config_path)?;
+        if image_config.height as usize != manifest.image_size || image_config.width != image_config.height {
+            return Err(LoadError::ImageSize {
+                path: config_path,
+                expected: manifest.image_size,
+                found: image_config.height,
+            });
+        }
+        let prompts = PromptEncoder::load(&model_dir, &manifest)?;
+        let sessions = ModelSessions::open(&model_dir, manifest, &options.dtype, &options.providers, options.threads)?;
+        Ok(Pipeline {
+            model_dir,
+            ort,
+            sessions,
+            prompts,
+            image_config,
+            limits: options.image_limits,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        self.sessions.manifest()
+    }
+
+    /// (graph, execution providers ONNX Runtime assigned its nodes to).
+    pub fn providers(&self) -> &[(String, Vec<String>)] {
+        &self.sessions.providers
+    }
+
+    /// Providers that could not start while a later one in the list took over.
+    pub fn warnings(&self) -> &[String] {
+        &self.sessions.warnings
+    }
+
+    /// `false` for decoders without attention_mask/token_type_ids: requests then run one by one
+    /// with the graph's own (full prefix) attention.
+    pub fn supports_batching(&self) -> bool {
+        self.sessions.decoder_inputs().supports_batching()
+    }
+
+    fn prepare(&self, request: &Request) -> Result<(LoadedImage, Prepared), RequestError> {
+        let image = match &request.image {
+            ImageInput::Path(path) => load_image(path, &self.limits)?,
+            ImageInput::Bytes(bytes) => decode_image(bytes, &self.limits)?,
+        };
+        let input_ids = self.prompts.encode(&request.prompt, request.max_new_tokens)?;
+        let prepared = Prepared {
+            pixel_values: pixel_values(&image, &self.image_config),
+            input_ids,
+        };
+        Ok((image, prepared))
+    }
+
+    /// Runs `requests`; results come back in input order. `on_token(index, text_so_far)` is called
+    /// after every generated token of request `index` (for streaming).
+    pub fn run(
+        &mut self,
+        requests: &[Request],
+        mut on_token: impl FnMut(usize, &str),
+    ) -> Vec<Result<Response, RequestError>> {
+        let mut results: Vec<Option<Result<Response, RequestError>>> = Vec::new();
+        let mut ready: Vec<(usize, LoadedImage, Prepared)> = Vec::new();
+        for (index, request) in requests.iter().enumerate() {
+            match self.prepare(request) {
+                Ok((image, prepared)) => {
+                    ready.push((index, image, prepared));
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let groups: Vec<Vec<usize>> = if self.supports_batching() {
+            vec![(0..ready.len()).collect()]
+        } else {
+            (0..ready.len()).map(|i| vec![i]).collect()
+        };
+        for group in groups.into_iter().filter(|g| !g.is_empty()) {
+            let max_new = group.iter().map(|&i| requests[ready[i].0].max_new_tokens).max().unwrap_or(0);
+            let batch: Vec<Prepared> = group
+                .iter()
+                .map(|&i| Prepared {
+                    pixel_values: ready[i].2.pixel_values.clone(),
+                    input_ids: ready[i].2.input_ids.clone(),
+                })
+                .collect();
+            let mut so_far: Vec<Vec<i64>> = vec![Vec::new(); group.len()];
+            let prompts = &self.prompts;
+            let outcome = generate(&mut self.sessions, &batch, max_new, |row, token| {
+                let index = ready[group[row]].0;
+                if so_far[row].len() < requests[index].max_new_tokens {
+                    so_far[row].push(token);
+                    on_token(index, &prompts.decode(&so_far[row]));
+                }
+            });
+            match outcome {
+                Ok(generated) => {
+                    for (row, g) in generated.into_iter().enumerate() {
+                        let (index, image, _) = &ready[group[row]];
+                        let request = &requests[*index];
+                        results[*index] = Some(self.finish(request, image, g));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for &i in &group {
+                        let err = ModelError::Run {
+                            graph: "decoder",
+                            message: message.clone(),
+                        };
+                        results[ready[i].0] = Some(Err(err.into()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(RequestError::Model(ModelError::Run { graph: "pipeline", message: "request was not run".into() }))))
+            .collect()
+    }
+
+    /// Text, boxes and masks of one generated row. A row generated alongside longer requests is
+    /// cut to its own max_new_tokens: greedy decoding makes the prefix identical.
+    fn finish(&mut self, request: &Request, image: &LoadedImage, mut g: Generated) -> Result<Response, RequestError> {
+        if g.token_ids.len() > request.max_new_tokens {
+            g.token_ids.truncate(request.max_new_tokens);
+            g.stopped_by_eos = false;
+        }
+        let text = self.prompts.decode(&g.token_ids);
+        let (width, height) = image.rgb.dimensions();
+        let mut response = Response {
+            text,
+            token_ids: g.token_ids,
+            detections: Vec::new(),
+            segments: Vec::new(),
+            malformed_objects: 0,
+            finished: g.stopped_by_eos,
+            image_size: [width, height],
+            image: image.rgb.clone(),
+        };
+        match Task::of(&request.prompt) {
+            Task::Detect => {
+                let parsed = parse_detections(&response.text, width, height);
+                response.detections = parsed.objects;
+                response.malformed_objects = parsed.malformed;
+            }
+            Task::Segment => {
+                let parsed = parse_segmentation(&response.text);
+                response.malformed_objects = parsed.malformed;
+                if !parsed.objects.is_empty() {
+                    let masks = self.sessions.decode_masks(decoder_input(&parsed.objects))?;
+                    let decoded = segments(&parsed.objects, masks.view(), width, height)?;
+                    response.segments = decoded.objects;
+                    response.malformed_objects += decoded.malformed;
+                }
+            }
+            Task::Text => {}
+        }
+        Ok(response)
+    }
+}

@@ -1,0 +1,395 @@
+//! The model's ONNX Runtime sessions, checked against the manifest, with one typed call per graph:
+//! `encode_image`, `embed_tokens`, `decode`, `decode_masks`.
+//!
+//! Tensor names follow the transformers.js PaliGemma convention (see `export/`). Only inputs a
+//! graph declares are fed: a community decoder without `attention_mask`/`token_type_ids` still
+//! runs, and [`DecoderInputs`] tells the caller what that costs.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{s, Array2, Array3, Array4, ArrayView2, ArrayView3, Ix3};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+
+use crate::config::{ConfigError, Manifest};
+use crate::onnxruntime::{build_session, ExecutionProvider, SessionError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("{graph} ({path}) does not match manifest.json: {what}: expected {expected}, found {found}; the graph and the manifest come from different conversions — re-run `python -m export convert`")]
+    Mismatch {
+        graph: &'static str,
+        path: PathBuf,
+        what: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{graph} ({path}) has {found} {what}; this runtime runs float32 graphs (convert with --dtype fp32)")]
+    ElementType {
+        graph: &'static str,
+        path: PathBuf,
+        what: String,
+        found: String,
+    },
+    #[error("running {graph} failed: {message}")]
+    Run { graph: &'static str, message: String },
+    #[error("this model has no segmentation decoder; convert it with `--seg-vae vae-oid.npz` to get masks")]
+    NoSegDecoder,
+}
+
+fn run_error(graph: &'static str) -> impl Fn(ort::Error) -> ModelError {
+    move |e| ModelError::Run {
+        graph,
+        message: e.to_string().replace('\n', " "),
+    }
+}
+
+/// A session plus where it came from, for messages.
+struct Graph {
+    name: &'static str,
+    path: PathBuf,
+    session: Session,
+}
+
+impl Graph {
+    fn open(
+        name: &'static str,
+        dir: &Path,
+        file: &str,
+        eps: &[ExecutionProvider],
+        threads: Option<usize>,
+        providers: &mut Vec<(String, Vec<String>)>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Graph, ModelError> {
+        let path = dir.join(file);
+        let (session, report) = build_session(&path, eps, threads)?;
+        providers.push((name.to_string(), report.providers));
+        warnings.extend(report.warnings);
+        Ok(Graph { name, path, session })
+    }
+
+    fn has_input(&self, name: &str) -> bool {
+        self.session.inputs().iter().any(|i| i.name() == name)
+    }
+
+    fn mismatch(&self, what: impl Into<String>, expected: impl ToString, found: impl ToString) -> ModelError {
+        ModelError::Mismatch {
+            graph: self.name,
+            path: self.path.clone(),
+            what: what.into(),
+            expected: expected.to_string(),
+            found: found.to_string(),
+        }
+    }
+
+    /// Checks that `name` is an input (or output) with element type `ty` and, where the graph's
+    /// axis is static, the size in `dims` (`None`: any size).
+    fn check(&self, output: bool, name: &str, ty: TensorElementType, dims: &[Option<usize>]) -> Result<(), ModelError> {
+        let outlets = if output { self.session.outputs() } else { self.session.inputs() };
+        let kind = if output { "output" } else { "input" };
+        let Some(outlet) = outlets.iter().find(|o| o.name() == name) else {
+            let names: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
+            return Err(self.mismatch(format!("{kind} names"), name, names.join(", ")));
+        };
+        let ValueType::Tensor { ty: found_ty, shape, .. } = outlet.dtype() else {
+            return Err(self.mismatch(format!("{kind} {name}"), "a tensor", outlet.dtype()));
+        };
+        if *found_ty != ty {
+            if matches!(found_ty, TensorElementType::Float16 | TensorElementType::Bfloat16) {
+                return Err(ModelError::ElementType {
+                    graph: self.name,
+                    path: self.path.clone(),
+                    what: format!("{kind} {name}"),
+                    found: found_ty.to_string(),
+                });
+            }
+            return Err(self.mismatch(format!("element type of {kind} {name}"), ty, found_ty));
+        }
+        let fmt = |d: &[Option<usize>]| {
+            let parts: Vec<String> = d.iter().map(|x| x.map_or("?".into(), |v| v.to_string())).collect();
+            format!("[{}]", parts.join(","))
+        };
+        let found: Vec<Option<usize>> = shape.iter().map(|&d| usize::try_from(d).ok()).collect();
+        let fits = found.len() == dims.len()
+            && found.iter().zip(dims).all(|(f, want)| match (f, want) {
+                (Some(f), Some(w)) => f == w,
+                _ => true,
+            });
+        if !fits {
+            return Err(self.mismatch(format!("shape of {kind} {name}"), fmt(dims), fmt(&found)));
+        }
+        Ok(())
+    }
+
+    fn run<'s>(
+        &'s mut self,
+        inputs: Vec<(&'static str, SessionInputValue<'_>)>,
+    ) -> Result<ort::session::SessionOutputs<'s>, ModelError> {
+        let inputs: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)> =
+            inputs.into_iter().map(|(n, v)| (n.into(), v)).collect();
+        let name = self.name;
+        self.session.run(inputs).map_err(run_error(name))
+    }
+}
+
+/// Which optional decoder inputs the graph declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecoderInputs {
+    pub attention_mask: bool,
+    pub token_type_ids: bool,
+    pub position_ids: bool,
+}
+
+impl DecoderInputs {
+    /// Without a mask there is no padding and no prefix-LM block: batch 1 only.
+    pub fn supports_batching(&self) -> bool {
+        self.attention_mask && self.token_type_ids
+    }
+}
+
+/// The KV cache: one key and one value tensor per layer, `f32[B,KVH,P,D]`, held as the values
+/// ONNX Runtime returned, so a step feeds the previous step's `present.*` without a copy.
+pub struct KvCache {
+    keys: Vec<DynValue>,
+    values: Vec<DynValue>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache (`P = 0`) for `batch` rows.
+    pub fn new(m: &Manifest, batch: usize) -> Result<KvCache, ModelError> {
+        let empty = || -> Result<DynValue, ModelError> {
+            let shape = [batch, m.num_key_value_heads, 0, m.head_dim];
+            Ok(Tensor::<f32>::from_array((shape, Vec::<f32>::new()))
+                .map_err(run_error("decoder"))?
+                .into_dyn())
+        };
+        let layers = m.num_hidden_layers;
+        Ok(KvCache {
+            keys: (0..layers).map(|_| empty()).collect::<Result<_, _>>()?,
+            values: (0..layers).map(|_| empty()).collect::<Result<_, _>>()?,
+            len: 0,
+        })
+    }
+
+    /// Cached positions `P`, left pads included.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The sessions of one model directory.
+pub struct ModelSessions {
+    manifest: Manifest,
+    vision: Graph,
+    embed: Graph,
+    decoder: Graph,
+    seg: Option<Graph>,
+    decoder_inputs: DecoderInputs,
+    past_names: Vec<(String, String)>,
+    present_names: Vec<(String, String)>,
+    /// (graph, execution providers ONNX Runtime assigned nodes to)
+    pub providers: Vec<(String, Vec<String>)>,
+    /// Providers that could not start while a later one in the list took over.
+    pub warnings: Vec<String>,
+}
+
+impl ModelSessions {
+    pub fn open(
+        dir: &Path,
+        manifest: Manifest,
+        dtype: &str,
+        eps: &[ExecutionProvider],
+        threads: Option<usize>,
+    ) -> Result<ModelSessions, ModelError> {
+        let mut providers = Vec::new();
+        let mut warnings = Vec::new();
+        let m = &manifest;
+        let g = &m.graphs;
+        let mut open = |name, files| -> Result<Graph, ModelError> {
+            let file = m.graph_file(dir, files, dtype)?;
+            Graph::open(name, dir, file, eps, threads, &mut providers, &mut warnings)
+        };
+        let vision = open("vision_encoder", &g.vision_encoder)?;
+        let embed = open("embed_tokens", &g.embed_tokens)?;
+        let decoder = open("decoder", &g.decoder)?;
+        let seg = match &g.seg_decoder {
+            Some(files) => Some(open("seg_decoder", files)?),
+            None => None,
+        };
+        let layers = m.num_hidden_layers;
+        let past_names = (0..layers)
+            .map(|i| (format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")))
+            .collect();
+        let present_names = (0..layers)
+            .map(|i| (format!("present.{i}.key"), format!("present.{i}.value")))
+            .collect();
+        let decoder_inputs = DecoderInputs {
+            attention_mask: decoder.has_input("attention_mask"),
+            token_type_ids: decoder.has_input("token_type_ids"),
+            position_ids: decoder.has_input("position_ids"),
+        };
+        let sessions = ModelSessions {
+            vision,
+            embed,
+            decoder,
+            seg,
+            decoder_inputs,
+            past_names,
+            present_names,
+            providers,
+            warnings,
+            manifest,
+        };
+        sessions.check_graphs()?;
+        Ok(sessions)
+    }
+
+    /// Every graph's names, element types and static sizes against the manifest.
+    fn check_graphs(&self) -> Result<(), ModelError> {
+        use TensorElementType::{Float32, Int64};
+        let m = &self.manifest;
+        let (s, n, h) = (m.image_size, m.num_image_tokens, m.hidden_size);
+        let (kvh, d) = (m.num_key_value_heads, m.head_dim);
+        self.vision.check(false, "pixel_values", Float32, &[None, Some(3), Some(s), Some(s)])?;
+        self.vision.check(true, "image_features", Float32, &[None, Some(n), Some(h)])?;
+        self.embed.check(false, "input_ids", Int64, &[None, None])?;
+        self.embed.check(true, "inputs_embeds", Float32, &[None, None, Some(h)])?;
+        self.decoder.check(false, "inputs_embeds", Float32, &[None, None, Some(h)])?;
+        self.decoder.check(true, "logits", Float32, &[None, None, Some(m.vocab_size)])?;
+        for name in ["attention_mask", "token_type_ids", "position_ids"] {
+            if self.decoder.has_input(name) {
+                self.decoder.check(false, name, Int64, &[None, None])?;
+            }
+        }
+        let kv = [None, Some(kvh), None, Some(d)];
+        for ((pk, pv), (ok, ov)) in self.past_names.iter().zip(&self.present_names) {
+            self.decoder.check(false, pk, Float32, &kv)?;
+            self.decoder.check(false, pv, Float32, &kv)?;
+            self.decoder.check(true, ok, Float32, &kv)?;
+            self.decoder.check(true, ov, Float32, &kv)?;
+        }
+        let layers_in_graph = self
+            .decoder
+            .session
+            .inputs()
+            .iter()
+            .filter(|i| i.name().starts_with("past_key_values.") && i.name().ends_with(".key"))
+            .count();
+        if layers_in_graph != m.num_hidden_layers {
+            return Err(self.decoder.mismatch("number of layers (past_key_values.*.key inputs)", m.num_hidden_layers, layers_in_graph));
+        }
+        if let Some(seg) = &self.seg {
+            seg.check(false, "codes", Int64, &[None, Some(16)])?;
+            seg.check(true, "masks", Float32, &[None, Some(64), Some(64)])?;
+        }
+        Ok(())
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn decoder_inputs(&self) -> DecoderInputs {
+        self.decoder_inputs
+    }
+
+    pub fn has_seg_decoder(&self) -> bool {
+        self.seg.is_some()
+    }
+
+    /// pixel_values f32[B,3,S,S] -> image features f32[B,N,H] (already divided by sqrt(H)).
+    pub fn encode_image(&mut self, pixel_values: Array4<f32>) -> Result<Array3<f32>, ModelError> {
+        let input = Tensor::from_array(pixel_values).map_err(run_error("vision_encoder"))?;
+        let outputs = self.vision.run(vec![("pixel_values", input.into())])?;
+        extract3(&outputs["image_features"], "vision_encoder")
+    }
+
+    /// input_ids i64[B,T] -> raw embedding rows f32[B,T,H].
+    pub fn embed_tokens(&mut self, input_ids: ArrayView2<i64>) -> Result<Array3<f32>, ModelError> {
+        let input = Tensor::from_array(input_ids.to_owned()).map_err(run_error("embed_tokens"))?;
+        let outputs = self.embed.run(vec![("input_ids", input.into())])?;
+        extract3(&outputs["inputs_embeds"], "embed_tokens")
+    }
+
+    /// One decoder run: `T` new positions on top of `cache` (`P` positions), which it extends.
+    /// attention_mask and token_type_ids cover `P + T` positions; position_ids the new `T`.
+    /// Returns the last position's logits f32[B,V].
+    pub fn decode(
+        &mut self,
+        inputs_embeds: ArrayView3<f32>,
+        attention_mask: ArrayView2<i64>,
+        token_type_ids: ArrayView2<i64>,
+        position_ids: ArrayView2<i64>,
+        cache: &mut KvCache,
+    ) -> Result<Array2<f32>, ModelError> {
+        let err = run_error("decoder");
+        let mut inputs: Vec<(&'static str, SessionInputValue<'_>)> = Vec::new();
+        inputs.push(("inputs_embeds", Tensor::from_array(inputs_embeds.to_owned()).map_err(&err)?.into()));
+        let optional = [
+            ("attention_mask", self.decoder_inputs.attention_mask, attention_mask),
+            ("token_type_ids", self.decoder_inputs.token_type_ids, token_type_ids),
+            ("position_ids", self.decoder_inputs.position_ids, position_ids),
+        ];
+        for (name, declared, value) in optional {
+            if declared {
+                inputs.push((name, Tensor::from_array(value.to_owned()).map_err(&err)?.into()));
+            }
+        }
+        let past = std::mem::take(&mut cache.keys).into_iter().zip(std::mem::take(&mut cache.values));
+        let mut named_past: Vec<(String, SessionInputValue<'_>)> = Vec::new();
+        for ((k, v), (kn, vn)) in past.zip(&self.past_names) {
+            named_past.push((kn.clone(), k.into()));
+            named_past.push((vn.clone(), v.into()));
+        }
+        let all: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)> = inputs
+            .into_iter()
+            .map(|(n, v)| (n.into(), v))
+            .chain(named_past.into_iter().map(|(n, v)| (n.into(), v)))
+            .collect();
+        let mut outputs = self.decoder.session.run(all).map_err(&err)?;
+        let logits = outputs["logits"].try_extract_array::<f32>().map_err(&err)?;
+        let logits = logits.into_dimensionality::<Ix3>().map_err(|e| ModelError::Run {
+            graph: "decoder",
+            message: format!("logits: {e}"),
+        })?;
+        let last = logits.shape()[1] - 1;
+        let step_logits = logits.slice(s![.., last, ..]).to_owned();
+        for (key, value) in &self.present_names {
+            let missing = |name: &str| ModelError::Run {
+                graph: "decoder",
+                message: format!("output {name} missing"),
+            };
+            cache.keys.push(outputs.remove(key).ok_or_else(|| missing(key))?);
+            cache.values.push(outputs.remove(value).ok_or_else(|| missing(value))?);
+        }
+        cache.len = attention_mask.shape()[1];
+        Ok(step_logits)
+    }
+
+    /// codes i64[K,16] -> masks f32[K,64,64] through seg_decoder.onnx.
+    pub fn decode_masks(&mut self, codes: Array2<i64>) -> Result<Array3<f32>, ModelError> {
+        let seg = self.seg.as_mut().ok_or(ModelError::NoSegDecoder)?;
+        let input = Tensor::from_array(codes).map_err(run_error("seg_decoder"))?;
+        let outputs = seg.run(vec![("codes", input.into())])?;
+        extract3(&outputs["masks"], "seg_decoder")
+    }
+}
+
+fn extract3(value: &DynValue, graph: &'static str) -> Result<Array3<f32>, ModelError> {
+    let view = value.try_extract_array::<f32>().map_err(run_error(graph))?;
+    view.into_dimensionality::<Ix3>()
+        .map(|v| v.to_owned())
+        .map_err(|e| ModelError::Run {
+            graph,
+            message: e.to_string(),
+        })
+}
