@@ -1,4 +1,4 @@
-"""Command line: `python -m export convert ...` and `python -m export tiny ...` (see README.md)."""
+"""Command line: `python -m export convert|tiny|fixtures ...` (see README.md)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="full-width shapes of a released model (size options ignored except --layers/--vision-layers)",
     )
     tiny.add_argument("--vision-layers", type=int, default=2)
+
+    fix = sub.add_parser("fixtures", help="write the greedy tokens the Rust parity tests expect (tests/fixtures)")
+    fix.add_argument("models_root", type=Path, help="where the tiny test models are written and converted (cached)")
+    fix.add_argument("--expected", type=Path, help="the expectations file (default tests/fixtures/expected_tokens.json)")
+    fix.add_argument("--check", action="store_true", help="compare with the file instead of writing it; exit 1 if stale")
     return parser.parse_args(argv)
 
 
@@ -57,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                     print("validation FAILED: the graphs do not reproduce transformers", file=sys.stderr)
                     return 1
                 print("validation passed")
+        elif args.command == "fixtures":
+            from .fixtures import fixtures
+
+            ok, report = fixtures(args.models_root, expected=args.expected, check=args.check)
+            print(report, file=sys.stdout if ok else sys.stderr)
+            if not ok:
+                return 1
         else:
             from .tiny import PRESETS, TinySpec, write_random_vae, write_tiny
 

@@ -111,6 +111,7 @@ def convert(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; the finished model directory should not be
     try:
         for graph, make_spec in (("vision_encoder", vision.spec), ("embed_tokens", embedding.spec), ("decoder", decoder.spec)):
             export_graph(make_spec(hf), work / manifest.graph_path(graph, dtype))

@@ -57,6 +57,26 @@ class TinySpec:
     eos_gain: float = 3.0
 
 
+# The three shapes of Gemma 2 the tests run (export/tests, and the Rust parity fixtures written by
+# `python -m export fixtures`); the exporter must not assume any of them away:
+#  gqa1: heads x head_dim (96) != hidden (64), one kv head, window far beyond the prompt;
+#  window8: a sliding window (8) shorter than every prompt, three layers (two sliding);
+#  window40: prompts fit the window (40) but decoding runs past it.
+TEST_CONFIGS = {
+    "gqa1": TinySpec(),
+    "window8": TinySpec(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+        query_pre_attn_scalar=16, intermediate_size=64, sliding_window=8,
+    ),
+    "window40": TinySpec(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+        query_pre_attn_scalar=32, intermediate_size=80, sliding_window=40, image_size=28,
+    ),
+}
+# Seeds of the test checkpoints: fixed, so a fixture written once is reproduced by every later run.
+TEST_SEEDS = {name: len(name) for name in TEST_CONFIGS}
+
+
 # Full-width shapes of the released checkpoints (REFERENCE.md), for memory and speed measurements
 # with random weights; depth comes from the caller.
 PRESETS = {

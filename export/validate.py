@@ -12,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-# fp32 graphs run the same float32 math in another order; fp16 rounds every activation.
-LOGIT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-1}
+# Tokens must be identical; logits may differ by float rounding. fp32 graphs run the same float32
+# math in another order: 4e-5 on the tiny test models, 3.1e-4 on a full-width 3B (random weights,
+# logits up to ~30), so 1e-3 flags a real divergence without failing a faithful 10B. fp16 rounds
+# every activation.
+LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-1}
 TASK_PROMPTS = (
     "caption en",
     "describe en",
@@ -31,6 +34,7 @@ class Row:
     reference: list[int]
     onnx: list[int]
     max_logit_diff: float
+    max_abs_logit: float
 
     @property
     def tokens_match(self) -> bool:
@@ -66,16 +70,17 @@ def compare(model, processor, onnx_model, images, prompts, max_new_tokens: int) 
     for b, prompt in enumerate(prompts):
         steps = min(len(ref.logits), len(got.logits))
         diff = max(float(np.abs(ref.logits[s][b].float().numpy() - got.logits[s][b]).max()) for s in range(steps))
-        rows.append(Row(prompt, ref_tokens[b].tolist(), got.tokens[b].tolist(), diff))
+        scale = max(float(ref.logits[s][b].abs().max()) for s in range(steps))
+        rows.append(Row(prompt, ref_tokens[b].tolist(), got.tokens[b].tolist(), diff, scale))
     return rows
 
 
 def table(rows: list[Row], dtype: str) -> str:
     tol = LOGIT_TOLERANCE[dtype]
-    lines = [f"| prompt | tokens | identical | max logit diff (tol {tol:g}) |", "|---|---|---|---|"]
+    lines = [f"| prompt | tokens | identical | max logit diff (tol {tol:g}) | max abs logit |", "|---|---|---|---|---|"]
     for r in rows:
         ok = "yes" if r.tokens_match else "NO"
-        lines.append(f"| {r.prompt} | {len(r.reference)} | {ok} | {r.max_logit_diff:.2e} |")
+        lines.append(f"| {r.prompt} | {len(r.reference)} | {ok} | {r.max_logit_diff:.2e} | {r.max_abs_logit:.1f} |")
     return "\n".join(lines)
 
 

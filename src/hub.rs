@@ -308,13 +308,13 @@ fn hub_model(repo_id: &str, options: &HubOptions) -> Result<PathBuf, HubError> {
         .with_token(options.token.clone())
         .with_progress(options.progress)
         .build()
-        .map_err(|e| download_error(MANIFEST, error_chain(&e)))?;
+        .map_err(|e| download_error(MANIFEST, crate::error_chain(&e)))?;
     let repo = api.repo(Repo::model(repo_id.to_string()));
     // hf-hub asserts on some malformed server replies (a redirect without Location); a bad
     // server must give an error, not bring the program down.
     let fetch = |file: &str| match catch_unwind(AssertUnwindSafe(|| repo.download(file))) {
         Ok(Ok(path)) => Ok(path),
-        Ok(Err(e)) => Err(download_error(file, error_chain(&e))),
+        Ok(Err(e)) => Err(download_error(file, crate::error_chain(&e))),
         Err(panic) => {
             let what = panic
                 .downcast_ref::<&str>()
@@ -357,21 +357,6 @@ fn hub_model(repo_id: &str, options: &HubOptions) -> Result<PathBuf, HubError> {
     Ok(dir)
 }
 
-/// hf-hub's errors keep the HTTP status and I/O cause in their source chain.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        // Wrappers often repeat their source's text in their own message.
-        let inner_text = inner.to_string();
-        if !text.ends_with(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        cause = inner.source();
-    }
-    text
-}
 
 #[cfg(test)]
 mod tests {

@@ -330,7 +330,7 @@ fn init_with(search: &LibSearch) -> Result<OrtInfo, OrtLibError> {
         ort::LoadDynamicError::Dlopen { error, path } => OrtLibError::NotLoadable {
             path,
             origin: source,
-            reason: error_chain(&error),
+            reason: crate::error_chain(&error),
         },
         ort::LoadDynamicError::MissingApi { path } => OrtLibError::NotLoadable {
             path,
@@ -689,21 +689,6 @@ fn assigned_providers(session: &Session) -> Result<Vec<String>, ort::Error> {
     Ok(names)
 }
 
-/// `libloading` puts the `dlerror()` text (`file too short`) in the error's source, not its message.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        // Wrappers often repeat their source's text in their own message.
-        let inner_text = inner.to_string();
-        if !text.ends_with(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        cause = inner.source();
-    }
-    text
-}
 
 /// ONNX Runtime messages carry newlines and a final period; error lines must stay one line and
 /// read well with text after them.

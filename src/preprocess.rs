@@ -639,7 +639,7 @@ pub fn resize_bicubic_pil(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     };
     // The intermediate is rounded to 8 bits, so the pass order shows up as differences of a few
     // levels: portrait downscales (9x640 -> 224x224) were 13 levels off with horizontal first.
-    let out = if pil_resizes_vertically_first(in_w, in_h, width, height) {
+    let out = if pil_resizes_vertically_first(in_w as usize, in_h as usize, width as usize, height as usize) {
         src.resize_vertical(height).resize_horizontal(width)
     } else {
         src.resize_horizontal(width).resize_vertical(height)
@@ -652,9 +652,9 @@ pub fn resize_bicubic_pil(img: &RgbImage, width: u32, height: u32) -> RgbImage {
 /// loses pixels and more than twice as many as the width; horizontal first otherwise (always,
 /// in Pillow 12 and older). Compared with Pillow 13.0.0 over every output size up to 3x of
 /// several input shapes (tests/preprocess.rs); the same rule as `segment::resize_bilinear`.
-fn pil_resizes_vertically_first(in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> bool {
-    let height_loss = i64::from(in_h) - i64::from(out_h);
-    let width_loss = i64::from(in_w) - i64::from(out_w);
+pub(crate) fn pil_resizes_vertically_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+    let height_loss = in_h as i64 - out_h as i64;
+    let width_loss = in_w as i64 - out_w as i64;
     height_loss > 0 && height_loss > 2 * width_loss
 }
 

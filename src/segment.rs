@@ -341,9 +341,7 @@ pub fn resize_bilinear(src: ArrayView2<f32>, out_width: usize, out_height: usize
     // condition was pinned down by comparing both orders with Pillow 13.0.0 on every output size
     // up to 3x for inputs 64x64, 64x32, 32x64 and 50x90. Pillow 12 and older always go horizontal
     // first, which differs by at most one f32 ulp on a few pixels.
-    let height_loss = in_height as i64 - out_height as i64;
-    let width_loss = in_width as i64 - out_width as i64;
-    if height_loss > 0 && height_loss > 2 * width_loss {
+    if crate::preprocess::pil_resizes_vertically_first(in_width, in_height, out_width, out_height) {
         horizontal(vertical(src).view())
     } else {
         vertical(horizontal(src).view())

@@ -8,25 +8,9 @@ from pathlib import Path
 import pytest
 
 from export.convert import convert
-from export.tiny import TinySpec, write_random_vae, write_tiny
+from export.tiny import TEST_CONFIGS, TEST_SEEDS, TinySpec, write_random_vae, write_tiny
 
 SHARED_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "images"
-
-# Three shapes of Gemma 2 the exporter must not assume away:
-#  gqa1: heads x head_dim (96) != hidden (64), one kv head, window far beyond the prompt;
-#  window8: a sliding window (8) shorter than every prompt, three layers (two sliding);
-#  window40: prompts fit the window (40) but decoding runs past it.
-CONFIGS = {
-    "gqa1": TinySpec(),
-    "window8": TinySpec(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-        query_pre_attn_scalar=16, intermediate_size=64, sliding_window=8,
-    ),
-    "window40": TinySpec(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
-        query_pre_attn_scalar=32, intermediate_size=80, sliding_window=40, image_size=28,
-    ),
-}
 
 
 @dataclass
@@ -51,14 +35,14 @@ def tiny_root(tmp_path_factory) -> Path:
 def converted_dir(root: Path, name: str, dtype: str = "fp32") -> Converted:
     source = root / name
     if not (source / "config.json").exists():
-        write_tiny(source, CONFIGS[name], seed=len(name))
+        write_tiny(source, TEST_CONFIGS[name], seed=TEST_SEEDS[name])
     out = root / f"{name}-{dtype}-onnx"
     if not (out / "manifest.json").exists():
         convert(str(source), out, dtype=dtype, force=True)
-    return Converted(name, CONFIGS[name], source, out)
+    return Converted(name, TEST_CONFIGS[name], source, out)
 
 
-@pytest.fixture(scope="session", params=sorted(CONFIGS))
+@pytest.fixture(scope="session", params=sorted(TEST_CONFIGS))
 def converted(request, tiny_root) -> Converted:
     return converted_dir(tiny_root, request.param)
 

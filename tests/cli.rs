@@ -1,0 +1,243 @@
+//! The `paligemma` binary on a tiny converted model: JSON and annotate outputs, a batch with one bad
+//! request, and every bad input giving one `error:` line, exit code 2 and no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model() -> PathBuf {
+    let root = std::env::var_os("PALIGEMMA_TEST_MODELS").map_or_else(|| repo().join("target/tiny-models"), PathBuf::from);
+    let dir = root.join("gqa1/onnx");
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "{} is missing: run `.venv/bin/python -m export fixtures {}` (bash .ci/run does)",
+        dir.display(),
+        root.display()
+    );
+    dir
+}
+
+fn image(name: &str) -> PathBuf {
+    repo().join("tests/data/images").join(name)
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!("paligemma-cli-{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A copy of the tiny model that a test may damage.
+fn model_copy(tag: &str) -> PathBuf {
+    let dir = scratch(tag);
+    let src = model();
+    for entry in walk(&src) {
+        let rel = entry.strip_prefix(&src).unwrap();
+        let dst = dir.join(rel);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &dst).unwrap();
+    }
+    dir
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn paligemma(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_paligemma"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+fn run_image(model: &Path, image: &Path, prompt: &str, extra: &[&str]) -> Output {
+    let (m, i) = (model.display().to_string(), image.display().to_string());
+    let mut args = vec!["--model", &m, "--image", &i, "--prompt", prompt, "--max-new-tokens", "8"];
+    args.extend_from_slice(extra);
+    paligemma(&args)
+}
+
+/// Exit code 2, exactly one `error:` line containing every needle, no panic.
+fn assert_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "stderr: {stderr}");
+    for needle in needles {
+        assert!(errors[0].contains(needle), "{:?} lacks {needle:?}", errors[0]);
+    }
+}
+
+#[test]
+fn json_output_has_text_ids_boxes_masks_and_providers() {
+    let out = run_image(&model(), &image("chelsea.png"), "caption en", &["--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["text", "token_ids", "detections", "segments", "malformed_objects", "providers"] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+    assert_eq!(v["image_size"], serde_json::json!([451, 300]));
+    assert_eq!(v["providers"]["decoder"], serde_json::json!(["CPUExecutionProvider"]));
+}
+
+#[test]
+fn plain_output_streams_the_text_of_the_json_answer() {
+    let plain = run_image(&model(), &image("camera.png"), "describe en", &[]);
+    let json = run_image(&model(), &image("camera.png"), "describe en", &["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(String::from_utf8_lossy(&plain.stdout).trim_end_matches('\n'), v["text"].as_str().unwrap());
+}
+
+#[test]
+fn annotate_writes_a_png_of_the_original_size() {
+    let out_png = scratch("annotate").join("out.png");
+    let out = run_image(&model(), &image("rocket.jpg"), "detect rocket", &["--annotate", out_png.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let picture = image::open(&out_png).unwrap();
+    assert_eq!((picture.width(), picture.height()), (640, 427));
+}
+
+#[test]
+fn batch_with_one_bad_request_fails_it_alone_in_order() {
+    let dir = scratch("batch");
+    let file = dir.join("requests.jsonl");
+    let lines = [
+        serde_json::json!({"image": image("chelsea.png"), "prompt": "caption en"}),
+        serde_json::json!({"image": dir.join("missing.png"), "prompt": "caption en"}),
+        serde_json::json!({"image": image("text.png"), "prompt": "ocr"}),
+    ];
+    std::fs::write(&file, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
+    let m = model().display().to_string();
+    let out = paligemma(&["--model", &m, "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", "8"]);
+    assert_eq!(out.status.code(), Some(2));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 3);
+    assert!(rows[0].get("token_ids").is_some() && rows[2].get("token_ids").is_some());
+    assert!(rows[1]["error"].as_str().unwrap().contains("missing.png"));
+    let alone = run_image(&model(), &image("text.png"), "ocr", &["--json"]);
+    let alone: serde_json::Value = serde_json::from_slice(&alone.stdout).unwrap();
+    assert_eq!(rows[2]["token_ids"], alone["token_ids"], "batch row differs from its single run");
+}
+
+#[test]
+fn missing_image() {
+    assert_error(&run_image(&model(), Path::new("/nonexistent/cat.png"), "caption en", &[]), &["/nonexistent/cat.png"]);
+}
+
+#[test]
+fn zero_byte_image() {
+    let path = scratch("zero").join("empty.png");
+    std::fs::write(&path, b"").unwrap();
+    assert_error(&run_image(&model(), &path, "caption en", &[]), &["empty.png", "empty"]);
+}
+
+#[test]
+fn truncated_image() {
+    let bytes = std::fs::read(image("chelsea.png")).unwrap();
+    let path = scratch("trunc").join("cut.png");
+    std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
+    assert_error(&run_image(&model(), &path, "caption en", &[]), &["cut.png"]);
+}
+
+#[test]
+fn unsupported_format() {
+    let path = scratch("format").join("notes.png");
+    std::fs::write(&path, "just some text, not an image").unwrap();
+    assert_error(&run_image(&model(), &path, "caption en", &[]), &["notes.png"]);
+}
+
+#[test]
+fn image_over_the_pixel_limit() {
+    let out = run_image(&model(), &image("chelsea.png"), "caption en", &["--max-image-pixels", "1000"]);
+    assert_error(&out, &["135300", "1000"]);
+}
+
+#[test]
+fn empty_prompt() {
+    assert_error(&run_image(&model(), &image("chelsea.png"), "   ", &[]), &["prompt is empty"]);
+}
+
+#[test]
+fn prompt_that_does_not_fit_the_positions() {
+    let (m, i) = (model().display().to_string(), image("chelsea.png").display().to_string());
+    let out = paligemma(&["--model", &m, "--image", &i, "--prompt", "caption en", "--max-new-tokens", "9000"]);
+    assert_error(&out, &["9000", "8192", "positions"]);
+}
+
+#[test]
+fn missing_graph() {
+    let dir = model_copy("nograph");
+    std::fs::remove_file(dir.join("onnx/decoder_model_merged.onnx")).unwrap();
+    assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &[]), &["decoder_model_merged.onnx"]);
+}
+
+#[test]
+fn corrupt_onnx_file() {
+    let dir = model_copy("corrupt");
+    std::fs::write(dir.join("onnx/vision_encoder.onnx"), b"\x08\x07garbage that is not protobuf").unwrap();
+    assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &[]), &["vision_encoder.onnx", "not a valid ONNX model"]);
+}
+
+#[test]
+fn vision_graph_of_another_image_size() {
+    let dir = model_copy("size");
+    for file in ["manifest.json", "preprocessor_config.json"] {
+        let path = dir.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if file == "manifest.json" {
+            v["image_size"] = 448.into();
+        } else {
+            v["size"] = serde_json::json!({"height": 448, "width": 448});
+        }
+        std::fs::write(&path, v.to_string()).unwrap();
+    }
+    assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &[]), &["vision_encoder", "pixel_values", "448"]);
+}
+
+#[test]
+fn directory_without_manifest() {
+    let dir = scratch("nomanifest");
+    assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &[]), &["manifest.json", "python -m export convert"]);
+}
+
+#[test]
+fn unknown_provider() {
+    assert_error(&run_image(&model(), &image("chelsea.png"), "caption en", &["--ep", "gpu"]), &["gpu", "cpu, cuda, tensorrt"]);
+}
+
+#[test]
+fn provider_that_cannot_start() {
+    assert_error(&run_image(&model(), &image("chelsea.png"), "caption en", &["--ep", "cuda"]), &["CUDA"]);
+}
+
+#[test]
+fn fallback_to_a_later_provider_warns() {
+    let out = run_image(&model(), &image("chelsea.png"), "caption en", &["--ep", "cuda,cpu", "--json"]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.lines().any(|l| l.starts_with("warning:") && l.contains("CUDA")), "{stderr}");
+}
+
+#[test]
+fn missing_onnxruntime_library() {
+    assert_error(&run_image(&model(), &image("chelsea.png"), "caption en", &["--ort-lib", "/nonexistent/libonnxruntime.so"]), &["/nonexistent/libonnxruntime.so"]);
+}

@@ -1,0 +1,95 @@
+//! Token parity with transformers: every case of tests/fixtures/expected_tokens.json (written by
+//! `python -m export fixtures`, from transformers' own `generate`) through the Rust pipeline, as
+//! one padded batch and request by request.
+
+use std::path::{Path, PathBuf};
+
+use paligemma::pipeline::{ImageInput, Pipeline, PipelineOptions, Request};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Fixtures {
+    max_new_tokens: usize,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    model_dir: String,
+    requests: Vec<FixtureRequest>,
+    expected: Vec<Vec<i64>>,
+}
+
+#[derive(Deserialize)]
+struct FixtureRequest {
+    image: String,
+    prompt: String,
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn models_root() -> PathBuf {
+    std::env::var_os("PALIGEMMA_TEST_MODELS").map_or_else(|| repo().join("target/tiny-models"), PathBuf::from)
+}
+
+fn fixtures() -> Fixtures {
+    let path = repo().join("tests/fixtures/expected_tokens.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn load(model_dir: &Path) -> Pipeline {
+    assert!(
+        model_dir.join("manifest.json").is_file(),
+        "{} is missing: build the tiny models with `.venv/bin/python -m export fixtures {}` (bash .ci/run does)",
+        model_dir.display(),
+        models_root().display()
+    );
+    Pipeline::load(PipelineOptions::new(model_dir.display().to_string())).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn requests(case: &Case, max_new_tokens: usize) -> Vec<Request> {
+    case.requests
+        .iter()
+        .map(|r| Request {
+            image: ImageInput::Path(repo().join(&r.image)),
+            prompt: r.prompt.clone(),
+            max_new_tokens,
+        })
+        .collect()
+}
+
+fn run_ids(pipeline: &mut Pipeline, requests: &[Request]) -> Vec<Vec<i64>> {
+    pipeline
+        .run(requests, |_, _| {})
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{e}")).token_ids)
+        .collect()
+}
+
+#[test]
+fn batches_give_transformers_tokens() {
+    let fixtures = fixtures();
+    assert!(!fixtures.cases.is_empty());
+    for case in &fixtures.cases {
+        let mut pipeline = load(&models_root().join(&case.model_dir));
+        let got = run_ids(&mut pipeline, &requests(case, fixtures.max_new_tokens));
+        assert_eq!(got, case.expected, "{}: token ids differ from transformers", case.name);
+    }
+    eprintln!("{} cases, token ids identical to transformers", fixtures.cases.len());
+}
+
+#[test]
+fn each_request_alone_gives_its_batch_tokens() {
+    let fixtures = fixtures();
+    for case in fixtures.cases.iter().filter(|c| c.requests.len() > 1) {
+        let mut pipeline = load(&models_root().join(&case.model_dir));
+        for (request, expected) in requests(case, fixtures.max_new_tokens).into_iter().zip(&case.expected) {
+            let got = run_ids(&mut pipeline, std::slice::from_ref(&request));
+            assert_eq!(&got[0], expected, "{}: a request alone differs from its batch row", case.name);
+        }
+    }
+}
