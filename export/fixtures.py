@@ -151,8 +151,61 @@ def prepare_models(models_root: Path, log=print) -> dict[str, tuple[Path, Path]]
             convert(str(source), onnx_dir, seg_vae=vae, force=True)
             onnx_stamp.write_text(json.dumps(want, indent=2))
             log(f"{name}: converted to {onnx_dir}")
+        nomask = models_root / name / "onnx-nomask"
+        if name == NOMASK_CONFIG and not (_read_json(onnx_stamp) == _read_json(nomask / "stamp.json") and (nomask / "manifest.json").is_file()):
+            write_nomask_variant(source, onnx_dir, nomask)
+            (nomask / "stamp.json").write_text(json.dumps(want, indent=2))
+            log(f"{name}: wrote the decoder without attention_mask/token_type_ids to {nomask}")
         out[name] = (source, onnx_dir)
     return out
+
+
+# The configuration that also gets a community-style decoder (for the Rust runtime's batch-1 path).
+NOMASK_CONFIG = "gqa1"
+
+
+def write_nomask_variant(source: Path, onnx_dir: Path, out_dir: Path) -> None:
+    """A copy of `onnx_dir` whose decoder declares no attention_mask or token_type_ids, like the
+    community exports: every cached position is a real token and the whole prompt one prefix block.
+    For one unpadded request inside the sliding window this computes what the full graph does."""
+    import shutil
+
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from . import decoder, manifest
+    from .graph import GraphSpec, export_graph
+
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(source, attn_implementation="eager").eval()
+    full = decoder.spec(hf)
+
+    class NoMask(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inputs_embeds, position_ids, past_key_values):
+            total = past_key_values[0].shape[2] + inputs_embeds.shape[1]
+            ones = torch.ones(inputs_embeds.shape[0], total, dtype=torch.int64)
+            return self.inner(inputs_embeds, ones, torch.zeros_like(ones), position_ids, past_key_values)
+
+    dropped = ("attention_mask", "token_type_ids")
+    embeds, _, _, positions, past = full.args
+    spec = GraphSpec(
+        module=NoMask(full.module),
+        args=(embeds, positions, past),
+        input_names=[n for n in full.input_names if n not in dropped],
+        output_names=full.output_names,
+        axes={k: v for k, v in full.axes.items() if k not in dropped},
+    )
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(onnx_dir, out_dir)
+    graph = manifest.graph_path("decoder", "fp32")
+    export_graph(spec, out_dir / graph)
+    m = json.loads((out_dir / "manifest.json").read_text())
+    m["file_sizes"][graph] = (out_dir / graph).stat().st_size
+    (out_dir / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
 
 
 def load_model(name: str, source: Path, onnx_dir: Path) -> Model:

@@ -347,6 +347,14 @@ fn init_with(search: &LibSearch) -> Result<OrtInfo, OrtLibError> {
     let environment =
         builder
             .with_name("paligemma")
+            // ONNX Runtime logs failures (a provider library that will not load) to stderr itself;
+            // the errors this module returns carry the same text in one line, so its log is kept
+            // quiet unless asked for with PALIGEMMA_ORT_LOG=1.
+            .with_logger(std::sync::Arc::new(|level, category, _id, location, message| {
+                if std::env::var_os("PALIGEMMA_ORT_LOG").is_some() {
+                    eprintln!("onnxruntime {level:?} [{category}] {location}: {message}");
+                }
+            }))
             .build()
             .map_err(|e| OrtLibError::Environment {
                 path: path.clone(),

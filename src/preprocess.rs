@@ -11,16 +11,24 @@
 //!   resize straight to HxW with PIL BICUBIC (Pillow `src/libImaging/Resample.c`, 8-bit
 //!   fixed-point, two passes), `x * rescale_factor` in f64 cast to f32, `(x - mean) / std` in f32.
 //!
-//! Pixels come from the `image` crate. PNG, GIF, BMP and WebP decode to the same values as PIL
-//! on the tested files; JPEG (zune-jpeg vs libjpeg-turbo) differs by up to a few levels.
+//! Pixels come from the `image` crate, except JPEG: PNG, GIF, BMP and WebP decode to the same
+//! values as PIL on the tested files. JPEG goes through libjpeg-turbo's decoder (MozJPEG's
+//! vendored copy, `mozjpeg` crate) with Pillow's settings (`src/libImaging/JpegDecode.c`), then
+//! Pillow's "CMYK;I" unpacking and `cmyk2rgb`: the same bytes as Pillow 13's bundled
+//! libjpeg-turbo 3 on every tested JPEG (baseline and progressive, 4:2:0, 4:2:2, 4:4:4, grey,
+//! Adobe CMYK and YCCK, restart markers).
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::fs;
-use std::io::{self, Cursor};
+use std::io::{self, BufRead, Cursor};
+use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage, RgbaImage};
+use mozjpeg::decompress::MarkerData;
+use mozjpeg::{ColorSpace, Decompress, Marker};
 use ndarray::Array3;
 use serde::Deserialize;
 
@@ -264,13 +272,64 @@ fn decode_named(
     image: &str,
     limits: &ImageLimits,
 ) -> Result<LoadedImage, PreprocessError> {
-    let name = || image.to_owned();
     if bytes.is_empty() {
-        return Err(PreprocessError::Empty { image: name() });
+        return Err(PreprocessError::Empty {
+            image: image.to_owned(),
+        });
     }
     // 1. Format from the magic bytes, like PIL's `Image.open`.
-    let format = image::guess_format(bytes)
-        .map_err(|_| PreprocessError::UnrecognizedFormat { image: name() })?;
+    let format = image::guess_format(bytes).map_err(|_| PreprocessError::UnrecognizedFormat {
+        image: image.to_owned(),
+    })?;
+    let decoded = match format {
+        ImageFormat::Jpeg => decode_jpeg(bytes, image, limits)?,
+        _ => decode_with_image_crate(bytes, format, image, limits)?,
+    };
+    // 5. `exif_transpose` (the pixel-wise conversion to RGB commutes with it).
+    let mut upright = DynamicImage::ImageRgb8(decoded.rgb);
+    upright.apply_orientation(decoded.orientation);
+    Ok(LoadedImage {
+        rgb: upright.into_rgb8(),
+        transparent_color: decoded.transparent_color,
+    })
+}
+
+/// An image after PIL's `convert("RGB")`, before `exif_transpose`.
+struct Decoded {
+    /// [height, width, 3] as stored in the file.
+    rgb: RgbImage,
+    orientation: Orientation,
+    transparent_color: Option<[u8; 3]>,
+}
+
+/// Step 2 of decoding: PIL's decompression-bomb guard, from the header before any pixel.
+fn check_pixel_limit(
+    image: &str,
+    width: u32,
+    height: u32,
+    limits: &ImageLimits,
+) -> Result<(), PreprocessError> {
+    let pixels = u64::from(width.max(1)) * u64::from(height.max(1));
+    if pixels > limits.max_pixels {
+        return Err(PreprocessError::TooManyPixels {
+            image: image.to_owned(),
+            width,
+            height,
+            pixels,
+            limit: limits.max_pixels,
+        });
+    }
+    Ok(())
+}
+
+/// Every format but JPEG: the `image` crate's decoders, which match PIL's pixels on them.
+fn decode_with_image_crate(
+    bytes: &[u8],
+    format: ImageFormat,
+    image: &str,
+    limits: &ImageLimits,
+) -> Result<Decoded, PreprocessError> {
+    let name = || image.to_owned();
     let decode_error = |e: image::ImageError| match e {
         image::ImageError::Unsupported(u) => PreprocessError::UnsupportedFeature {
             image: name(),
@@ -290,16 +349,7 @@ fn decode_named(
 
     // 2. Decompression-bomb guard from the header, before the pixels are decoded.
     let (width, height) = decoder.dimensions();
-    let pixels = u64::from(width.max(1)) * u64::from(height.max(1));
-    if pixels > limits.max_pixels {
-        return Err(PreprocessError::TooManyPixels {
-            image: name(),
-            width,
-            height,
-            pixels,
-            limit: limits.max_pixels,
-        });
-    }
+    check_pixel_limit(image, width, height, limits)?;
     if width == 0 || height == 0 {
         return Err(PreprocessError::Corrupt {
             image: name(),
@@ -337,14 +387,204 @@ fn decode_named(
             })?
         }
     };
-
-    // 5. `exif_transpose` (the pixel-wise conversion above commutes with it).
-    let mut upright = DynamicImage::ImageRgb8(rgb);
-    upright.apply_orientation(orientation);
-    Ok(LoadedImage {
-        rgb: upright.into_rgb8(),
+    Ok(Decoded {
+        rgb,
+        orientation,
         transparent_color: pil.transparent_color(),
     })
+}
+
+/// JPEG through libjpeg-turbo's decoder (MozJPEG's copy) set up as Pillow's `JpegDecode.c`
+/// sets up its bundled libjpeg-turbo: library defaults (ISLOW integer IDCT, fancy upsampling,
+/// colour space guessed from the JFIF/Adobe markers), output L, RGB or CMYK by the component
+/// count as `JpegImagePlugin.SOF` picks the mode. libjpeg reports fatal errors by unwinding
+/// (the `mozjpeg` crate's error handler); they are caught here and become errors.
+fn decode_jpeg(
+    bytes: &[u8],
+    image: &str,
+    limits: &ImageLimits,
+) -> Result<Decoded, PreprocessError> {
+    let ran_out = Cell::new(false);
+    let source = EndWatch {
+        rest: bytes,
+        ran_out: &ran_out,
+    };
+    let corrupt = |detail: String| PreprocessError::Corrupt {
+        image: image.to_owned(),
+        format: ImageFormat::Jpeg,
+        detail: if ran_out.get() {
+            format!("the data ends before the image does; {detail}")
+        } else {
+            detail
+        },
+    };
+    let unwound = panic::catch_unwind(AssertUnwindSafe(|| {
+        decode_jpeg_unwinding(source, &ran_out, image, limits)
+    }));
+    match unwound {
+        Ok(Ok(decoded)) => Ok(decoded),
+        Ok(Err(JpegFailure::Io(e))) => Err(corrupt(e.to_string())),
+        Ok(Err(JpegFailure::Preprocess(e))) => Err(e),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("libjpeg failed without a message");
+            // The features a libjpeg-turbo build may lack, or PIL refuses (12-bit samples).
+            if ["not implemented", "Unsupported JPEG", "not compiled"]
+                .iter()
+                .any(|m| message.contains(m))
+            {
+                Err(PreprocessError::UnsupportedFeature {
+                    image: image.to_owned(),
+                    format: ImageFormat::Jpeg,
+                    detail: message.to_owned(),
+                })
+            } else {
+                Err(corrupt(message.to_owned()))
+            }
+        }
+    }
+}
+
+enum JpegFailure {
+    Io(io::Error),
+    Preprocess(PreprocessError),
+}
+
+impl From<io::Error> for JpegFailure {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// The body of [`decode_jpeg`]; libjpeg's fatal errors unwind out of it.
+fn decode_jpeg_unwinding(
+    source: EndWatch<'_>,
+    ran_out: &Cell<bool>,
+    image: &str,
+    limits: &ImageLimits,
+) -> Result<Decoded, JpegFailure> {
+    let fail = |e: PreprocessError| JpegFailure::Preprocess(e);
+    let decompress = Decompress::builder()
+        .with_markers(&[Marker::APP(1)])
+        .from_reader(source)?;
+    let (width, height) = (decompress.width(), decompress.height());
+    let to_u32 = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    check_pixel_limit(image, to_u32(width), to_u32(height), limits).map_err(fail)?;
+    let orientation = jpeg_orientation(decompress.markers());
+    let components = decompress.components().len();
+    let mut started = match components {
+        1 => decompress.grayscale()?,
+        3 => decompress.rgb()?,
+        // Pillow's raw mode "CMYK;I": libjpeg's CMYK (YCCK converted), inverted by PIL.
+        4 => decompress.to_colorspace(ColorSpace::JCS_CMYK)?,
+        n => {
+            return Err(fail(PreprocessError::UnsupportedFeature {
+                image: image.to_owned(),
+                format: ImageFormat::Jpeg,
+                detail: format!(
+                    "{n} colour components; PIL opens only 1 (L), 3 (RGB) and 4 (CMYK)"
+                ),
+            }))
+        }
+    };
+    // [height, width, components]
+    let samples: Vec<u8> = started.read_scanlines()?;
+    // PIL's decoder suspends at the end of the data: "truncated" unless every row is out.
+    if ran_out.get() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "libjpeg would fill the missing rows with grey",
+        )
+        .into());
+    }
+    // PIL then reads the markers up to EOI (`jpeg_finish_decompress`), where a fatal error (e.g.
+    // a second SOI) still fails the load, but running out of data does not.
+    started.finish()?;
+    let rgb: Vec<u8> = match components {
+        1 => samples.iter().flat_map(|&v| [v; 3]).collect(),
+        3 => samples,
+        _ => samples
+            .chunks_exact(4)
+            .flat_map(|cmyk| pil_inverted_cmyk_to_rgb([cmyk[0], cmyk[1], cmyk[2], cmyk[3]]))
+            .collect(),
+    };
+    let rgb = RgbImage::from_raw(to_u32(width), to_u32(height), rgb).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("libjpeg returned fewer samples than {width}x{height}x{components}"),
+        )
+    })?;
+    Ok(Decoded {
+        rgb,
+        orientation,
+        transparent_color: None,
+    })
+}
+
+/// The bytes libjpeg reads, noting when it asks for more than there are (libjpeg then fakes an
+/// end-of-image marker and only warns).
+struct EndWatch<'a> {
+    rest: &'a [u8],
+    ran_out: &'a Cell<bool>,
+}
+
+impl io::Read for EndWatch<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl io::BufRead for EndWatch<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.rest.is_empty() {
+            self.ran_out.set(true);
+        }
+        Ok(self.rest)
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.rest = self.rest.get(amount..).unwrap_or_default();
+    }
+}
+
+/// Orientation from a JPEG's APP1 segments as `JpegImagePlugin.APP` and `Image.getexif` read
+/// them: the "Exif" segments concatenated (first in full, later ones after their 6-byte
+/// prefix), else `tiff:Orientation` in the last XMP segment.
+fn jpeg_orientation<'a>(app1: impl Iterator<Item = MarkerData<'a>>) -> Orientation {
+    const EXIF: &[u8] = b"Exif\0\0";
+    const XMP: &[u8] = b"http://ns.adobe.com/xap/1.0/\0";
+    let mut exif: Vec<u8> = Vec::new();
+    let mut xmp: Option<&[u8]> = None;
+    for segment in app1 {
+        if let Some(body) = segment.data.strip_prefix(EXIF) {
+            exif.extend_from_slice(body);
+        } else if let Some(body) = segment.data.strip_prefix(XMP) {
+            xmp = Some(body);
+        }
+    }
+    Orientation::from_exif_chunk(&exif)
+        .or_else(|| xmp.and_then(xmp_orientation))
+        .unwrap_or(Orientation::NoTransforms)
+}
+
+/// Pillow's unpacker for "CMYK;I" (every sample inverted) followed by `Convert.c` `cmyk2rgb`:
+/// `nk - nk * c / 255` per channel with `nk = 255 - k`, the division rounded as `MULDIV255`.
+fn pil_inverted_cmyk_to_rgb(raw: [u8; 4]) -> [u8; 3] {
+    let [c, m, y, k] = raw.map(|v| 255 - u32::from(v));
+    let nk = 255 - k;
+    let muldiv255 = |a: u32, b: u32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    // nk - muldiv255(x, nk) is in 0..=255 for every x, nk in 0..=255: CLIP8 never clips.
+    [c, m, y].map(|x| u8::try_from(nk - muldiv255(x, nk)).unwrap_or(u8::MAX))
 }
 
 /// PIL's XMP fallback in `Image.getexif`: the first match of `tiff:Orientation(="|>)([0-9])`.
@@ -639,7 +879,12 @@ pub fn resize_bicubic_pil(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     };
     // The intermediate is rounded to 8 bits, so the pass order shows up as differences of a few
     // levels: portrait downscales (9x640 -> 224x224) were 13 levels off with horizontal first.
-    let out = if pil_resizes_vertically_first(in_w as usize, in_h as usize, width as usize, height as usize) {
+    let out = if pil_resizes_vertically_first(
+        in_w as usize,
+        in_h as usize,
+        width as usize,
+        height as usize,
+    ) {
         src.resize_vertical(height).resize_horizontal(width)
     } else {
         src.resize_horizontal(width).resize_vertical(height)
@@ -652,7 +897,12 @@ pub fn resize_bicubic_pil(img: &RgbImage, width: u32, height: u32) -> RgbImage {
 /// loses pixels and more than twice as many as the width; horizontal first otherwise (always,
 /// in Pillow 12 and older). Compared with Pillow 13.0.0 over every output size up to 3x of
 /// several input shapes (tests/preprocess.rs); the same rule as `segment::resize_bilinear`.
-pub(crate) fn pil_resizes_vertically_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+pub(crate) fn pil_resizes_vertically_first(
+    in_w: usize,
+    in_h: usize,
+    out_w: usize,
+    out_h: usize,
+) -> bool {
     let height_loss = in_h as i64 - out_h as i64;
     let width_loss = in_w as i64 - out_w as i64;
     height_loss > 0 && height_loss > 2 * width_loss
@@ -879,6 +1129,59 @@ mod tests {
             Some(Orientation::Rotate180)
         );
         assert_eq!(xmp_orientation(b"<x/>"), None);
+    }
+
+    /// A little-endian TIFF header with one IFD0 entry: Orientation (0x0112, SHORT) = `value`.
+    fn exif_with_orientation(value: u8) -> Vec<u8> {
+        let mut tiff = b"Exif\0\0II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0".to_vec();
+        tiff.extend_from_slice(&[value, 0, 0, 0, 0, 0, 0, 0]);
+        tiff
+    }
+
+    fn app1(data: &[u8]) -> MarkerData<'_> {
+        MarkerData {
+            marker: Marker::APP(1),
+            data,
+        }
+    }
+
+    #[test]
+    fn jpeg_orientation_prefers_exif_then_the_last_xmp_segment() {
+        let exif = exif_with_orientation(6);
+        let xmp3 = b"http://ns.adobe.com/xap/1.0/\0<x tiff:Orientation=\"3\"/>";
+        let xmp8 = b"http://ns.adobe.com/xap/1.0/\0<x tiff:Orientation=\"8\"/>";
+        let both = [app1(xmp3), app1(&exif)];
+        assert_eq!(jpeg_orientation(both.into_iter()), Orientation::Rotate90);
+        let xmps = [app1(xmp3), app1(xmp8)];
+        assert_eq!(jpeg_orientation(xmps.into_iter()), Orientation::Rotate270);
+        assert_eq!(
+            jpeg_orientation(std::iter::empty()),
+            Orientation::NoTransforms
+        );
+    }
+
+    #[test]
+    fn inverted_cmyk_keeps_paper_white_and_full_black_ink_black() {
+        // Adobe CMYK stores 255 - ink: no ink is 255 everywhere, full black ink is K = 0.
+        assert_eq!(pil_inverted_cmyk_to_rgb([255, 255, 255, 255]), [255; 3]);
+        assert_eq!(pil_inverted_cmyk_to_rgb([255, 255, 255, 0]), [0; 3]);
+        assert_eq!(pil_inverted_cmyk_to_rgb([0, 255, 255, 255]), [0, 255, 255]);
+    }
+
+    #[test]
+    fn end_watch_notes_a_read_past_the_end() {
+        let ran_out = Cell::new(false);
+        let mut source = EndWatch {
+            rest: b"abc",
+            ran_out: &ran_out,
+        };
+        let mut buf = [0u8; 2];
+        assert_eq!(io::Read::read(&mut source, &mut buf).unwrap(), 2);
+        assert_eq!(source.fill_buf().unwrap(), b"c");
+        source.consume(1);
+        assert!(!ran_out.get());
+        assert!(source.fill_buf().unwrap().is_empty());
+        assert!(ran_out.get());
     }
 
     #[test]

@@ -68,7 +68,12 @@ impl Graph {
         let path = dir.join(file);
         let (session, report) = build_session(&path, eps, threads)?;
         providers.push((name.to_string(), report.providers));
-        warnings.extend(report.warnings);
+        // Every graph meets the same failing provider: say it once.
+        for warning in report.warnings {
+            if !warnings.contains(&warning) {
+                warnings.push(warning);
+            }
+        }
         Ok(Graph { name, path, session })
     }
 

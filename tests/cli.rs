@@ -10,8 +10,12 @@ fn repo() -> PathBuf {
 }
 
 fn model() -> PathBuf {
+    tiny_model("gqa1/onnx")
+}
+
+fn tiny_model(name: &str) -> PathBuf {
     let root = std::env::var_os("PALIGEMMA_TEST_MODELS").map_or_else(|| repo().join("target/tiny-models"), PathBuf::from);
-    let dir = root.join("gqa1/onnx");
+    let dir = root.join(name);
     assert!(
         dir.join("manifest.json").is_file(),
         "{} is missing: run `.venv/bin/python -m export fixtures {}` (bash .ci/run does)",
@@ -135,6 +139,27 @@ fn batch_with_one_bad_request_fails_it_alone_in_order() {
     let alone = run_image(&model(), &image("text.png"), "ocr", &["--json"]);
     let alone: serde_json::Value = serde_json::from_slice(&alone.stdout).unwrap();
     assert_eq!(rows[2]["token_ids"], alone["token_ids"], "batch row differs from its single run");
+}
+
+#[test]
+fn community_decoder_without_masks_runs_requests_one_by_one() {
+    // `python -m export fixtures` writes gqa1/onnx-nomask: the same model, but a decoder that
+    // declares no attention_mask/token_type_ids, as community exports do.
+    let dir = scratch("nomask");
+    let file = dir.join("requests.jsonl");
+    let requests = [(image("chelsea.png"), "caption en"), (image("text.png"), "answer en what is in the image ? how many people are there")];
+    let lines: String = requests.iter().map(|(i, p)| serde_json::json!({"image": i, "prompt": p}).to_string() + "\n").collect();
+    std::fs::write(&file, lines).unwrap();
+    let m = tiny_model("gqa1/onnx-nomask").display().to_string();
+    let out = paligemma(&["--model", &m, "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", "8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("one at a time"));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for ((img, prompt), row) in requests.iter().zip(&rows) {
+        let full = run_image(&model(), img, prompt, &["--json"]);
+        let full: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+        assert_eq!(row["token_ids"], full["token_ids"], "{prompt}: the mask-less decoder differs from the full graph");
+    }
 }
 
 #[test]

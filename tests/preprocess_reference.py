@@ -1,7 +1,8 @@
 """Python reference for tests/preprocess.rs: PIL + transformers' SigLIP image processor.
 
     preprocess_reference.py generate DIR
-        Writes the edge-case images (PNG modes, GIF, JPEG, WebP, BMP, a decompression bomb) to DIR.
+        Writes the edge-case images (PNG modes, GIF, JPEG variants, WebP, BMP, a decompression bomb)
+        to DIR.
     preprocess_reference.py reference OUT SIZES DO_CONVERT_RGB IMAGE...
         For each IMAGE: OUT/<name>.rgb (uint8 [H, W, 3], `transformers.image_utils.load_image`) and
         OUT/<name>.<S>.f32 (float32 little-endian pixel_values [3, S, S]) for each S in the
@@ -12,6 +13,9 @@
         Pillow's BICUBIC resize of generated RGB images: OUT/resize.json lists the cases
         [{"name", "size": [W, H], "outputs": [[W', H'], ...]}]; OUT/<name>.rgb holds the input
         (uint8 [H, W, 3]) and OUT/<name>.out.rgb every output in list order, concatenated.
+    preprocess_reference.py damaged OUT
+        Damaged JPEGs (cut short, trailing bytes, corrupt entropy data) as OUT/<name>.jpg, whether
+        transformers' load_image loads each (OUT/damaged.json) and its pixels (OUT/<name>.rgb).
 """
 
 import io
@@ -129,9 +133,71 @@ def generate(out: Path) -> None:
     photo.save(out / "lossy.webp", quality=80)
     photo.save(out / "rgb.bmp")
 
+    # JPEG: the libjpeg-turbo paths Pillow takes (chroma subsampling, progressive scans, restart
+    # intervals, RGB without YCbCr, grey, Adobe CMYK and YCCK), at a size that is no multiple of
+    # the MCU so the edge upsampling is exercised.
+    odd = Image.fromarray(scene(rng, 61, 97))
+    odd.save(out / "odd_420.jpg", quality=95)
+    odd.save(out / "odd_422.jpg", quality=95, subsampling=1)
+    odd.save(out / "odd_444.jpg", quality=95, subsampling=0)
+    odd.save(out / "odd_q50.jpg", quality=50)
+    odd.save(out / "odd_rgb_no_ycc.jpg", quality=95, keep_rgb=True)
+    odd.save(out / "progressive.jpg", quality=90, progressive=True)
+    odd.save(out / "progressive_444.jpg", quality=90, progressive=True, subsampling=0)
+    odd.save(out / "restart.jpg", quality=90, restart_marker_blocks=3)
+    odd.convert("L").save(out / "odd_gray.jpg", quality=90, progressive=True)
+    cmyk = Image.fromarray(scene(rng, 61, 97, 4), "CMYK")
+    buf = io.BytesIO()
+    cmyk.save(buf, "JPEG", quality=95)
+    out.joinpath("odd_cmyk.jpg").write_bytes(buf.getvalue())
+    # The same data declared YCCK (Adobe transform 2): libjpeg converts it to CMYK first.
+    adobe = buf.getvalue().index(b"Adobe")
+    assert buf.getvalue()[adobe + 11] == 0, "Pillow's CMYK JPEG is no longer Adobe transform 0"
+    ycck = bytearray(buf.getvalue())
+    ycck[adobe + 11] = 2
+    out.joinpath("odd_ycck.jpg").write_bytes(bytes(ycck))
+
     # Header says 100000 x 100000 (1e10 pixels); the data is a few bytes.
     out.joinpath("bomb.png").write_bytes(
         raw_png(100000, 100000, 0, 8, [], idat=zlib.compress(b"\x00" * 64)))
+
+
+def damaged(out: Path) -> None:
+    """JPEGs cut short, with trailing bytes or with corrupt entropy data, and what PIL makes of
+    each: OUT/damaged.json maps name -> {"error": PIL's message or null, "size": [W, H] or null};
+    OUT/<name>.rgb holds load_image's pixels (uint8 [H, W, 3]) where PIL loads it."""
+    from transformers.image_utils import load_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    odd = Image.fromarray(scene(rng, 61, 97))
+    variants = {}
+    for kind, options in [("baseline", {}), ("progressive", {"progressive": True})]:
+        buf = io.BytesIO()
+        odd.save(buf, "JPEG", quality=90, **options)
+        data = buf.getvalue()
+        scan = data.rindex(b"\xff\xda")
+        variants[f"{kind}_no_eoi"] = data[:-2]
+        variants[f"{kind}_cut_10"] = data[:-10]
+        variants[f"{kind}_cut_half"] = data[: len(data) // 2]
+        variants[f"{kind}_cut_in_header"] = data[:scan]
+        variants[f"{kind}_trailing_bytes"] = data + b"not part of the image"
+        flipped = bytearray(data)
+        for at in range(scan + 40, len(data) - 40, 97):
+            flipped[at] ^= 0x5A
+        variants[f"{kind}_flipped_bytes"] = bytes(flipped)
+    report = {}
+    for name, data in variants.items():
+        path = out / f"{name}.jpg"
+        path.write_bytes(data)
+        try:
+            img = load_image(str(path))
+        except Exception as e:
+            report[name] = {"error": f"{type(e).__name__}: {e}", "size": None}
+            continue
+        (out / f"{name}.rgb").write_bytes(np.asarray(img, dtype=np.uint8).tobytes())
+        report[name] = {"error": None, "size": [img.width, img.height]}
+    (out / "damaged.json").write_text(json.dumps(report))
 
 
 def reference(out: Path, sizes: list[int], do_convert_rgb: bool | None, images: list[str]) -> None:
@@ -200,6 +266,8 @@ if __name__ == "__main__":
         generate(Path(sys.argv[2]))
     elif len(sys.argv) == 3 and sys.argv[1] == "resize":
         resize(Path(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "damaged":
+        damaged(Path(sys.argv[2]))
     elif len(sys.argv) >= 6 and sys.argv[1] == "reference" and sys.argv[4] in ("null", "true"):
         convert = {"null": None, "true": True}[sys.argv[4]]
         reference(Path(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")], convert, sys.argv[5:])
