@@ -265,7 +265,7 @@ def case_record(model: Model, models_root: Path, case_name: str, requests: list[
         "model_dir": model.onnx_dir.relative_to(models_root).as_posix(),
         "requests": [asdict(r) for r in requests],
         "expected": [ids for ids, _ in rows],
-        "expected_text": [tok.decode(ids, skip_special_tokens=False) for ids, _ in rows],
+        "expected_text": [tok.decode(ids, skip_special_tokens=True) for ids, _ in rows],
     }
 
 

@@ -19,6 +19,8 @@ struct Case {
     model_dir: String,
     requests: Vec<FixtureRequest>,
     expected: Vec<Vec<i64>>,
+    /// transformers' `decode(ids, skip_special_tokens=True)`.
+    expected_text: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -63,21 +65,30 @@ fn requests(case: &Case, max_new_tokens: usize) -> Vec<Request> {
 }
 
 fn run_ids(pipeline: &mut Pipeline, requests: &[Request]) -> Vec<Vec<i64>> {
+    run(pipeline, requests).into_iter().map(|(ids, _)| ids).collect()
+}
+
+fn run(pipeline: &mut Pipeline, requests: &[Request]) -> Vec<(Vec<i64>, String)> {
     pipeline
         .run(requests, |_, _| {})
         .into_iter()
-        .map(|r| r.unwrap_or_else(|e| panic!("{e}")).token_ids)
+        .map(|r| {
+            let r = r.unwrap_or_else(|e| panic!("{e}"));
+            (r.token_ids, r.text)
+        })
         .collect()
 }
 
 #[test]
-fn batches_give_transformers_tokens() {
+fn batches_give_transformers_tokens_and_text() {
     let fixtures = fixtures();
     assert!(!fixtures.cases.is_empty());
     for case in &fixtures.cases {
         let mut pipeline = load(&models_root().join(&case.model_dir));
-        let got = run_ids(&mut pipeline, &requests(case, fixtures.max_new_tokens));
-        assert_eq!(got, case.expected, "{}: token ids differ from transformers", case.name);
+        let got = run(&mut pipeline, &requests(case, fixtures.max_new_tokens));
+        let (ids, texts): (Vec<_>, Vec<_>) = got.into_iter().unzip();
+        assert_eq!(ids, case.expected, "{}: token ids differ from transformers", case.name);
+        assert_eq!(texts, case.expected_text, "{}: decoded text differs from transformers", case.name);
     }
     eprintln!("{} cases, token ids identical to transformers", fixtures.cases.len());
 }
