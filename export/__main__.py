@@ -17,6 +17,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     conv.add_argument("model", help="Hub id (google/paligemma2-3b-mix-224) or a save_pretrained directory")
     conv.add_argument("out_dir", type=Path, help="output model directory")
     conv.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weight and activation dtype")
+    conv.add_argument(
+        "--quantize", action="append", metavar="int8,int4",
+        help="also write quantized decoders (int8: dynamic int8, manifest dtype int8; int4: MatMulNBits, dtype q4); "
+        "a comma list or the flag repeated",
+    )
     conv.add_argument("--seg-vae", type=Path, help="big_vision's vae-oid.npz: also export seg_decoder.onnx")
     conv.add_argument("--validate", action="store_true", help="compare with transformers afterwards; exit 1 on mismatch")
     conv.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
@@ -50,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             from .convert import convert, resolve_source
+            from .quantize import parse_schemes
 
-            out = convert(args.model, args.out_dir, dtype=args.dtype, seg_vae=args.seg_vae, force=args.force)
+            quantize_to = parse_schemes(args.quantize)
+            out = convert(args.model, args.out_dir, dtype=args.dtype, seg_vae=args.seg_vae, quantize_to=quantize_to, force=args.force)
             print(f"wrote {out}")
             if args.validate:
                 from .validate import validate

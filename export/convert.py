@@ -5,7 +5,8 @@ Steps:
     before any weight is loaded;
  2. load the model with eager attention (sdpa drops Gemma 2's attention softcap);
  3. export each graph into a sibling work directory, copy the tokenizer and processor files;
- 4. write manifest.json last, then move the directory into place, so a crash never leaves an
+ 4. with --quantize, write int8 / q4 copies of the fp32 graphs (quantize.py);
+ 5. write manifest.json last, then move the directory into place, so a crash never leaves an
     OUT_DIR that looks complete.
 """
 
@@ -14,9 +15,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from . import decoder, embedding, manifest, segmentation, vision
+from . import decoder, embedding, manifest, quantize, segmentation, vision
 from .errors import ExportError
 from .graph import export_graph
 
@@ -88,11 +90,15 @@ def convert(
     *,
     dtype: str = "fp32",
     seg_vae: Path | None = None,
+    quantize_to: Sequence[str] = (),
     force: bool = False,
 ) -> Path:
+    """`quantize_to`: manifest dtype keys ("int8", "q4", see `quantize.parse_schemes`) to add."""
     out_dir = Path(out_dir)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if quantize_to and dtype != "fp32":
+        raise ExportError(f"--quantize starts from the fp32 graphs: drop --dtype {dtype} (or convert twice)")
     prepare_out_dir(out_dir, force)
     vae = segmentation.load_vae(seg_vae) if seg_vae else None
     src = resolve_source(model)
@@ -116,6 +122,11 @@ def convert(
         for graph, make_spec in (("vision_encoder", vision.spec), ("embed_tokens", embedding.spec), ("decoder", decoder.spec)):
             export_graph(make_spec(hf), work / manifest.graph_path(graph, dtype))
         del hf
+        quantized = {}
+        for q in quantize_to:
+            quantized[q] = quantize.QUANTIZED_GRAPHS[q]
+            for graph in quantized[q]:
+                quantize.quantize_graph(work / manifest.graph_path(graph, dtype), work / manifest.graph_path(graph, q), q)
         seg_path = None
         if vae is not None:
             seg_path = "onnx/seg_decoder.onnx"
@@ -125,7 +136,7 @@ def convert(
         generation_config.to_json_file(work / "generation_config.json")
         processor.image_processor.to_json_file(work / "preprocessor_config.json")
         facts = manifest.model_facts(hf_config(src), processor, generation_config)
-        manifest.write_manifest(work, source=model, facts=facts, dtypes=[dtype], seg_decoder=seg_path)
+        manifest.write_manifest(work, source=model, facts=facts, dtype=dtype, seg_decoder=seg_path, quantized=quantized)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)

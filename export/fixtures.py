@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import ExportError
+from .quantize import SCHEMES
 from .tiny import TEST_CONFIGS, TEST_SEEDS, write_random_vae, write_tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +112,7 @@ def stamp(name: str) -> dict:
     return {
         "tiny_spec": {"seed": TEST_SEEDS[name], **asdict(TEST_CONFIGS[name])},
         "vae_seed": VAE_SEED,
+        "quantize": QUANTIZE.get(name, []),
         "export_code": _export_code_digest(),
         "versions": _package_versions(),
     }
@@ -148,7 +150,7 @@ def prepare_models(models_root: Path, log=print) -> dict[str, tuple[Path, Path]]
             log(f"{name}: conversion {onnx_dir} is current")
         else:
             vae = write_random_vae(models_root / name / "vae-oid.npz", seed=VAE_SEED)
-            convert(str(source), onnx_dir, seg_vae=vae, force=True)
+            convert(str(source), onnx_dir, seg_vae=vae, quantize_to=QUANTIZE.get(name, []), force=True)
             onnx_stamp.write_text(json.dumps(want, indent=2))
             log(f"{name}: converted to {onnx_dir}")
         nomask = models_root / name / "onnx-nomask"
@@ -160,6 +162,8 @@ def prepare_models(models_root: Path, log=print) -> dict[str, tuple[Path, Path]]
     return out
 
 
+# Quantized decoders (manifest dtype keys) converted beside the fp32 graphs, for `--dtype` tests.
+QUANTIZE = {"gqa1": ["int8", "q4"]}
 # The configuration that also gets a community-style decoder (for the Rust runtime's batch-1 path).
 NOMASK_CONFIG = "gqa1"
 
@@ -200,11 +204,16 @@ def write_nomask_variant(source: Path, onnx_dir: Path, out_dir: Path) -> None:
     )
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    shutil.copytree(onnx_dir, out_dir)
+    # fp32 only: the quantized decoders beside it still declare the masks.
+    quantized = [f"*{manifest.DTYPE_SUFFIX[q]}.onnx" for q in SCHEMES.values()]
+    shutil.copytree(onnx_dir, out_dir, ignore=shutil.ignore_patterns(*quantized))
     graph = manifest.graph_path("decoder", "fp32")
     export_graph(spec, out_dir / graph)
     m = json.loads((out_dir / "manifest.json").read_text())
-    m["file_sizes"][graph] = (out_dir / graph).stat().st_size
+    m["dtypes"] = ["fp32"]
+    m["graphs"] = {g: {"fp32": files["fp32"]} for g, files in m["graphs"].items()}
+    m["files"] = [f for f in m["files"] if (out_dir / f).is_file()]
+    m["file_sizes"] = {f: (out_dir / f).stat().st_size for f in m["files"]}
     (out_dir / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
 
 

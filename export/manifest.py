@@ -15,7 +15,7 @@ FORMAT = "paligemma-onnx"
 FORMAT_VERSION = 1
 
 # transformers.js file-name suffixes per dtype (model.onnx, model_fp16.onnx, ...).
-DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16"}
+DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "q4": "_q4"}
 GRAPH_STEMS = {
     "vision_encoder": "vision_encoder",
     "embed_tokens": "embed_tokens",
@@ -69,10 +69,25 @@ def model_facts(config, processor, generation_config) -> dict:
     }
 
 
-def write_manifest(out_dir: Path, *, source: str, facts: dict, dtypes: list[str], seg_decoder: str | None) -> Path:
-    graphs = {g: {d: graph_path(g, d) for d in dtypes} for g in GRAPH_STEMS}
+def write_manifest(
+    out_dir: Path,
+    *,
+    source: str,
+    facts: dict,
+    dtype: str,
+    seg_decoder: str | None,
+    quantized: dict[str, tuple[str, ...]] | None = None,
+) -> Path:
+    """`quantized`: dtype key ("int8", "q4") -> the graphs that have a file of their own in it; the
+    others of that dtype run the `dtype` file. The seg decoder has one float32 file for every dtype."""
+    quantized = quantized or {}
+    dtypes = [dtype, *quantized]
+    graphs = {
+        g: {dtype: graph_path(g, dtype), **{q: graph_path(g, q if g in own else dtype) for q, own in quantized.items()}}
+        for g in GRAPH_STEMS
+    }
     if seg_decoder:
-        graphs["seg_decoder"] = {"fp32": seg_decoder}
+        graphs["seg_decoder"] = {d: seg_decoder for d in dtypes}
     files = sorted(
         str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and p.name != "manifest.json"
     )

@@ -15,7 +15,8 @@ import onnxruntime as ort
 
 from .manifest import read_manifest
 
-NP_DTYPE = {"fp32": np.float32, "fp16": np.float16}
+# Graph I/O element type per manifest dtype: quantized graphs keep float32 inputs and outputs.
+NP_DTYPE = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32, "q4": np.float32}
 
 
 @dataclass
@@ -51,7 +52,9 @@ class OnnxPaliGemma:
         embeds[is_image] = features.reshape(-1, features.shape[-1])
         return embeds
 
-    def generate(self, pixel_values, input_ids, attention_mask, max_new_tokens: int) -> Generation:
+    def generate(self, pixel_values, input_ids, attention_mask, max_new_tokens: int, forced: np.ndarray | None = None) -> Generation:
+        """Greedy tokens; with `forced` (i64[B,>=max_new_tokens]) those tokens are fed back instead
+        of the argmax (teacher forcing), and `tokens` still records the argmax at each step."""
         m = self.m
         batch = input_ids.shape[0]
         embeds = self.prompt_embeds(pixel_values, input_ids)
@@ -66,7 +69,7 @@ class OnnxPaliGemma:
         eos = np.array(m["eos_token_id"])
         done = np.zeros(batch, dtype=bool)
         out = Generation(tokens=np.zeros((batch, 0), np.int64))
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits, *presents = self.decoder.run(
                 None,
                 {"inputs_embeds": embeds, "attention_mask": mask, "token_type_ids": token_types, "position_ids": positions, **past},
@@ -75,11 +78,12 @@ class OnnxPaliGemma:
             out.logits.append(step_logits)
             token = np.where(done, m["pad_token_id"], step_logits.argmax(axis=-1))
             out.tokens = np.concatenate([out.tokens, token[:, None]], axis=1)
-            done |= np.isin(token, eos)
+            fed = token if forced is None else forced[:, step]
+            done |= np.isin(fed, eos)
             if done.all():
                 break
             past = dict(zip(past, presents))
-            embeds = self.embed.run(None, {"input_ids": token[:, None]})[0]
+            embeds = self.embed.run(None, {"input_ids": fed[:, None]})[0]
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             token_types = np.concatenate([token_types, np.ones((batch, 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1

@@ -98,3 +98,46 @@ def validate(model_dir: Path, source: Path, dtype: str = "fp32", max_new_tokens:
     rows = compare(model, processor, onnx_model, [image] * len(TASK_PROMPTS), TASK_PROMPTS, max_new_tokens)
     ok = all(r.tokens_match and r.max_logit_diff <= LOGIT_TOLERANCE[dtype] for r in rows)
     return ok, table(rows, dtype)
+
+
+@dataclass
+class Agreement:
+    """How often a graph set picks fp32 transformers' greedy token (positions up to the reference <eos>)."""
+
+    teacher_forced: float  # argmax equals the reference token when fed the reference prefix
+    greedy: float  # free-running greedy token equals the reference token at the same position
+    rows_identical: float  # whole greedy rows equal
+    positions: int
+    rows: int
+
+
+def greedy_references(model, processor, images, prompts, max_new_tokens: int) -> list[tuple[dict, np.ndarray]]:
+    """Every image with every prompt (one batch per prompt): (numpy inputs, transformers fp32 greedy i64[B,T])."""
+    import torch
+
+    out = []
+    for prompt in prompts:
+        inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding="longest")
+        with torch.no_grad():
+            ref = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out.append(({k: v.numpy() for k, v in inputs.items()}, ref[:, inputs["input_ids"].shape[1] :].numpy()))
+    return out
+
+
+def agreement(onnx_model, references: list[tuple[dict, np.ndarray]], max_new_tokens: int) -> Agreement:
+    """The ONNX loop against `greedy_references`, fed the reference tokens and free-running."""
+    eos = set(onnx_model.m["eos_token_id"])
+    forced_hits = free_hits = positions = identical = rows = 0
+    for inputs, ref in references:
+        args = (inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], max_new_tokens)
+        forced = onnx_model.generate(*args, forced=ref).tokens
+        free = onnx_model.generate(*args).tokens
+        for b, row in enumerate(ref.tolist()):
+            n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            forced_hits += int((forced[b, :n] == ref[b, :n]).sum())
+            got = free[b, :n].tolist()
+            free_hits += sum(a == r for a, r in zip(got, row[:n]))
+            identical += got == row[:n]
+            positions += n
+            rows += 1
+    return Agreement(forced_hits / positions, free_hits / positions, identical / rows, positions, rows)

@@ -18,7 +18,7 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{path}: format {found:?} version {version}, this runtime reads {FORMAT:?} version {FORMAT_VERSION}; re-run the export with this repository's `export/`")]
     Format { path: PathBuf, found: String, version: u32 },
-    #[error("{path}: the model has no {dtype} graphs (it has: {available}); pick one with --dtype or convert with --dtype {dtype}")]
+    #[error("{path}: the model has no {dtype} graphs (it has: {available}); pick one with --dtype, or convert with --dtype fp32|fp16 or --quantize int8|int4 (dtypes int8, q4)")]
     MissingDtype { path: PathBuf, dtype: String, available: String },
 }
 
