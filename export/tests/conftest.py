@@ -32,13 +32,13 @@ def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")
 
 
-def converted_dir(root: Path, name: str, dtype: str = "fp32") -> Converted:
+def converted_dir(root: Path, name: str, dtype: str = "fp32", quantize_to: tuple[str, ...] = ()) -> Converted:
     source = root / name
     if not (source / "config.json").exists():
         write_tiny(source, TEST_CONFIGS[name], seed=TEST_SEEDS[name])
-    out = root / f"{name}-{dtype}-onnx"
+    out = root / f"{name}-{dtype}{''.join('-' + q for q in quantize_to)}-onnx"
     if not (out / "manifest.json").exists():
-        convert(str(source), out, dtype=dtype, force=True)
+        convert(str(source), out, dtype=dtype, quantize_to=quantize_to, force=True)
     return Converted(name, TEST_CONFIGS[name], source, out)
 
 

@@ -14,10 +14,9 @@ from PIL import Image
 from export import fixtures, manifest
 from export.convert import convert
 from export.runtime import OnnxPaliGemma
-from export.tiny import TEST_CONFIGS, TEST_SEEDS, write_tiny
 from export.validate import agreement, greedy_references
 
-from .conftest import FIGURES, shared_images
+from .conftest import FIGURES, converted_dir, shared_images
 
 MAX_NEW_TOKENS = 40
 QUANTIZE = ["int8", "q4"]
@@ -33,14 +32,8 @@ FLOORS = {
 
 @pytest.fixture(scope="module", params=CONFIGS)
 def quantized(request, tiny_root):
-    name = request.param
-    source = tiny_root / name
-    if not (source / "config.json").exists():
-        write_tiny(source, TEST_CONFIGS[name], seed=TEST_SEEDS[name])
-    out = tiny_root / f"{name}-quantized-onnx"
-    if not (out / "manifest.json").exists():
-        convert(str(source), out, quantize_to=QUANTIZE, force=True)
-    return name, source, out
+    conv = converted_dir(tiny_root, request.param, quantize_to=tuple(QUANTIZE))
+    return conv.name, conv.source, conv.onnx_dir
 
 
 @pytest.fixture(scope="module")
