@@ -287,14 +287,15 @@ impl Pipeline {
             image_size: [width, height],
             image: image.rgb.clone(),
         };
+        let tagged = || self.prompts.decode_with_special_tokens(&response.token_ids);
         match Task::of(&request.prompt) {
             Task::Detect => {
-                let parsed = parse_detections(&response.text, width, height);
+                let parsed = parse_detections(&tagged(), width, height);
                 response.detections = parsed.objects;
                 response.malformed_objects = parsed.malformed;
             }
             Task::Segment => {
-                let parsed = parse_segmentation(&response.text);
+                let parsed = parse_segmentation(&tagged());
                 response.malformed_objects = parsed.malformed;
                 if !parsed.objects.is_empty() {
                     let masks = self.sessions.decode_masks(decoder_input(&parsed.objects))?;

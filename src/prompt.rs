@@ -73,16 +73,26 @@ impl PromptEncoder {
         Ok(ids)
     }
 
-    /// Text of generated ids (without `<eos>`), special tokens such as `<pad>` dropped; `<loc>` and
-    /// `<seg>` tokens are ordinary added tokens and stay, for the detection parser.
+    /// Text of generated ids (without `<eos>`) as transformers' `decode(ids,
+    /// skip_special_tokens=True)` gives it.
     pub fn decode(&self, ids: &[i64]) -> String {
-        let ids: Vec<u32> = ids.iter().filter_map(|&t| u32::try_from(t).ok()).collect();
+        self.decode_ids(ids, true)
+    }
+
+    /// The same text with special tokens kept: what the detection and segmentation parsers read,
+    /// so `<loc>`/`<seg>` tokens survive even in a tokenizer that marks them special.
+    pub fn decode_with_special_tokens(&self, ids: &[i64]) -> String {
+        self.decode_ids(ids, false)
+    }
+
+    fn decode_ids(&self, ids: &[i64], skip_special_tokens: bool) -> String {
         // An id past the tokenizer (an untrained padding row a random model may emit) decodes to
         // nothing rather than failing the request.
         let known: Vec<u32> = ids
-            .into_iter()
+            .iter()
+            .filter_map(|&t| u32::try_from(t).ok())
             .filter(|&t| self.tokenizer.id_to_token(t).is_some())
             .collect();
-        self.tokenizer.decode(&known, true).unwrap_or_default()
+        self.tokenizer.decode(&known, skip_special_tokens).unwrap_or_default()
     }
 }
