@@ -131,7 +131,7 @@ pub fn run(args: Args) -> Result<i32> {
     let results = pipeline.run(&requests, |_, text| {
         if stream && text.starts_with(&printed) {
             let mut out = stdout.lock();
-            let _ = out.write_all(text[printed.len()..].as_bytes());
+            let _ = out.write_all(&text.as_bytes()[printed.len()..]);
             let _ = out.flush();
             printed = text.to_string();
         }

@@ -103,8 +103,4 @@ impl Manifest {
             available: graph.keys().cloned().collect::<Vec<_>>().join(", "),
         })
     }
-
-    pub fn is_eos(&self, token: i64) -> bool {
-        self.eos_token_id.contains(&token)
-    }
 }

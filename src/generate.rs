@@ -97,10 +97,12 @@ pub fn generate(
     max_new_tokens: usize,
     mut on_token: impl FnMut(usize, i64),
 ) -> Result<Vec<Generated>, ModelError> {
-    let m = sessions.manifest().clone();
+    let m = sessions.manifest();
+    let (pad_id, image_token_id, eos_ids) = (m.pad_token_id, m.image_token_id, m.eos_token_id.clone());
+    let mut cache = KvCache::new(m, batch.len())?;
     let rows = batch.len();
     let prompts: Vec<&[i64]> = batch.iter().map(|r| r.input_ids.as_slice()).collect();
-    let padded = pad_left(&prompts, m.pad_token_id);
+    let padded = pad_left(&prompts, pad_id);
 
     let pixels: Vec<_> = batch.iter().map(|r| r.pixel_values.view().insert_axis(Axis(0))).collect();
     let pixel_values = concatenate(Axis(0), &pixels).map_err(|e| ModelError::Run {
@@ -108,14 +110,13 @@ pub fn generate(
         message: format!("pixel values of different sizes in one batch: {e}"),
     })?;
     let features = sessions.encode_image(pixel_values)?;
-    let lookup = padded.input_ids.mapv(|t| if t == m.image_token_id { 0 } else { t });
+    let lookup = padded.input_ids.mapv(|t| if t == image_token_id { 0 } else { t });
     let mut embeds = sessions.embed_tokens(lookup.view())?;
-    splice_image_features(&mut embeds, &padded.input_ids, features.view(), m.image_token_id)?;
+    splice_image_features(&mut embeds, &padded.input_ids, features.view(), image_token_id)?;
 
     let mut mask = padded.attention_mask;
     let mut token_types = Array2::<i64>::zeros(mask.raw_dim());
     let mut positions = padded.position_ids;
-    let mut cache = KvCache::new(&m, rows)?;
     let mut out = vec![
         Generated {
             token_ids: Vec::new(),
@@ -125,14 +126,14 @@ pub fn generate(
     ];
     for step in 0..max_new_tokens {
         let logits = sessions.decode(embeds.view(), mask.view(), token_types.view(), positions.view(), &mut cache)?;
-        let mut next = Array2::<i64>::from_elem((rows, 1), m.pad_token_id);
+        let mut next = Array2::<i64>::from_elem((rows, 1), pad_id);
         for (row, generated) in out.iter_mut().enumerate() {
             if generated.stopped_by_eos {
                 continue;
             }
             let token = argmax(logits.row(row));
             next[[row, 0]] = token;
-            if m.is_eos(token) {
+            if eos_ids.contains(&token) {
                 generated.stopped_by_eos = true;
             } else {
                 generated.token_ids.push(token);

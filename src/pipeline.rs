@@ -141,8 +141,8 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// 1. ONNX Runtime; 2. the model directory (downloading a Hub repo if needed); 3. manifest,
-    /// tokenizer and image processor; 4. sessions, checked against the manifest.
+    /// Loads, in order: ONNX Runtime; the model directory (downloading a Hub repo if needed); the
+    /// manifest, tokenizer and image processor; the sessions, checked against the manifest.
     pub fn load(options: PipelineOptions) -> Result<Pipeline, LoadError> {
         let ort = init(options.ort_lib.as_deref())?;
         let model_dir = resolve_model(&options.model, &HubOptions::from_env()?)?;
@@ -209,34 +209,32 @@ impl Pipeline {
         mut on_token: impl FnMut(usize, &str),
     ) -> Vec<Result<Response, RequestError>> {
         let mut results: Vec<Option<Result<Response, RequestError>>> = Vec::new();
-        let mut ready: Vec<(usize, LoadedImage, Prepared)> = Vec::new();
+        // The requests that prepared well: their request index and image, and, in the same
+        // order, what the decoder takes.
+        let mut ready: Vec<(usize, LoadedImage)> = Vec::new();
+        let mut prepared: Vec<Prepared> = Vec::new();
         for (index, request) in requests.iter().enumerate() {
             match self.prepare(request) {
-                Ok((image, prepared)) => {
-                    ready.push((index, image, prepared));
+                Ok((image, p)) => {
+                    ready.push((index, image));
+                    prepared.push(p);
                     results.push(None);
                 }
                 Err(e) => results.push(Some(Err(e))),
             }
         }
-        let groups: Vec<Vec<usize>> = if self.supports_batching() {
-            vec![(0..ready.len()).collect()]
+        let groups: Vec<std::ops::Range<usize>> = if self.supports_batching() {
+            std::iter::once(0..ready.len()).collect()
         } else {
-            (0..ready.len()).map(|i| vec![i]).collect()
+            (0..ready.len()).map(|i| i..i + 1).collect()
         };
         for group in groups.into_iter().filter(|g| !g.is_empty()) {
-            let max_new = group.iter().map(|&i| requests[ready[i].0].max_new_tokens).max().unwrap_or(0);
-            let batch: Vec<Prepared> = group
-                .iter()
-                .map(|&i| Prepared {
-                    pixel_values: ready[i].2.pixel_values.clone(),
-                    input_ids: ready[i].2.input_ids.clone(),
-                })
-                .collect();
-            let mut so_far: Vec<Vec<i64>> = vec![Vec::new(); group.len()];
+            let rows = &ready[group.clone()];
+            let max_new = rows.iter().map(|(i, _)| requests[*i].max_new_tokens).max().unwrap_or(0);
+            let mut so_far: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
             let prompts = &self.prompts;
-            let outcome = generate(&mut self.sessions, &batch, max_new, |row, token| {
-                let index = ready[group[row]].0;
+            let outcome = generate(&mut self.sessions, &prepared[group], max_new, |row, token| {
+                let index = rows[row].0;
                 if so_far[row].len() < requests[index].max_new_tokens {
                     so_far[row].push(token);
                     on_token(index, &prompts.decode(&so_far[row]));
@@ -244,20 +242,18 @@ impl Pipeline {
             });
             match outcome {
                 Ok(generated) => {
-                    for (row, g) in generated.into_iter().enumerate() {
-                        let (index, image, _) = &ready[group[row]];
-                        let request = &requests[*index];
-                        results[*index] = Some(self.finish(request, image, g));
+                    for ((index, image), g) in rows.iter().zip(generated) {
+                        results[*index] = Some(self.finish(&requests[*index], image, g));
                     }
                 }
                 Err(e) => {
                     let message = e.to_string();
-                    for &i in &group {
+                    for (index, _) in rows {
                         let err = ModelError::Run {
                             graph: "decoder",
                             message: message.clone(),
                         };
-                        results[ready[i].0] = Some(Err(err.into()));
+                        results[*index] = Some(Err(err.into()));
                     }
                 }
             }

@@ -5,6 +5,7 @@
 //! graph declares are fed: a community decoder without `attention_mask`/`token_type_ids` still
 //! runs, and [`DecoderInputs`] tells the caller what that costs.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use ndarray::{s, Array2, Array3, Array4, ArrayView2, ArrayView3, Ix3};
@@ -132,10 +133,8 @@ impl Graph {
 
     fn run<'s>(
         &'s mut self,
-        inputs: Vec<(&'static str, SessionInputValue<'_>)>,
+        inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)>,
     ) -> Result<ort::session::SessionOutputs<'s>, ModelError> {
-        let inputs: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)> =
-            inputs.into_iter().map(|(n, v)| (n.into(), v)).collect();
         let name = self.name;
         self.session.run(inputs).map_err(run_error(name))
     }
@@ -161,7 +160,6 @@ impl DecoderInputs {
 pub struct KvCache {
     keys: Vec<DynValue>,
     values: Vec<DynValue>,
-    len: usize,
 }
 
 impl KvCache {
@@ -177,17 +175,7 @@ impl KvCache {
         Ok(KvCache {
             keys: (0..layers).map(|_| empty()).collect::<Result<_, _>>()?,
             values: (0..layers).map(|_| empty()).collect::<Result<_, _>>()?,
-            len: 0,
         })
-    }
-
-    /// Cached positions `P`, left pads included.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -314,14 +302,14 @@ impl ModelSessions {
     /// pixel_values f32[B,3,S,S] -> image features f32[B,N,H] (already divided by sqrt(H)).
     pub fn encode_image(&mut self, pixel_values: Array4<f32>) -> Result<Array3<f32>, ModelError> {
         let input = Tensor::from_array(pixel_values).map_err(run_error("vision_encoder"))?;
-        let outputs = self.vision.run(vec![("pixel_values", input.into())])?;
+        let outputs = self.vision.run(vec![("pixel_values".into(), input.into())])?;
         extract3(&outputs["image_features"], "vision_encoder")
     }
 
     /// input_ids i64[B,T] -> raw embedding rows f32[B,T,H].
     pub fn embed_tokens(&mut self, input_ids: ArrayView2<i64>) -> Result<Array3<f32>, ModelError> {
         let input = Tensor::from_array(input_ids.to_owned()).map_err(run_error("embed_tokens"))?;
-        let outputs = self.embed.run(vec![("input_ids", input.into())])?;
+        let outputs = self.embed.run(vec![("input_ids".into(), input.into())])?;
         extract3(&outputs["inputs_embeds"], "embed_tokens")
     }
 
@@ -337,8 +325,8 @@ impl ModelSessions {
         cache: &mut KvCache,
     ) -> Result<Array2<f32>, ModelError> {
         let err = run_error("decoder");
-        let mut inputs: Vec<(&'static str, SessionInputValue<'_>)> = Vec::new();
-        inputs.push(("inputs_embeds", Tensor::from_array(inputs_embeds.to_owned()).map_err(&err)?.into()));
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
+        inputs.push(("inputs_embeds".into(), Tensor::from_array(inputs_embeds.to_owned()).map_err(&err)?.into()));
         let optional = [
             ("attention_mask", self.decoder_inputs.attention_mask, attention_mask),
             ("token_type_ids", self.decoder_inputs.token_type_ids, token_type_ids),
@@ -346,21 +334,15 @@ impl ModelSessions {
         ];
         for (name, declared, value) in optional {
             if declared {
-                inputs.push((name, Tensor::from_array(value.to_owned()).map_err(&err)?.into()));
+                inputs.push((name.into(), Tensor::from_array(value.to_owned()).map_err(&err)?.into()));
             }
         }
         let past = std::mem::take(&mut cache.keys).into_iter().zip(std::mem::take(&mut cache.values));
-        let mut named_past: Vec<(String, SessionInputValue<'_>)> = Vec::new();
         for ((k, v), (kn, vn)) in past.zip(&self.past_names) {
-            named_past.push((kn.clone(), k.into()));
-            named_past.push((vn.clone(), v.into()));
+            inputs.push((kn.as_str().into(), k.into()));
+            inputs.push((vn.as_str().into(), v.into()));
         }
-        let all: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)> = inputs
-            .into_iter()
-            .map(|(n, v)| (n.into(), v))
-            .chain(named_past.into_iter().map(|(n, v)| (n.into(), v)))
-            .collect();
-        let mut outputs = self.decoder.session.run(all).map_err(&err)?;
+        let mut outputs = self.decoder.run(inputs)?;
         let logits = outputs["logits"].try_extract_array::<f32>().map_err(&err)?;
         let logits = logits.into_dimensionality::<Ix3>().map_err(|e| ModelError::Run {
             graph: "decoder",
@@ -376,7 +358,6 @@ impl ModelSessions {
             cache.keys.push(outputs.remove(key).ok_or_else(|| missing(key))?);
             cache.values.push(outputs.remove(value).ok_or_else(|| missing(value))?);
         }
-        cache.len = attention_mask.shape()[1];
         Ok(step_logits)
     }
 
@@ -384,7 +365,7 @@ impl ModelSessions {
     pub fn decode_masks(&mut self, codes: Array2<i64>) -> Result<Array3<f32>, ModelError> {
         let seg = self.seg.as_mut().ok_or(ModelError::NoSegDecoder)?;
         let input = Tensor::from_array(codes).map_err(run_error("seg_decoder"))?;
-        let outputs = seg.run(vec![("codes", input.into())])?;
+        let outputs = seg.run(vec![("codes".into(), input.into())])?;
         extract3(&outputs["masks"], "seg_decoder")
     }
 }
