@@ -11,7 +11,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from export import fixtures, manifest
+from export import fixtures, manifest, quantize
 from export.convert import convert
 from export.runtime import OnnxPaliGemma
 from export.validate import agreement, greedy_references
@@ -78,15 +78,51 @@ def test_quantized_decoders_keep_the_fp32_inputs_and_outputs(quantized):
 
 
 def test_quantized_decoders_really_hold_quantized_weights(quantized):
+    """Every MatMul with a constant weight is rewritten, the vocabulary projection included."""
     _, _, out = quantized
-    ops = {
-        dtype: {n.op_type for n in onnx.load(str(out / manifest.graph_path("decoder", dtype))).graph.node}
-        for dtype in QUANTIZE
-    }
-    assert "MatMulInteger" in ops["int8"]
-    assert "MatMulNBits" in ops["q4"]
+    fp32 = onnx.load(str(out / manifest.graph_path("decoder", "fp32")))
+    weights = {t.name for t in fp32.graph.initializer}
+    matmul_weights = {n.input[1] for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
+    constant_matmuls = sum(n.op_type == "MatMul" and n.input[1] in weights for n in fp32.graph.node)
+    assert constant_matmuls > 0
+    for dtype, op in (("int8", "DynamicQuantizeMatMul"), ("q4", "MatMulNBits")):
+        graph = onnx.load(str(out / manifest.graph_path("decoder", dtype))).graph
+        names = {t.name for t in graph.initializer}
+        assert sum(n.op_type == op for n in graph.node) == constant_matmuls, dtype
+        assert not any(n.op_type == "MatMul" and n.input[1] in names for n in graph.node), dtype
+        assert not names & matmul_weights, f"{dtype}: fp32 weights left behind"
     sizes = {d: (out / manifest.graph_path("decoder", d)).stat().st_size for d in ["fp32", *QUANTIZE]}
     assert sizes["q4"] < sizes["int8"] < sizes["fp32"]
+
+
+@pytest.mark.parametrize("dtype", QUANTIZE)
+def test_external_data_quantizes_to_the_same_graph(quantized, dtype, tmp_path, monkeypatch):
+    """The streaming path (weights read and written one at a time through .onnx.data, page-aligned)
+    gives the graph the in-memory path gives."""
+    import numpy as np
+    import onnxruntime as ort
+
+    _, _, out = quantized
+    src = out / manifest.graph_path("decoder", "fp32")
+    inline = quantize.quantize_graph(src, tmp_path / "inline" / "d.onnx", dtype)
+    monkeypatch.setattr(quantize, "PROTOBUF_LIMIT", 0)
+    external = quantize.quantize_graph(src, tmp_path / "external" / "d.onnx", dtype)
+    data = external.with_name("d.onnx.data")
+    assert data.is_file() and not inline.with_name("d.onnx.data").exists()
+    offsets = [int(e.value) for t in onnx.load(str(external), load_external_data=False).graph.initializer for e in t.external_data if e.key == "offset"]
+    assert offsets and all(o % quantize.ALIGN == 0 for o in offsets)
+    m = manifest.read_manifest(out)
+    rng = np.random.default_rng(0)
+    kv = (1, m["num_key_value_heads"], 0, m["head_dim"])
+    feeds = {
+        "inputs_embeds": rng.standard_normal((1, 5, m["hidden_size"]), dtype=np.float32),
+        "attention_mask": np.ones((1, 5), np.int64),
+        "token_type_ids": np.zeros((1, 5), np.int64),
+        "position_ids": np.arange(1, 6)[None],
+        **{f"past_key_values.{i}.{k}": np.zeros(kv, np.float32) for i in range(m["num_hidden_layers"]) for k in ("key", "value")},
+    }
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_array_equal(run(inline), run(external))
 
 
 @pytest.mark.parametrize("dtype", QUANTIZE)
