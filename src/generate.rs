@@ -8,6 +8,8 @@
 //! 4. then one run per token (type 1) with the KV cache; a row that emitted `<eos>` is fed `<pad>`
 //!    with its mask still growing, so every row sees exactly what it would see alone.
 
+use std::time::{Duration, Instant};
+
 use ndarray::{concatenate, s, Array2, Array3, ArrayView3, Axis};
 
 use crate::session::{KvCache, ModelError, ModelSessions};
@@ -16,6 +18,9 @@ use crate::session::{KvCache, ModelError, ModelSessions};
 pub struct Prepared {
     pub pixel_values: Array3<f32>,
     pub input_ids: Vec<i64>,
+    /// `<eos>` is not chosen before this many tokens (transformers' `min_new_tokens`: its logits
+    /// are set to -inf, so the argmax is taken over the other ids).
+    pub min_new_tokens: usize,
 }
 
 /// Generated ids of one request, up to and without `<eos>`.
@@ -24,6 +29,24 @@ pub struct Generated {
     pub token_ids: Vec<i64>,
     /// `true` when `<eos>` ended the row, `false` when max_new_tokens did.
     pub stopped_by_eos: bool,
+}
+
+/// Where the time of one [`generate`] call went. A batch shares one set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    /// The vision encoder run.
+    pub vision: Duration,
+    /// Embedding lookup, image splice and the prefill decoder run, up to the first token.
+    pub prefill: Duration,
+    /// Each decode step after the first token: embedding, decoder run, argmax.
+    pub steps: Vec<Duration>,
+}
+
+/// The generated rows of a batch, in order, and the batch's timings.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub rows: Vec<Generated>,
+    pub timings: Timings,
 }
 
 /// The padded prompt batch: ids, mask and 1-based positions, i64[B,L] each.
@@ -89,6 +112,17 @@ fn argmax(row: ndarray::ArrayView1<f32>) -> i64 {
     best as i64
 }
 
+/// [`argmax`] with the `excluded` ids left out, as if their logits were -inf.
+fn argmax_except(row: ndarray::ArrayView1<f32>, excluded: &[i64]) -> i64 {
+    let mut best: Option<usize> = None;
+    for (i, &v) in row.iter().enumerate() {
+        if !excluded.contains(&(i as i64)) && best.is_none_or(|b| v > row[b]) {
+            best = Some(i);
+        }
+    }
+    best.unwrap_or(0) as i64
+}
+
 /// Runs `batch` to completion. `on_token(row, id)` sees each new id of an unfinished row as soon
 /// as it is chosen (for streaming); `<eos>` is not passed on.
 pub fn generate(
@@ -96,7 +130,7 @@ pub fn generate(
     batch: &[Prepared],
     max_new_tokens: usize,
     mut on_token: impl FnMut(usize, i64),
-) -> Result<Vec<Generated>, ModelError> {
+) -> Result<Generation, ModelError> {
     let m = sessions.manifest();
     let (pad_id, image_token_id, eos_ids) = (m.pad_token_id, m.image_token_id, m.eos_token_id.clone());
     let mut cache = KvCache::new(m, batch.len())?;
@@ -109,7 +143,11 @@ pub fn generate(
         graph: "vision_encoder",
         message: format!("pixel values of different sizes in one batch: {e}"),
     })?;
+    let mut timings = Timings::default();
+    let started = Instant::now();
     let features = sessions.encode_image(pixel_values)?;
+    timings.vision = started.elapsed();
+    let mut step_started = Instant::now();
     let lookup = padded.input_ids.mapv(|t| if t == image_token_id { 0 } else { t });
     let mut embeds = sessions.embed_tokens(lookup.view())?;
     splice_image_features(&mut embeds, &padded.input_ids, features.view(), image_token_id)?;
@@ -131,7 +169,11 @@ pub fn generate(
             if generated.stopped_by_eos {
                 continue;
             }
-            let token = argmax(logits.row(row));
+            let token = if step < batch[row].min_new_tokens {
+                argmax_except(logits.row(row), &eos_ids)
+            } else {
+                argmax(logits.row(row))
+            };
             next[[row, 0]] = token;
             if eos_ids.contains(&token) {
                 generated.stopped_by_eos = true;
@@ -140,16 +182,23 @@ pub fn generate(
                 on_token(row, token);
             }
         }
-        if step + 1 == max_new_tokens || out.iter().all(|g| g.stopped_by_eos) {
+        let finished = step + 1 == max_new_tokens || out.iter().all(|g| g.stopped_by_eos);
+        if step == 0 {
+            timings.prefill = step_started.elapsed();
+        } else {
+            timings.steps.push(step_started.elapsed());
+        }
+        if finished {
             break;
         }
+        step_started = Instant::now();
         embeds = sessions.embed_tokens(next.view())?;
         let ones = Array2::<i64>::ones((rows, 1));
         mask = concatenate(Axis(1), &[mask.view(), ones.view()]).map_err(shape_error)?;
         token_types = concatenate(Axis(1), &[token_types.view(), ones.view()]).map_err(shape_error)?;
         positions = positions.slice(s![.., -1..]).mapv(|p| p + 1);
     }
-    Ok(out)
+    Ok(Generation { rows: out, timings })
 }
 
 fn shape_error(e: ndarray::ShapeError) -> ModelError {
@@ -179,6 +228,14 @@ mod tests {
     fn argmax_takes_the_first_of_equal_maxima() {
         let v = ndarray::arr1(&[0.5f32, 2.0, 2.0, -1.0]);
         assert_eq!(argmax(v.view()), 1);
+    }
+
+    #[test]
+    fn excluded_ids_are_never_the_argmax() {
+        let v = ndarray::arr1(&[0.5f32, 2.0, 1.0, 2.0]);
+        assert_eq!(argmax_except(v.view(), &[1]), 3);
+        assert_eq!(argmax_except(v.view(), &[1, 3]), 2);
+        assert_eq!(argmax_except(v.view(), &[]), 1);
     }
 
     #[test]

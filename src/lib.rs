@@ -2,6 +2,7 @@
 //! `manifest.json`. Start at [`pipeline::Pipeline`].
 
 pub mod annotate;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod detect;

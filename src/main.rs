@@ -1,10 +1,13 @@
 //! `paligemma`: parse the arguments, run, print one-line errors with exit code 2.
 
-use clap::Parser;
+use paligemma::cli::{self, Command};
 
 fn main() {
-    let args = paligemma::cli::Args::parse();
-    let code = match paligemma::cli::run(args) {
+    let outcome = match cli::parse() {
+        Command::Run(args) => cli::run(args),
+        Command::Bench(args) => cli::bench(args),
+    };
+    let code = match outcome {
         Ok(code) => code,
         Err(e) => {
             // One line: the chain of causes joined, as a user reads it.

@@ -10,13 +10,14 @@
 //!    and masks through seg_decoder.onnx (`detect`, `segment`).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use image::RgbImage;
 use serde::Serialize;
 
 use crate::config::{ConfigError, Manifest};
 use crate::detect::{parse_detections, parse_segmentation, Detection};
-use crate::generate::{generate, Generated, Prepared};
+use crate::generate::{generate, Generated, Prepared, Timings};
 use crate::hub::{resolve_model, HubError, HubOptions};
 use crate::onnxruntime::{init, ExecutionProvider, OrtInfo, OrtLibError};
 use crate::preprocess::{decode_image, load_image, pixel_values, ImageLimits, ImageProcessorConfig, LoadedImage, PreprocessError};
@@ -92,6 +93,20 @@ pub struct Request {
     pub image: ImageInput,
     pub prompt: String,
     pub max_new_tokens: usize,
+    /// `<eos>` is not chosen before this many tokens (transformers' `min_new_tokens`).
+    pub min_new_tokens: usize,
+}
+
+impl Request {
+    /// A request for at most 64 new tokens, stopping at `<eos>`.
+    pub fn new(image: ImageInput, prompt: impl Into<String>) -> Request {
+        Request {
+            image,
+            prompt: prompt.into(),
+            max_new_tokens: 64,
+            min_new_tokens: 0,
+        }
+    }
 }
 
 /// What one request produced; serialises to the CLI's `--json` object.
@@ -108,8 +123,25 @@ pub struct Response {
     pub finished: bool,
     /// Original image size `[width, height]`: the pixel space of boxes and masks.
     pub image_size: [u32; 2],
+    /// Where the time went, for the batch this request ran in.
+    #[serde(serialize_with = "timing_summary")]
+    pub timings: Timings,
     #[serde(skip)]
     pub image: RgbImage,
+}
+
+/// Timings in `--json`: milliseconds, the steps as their mean.
+fn timing_summary<S: serde::Serializer>(t: &Timings, serializer: S) -> Result<S::Ok, S::Error> {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let steps = t.steps.len();
+    let mean = if steps == 0 { 0.0 } else { t.steps.iter().map(|&d| ms(d)).sum::<f64>() / steps as f64 };
+    serde_json::json!({
+        "vision_ms": ms(t.vision),
+        "prefill_ms": ms(t.prefill),
+        "decode_steps": steps,
+        "decode_ms_per_token": mean,
+    })
+    .serialize(serializer)
 }
 
 /// The task a prompt asks for, by its PaliGemma prefix.
@@ -197,6 +229,7 @@ impl Pipeline {
         let prepared = Prepared {
             pixel_values: pixel_values(&image, &self.image_config),
             input_ids,
+            min_new_tokens: request.min_new_tokens.min(request.max_new_tokens),
         };
         Ok((image, prepared))
     }
@@ -241,9 +274,9 @@ impl Pipeline {
                 }
             });
             match outcome {
-                Ok(generated) => {
-                    for ((index, image), g) in rows.iter().zip(generated) {
-                        results[*index] = Some(self.finish(&requests[*index], image, g));
+                Ok(generation) => {
+                    for ((index, image), g) in rows.iter().zip(generation.rows) {
+                        results[*index] = Some(self.finish(&requests[*index], image, g, generation.timings.clone()));
                     }
                 }
                 Err(e) => {
@@ -266,7 +299,7 @@ impl Pipeline {
 
     /// Text, boxes and masks of one generated row. A row generated alongside longer requests is
     /// cut to its own max_new_tokens: greedy decoding makes the prefix identical.
-    fn finish(&mut self, request: &Request, image: &LoadedImage, mut g: Generated) -> Result<Response, RequestError> {
+    fn finish(&mut self, request: &Request, image: &LoadedImage, mut g: Generated, timings: Timings) -> Result<Response, RequestError> {
         if g.token_ids.len() > request.max_new_tokens {
             g.token_ids.truncate(request.max_new_tokens);
             g.stopped_by_eos = false;
@@ -281,6 +314,7 @@ impl Pipeline {
             malformed_objects: 0,
             finished: g.stopped_by_eos,
             image_size: [width, height],
+            timings,
             image: image.rgb.clone(),
         };
         let tagged = || self.prompts.decode_with_special_tokens(&response.token_ids);

@@ -29,9 +29,10 @@ fn image(name: &str) -> PathBuf {
     repo().join("tests/data/images").join(name)
 }
 
+/// A fresh directory under target/tmp: the next run replaces it instead of piling up copies.
 fn scratch(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("paligemma-cli-{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli").join(format!("{tag}-{}", N.fetch_add(1, Ordering::SeqCst)));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -100,6 +101,67 @@ fn json_output_has_text_ids_boxes_masks_and_providers() {
     }
     assert_eq!(v["image_size"], serde_json::json!([451, 300]));
     assert_eq!(v["providers"]["decoder"], serde_json::json!(["CPUExecutionProvider"]));
+}
+
+#[test]
+fn json_output_reports_where_the_time_went() {
+    let out = run_image(&model(), &image("chelsea.png"), "caption en", &["--json", "--min-new-tokens", "8"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = &v["timings"];
+    assert_eq!(t["decode_steps"], 7, "{t}");
+    for key in ["vision_ms", "prefill_ms", "decode_ms_per_token"] {
+        assert!(t[key].as_f64().is_some_and(|ms| ms > 0.0), "{key} in {t}");
+    }
+}
+
+#[test]
+fn min_new_tokens_keeps_eos_out_until_reached() {
+    // The tiny model answers this one with <eos> first (tests/fixtures: gqa1/single/rocket).
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["--json"];
+        args.extend_from_slice(extra);
+        let out = run_image(&model(), &image("rocket.jpg"), "caption en", &args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(json(&[])["token_ids"], serde_json::json!([]));
+    let forced = json(&["--min-new-tokens", "5"]);
+    let n = forced["token_ids"].as_array().unwrap().len();
+    assert!((5..=8).contains(&n), "{forced}");
+    assert_eq!(forced["finished"], n < 8, "{forced}");
+    // A minimum above the maximum is the maximum.
+    let capped = json(&["--min-new-tokens", "50"]);
+    assert_eq!(capped["token_ids"].as_array().unwrap().len(), 8, "{capped}");
+}
+
+#[test]
+fn bench_reports_forced_lengths_and_batch_rows_equal_to_single() {
+    let (m, a, b) = (model().display().to_string(), image("chelsea.png").display().to_string(), image("camera.png").display().to_string());
+    let out = paligemma(&["bench", "--model", &m, "--image", &a, "--image", &b, "--tokens", "5", "--long-tokens", "24", "--batch", "3", "--threads", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids = |x: &serde_json::Value| -> Vec<i64> { x.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect() };
+    let single = ids(&v["token_ids"]["single"]);
+    let long = ids(&v["token_ids"]["long"]);
+    let batch: Vec<Vec<i64>> = v["token_ids"]["batch"].as_array().unwrap().iter().map(ids).collect();
+    assert_eq!(single.len(), 5);
+    assert_eq!(long.len(), 24);
+    assert_eq!(&long[..5], &single[..], "greedy: the long run starts as the single run");
+    assert_eq!(batch.len(), 3);
+    assert_eq!(batch[0], single, "a batch row equals the same request alone");
+    assert_eq!(batch[2], single, "the batch cycles through the images");
+    assert_ne!(batch[1], single, "the second image gives its own answer");
+    for key in ["load_s", "vision_ms", "prefill_ms", "first_token_ms", "decode_ms_per_token", "long_early_ms", "long_late_ms", "batch_decode_tokens_per_s"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+    }
+    assert_eq!(v["dtype"], "fp32");
+}
+
+#[test]
+fn bench_without_enough_tokens_is_an_error() {
+    let (m, a) = (model().display().to_string(), image("chelsea.png").display().to_string());
+    let out = paligemma(&["bench", "--model", &m, "--image", &a, "--long-tokens", "10"]);
+    assert_error(&out, &["--long-tokens >= 24"]);
 }
 
 #[test]

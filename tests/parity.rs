@@ -60,6 +60,7 @@ fn requests(case: &Case, max_new_tokens: usize) -> Vec<Request> {
             image: ImageInput::Path(repo().join(&r.image)),
             prompt: r.prompt.clone(),
             max_new_tokens,
+            min_new_tokens: 0,
         })
         .collect()
 }
