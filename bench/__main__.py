@@ -1,0 +1,172 @@
+"""`python -m bench`: transformers fp32 and this project's runtime in every dtype, one run, one machine.
+
+Steps:
+ 1. build and convert the model once (cached under --work; `checkpoint.py`);
+ 2. measure the machine's memory bandwidth, before and after the runs, for each dtype's decode
+    floor (`machine.py`);
+ 3. run transformers (`bench.hf`) and `paligemma bench` per dtype, each in its own process, sampling
+    its memory; the same threads, image(s), prompt and token counts for all;
+ 4. for each quantized dtype, teacher-forced top-1 agreement with transformers' tokens
+    (`bench.agreement`, its own process);
+ 5. print the markdown tables (`report.py`) and write them with the raw figures as JSON.
+
+No figure here is asserted anywhere: timings are reported, never tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import checkpoint, machine, report
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = [REPO / "tests/data/images" / n for n in ("chelsea.png", "camera.png", "rocket.jpg", "text.png")]
+QUANTIZED = ("int8", "q4")  # manifest dtypes of `convert --quantize int8,int4`
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="3b-224", choices=["3b-224", "tiny"], help="model width (tiny: the tests' shape)")
+    parser.add_argument("--layers", type=int, default=2, help="text decoder layers (26: the full 3B)")
+    parser.add_argument("--vision-layers", type=int, help="SigLIP layers (default: 27 with --layers 26, the full 3B, else 2)")
+    parser.add_argument("--dtypes", default="fp32,int8,q4", help="this runtime's dtypes to measure")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (torch and ONNX Runtime intra-op)")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--long-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt", default="caption en")
+    parser.add_argument("--image", type=Path, action="append", help="image(s); default four of tests/data/images")
+    parser.add_argument("--work", type=Path, default=REPO / "target/bench", help="cache of checkpoints and conversions")
+    parser.add_argument("--out", type=Path, help="write results .json and .md here (default WORK/<model>-results)")
+    parser.add_argument("--binary", type=Path, default=REPO / "target/release/paligemma")
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers (ratios then use the first dtype)")
+    return parser.parse_args(argv)
+
+
+def measured(cmd: list[str], log: Path) -> tuple[dict, dict]:
+    """Runs `cmd`, sampling its memory every 50 ms; (its JSON stdout, memory peaks).
+    Peak RSS is the kernel's high-water mark of the process (VmHWM); peak anonymous leaves out the
+    file pages ONNX Runtime maps from the graphs' data files, which the kernel can drop and which
+    processes share."""
+    with open(log, "a") as err:
+        err.write(f"$ {' '.join(cmd)}\n")
+        err.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        peaks = {"VmHWM:": 0, "RssAnon:": 0}
+        while True:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    key = line.split(maxsplit=1)[0] if line else ""
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], int(line.split()[1]) * 1024)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+            time.sleep(0.05)
+        out = proc.stdout.read()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"error: {cmd[0]} {cmd[1]} ... exited with {code}; its stderr is in {log}")
+    memory = {"peak_rss_gb": peaks["VmHWM:"] / 1e9, "peak_anon_gb": peaks["RssAnon:"] / 1e9}
+    return json.loads(out.strip().splitlines()[-1]), memory
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    full = checkpoint.FULL_DEPTH.get(args.preset)
+    vision_layers = args.vision_layers or (full[1] if full and args.layers == full[0] else 2)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in dtypes if d != "fp32" and d not in QUANTIZED]
+    if unknown:
+        raise SystemExit(f"error: --dtypes {','.join(unknown)}: choose from fp32, {', '.join(QUANTIZED)}")
+    if not args.binary.is_file():
+        raise SystemExit(f"error: {args.binary} is missing: build it with `cargo build --release`")
+    images = [str(p) for p in (args.image or DEFAULT_IMAGES)]
+    python = sys.executable
+
+    print(f"model: {args.preset}, {args.layers} text / {vision_layers} vision layers (building and converting once) ...", file=sys.stderr)
+    source, model_dir = checkpoint.build(args.work, args.preset, args.layers, vision_layers, QUANTIZED)
+    name = f"{args.preset}-L{args.layers}-V{vision_layers}"
+    out = args.out or args.work / f"{name}-results"
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "stderr.log"
+    log.write_text("")
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+
+    print("memory bandwidth ...", file=sys.stderr)
+    # Measured before and after the runs: neighbours on a shared host move it by 10-15%, and the
+    # floor must be what the machine can do, so each figure is the better of the two.
+    before = machine.bandwidth(args.threads)
+
+    def annotate(result: dict, runtime: str, dtype: str, memory: dict) -> dict:
+        graphs = manifest["graphs"]
+        decoder_bytes = machine.weight_bytes(model_dir, graphs["decoder"][dtype])
+        all_bytes = sum(machine.weight_bytes(model_dir, graphs[g][dtype]) for g in ("vision_encoder", "embed_tokens", "decoder"))
+        return {
+            **result,
+            "runtime": runtime,
+            "memory": memory,
+            "decoder_bytes": decoder_bytes,
+            "graph_gb": all_bytes / 1e9 if runtime != "transformers" else None,
+        }
+
+    common = ["--prompt", args.prompt, "--tokens", str(args.tokens), "--long-tokens", str(args.long_tokens), "--batch", str(args.batch), "--threads", str(args.threads)]
+    for image in images:
+        common += ["--image", image]
+    results = []
+    if not args.no_transformers:
+        print("transformers fp32 ...", file=sys.stderr)
+        hf, memory = measured([python, "-m", "bench.hf", "--source", str(source), *common], log)
+        results.append(annotate(hf, "transformers", "fp32", memory))
+    for dtype in dtypes:
+        print(f"paligemma {dtype} ...", file=sys.stderr)
+        ours, memory = measured([str(args.binary), "bench", "--model", str(model_dir), "--dtype", dtype, *common], log)
+        results.append(annotate(ours, "paligemma", dtype, memory))
+
+    if not args.no_transformers:
+        reference = results[0]
+        ref_file = out / "reference.json"
+        ref_file.write_text(json.dumps({"images": images, "prompt": args.prompt, "token_ids": reference["token_ids"]}))
+        for r in results[1:]:
+            r["greedy"] = report.greedy_agreement(r["token_ids"], reference["token_ids"])
+            if r["dtype"] != "fp32":
+                print(f"teacher-forced agreement {r['dtype']} ...", file=sys.stderr)
+                r["teacher_forced"], _ = measured(
+                    [python, "-m", "bench.agreement", "--model", str(model_dir), "--source", str(source), "--dtype", r["dtype"],
+                     "--threads", str(args.threads), "--reference", str(ref_file)],
+                    log,
+                )
+
+    after = machine.bandwidth(args.threads)
+    bandwidth = {key: max(before[key], after[key]) for key in before} | {"before": before, "after": after}
+    for r in results:
+        r["floor_ms"] = r["decoder_bytes"] / (bandwidth["read_gb_s"] * 1e9) * 1e3
+
+    summary = {
+        "model": name,
+        "machine": machine.describe(),
+        "bandwidth": bandwidth,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "image"} | {"images": images},
+        "results": results,
+    }
+    text = f"Model {name} (random weights), {args.threads} threads, prompt {args.prompt!r}, {args.tokens} tokens " \
+           f"(long run {args.long_tokens}), batch {args.batch}. Machine: {summary['machine']['cpu']}, " \
+           f"{summary['machine']['cores']} cores, {summary['machine']['memory_gb']} GB; read bandwidth " \
+           f"{bandwidth['read_gb_s']:.1f} GB/s, copy {bandwidth['copy_gb_s']:.1f} GB/s.\n\n" + report.tables(results)
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.md").write_text(text)
+    print(text)
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The benchmark's tables: one row per runtime and dtype, ratios against transformers fp32."""
+
+from __future__ import annotations
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def greedy_agreement(ours: dict, reference: dict) -> dict:
+    """Free-running greedy rows against transformers': rows identical, and the mean share of each
+    row before the first differing token."""
+    pairs = [(ours["single"], reference["single"]), (ours["long"], reference["long"]), *zip(ours["batch"], reference["batch"])]
+    shares = [common_prefix(a, b) / max(len(b), 1) for a, b in pairs]
+    return {"rows": len(pairs), "identical_rows": sum(a == b for a, b in pairs), "mean_identical_prefix": sum(shares) / len(shares)}
+
+
+def _f(x: float | None, digits: int = 0, suffix: str = "") -> str:
+    return "–" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def tables(results: list[dict]) -> str:
+    """`results[0]` is transformers; every entry holds the `paligemma bench` fields plus `memory`,
+    `floor_ms` and, for ours, `greedy` and `teacher_forced`."""
+    ref = results[0]
+    ref_first = ref["vision_ms"] + ref["prefill_ms"]
+    speed = [
+        "| runtime | dtype | load s | vision ms | prefill ms | vision+prefill vs tf | first token ms | decode ms/token | decode vs tf "
+        "| decode floor ms | decode / floor | token 16 / 256 ms | batch-4 tokens/s | batch-4 / batch-1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    quality = [
+        "| runtime | dtype | peak RSS GB | peak anonymous GB | graphs GB | greedy rows = tf | identical prefix | teacher-forced top-1 (positions, distinct reference tokens) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        first = r["vision_ms"] + r["prefill_ms"]
+        speed.append(
+            f"| {r['runtime']} | {r['dtype']} | {_f(r['load_s'], 1)} | {_f(r['vision_ms'])} | {_f(r['prefill_ms'])} "
+            f"| {_f(ref_first / first, 2, 'x')} | {_f(r['first_token_ms'])} | {_f(r['decode_ms_per_token'], 1)} "
+            f"| {_f(ref['decode_ms_per_token'] / r['decode_ms_per_token'], 2, 'x')} | {_f(r['floor_ms'], 1)} "
+            f"| {_f(r['decode_ms_per_token'] / r['floor_ms'], 2, 'x')} | {_f(r['long_early_ms'], 1)} / {_f(r['long_late_ms'], 1)} "
+            f"| {_f(r['batch_decode_tokens_per_s'], 1)} | {_f(r['batch_decode_tokens_per_s'] / r['single_decode_tokens_per_s'], 2, 'x')} |"
+        )
+        greedy, forced = r.get("greedy"), r.get("teacher_forced")
+        rows = "reference" if greedy is None else "{identical_rows}/{rows}".format(**greedy)
+        prefix = "–" if greedy is None else "{:.0%}".format(greedy["mean_identical_prefix"])
+        top1 = "–" if forced is None else "{:.1%} ({}, {} distinct)".format(
+            forced["teacher_forced"], forced["positions"], forced["distinct_reference_tokens"])
+        memory = r["memory"]
+        quality.append(
+            f"| {r['runtime']} | {r['dtype']} | {_f(memory['peak_rss_gb'], 2)} | {_f(memory['peak_anon_gb'], 2)} "
+            f"| {_f(r.get('graph_gb'), 2)} | {rows} | {prefix} | {top1} |"
+        )
+    return "\n".join(speed) + "\n\n" + "\n".join(quality) + "\n"

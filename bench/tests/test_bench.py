@@ -1,0 +1,88 @@
+"""`python -m bench` end to end on the tests' tiny shape (its figures are printed, never asserted),
+and the report's arithmetic on made-up figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+REPO = Path(__file__).resolve().parents[2]
+BINARY = REPO / "target/release/paligemma"
+TOKENS, LONG, BATCH = 6, 24, 3
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    assert BINARY.is_file(), f"{BINARY} is missing: `cargo build --release` (bash .ci/setup does)"
+    work = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "bench", "--preset", "tiny", "--work", str(work), "--tokens", str(TOKENS),
+           "--long-tokens", str(LONG), "--batch", str(BATCH)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = work / "tiny-L2-V2-results"
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text(), proc.stdout
+
+
+def test_every_runtime_and_dtype_is_measured_with_the_asked_lengths(results):
+    summary, markdown, stdout = results
+    rows = [(r["runtime"], r["dtype"]) for r in summary["results"]]
+    assert rows == [("transformers", "fp32"), ("paligemma", "fp32"), ("paligemma", "int8"), ("paligemma", "q4")]
+    for r in summary["results"]:
+        ids = r["token_ids"]
+        assert len(ids["single"]) == TOKENS and len(ids["long"]) == LONG, r["runtime"]
+        assert [len(row) for row in ids["batch"]] == [TOKENS] * BATCH, r["runtime"]
+        assert r["memory"]["peak_rss_gb"] > 0 and r["floor_ms"] > 0
+        assert r["decode_ms_per_token"] > 0 and r["batch_decode_tokens_per_s"] > 0
+    assert summary["bandwidth"]["read_gb_s"] > 0
+    assert markdown.strip() in stdout
+    assert markdown.count("| paligemma |") == 2 * 3
+
+
+def test_fp32_runtime_gives_transformers_tokens_with_forced_lengths(results):
+    """min_new_tokens keeps <eos> out of the argmax in both runtimes: the rows stay identical."""
+    summary, _, _ = results
+    reference = summary["results"][0]["token_ids"]
+    fp32 = summary["results"][1]
+    assert fp32["token_ids"] == reference
+    assert fp32["greedy"] == {"rows": 2 + BATCH, "identical_rows": 2 + BATCH, "mean_identical_prefix": 1.0}
+
+
+def test_quantized_dtypes_report_teacher_forced_agreement(results):
+    summary, _, _ = results
+    for r in summary["results"][2:]:
+        forced = r["teacher_forced"]
+        assert forced["positions"] == LONG + BATCH * TOKENS
+        assert forced["distinct_reference_tokens"] > 1
+        # A quantized decoder is close to fp32, not a random guess (1 / vocabulary).
+        assert 0.3 < forced["teacher_forced"] <= 1.0, r["dtype"]
+
+
+def test_greedy_agreement_counts_rows_and_prefixes():
+    ref = {"single": [1, 2, 3, 4], "long": [5, 6], "batch": [[7, 8], [9, 9]]}
+    ours = {"single": [1, 2, 0, 4], "long": [5, 6], "batch": [[7, 8], [0, 9]]}
+    assert report.greedy_agreement(ours, ref) == {"rows": 4, "identical_rows": 2, "mean_identical_prefix": (0.5 + 1 + 1 + 0) / 4}
+
+
+def test_tables_give_ratios_against_the_first_row():
+    def row(runtime, dtype, decode, prefill, batch_tps):
+        return {
+            "runtime": runtime, "dtype": dtype, "load_s": 1.0, "vision_ms": 100.0, "prefill_ms": prefill,
+            "first_token_ms": 300.0, "decode_ms_per_token": decode, "floor_ms": 10.0, "long_early_ms": 20.0,
+            "long_late_ms": 22.0, "batch_decode_tokens_per_s": batch_tps, "single_decode_tokens_per_s": 1000 / decode,
+            "memory": {"peak_rss_gb": 2.0, "peak_anon_gb": 1.0},
+        }
+
+    text = report.tables([row("transformers", "fp32", 40.0, 300.0, 50.0), row("paligemma", "q4", 10.0, 100.0, 300.0)])
+    q4 = next(line for line in text.splitlines() if line.startswith("| paligemma | q4 | 1.0 |"))
+    cells = [c.strip() for c in q4.strip("|").split("|")]
+    assert cells[5] == "2.00x"  # (100 + 300) / (100 + 100)
+    assert cells[8] == "4.00x"  # 40 / 10 ms per token
+    assert cells[10] == "1.00x"  # 10 ms against a 10 ms floor
+    assert cells[13] == "3.00x"  # 300 tokens/s against 100 at batch 1
