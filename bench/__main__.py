@@ -6,8 +6,8 @@ Steps:
     floor (`machine.py`);
  3. run transformers (`bench.hf`) and `paligemma bench` per dtype, each in its own process, sampling
     its memory; the same threads, image(s), prompt and token counts for all;
- 4. for each quantized dtype, teacher-forced top-1 agreement with transformers' tokens
-    (`bench.agreement`, its own process);
+ 4. for each quantized dtype, top-1 agreement with transformers' fp32 argmax, teacher-forced on
+    seeded random tokens (`bench.agreement`, its own process);
  5. print the markdown tables (`report.py`) and write them with the raw figures as JSON.
 
 No figure here is asserted anywhere: timings are reported, never tested.
@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from . import checkpoint, machine, report
 
@@ -118,13 +120,22 @@ def main(argv: list[str] | None = None) -> int:
             "graph_gb": all_bytes / 1e9 if runtime != "transformers" else None,
         }
 
+    # Teacher forcing for the agreement figures: seeded random text ids (below the <loc> tokens),
+    # the long run's length after each of the first two images.
+    rng = np.random.default_rng(0)
+    forced_images = images[:2]
+    forced = {"images": forced_images, "prompt": args.prompt,
+              "tokens": rng.integers(3, manifest["loc_token_start"], (len(forced_images), args.long_tokens)).tolist()}
+    forced_file = out / "forced.json"
+    forced_file.write_text(json.dumps(forced))
+
     common = ["--prompt", args.prompt, "--tokens", str(args.tokens), "--long-tokens", str(args.long_tokens), "--batch", str(args.batch), "--threads", str(args.threads)]
     for image in images:
         common += ["--image", image]
     results = []
     if not args.no_transformers:
         print("transformers fp32 ...", file=sys.stderr)
-        hf, memory = measured([python, "-m", "bench.hf", "--source", str(source), *common], log)
+        hf, memory = measured([python, "-m", "bench.hf", "--source", str(source), *common, "--forced", str(forced_file)], log)
         results.append(annotate(hf, "transformers", "fp32", memory))
     for dtype in dtypes:
         print(f"paligemma {dtype} ...", file=sys.stderr)
@@ -134,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_transformers:
         reference = results[0]
         ref_file = out / "reference.json"
-        ref_file.write_text(json.dumps({"images": images, "prompt": args.prompt, "token_ids": reference["token_ids"]}))
+        ref_file.write_text(json.dumps({**forced, "argmax": reference.pop("forced_argmax")}))
         for r in results[1:]:
             r["greedy"] = report.greedy_agreement(r["token_ids"], reference["token_ids"])
             if r["dtype"] != "fp32":

@@ -1,9 +1,10 @@
 """Quality of a dtype, in its own process: `python -m bench.agreement ARGS` prints
 {"teacher_forced": top-1 agreement, "positions": n, "distinct_reference_tokens": k}.
 
-The graphs are fed transformers' fp32 greedy tokens (the benchmark's long run and batch run) and
-their argmax is compared with the next reference token at every position. The reference ran with
-min_new_tokens, so `<eos>` is excluded from the argmax here too.
+The graphs are fed a seeded sequence of random text tokens after each image's prompt (the
+benchmark's `forced.json`), one decode step per token, and their argmax at every step is compared
+with transformers' fp32 argmax at the same position (`bench.hf --forced`). Random tokens rather
+than greedy output: a random checkpoint's greedy output repeats one token, which says little.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", required=True, help="the checkpoint (for its processor)")
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--reference", required=True, help="JSON: images, prompt, token_ids {long, batch} of transformers")
+    parser.add_argument("--reference", required=True, help="JSON: images, prompt, tokens and transformers' argmax per image")
     args = parser.parse_args(argv)
 
     from PIL import Image
@@ -32,21 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     ref = json.load(open(args.reference))
     processor = AutoProcessor.from_pretrained(args.source)
     model = OnnxPaliGemma(args.model, args.dtype, threads=args.threads)
-    eos = model.m["eos_token_id"]
-    images = ref["images"]
-    runs = [(images[:1], [ref["token_ids"]["long"]]), ([images[i % len(images)] for i in range(len(ref["token_ids"]["batch"]))], ref["token_ids"]["batch"])]
-    hits = positions = 0
-    for paths, tokens in runs:
-        forced = np.array(tokens, dtype=np.int64)
-        inputs = processor(images=[Image.open(p) for p in paths], text=[ref["prompt"]] * len(paths), return_tensors="np", padding="longest")
-        out = model.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], forced.shape[1], forced=forced)
-        for step, logits in enumerate(out.logits):
-            logits[:, eos] = -np.inf
-            hits += int((logits.argmax(axis=-1) == forced[:, step]).sum())
-            positions += forced.shape[0]
-    # A random checkpoint may repeat one token forever; then agreement says little, and the table shows it.
-    distinct = len({t for _, rows in runs for row in rows for t in row})
-    json.dump({"teacher_forced": hits / positions, "positions": positions, "distinct_reference_tokens": distinct}, sys.stdout)
+    tokens = np.array(ref["tokens"], dtype=np.int64)
+    expected = np.array(ref["argmax"], dtype=np.int64)
+    images = [Image.open(p) for p in ref["images"]]
+    inputs = processor(images=images, text=[ref["prompt"]] * len(images), return_tensors="np", padding="longest")
+    got = model.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], tokens.shape[1], forced=tokens).tokens
+    hits = int((got == expected).sum())
+    json.dump({"teacher_forced": hits / expected.size, "positions": int(expected.size), "distinct_reference_tokens": len(set(expected.flat))}, sys.stdout)
     print()
     return 0
 

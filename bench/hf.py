@@ -3,7 +3,8 @@ one JSON object with the fields of `paligemma bench` (src/bench.rs), measured th
 
 fp32 weights, eager attention (what transformers runs for Gemma 2's softcaps), greedy, lengths
 forced with min_new_tokens. Step times come from a logits processor, which transformers calls once
-per forward pass; the vision encoder is timed by a separate call of the same module.
+per forward pass; the vision encoder is timed by a separate call of the same module. With --forced it also gives the
+reference of `bench.agreement`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--forced", help="JSON {tokens: [[...] per image]}: also report transformers' argmax teacher-forced on them")
     args = parser.parse_args(argv)
 
     import torch
@@ -100,9 +102,30 @@ def main(argv: list[str] | None = None) -> int:
         "batch_decode_tokens_per_s": tokens_per_s(args.batch, batch["steps_ms"]),
         "token_ids": {"single": single["ids"][0], "long": long["ids"][0], "batch": batch["ids"]},
     }
+    if args.forced:
+        report["forced_argmax"] = forced_argmax(model, processor, args, json.load(open(args.forced))["tokens"])
     json.dump(report, sys.stdout)
     print()
     return 0
+
+
+def forced_argmax(model, processor, args, tokens: list[list[int]]) -> list[list[int]]:
+    """Per image i: the argmax after the prompt and after each of tokens[i] but the last, from one
+    forward pass over the prompt plus the tokens (typed as generated tokens, as in decoding)."""
+    import torch
+    from PIL import Image
+
+    out = []
+    for image, row in zip(args.image, tokens):
+        inputs = processor(images=[Image.open(image)], text=[args.prompt], return_tensors="pt")
+        forced = torch.tensor([row])
+        ids = torch.cat([inputs["input_ids"], forced], 1)
+        types = torch.cat([inputs["token_type_ids"], torch.ones_like(forced)], 1)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids), token_type_ids=types).logits
+        start = inputs["input_ids"].shape[1] - 1
+        out.append(logits[0, start : start + len(row)].argmax(-1).tolist())
+    return out
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """What the machine can do: memory bandwidth (STREAM-like), and the decode floor it implies.
 
 Decode is memory-bound: each token reads every decoder weight once, so no runtime decodes faster
-than (bytes of the decoder's weights) / (read bandwidth). The read figure is a multi-threaded sum (as fast here as a dot product or a max)
-over a buffer far larger than the caches; copy (read + write) is printed beside it.
+than (bytes of the decoder's weights) / (read bandwidth). The read figure is a multi-threaded sum
+over a buffer far larger than the caches (as fast here as a dot product, a max, or ONNX Runtime
+streaming a 1 GiB weight through a one-row MatMul); copy (read + write) is printed beside it. On a
+shared host it moves by 10-20% from minute to minute, so a floor is an estimate, not a bound.
 """
 
 from __future__ import annotations

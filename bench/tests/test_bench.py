@@ -58,10 +58,26 @@ def test_quantized_dtypes_report_teacher_forced_agreement(results):
     summary, _, _ = results
     for r in summary["results"][2:]:
         forced = r["teacher_forced"]
-        assert forced["positions"] == LONG + BATCH * TOKENS
+        assert forced["positions"] == 2 * LONG
         assert forced["distinct_reference_tokens"] > 1
         # A quantized decoder is close to fp32, not a random guess (1 / vocabulary).
         assert 0.3 < forced["teacher_forced"] <= 1.0, r["dtype"]
+
+
+def test_agreement_of_the_fp32_graphs_is_exact(results):
+    """The control: the measurement itself gives 100% on graphs equal to transformers."""
+    summary, _, _ = results
+    out = Path(summary["settings"]["work"]) / "tiny-L2-V2-results"
+    model = Path(summary["settings"]["work"]) / "tiny-L2-V2"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.agreement", "--model", str(model / "onnx"), "--source", str(model / "source"),
+         "--dtype", "fp32", "--threads", "1", "--reference", str(out / "reference.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    control = json.loads(proc.stdout)
+    assert control == {"teacher_forced": 1.0, "positions": 2 * LONG, "distinct_reference_tokens": control["distinct_reference_tokens"]}
+    assert control["distinct_reference_tokens"] > LONG // 4
 
 
 def test_greedy_agreement_counts_rows_and_prefixes():
