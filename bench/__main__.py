@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     if not args.no_transformers:
         print("transformers fp32 ...", file=sys.stderr)
-        hf, memory = measured([python, "-m", "bench.hf", "--source", str(source), *common, "--forced", str(forced_file)], log)
+        hf, memory = measured([python, "-m", "bench.hf", "--source", str(source), *common], log)
         results.append(annotate(hf, "transformers", "fp32", memory))
     for dtype in dtypes:
         print(f"paligemma {dtype} ...", file=sys.stderr)
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_transformers:
         reference = results[0]
         ref_file = out / "reference.json"
-        ref_file.write_text(json.dumps({**forced, "argmax": reference.pop("forced_argmax")}))
+        argmax, _ = measured([python, "-m", "bench.hf", "--source", str(source), *common, "--forced", str(forced_file)], log)
+        ref_file.write_text(json.dumps({**forced, "argmax": argmax["forced_argmax"]}))
         for r in results[1:]:
             r["greedy"] = report.greedy_agreement(r["token_ids"], reference["token_ids"])
             if r["dtype"] != "fp32":

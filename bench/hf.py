@@ -3,7 +3,7 @@ one JSON object with the fields of `paligemma bench` (src/bench.rs), measured th
 
 fp32 weights, eager attention (what transformers runs for Gemma 2's softcaps), greedy, lengths
 forced with min_new_tokens. Step times come from a logits processor, which transformers calls once
-per forward pass; the vision encoder is timed by a separate call of the same module. With --forced it also gives the
+per forward pass; the vision encoder is timed by a separate call of the same module. With --forced it gives, instead, the
 reference of `bench.agreement`.
 """
 
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--forced", help="JSON {tokens: [[...] per image]}: also report transformers' argmax teacher-forced on them")
+    parser.add_argument("--forced", help="JSON {tokens: [[...] per image]}: only report transformers' argmax teacher-forced on them "
+                        "(its own run: its full-vocabulary logits must not count in the timed run's memory)")
     args = parser.parse_args(argv)
 
     import torch
@@ -69,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             "pixel_values": inputs["pixel_values"],
         }
 
+    if args.forced:
+        json.dump({"forced_argmax": forced_argmax(model, processor, args, json.load(open(args.forced))["tokens"])}, sys.stdout)
+        print()
+        return 0
+
     run(args.image[:1], 2)  # warm-up, as the Rust side
     single = run(args.image[:1], args.tokens)
     with torch.inference_mode():
@@ -102,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         "batch_decode_tokens_per_s": tokens_per_s(args.batch, batch["steps_ms"]),
         "token_ids": {"single": single["ids"][0], "long": long["ids"][0], "batch": batch["ids"]},
     }
-    if args.forced:
-        report["forced_argmax"] = forced_argmax(model, processor, args, json.load(open(args.forced))["tokens"])
     json.dump(report, sys.stdout)
     print()
     return 0
