@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::generate::Timings;
+use crate::generate::{mean_ms, ms, Timings};
 use crate::pipeline::{ImageInput, Pipeline, PipelineOptions, Request, Response};
 
 pub struct BenchOptions {
@@ -59,14 +59,6 @@ pub struct TokenIds {
     pub single: Vec<i64>,
     pub long: Vec<i64>,
     pub batch: Vec<Vec<i64>>,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn mean_ms(steps: &[Duration]) -> f64 {
-    steps.iter().map(|&d| ms(d)).sum::<f64>() / steps.len().max(1) as f64
 }
 
 fn request(image: &PathBuf, prompt: &str, tokens: usize) -> Request {

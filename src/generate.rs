@@ -101,19 +101,9 @@ pub fn splice_image_features(
     Ok(())
 }
 
-/// Index of the first maximum, as torch.argmax and numpy.argmax pick on ties.
-fn argmax(row: ndarray::ArrayView1<f32>) -> i64 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as i64
-}
-
-/// [`argmax`] with the `excluded` ids left out, as if their logits were -inf.
-fn argmax_except(row: ndarray::ArrayView1<f32>, excluded: &[i64]) -> i64 {
+/// Index of the first maximum, as torch.argmax and numpy.argmax pick on ties, with the `excluded`
+/// ids left out as if their logits were -inf (transformers' min_new_tokens masks `<eos>` so).
+fn argmax(row: ndarray::ArrayView1<f32>, excluded: &[i64]) -> i64 {
     let mut best: Option<usize> = None;
     for (i, &v) in row.iter().enumerate() {
         if !excluded.contains(&(i as i64)) && best.is_none_or(|b| v > row[b]) {
@@ -121,6 +111,16 @@ fn argmax_except(row: ndarray::ArrayView1<f32>, excluded: &[i64]) -> i64 {
         }
     }
     best.unwrap_or(0) as i64
+}
+
+/// Milliseconds, as timings are reported.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Mean of `steps` in milliseconds (0 for none).
+pub fn mean_ms(steps: &[Duration]) -> f64 {
+    steps.iter().map(|&d| ms(d)).sum::<f64>() / steps.len().max(1) as f64
 }
 
 /// Runs `batch` to completion. `on_token(row, id)` sees each new id of an unfinished row as soon
@@ -169,11 +169,8 @@ pub fn generate(
             if generated.stopped_by_eos {
                 continue;
             }
-            let token = if step < batch[row].min_new_tokens {
-                argmax_except(logits.row(row), &eos_ids)
-            } else {
-                argmax(logits.row(row))
-            };
+            let excluded: &[i64] = if step < batch[row].min_new_tokens { &eos_ids } else { &[] };
+            let token = argmax(logits.row(row), excluded);
             next[[row, 0]] = token;
             if eos_ids.contains(&token) {
                 generated.stopped_by_eos = true;
@@ -227,15 +224,15 @@ mod tests {
     #[test]
     fn argmax_takes_the_first_of_equal_maxima() {
         let v = ndarray::arr1(&[0.5f32, 2.0, 2.0, -1.0]);
-        assert_eq!(argmax(v.view()), 1);
+        assert_eq!(argmax(v.view(), &[]), 1);
     }
 
     #[test]
     fn excluded_ids_are_never_the_argmax() {
         let v = ndarray::arr1(&[0.5f32, 2.0, 1.0, 2.0]);
-        assert_eq!(argmax_except(v.view(), &[1]), 3);
-        assert_eq!(argmax_except(v.view(), &[1, 3]), 2);
-        assert_eq!(argmax_except(v.view(), &[]), 1);
+        assert_eq!(argmax(v.view(), &[1]), 3);
+        assert_eq!(argmax(v.view(), &[1, 3]), 2);
+        assert_eq!(argmax(v.view(), &[]), 1);
     }
 
     #[test]

@@ -10,14 +10,13 @@
 //!    and masks through seg_decoder.onnx (`detect`, `segment`).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use image::RgbImage;
 use serde::Serialize;
 
 use crate::config::{ConfigError, Manifest};
 use crate::detect::{parse_detections, parse_segmentation, Detection};
-use crate::generate::{generate, Generated, Prepared, Timings};
+use crate::generate::{generate, mean_ms, ms, Generated, Prepared, Timings};
 use crate::hub::{resolve_model, HubError, HubOptions};
 use crate::onnxruntime::{init, ExecutionProvider, OrtInfo, OrtLibError};
 use crate::preprocess::{decode_image, load_image, pixel_values, ImageLimits, ImageProcessorConfig, LoadedImage, PreprocessError};
@@ -132,14 +131,11 @@ pub struct Response {
 
 /// Timings in `--json`: milliseconds, the steps as their mean.
 fn timing_summary<S: serde::Serializer>(t: &Timings, serializer: S) -> Result<S::Ok, S::Error> {
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let steps = t.steps.len();
-    let mean = if steps == 0 { 0.0 } else { t.steps.iter().map(|&d| ms(d)).sum::<f64>() / steps as f64 };
     serde_json::json!({
         "vision_ms": ms(t.vision),
         "prefill_ms": ms(t.prefill),
-        "decode_steps": steps,
-        "decode_ms_per_token": mean,
+        "decode_steps": t.steps.len(),
+        "decode_ms_per_token": mean_ms(&t.steps),
     })
     .serialize(serializer)
 }

@@ -59,6 +59,15 @@ impl Drop for Scratch {
     }
 }
 
+/// Runs the reference script's `mode` into a fresh scratch directory; the files it wrote and the
+/// cases of its `MODE.json`.
+fn reference_cases<T: serde::de::DeserializeOwned>(mode: &str) -> (Scratch, T) {
+    let scratch = Scratch::new(mode);
+    run_reference_script(&[mode.as_ref(), scratch.0.as_os_str()]);
+    let text = std::fs::read_to_string(scratch.0.join(format!("{mode}.json"))).unwrap();
+    (scratch, serde_json::from_str(&text).unwrap())
+}
+
 fn run_reference_script(args: &[&std::ffi::OsStr]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/preprocess_reference.py");
     let out = Command::new(python())
@@ -292,10 +301,7 @@ fn bicubic_resize_matches_pillow_13_at_every_size_in_either_pass_order() {
     // Every output size up to 3x of 12x12, 8x16, 16x8 and 7x13 (4,419 sizes, 1,054 of them
     // resized vertically first by Pillow 13), plus 480x640 and 640x480 at 224, 448, 896 and odd
     // sizes. Forcing horizontal-first breaks 1,008 of them; `>=` at the switch breaks 20.
-    let scratch = Scratch::new("resize");
-    run_reference_script(&["resize".as_ref(), scratch.0.as_os_str()]);
-    let manifest = std::fs::read_to_string(scratch.0.join("resize.json")).unwrap();
-    let cases: Vec<ResizeCase> = serde_json::from_str(&manifest).unwrap();
+    let (scratch, cases): (Scratch, Vec<ResizeCase>) = reference_cases("resize");
     let mut mismatches = Vec::new();
     let mut sizes = 0;
     for case in &cases {
@@ -391,10 +397,7 @@ fn damaged_jpeg_fails_where_pillow_fails_and_loads_identically_where_it_loads() 
     // Baseline and progressive JPEGs cut before EOI, 10 bytes short, at half, inside the header;
     // with bytes after EOI; with corrupt entropy data. Where PIL raises, ours is an error (never
     // a panic or libjpeg's exit()); where PIL loads, the pixels are the same.
-    let scratch = Scratch::new("damaged");
-    run_reference_script(&["damaged".as_ref(), scratch.0.as_os_str()]);
-    let report = std::fs::read_to_string(scratch.0.join("damaged.json")).unwrap();
-    let cases: HashMap<String, DamagedCase> = serde_json::from_str(&report).unwrap();
+    let (scratch, cases): (Scratch, HashMap<String, DamagedCase>) = reference_cases("damaged");
     assert!(
         cases.len() >= 12,
         "expected the damaged variants: {:?}",
