@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::{concatenate, s, Array2, Array3, ArrayView3, Axis};
 
-use crate::session::{KvCache, ModelError, ModelSessions};
+use crate::session::{ModelError, ModelSessions};
 
 /// One prepared request: pixel values f32[3,S,S] and prompt ids (see `prompt`).
 pub struct Prepared {
@@ -133,7 +133,7 @@ pub fn generate(
 ) -> Result<Generation, ModelError> {
     let m = sessions.manifest();
     let (pad_id, image_token_id, eos_ids) = (m.pad_token_id, m.image_token_id, m.eos_token_id.clone());
-    let mut cache = KvCache::new(m, batch.len())?;
+    let mut cache = sessions.new_cache(batch.len())?;
     let rows = batch.len();
     let prompts: Vec<&[i64]> = batch.iter().map(|r| r.input_ids.as_slice()).collect();
     let padded = pad_left(&prompts, pad_id);

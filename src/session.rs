@@ -8,7 +8,8 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use ndarray::{s, Array2, Array3, Array4, ArrayView2, ArrayView3, Ix3};
+use half::f16;
+use ndarray::{s, Array, Array2, Array3, Array4, ArrayView2, ArrayView3, Dimension, Ix3};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
@@ -29,7 +30,7 @@ pub enum ModelError {
         expected: String,
         found: String,
     },
-    #[error("{graph} ({path}) has {found} {what}; this runtime runs float32 graphs (convert with --dtype fp32)")]
+    #[error("{graph} ({path}) has {found} {what}; this runtime runs float32 and float16 graphs (convert with --dtype fp32 or fp16)")]
     ElementType {
         graph: &'static str,
         path: PathBuf,
@@ -105,7 +106,7 @@ impl Graph {
             return Err(self.mismatch(format!("{kind} {name}"), "a tensor", outlet.dtype()));
         };
         if *found_ty != ty {
-            if matches!(found_ty, TensorElementType::Float16 | TensorElementType::Bfloat16) {
+            if matches!(found_ty, TensorElementType::Float16 | TensorElementType::Bfloat16) && ty == TensorElementType::Float32 {
                 return Err(ModelError::ElementType {
                     graph: self.name,
                     path: self.path.clone(),
@@ -155,27 +156,38 @@ impl DecoderInputs {
     }
 }
 
-/// The KV cache: one key and one value tensor per layer, `f32[B,KVH,P,D]`, held as the values
-/// ONNX Runtime returned, so a step feeds the previous step's `present.*` without a copy.
+/// The KV cache: one key and one value tensor per layer, `[B,KVH,P,D]` in the graphs' float type,
+/// held as the values ONNX Runtime returned, so a step feeds the previous step's `present.*`
+/// without a copy.
 pub struct KvCache {
     keys: Vec<DynValue>,
     values: Vec<DynValue>,
 }
 
-impl KvCache {
-    /// An empty cache (`P = 0`) for `batch` rows.
-    pub fn new(m: &Manifest, batch: usize) -> Result<KvCache, ModelError> {
-        let empty = || -> Result<DynValue, ModelError> {
-            let shape = [batch, m.num_key_value_heads, 0, m.head_dim];
-            Ok(Tensor::<f32>::from_array((shape, Vec::<f32>::new()))
-                .map_err(run_error("decoder"))?
-                .into_dyn())
+/// The element type of the float tensors at the boundary of the vision, embedding and decoder
+/// graphs: float32 (fp32 and the quantized dtypes) or float16 (`--dtype fp16` conversions, for GPU
+/// hosts). The pipeline works in f32 either way; f16 values are converted where they cross, which
+/// is exact from f16 to f32 and rounds to nearest-even the other way, as numpy's `astype` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Float {
+    F32,
+    F16,
+}
+
+impl Float {
+    fn element_type(self) -> TensorElementType {
+        match self {
+            Float::F32 => TensorElementType::Float32,
+            Float::F16 => TensorElementType::Float16,
+        }
+    }
+
+    fn tensor<D: Dimension + 'static>(self, array: Array<f32, D>, graph: &'static str) -> Result<DynValue, ModelError> {
+        let value = match self {
+            Float::F32 => Tensor::from_array(array).map_err(run_error(graph))?.into_dyn(),
+            Float::F16 => Tensor::from_array(array.mapv(f16::from_f32)).map_err(run_error(graph))?.into_dyn(),
         };
-        let layers = m.num_hidden_layers;
-        Ok(KvCache {
-            keys: (0..layers).map(|_| empty()).collect::<Result<_, _>>()?,
-            values: (0..layers).map(|_| empty()).collect::<Result<_, _>>()?,
-        })
+        Ok(value)
     }
 }
 
@@ -186,6 +198,7 @@ pub struct ModelSessions {
     embed: Graph,
     decoder: Graph,
     seg: Option<Graph>,
+    float: Float,
     decoder_inputs: DecoderInputs,
     past_names: Vec<(String, String)>,
     present_names: Vec<(String, String)>,
@@ -230,11 +243,17 @@ impl ModelSessions {
             token_type_ids: decoder.has_input("token_type_ids"),
             position_ids: decoder.has_input("position_ids"),
         };
+        // The vision input decides; check_graphs then holds every other float tensor to it.
+        let float = match vision.session.inputs().iter().find(|i| i.name() == "pixel_values").map(|i| i.dtype()) {
+            Some(ValueType::Tensor { ty: TensorElementType::Float16, .. }) => Float::F16,
+            _ => Float::F32,
+        };
         let sessions = ModelSessions {
             vision,
             embed,
             decoder,
             seg,
+            float,
             decoder_inputs,
             past_names,
             present_names,
@@ -250,14 +269,15 @@ impl ModelSessions {
     fn check_graphs(&self) -> Result<(), ModelError> {
         use TensorElementType::{Float32, Int64};
         let m = &self.manifest;
+        let float = self.float.element_type();
         let (s, n, h) = (m.image_size, m.num_image_tokens, m.hidden_size);
         let (kvh, d) = (m.num_key_value_heads, m.head_dim);
-        self.vision.check(false, "pixel_values", Float32, &[None, Some(3), Some(s), Some(s)])?;
-        self.vision.check(true, "image_features", Float32, &[None, Some(n), Some(h)])?;
+        self.vision.check(false, "pixel_values", float, &[None, Some(3), Some(s), Some(s)])?;
+        self.vision.check(true, "image_features", float, &[None, Some(n), Some(h)])?;
         self.embed.check(false, "input_ids", Int64, &[None, None])?;
-        self.embed.check(true, "inputs_embeds", Float32, &[None, None, Some(h)])?;
-        self.decoder.check(false, "inputs_embeds", Float32, &[None, None, Some(h)])?;
-        self.decoder.check(true, "logits", Float32, &[None, None, Some(m.vocab_size)])?;
+        self.embed.check(true, "inputs_embeds", float, &[None, None, Some(h)])?;
+        self.decoder.check(false, "inputs_embeds", float, &[None, None, Some(h)])?;
+        self.decoder.check(true, "logits", float, &[None, None, Some(m.vocab_size)])?;
         for name in ["attention_mask", "token_type_ids", "position_ids"] {
             if self.decoder.has_input(name) {
                 self.decoder.check(false, name, Int64, &[None, None])?;
@@ -265,10 +285,10 @@ impl ModelSessions {
         }
         let kv = [None, Some(kvh), None, Some(d)];
         for ((pk, pv), (ok, ov)) in self.past_names.iter().zip(&self.present_names) {
-            self.decoder.check(false, pk, Float32, &kv)?;
-            self.decoder.check(false, pv, Float32, &kv)?;
-            self.decoder.check(true, ok, Float32, &kv)?;
-            self.decoder.check(true, ov, Float32, &kv)?;
+            self.decoder.check(false, pk, float, &kv)?;
+            self.decoder.check(false, pv, float, &kv)?;
+            self.decoder.check(true, ok, float, &kv)?;
+            self.decoder.check(true, ov, float, &kv)?;
         }
         let layers_in_graph = self
             .decoder
@@ -299,18 +319,32 @@ impl ModelSessions {
         self.seg.is_some()
     }
 
+    /// An empty cache (`P = 0`) for `batch` rows.
+    pub fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError> {
+        let m = &self.manifest;
+        let empty = || -> Result<DynValue, ModelError> {
+            let shape = (batch, m.num_key_value_heads, 0, m.head_dim);
+            self.float.tensor(Array4::<f32>::zeros(shape), "decoder")
+        };
+        let layers = m.num_hidden_layers;
+        Ok(KvCache {
+            keys: (0..layers).map(|_| empty()).collect::<Result<_, _>>()?,
+            values: (0..layers).map(|_| empty()).collect::<Result<_, _>>()?,
+        })
+    }
+
     /// pixel_values f32[B,3,S,S] -> image features f32[B,N,H] (already divided by sqrt(H)).
     pub fn encode_image(&mut self, pixel_values: Array4<f32>) -> Result<Array3<f32>, ModelError> {
-        let input = Tensor::from_array(pixel_values).map_err(run_error("vision_encoder"))?;
+        let input = self.float.tensor(pixel_values, "vision_encoder")?;
         let outputs = self.vision.run(vec![("pixel_values".into(), input.into())])?;
-        extract3(&outputs["image_features"], "vision_encoder")
+        extract3(&outputs["image_features"], self.float, "vision_encoder")
     }
 
     /// input_ids i64[B,T] -> raw embedding rows f32[B,T,H].
     pub fn embed_tokens(&mut self, input_ids: ArrayView2<i64>) -> Result<Array3<f32>, ModelError> {
         let input = Tensor::from_array(input_ids.to_owned()).map_err(run_error("embed_tokens"))?;
         let outputs = self.embed.run(vec![("input_ids".into(), input.into())])?;
-        extract3(&outputs["inputs_embeds"], "embed_tokens")
+        extract3(&outputs["inputs_embeds"], self.float, "embed_tokens")
     }
 
     /// One decoder run: `T` new positions on top of `cache` (`P` positions), which it extends.
@@ -326,7 +360,7 @@ impl ModelSessions {
     ) -> Result<Array2<f32>, ModelError> {
         let err = run_error("decoder");
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
-        inputs.push(("inputs_embeds".into(), Tensor::from_array(inputs_embeds.to_owned()).map_err(&err)?.into()));
+        inputs.push(("inputs_embeds".into(), self.float.tensor(inputs_embeds.to_owned(), "decoder")?.into()));
         let optional = [
             ("attention_mask", self.decoder_inputs.attention_mask, attention_mask),
             ("token_type_ids", self.decoder_inputs.token_type_ids, token_type_ids),
@@ -342,14 +376,9 @@ impl ModelSessions {
             inputs.push((kn.as_str().into(), k.into()));
             inputs.push((vn.as_str().into(), v.into()));
         }
+        let float = self.float;
         let mut outputs = self.decoder.run(inputs)?;
-        let logits = outputs["logits"].try_extract_array::<f32>().map_err(&err)?;
-        let logits = logits.into_dimensionality::<Ix3>().map_err(|e| ModelError::Run {
-            graph: "decoder",
-            message: format!("logits: {e}"),
-        })?;
-        let last = logits.shape()[1] - 1;
-        let step_logits = logits.slice(s![.., last, ..]).to_owned();
+        let step_logits = last_position(&outputs["logits"], float)?;
         for (key, value) in &self.present_names {
             let missing = |name: &str| ModelError::Run {
                 graph: "decoder",
@@ -366,16 +395,37 @@ impl ModelSessions {
         let seg = self.seg.as_mut().ok_or(ModelError::NoSegDecoder)?;
         let input = Tensor::from_array(codes).map_err(run_error("seg_decoder"))?;
         let outputs = seg.run(vec![("codes".into(), input.into())])?;
-        extract3(&outputs["masks"], "seg_decoder")
+        extract3(&outputs["masks"], Float::F32, "seg_decoder")
     }
 }
 
-fn extract3(value: &DynValue, graph: &'static str) -> Result<Array3<f32>, ModelError> {
-    let view = value.try_extract_array::<f32>().map_err(run_error(graph))?;
-    view.into_dimensionality::<Ix3>()
-        .map(|v| v.to_owned())
-        .map_err(|e| ModelError::Run {
-            graph,
-            message: e.to_string(),
-        })
+fn as3<'a, T>(view: ndarray::ArrayViewD<'a, T>, graph: &'static str) -> Result<ArrayView3<'a, T>, ModelError> {
+    view.into_dimensionality::<Ix3>().map_err(|e| ModelError::Run {
+        graph,
+        message: e.to_string(),
+    })
+}
+
+/// A `[B,T,X]` output as f32.
+fn extract3(value: &DynValue, float: Float, graph: &'static str) -> Result<Array3<f32>, ModelError> {
+    let err = run_error(graph);
+    Ok(match float {
+        Float::F32 => as3(value.try_extract_array::<f32>().map_err(err)?, graph)?.to_owned(),
+        Float::F16 => as3(value.try_extract_array::<f16>().map_err(err)?, graph)?.mapv(f32::from),
+    })
+}
+
+/// The last position of logits `[B,T,V]`: f32[B,V]. Only that row is copied (and converted).
+fn last_position(value: &DynValue, float: Float) -> Result<Array2<f32>, ModelError> {
+    let err = run_error("decoder");
+    Ok(match float {
+        Float::F32 => {
+            let logits = as3(value.try_extract_array::<f32>().map_err(err)?, "decoder")?;
+            logits.slice(s![.., logits.shape()[1] - 1, ..]).to_owned()
+        }
+        Float::F16 => {
+            let logits = as3(value.try_extract_array::<f16>().map_err(err)?, "decoder")?;
+            logits.slice(s![.., logits.shape()[1] - 1, ..]).mapv(f32::from)
+        }
+    })
 }

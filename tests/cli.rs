@@ -40,10 +40,13 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// A copy of the tiny model that a test may damage.
 fn model_copy(tag: &str) -> PathBuf {
+    copy_of(&model(), tag)
+}
+
+fn copy_of(src: &Path, tag: &str) -> PathBuf {
     let dir = scratch(tag);
-    let src = model();
-    for entry in walk(&src) {
-        let rel = entry.strip_prefix(&src).unwrap();
+    for entry in walk(src) {
+        let rel = entry.strip_prefix(src).unwrap();
         let dst = dir.join(rel);
         std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
         std::fs::copy(&entry, &dst).unwrap();
@@ -350,4 +353,19 @@ fn dtype_int8_keeps_the_fp32_caption_of_chelsea() {
     assert!(int8.status.success(), "{}", String::from_utf8_lossy(&int8.stderr));
     let (fp32, int8): (serde_json::Value, serde_json::Value) = (serde_json::from_slice(&fp32.stdout).unwrap(), serde_json::from_slice(&int8.stdout).unwrap());
     assert_eq!(int8["token_ids"], fp32["token_ids"]);
+}
+
+#[test]
+fn dtype_fp16_runs_the_fp16_graphs_and_refuses_an_fp32_decoder_among_them() {
+    // `python -m export fixtures` converts gqa1 with --dtype fp16 too; tests/parity.rs checks its tokens.
+    let fp16 = tiny_model("gqa1/onnx-fp16");
+    let out = run_image(&fp16, &image("chelsea.png"), "caption en", &["--dtype", "fp16", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A decoder from the fp32 conversion: float32 tensors where the fp16 vision graph has float16.
+    let dir = copy_of(&fp16, "fp16-mixed");
+    std::fs::copy(model().join("onnx/decoder_model_merged.onnx"), dir.join("onnx/decoder_model_merged_fp16.onnx")).unwrap();
+    assert_error(
+        &run_image(&dir, &image("chelsea.png"), "caption en", &["--dtype", "fp16"]),
+        &["decoder_model_merged_fp16.onnx", "element type of input inputs_embeds", "different conversions"],
+    );
 }
