@@ -16,10 +16,16 @@ use crate::bench::BenchOptions;
 use crate::onnxruntime::parse_ep_list;
 use crate::pipeline::{ImageInput, Pipeline, PipelineOptions, Request, Response};
 use crate::preprocess::ImageLimits;
+use crate::serve::api::Limits;
+use crate::serve::ServeOptions;
 
 /// Run PaliGemma 2 (ONNX) on images: captions, OCR, answers, detection boxes, segmentation masks.
 #[derive(Debug, Parser)]
-#[command(name = "paligemma", version, after_help = "Benchmark: paligemma bench --help")]
+#[command(
+    name = "paligemma",
+    version,
+    after_help = "HTTP service: paligemma serve --help\nBenchmark: paligemma bench --help"
+)]
 pub struct Args {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
@@ -107,20 +113,83 @@ pub struct BenchArgs {
     pub batch: usize,
 }
 
+/// Serve the model over HTTP: `POST /v1/generate`, `POST /v1/chat/completions` (OpenAI shape),
+/// `GET /health`, `GET /metrics` (Prometheus) and a test page at `/`. Concurrent requests run as
+/// one batch; SIGTERM stops accepting, finishes the queue and exits 0.
+#[derive(Debug, Parser)]
+#[command(name = "paligemma serve", bin_name = "paligemma serve")]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Address to listen on; the default takes no connection from other machines.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the `listening on` line on stderr names it).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Most requests run together as one batch.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_batch: u16,
+    /// Most requests waiting for the model; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queue: u32,
+    /// Largest request body in bytes (a base64 image is 4/3 of the file).
+    #[arg(long, default_value_t = 20 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest image accepted, in pixels (decompression-bomb guard).
+    #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
+    pub max_image_pixels: u64,
+    /// Most new tokens one request may ask for.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens_cap: usize,
+    /// Longest prompt accepted, in characters.
+    #[arg(long, default_value_t = 2000)]
+    pub max_prompt_chars: usize,
+    /// Require `Authorization: Bearer KEY` on every route but /health and /.
+    #[arg(long, env = "PALIGEMMA_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Allow browsers on this origin (or `*`) to call the API: answers CORS preflights.
+    #[arg(long)]
+    pub cors_origin: Option<String>,
+}
+
 /// What the command line asks for.
 pub enum Command {
     Run(Args),
     Bench(BenchArgs),
+    Serve(ServeArgs),
 }
 
-/// Parses the process arguments: `paligemma bench ...` or the plain run.
+/// Parses the process arguments: `paligemma bench ...`, `paligemma serve ...` or the plain run.
 pub fn parse() -> Command {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if argv.get(1).is_some_and(|a| a == "bench") {
-        Command::Bench(BenchArgs::parse_from(&argv[1..]))
-    } else {
-        Command::Run(Args::parse_from(argv))
+    match argv.get(1).and_then(|a| a.to_str()) {
+        Some("bench") => Command::Bench(BenchArgs::parse_from(&argv[1..])),
+        Some("serve") => Command::Serve(ServeArgs::parse_from(&argv[1..])),
+        _ => Command::Run(Args::parse_from(argv)),
     }
+}
+
+pub fn serve(args: ServeArgs) -> Result<i32> {
+    let mut pipeline = args.runtime.pipeline_options()?;
+    pipeline.image_limits = ImageLimits {
+        max_pixels: args.max_image_pixels,
+    };
+    crate::serve::run(ServeOptions {
+        pipeline,
+        host: args.host,
+        port: args.port,
+        max_batch: usize::from(args.max_batch),
+        max_queue: args.max_queue as usize,
+        limits: Limits {
+            max_body_bytes: args.max_body_bytes,
+            max_new_tokens_cap: args.max_new_tokens_cap,
+            max_prompt_chars: args.max_prompt_chars,
+        },
+        api_key: args.api_key.filter(|k| !k.is_empty()),
+        cors_origin: args.cors_origin,
+    })?;
+    Ok(0)
 }
 
 pub fn bench(args: BenchArgs) -> Result<i32> {
@@ -144,11 +213,12 @@ struct BatchLine {
     max_new_tokens: Option<usize>,
 }
 
+/// One request's `--json` object; `paligemma serve` answers the same.
 #[derive(Serialize)]
-struct JsonResult<'a> {
+pub(crate) struct JsonResult<'a> {
     #[serde(flatten)]
-    response: &'a Response,
-    providers: &'a BTreeMap<String, Vec<String>>,
+    pub(crate) response: &'a Response,
+    pub(crate) providers: &'a BTreeMap<String, Vec<String>>,
 }
 
 fn read_batch(path: &Path, default_max: usize, min_new_tokens: usize) -> Result<Vec<Request>> {

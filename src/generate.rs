@@ -6,7 +6,9 @@
 //! 2. positions are `cumsum(mask) - 1` with pads at 0, plus 1 (PaliGemma counts from 1);
 //! 3. one prefill run over all prompt positions (token type 0: the prefix-LM block);
 //! 4. then one run per token (type 1) with the KV cache; a row that emitted `<eos>` is fed `<pad>`
-//!    with its mask still growing, so every row sees exactly what it would see alone.
+//!    with its mask still growing, so every row sees exactly what it would see alone. A row the
+//!    caller stops (a client that went away) is fed `<pad>` the same way: rows never attend to
+//!    each other, so the others' tokens do not change.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,14 @@ pub struct Generated {
     pub token_ids: Vec<i64>,
     /// `true` when `<eos>` ended the row, `false` when max_new_tokens did.
     pub stopped_by_eos: bool,
+    /// `true` when the caller's `on_token` stopped the row.
+    pub stopped: bool,
+}
+
+impl Generated {
+    fn done(&self) -> bool {
+        self.stopped_by_eos || self.stopped
+    }
 }
 
 /// Where the time of one [`generate`] call went. A batch shares one set.
@@ -124,12 +134,13 @@ pub fn mean_ms(steps: &[Duration]) -> f64 {
 }
 
 /// Runs `batch` to completion. `on_token(row, id)` sees each new id of an unfinished row as soon
-/// as it is chosen (for streaming); `<eos>` is not passed on.
+/// as it is chosen (for streaming); `<eos>` is not passed on. It returns whether the row goes on:
+/// `false` stops it as `<eos>` would, marked [`Generated::stopped`].
 pub fn generate(
     sessions: &mut ModelSessions,
     batch: &[Prepared],
     max_new_tokens: usize,
-    mut on_token: impl FnMut(usize, i64),
+    mut on_token: impl FnMut(usize, i64) -> bool,
 ) -> Result<Generation, ModelError> {
     let m = sessions.manifest();
     let (pad_id, image_token_id, eos_ids) = (m.pad_token_id, m.image_token_id, m.eos_token_id.clone());
@@ -159,6 +170,7 @@ pub fn generate(
         Generated {
             token_ids: Vec::new(),
             stopped_by_eos: false,
+            stopped: false,
         };
         rows
     ];
@@ -166,7 +178,7 @@ pub fn generate(
         let logits = sessions.decode(embeds.view(), mask.view(), token_types.view(), positions.view(), &mut cache)?;
         let mut next = Array2::<i64>::from_elem((rows, 1), pad_id);
         for (row, generated) in out.iter_mut().enumerate() {
-            if generated.stopped_by_eos {
+            if generated.done() {
                 continue;
             }
             let excluded: &[i64] = if step < batch[row].min_new_tokens { &eos_ids } else { &[] };
@@ -176,10 +188,10 @@ pub fn generate(
                 generated.stopped_by_eos = true;
             } else {
                 generated.token_ids.push(token);
-                on_token(row, token);
+                generated.stopped = !on_token(row, token);
             }
         }
-        let finished = step + 1 == max_new_tokens || out.iter().all(|g| g.stopped_by_eos);
+        let finished = step + 1 == max_new_tokens || out.iter().all(Generated::done);
         if step == 0 {
             timings.prefill = step_started.elapsed();
         } else {

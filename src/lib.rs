@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod prompt;
 pub mod segment;
+pub mod serve;
 pub mod session;
 
 /// An error and its causes on one line: hf-hub keeps the HTTP status and libloading the

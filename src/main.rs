@@ -6,6 +6,7 @@ fn main() {
     let outcome = match cli::parse() {
         Command::Run(args) => cli::run(args),
         Command::Bench(args) => cli::bench(args),
+        Command::Serve(args) => cli::serve(args),
     };
     let code = match outcome {
         Ok(code) => code,

@@ -54,6 +54,8 @@ pub enum RequestError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Segment(#[from] SegmentError),
+    #[error("the request was stopped by its caller before it finished")]
+    Stopped,
 }
 
 pub struct PipelineOptions {
@@ -122,6 +124,9 @@ pub struct Response {
     pub finished: bool,
     /// Original image size `[width, height]`: the pixel space of boxes and masks.
     pub image_size: [u32; 2],
+    /// Prompt length in tokens, image tokens included (what an OpenAI `usage` counts).
+    #[serde(skip)]
+    pub prompt_tokens: usize,
     /// Where the time went, for the batch this request ran in.
     #[serde(serialize_with = "timing_summary")]
     pub timings: Timings,
@@ -237,6 +242,20 @@ impl Pipeline {
         requests: &[Request],
         mut on_token: impl FnMut(usize, &str),
     ) -> Vec<Result<Response, RequestError>> {
+        self.run_until(requests, |index, text| {
+            on_token(index, text);
+            true
+        })
+    }
+
+    /// [`run`](Self::run) where `on_token` returning `false` stops request `index` (a client that
+    /// went away): its row generates no more and its result is [`RequestError::Stopped`]; the
+    /// other requests get the same tokens as without it.
+    pub fn run_until(
+        &mut self,
+        requests: &[Request],
+        mut on_token: impl FnMut(usize, &str) -> bool,
+    ) -> Vec<Result<Response, RequestError>> {
         let mut results: Vec<Option<Result<Response, RequestError>>> = Vec::new();
         // The requests that prepared well: their request index and image, and, in the same
         // order, what the decoder takes.
@@ -259,6 +278,7 @@ impl Pipeline {
         };
         for group in groups.into_iter().filter(|g| !g.is_empty()) {
             let rows = &ready[group.clone()];
+            let first = group.start;
             let max_new = rows.iter().map(|(i, _)| requests[*i].max_new_tokens).max().unwrap_or(0);
             let mut so_far: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
             let prompts = &self.prompts;
@@ -266,13 +286,16 @@ impl Pipeline {
                 let index = rows[row].0;
                 if so_far[row].len() < requests[index].max_new_tokens {
                     so_far[row].push(token);
-                    on_token(index, &prompts.decode(&so_far[row]));
+                    return on_token(index, &prompts.decode(&so_far[row]));
                 }
+                true
             });
             match outcome {
                 Ok(generation) => {
-                    for ((index, image), g) in rows.iter().zip(generation.rows) {
-                        results[*index] = Some(self.finish(&requests[*index], image, g, generation.timings.clone()));
+                    for (k, ((index, image), g)) in rows.iter().zip(generation.rows).enumerate() {
+                        let prompt_tokens = prepared[first + k].input_ids.len();
+                        let row = self.finish(&requests[*index], image, g, prompt_tokens, generation.timings.clone());
+                        results[*index] = Some(row);
                     }
                 }
                 Err(e) => {
@@ -295,7 +318,17 @@ impl Pipeline {
 
     /// Text, boxes and masks of one generated row. A row generated alongside longer requests is
     /// cut to its own max_new_tokens: greedy decoding makes the prefix identical.
-    fn finish(&mut self, request: &Request, image: &LoadedImage, mut g: Generated, timings: Timings) -> Result<Response, RequestError> {
+    fn finish(
+        &mut self,
+        request: &Request,
+        image: &LoadedImage,
+        mut g: Generated,
+        prompt_tokens: usize,
+        timings: Timings,
+    ) -> Result<Response, RequestError> {
+        if g.stopped {
+            return Err(RequestError::Stopped);
+        }
         if g.token_ids.len() > request.max_new_tokens {
             g.token_ids.truncate(request.max_new_tokens);
             g.stopped_by_eos = false;
@@ -310,6 +343,7 @@ impl Pipeline {
             malformed_objects: 0,
             finished: g.stopped_by_eos,
             image_size: [width, height],
+            prompt_tokens,
             timings,
             image: image.rgb.clone(),
         };

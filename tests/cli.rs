@@ -5,28 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+
+use common::{image, tiny_model};
 
 fn model() -> PathBuf {
     tiny_model("gqa1/onnx")
-}
-
-fn tiny_model(name: &str) -> PathBuf {
-    let root = std::env::var_os("PALIGEMMA_TEST_MODELS").map_or_else(|| repo().join("target/tiny-models"), PathBuf::from);
-    let dir = root.join(name);
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "{} is missing: run `.venv/bin/python -m export fixtures {}` (bash .ci/run does)",
-        dir.display(),
-        root.display()
-    );
-    dir
-}
-
-fn image(name: &str) -> PathBuf {
-    repo().join("tests/data/images").join(name)
 }
 
 /// A fresh directory under target/tmp: the next run replaces it instead of piling up copies.

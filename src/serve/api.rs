@@ -1,0 +1,419 @@
+//! `POST /v1/generate`: its request bodies (JSON or multipart), the limits checked before a job is
+//! queued, and the error JSON every endpoint answers with, OpenAI's shape:
+//! `{"error": {"message", "type", "code"}}`. The one mapping from errors to HTTP status is
+//! [`ApiError::from`].
+//!
+//! Status codes: 400 for a bad body, prompt, image or token count; 413 for a body over
+//! `--max-body-bytes` and for an image over `--max-image-pixels` (its size is the problem, as for
+//! the body); 415 for a content type other than JSON (or multipart here); 401, 404, 405 as usual;
+//! 503 with `Retry-After: 1` when the queue is full; 500 when the model fails.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Multipart, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::Json;
+use base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT;
+use base64::Engine;
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+
+use crate::cli::JsonResult;
+use crate::error_chain;
+use crate::pipeline::{ImageInput, Request, RequestError};
+use crate::preprocess::PreprocessError;
+use crate::prompt::PromptError;
+use crate::serve::batcher::{Event, JobError, SubmitError};
+use crate::serve::AppState;
+
+/// `max_new_tokens` when a request does not say (lowered to the cap when that is smaller).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
+
+/// Request limits checked in the handler, before anything is queued.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_new_tokens_cap: usize,
+    pub max_prompt_chars: usize,
+}
+
+/// An error answer: status, OpenAI's `type`, a stable `code` to branch on, and a message that
+/// names the problem and the fix.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+    }
+
+    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn body_too_large(limit: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "body_too_large",
+            format!("the request body is over this server's limit of {limit} bytes (--max-body-bytes); send a smaller image"),
+        )
+    }
+
+    pub fn unsupported_media_type(found: Option<&str>, expected: &str) -> ApiError {
+        let found = found.map_or_else(|| "no Content-Type header".to_string(), |t| format!("Content-Type {t:?}"));
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_media_type",
+            format!("the request has {found}; send {expected}"),
+        )
+    }
+
+    /// The error JSON as an SSE `data` payload, for failures after a stream started.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "error": { "message": self.message, "type": self.kind, "code": self.code } })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> HttpResponse {
+        let mut response = (self.status, Json(self.json())).into_response();
+        let headers = response.headers_mut();
+        match self.status {
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> ApiError {
+        let (code, message) = match e {
+            SubmitError::Full => ("queue_full", "the server's queue is full (--max-queue); retry after a second"),
+            SubmitError::Stopped => ("shutting_down", "the model worker has stopped; retry on another server"),
+        };
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", code, message)
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> ApiError {
+        let message = error_chain(&e);
+        match e {
+            JobError::Request(RequestError::Image(PreprocessError::TooManyPixels { width, height, pixels, limit, .. })) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "image_too_large",
+                format!("the image is {width}x{height} = {pixels} pixels, over this server's limit of {limit} (--max-image-pixels); downscale it"),
+            ),
+            JobError::Request(RequestError::Image(_)) => ApiError::invalid("invalid_image", message),
+            JobError::Request(RequestError::Prompt(PromptError::Empty)) => ApiError::invalid("empty_prompt", message),
+            JobError::Request(RequestError::Prompt(PromptError::TooLong { .. })) => ApiError::invalid("prompt_too_long", message),
+            JobError::Request(RequestError::Prompt(PromptError::Encode(_))) => ApiError::invalid("invalid_prompt", message),
+            JobError::WorkerGone => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting_down", message),
+            JobError::Request(_) | JobError::Panicked(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "model_error", message)
+            }
+        }
+    }
+}
+
+/// The `/v1/generate` JSON body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateBody {
+    /// Base64 of the image file, or a `data:image/...;base64,` URL.
+    image: String,
+    prompt: String,
+    max_new_tokens: Option<usize>,
+    /// `<eos>` is not chosen before this many tokens (capped at max_new_tokens), as the CLI's
+    /// `--min-new-tokens`.
+    min_new_tokens: Option<usize>,
+    stream: Option<bool>,
+}
+
+/// A checked request, ready to queue.
+pub struct Checked {
+    pub request: Request,
+    pub stream: bool,
+}
+
+impl Limits {
+    /// Checks what is cheap to check before queueing; the image is decoded by the pipeline.
+    pub fn check(&self, image: Vec<u8>, prompt: String, max_new_tokens: Option<usize>, min_new_tokens: Option<usize>) -> Result<Request, ApiError> {
+        if image.is_empty() {
+            return Err(ApiError::invalid("missing_image", "the image is empty; send the image file's bytes"));
+        }
+        if prompt.trim().is_empty() {
+            return Err(ApiError::invalid("empty_prompt", PromptError::Empty.to_string()));
+        }
+        let chars = prompt.chars().count();
+        if chars > self.max_prompt_chars {
+            return Err(ApiError::invalid(
+                "prompt_too_long",
+                format!("the prompt is {chars} characters, over this server's limit of {} (--max-prompt-chars); shorten it", self.max_prompt_chars),
+            ));
+        }
+        let max_new_tokens = max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS.min(self.max_new_tokens_cap));
+        if max_new_tokens == 0 || max_new_tokens > self.max_new_tokens_cap {
+            return Err(ApiError::invalid(
+                "invalid_max_new_tokens",
+                format!(
+                    "{max_new_tokens} new tokens are asked for; this server takes 1 to {} (--max-new-tokens-cap)",
+                    self.max_new_tokens_cap
+                ),
+            ));
+        }
+        Ok(Request {
+            image: ImageInput::Bytes(image),
+            prompt,
+            max_new_tokens,
+            min_new_tokens: min_new_tokens.unwrap_or(0),
+        })
+    }
+}
+
+/// The image of a JSON body: base64, or a `data:` URL holding base64.
+pub fn decode_base64_image(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
+    let data = match text.strip_prefix("data:") {
+        Some(url) => match url.split_once(',') {
+            Some((meta, data)) if meta.ends_with(";base64") => data,
+            _ => {
+                return Err(ApiError::invalid(
+                    "invalid_image",
+                    format!("{field} is a data: URL without base64 data; send data:image/png;base64,..."),
+                ))
+            }
+        },
+        None => text,
+    };
+    let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    STANDARD_PAD_INDIFFERENT.decode(compact.as_bytes()).map_err(|e| {
+        ApiError::invalid(
+            "invalid_base64",
+            format!("{field} is not valid base64 ({e}); send the file's bytes base64-encoded, or a data:image/...;base64,... URL"),
+        )
+    })
+}
+
+/// The media type of a request, lowercased, without parameters.
+pub fn media_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+/// Reads a body of at most `limit` bytes. A longer one is read on, and dropped, up to twice the
+/// limit before the 413: hyper closes a connection whose body is left unread, and a client
+/// still sending then gets a broken pipe instead of the answer.
+pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let mut chunks = body.into_data_stream();
+    let (mut kept, mut total) = (Vec::new(), 0usize);
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid("unreadable_body", format!("cannot read the request body: {e}")))?;
+        total = total.saturating_add(chunk.len());
+        if total <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if total > limit.saturating_mul(2) {
+            break;
+        }
+    }
+    if total > limit {
+        return Err(ApiError::body_too_large(limit));
+    }
+    Ok(Bytes::from(kept))
+}
+
+/// The body, already read and bounded by [`read_limited`] in the router.
+pub async fn read_body(request: axum::extract::Request) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(request.into_body(), usize::MAX)
+        .await
+        .map_err(|e| ApiError::invalid("unreadable_body", format!("cannot read the request body: {e}")))
+}
+
+/// Parses a JSON body into `T`, every serde error (syntax, unknown or missing field) a 400 that
+/// names it.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid("invalid_json", format!("the body is not a valid request: {e}; expected {expected}")))
+}
+
+const GENERATE_SHAPE: &str =
+    "{\"image\": BASE64, \"prompt\": TEXT, \"max_new_tokens\": N, \"min_new_tokens\": N, \"stream\": BOOL} (image and prompt required)";
+
+async fn parse_generate(request: axum::extract::Request, limits: &Limits) -> Result<Checked, ApiError> {
+    let kind = media_type(request.headers());
+    match kind.as_deref() {
+        Some("application/json") => {
+            let body = read_body(request).await?;
+            let body: GenerateBody = parse_json(&body, GENERATE_SHAPE)?;
+            let image = decode_base64_image("image", &body.image)?;
+            Ok(Checked {
+                request: limits.check(image, body.prompt, body.max_new_tokens, body.min_new_tokens)?,
+                stream: body.stream.unwrap_or(false),
+            })
+        }
+        Some("multipart/form-data") => parse_multipart(request, limits).await,
+        other => Err(ApiError::unsupported_media_type(other, "application/json or multipart/form-data")),
+    }
+}
+
+async fn parse_multipart(request: axum::extract::Request, limits: &Limits) -> Result<Checked, ApiError> {
+    let mut form = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::invalid("invalid_multipart", format!("cannot read the multipart form: {e}")))?;
+    let bad_part = |e: axum::extract::multipart::MultipartError| ApiError::invalid("invalid_multipart", format!("cannot read the multipart form: {e}"));
+    let (mut image, mut prompt, mut max_new, mut min_new, mut stream) = (None, None, None, None, false);
+    while let Some(field) = form.next_field().await.map_err(bad_part)? {
+        let name = field.name().unwrap_or("").to_string();
+        if name == "image" {
+            image = Some(field.bytes().await.map_err(bad_part)?.to_vec());
+            continue;
+        }
+        let text = field.text().await.map_err(bad_part)?;
+        let invalid = |what: &str| ApiError::invalid("invalid_field", format!("form part {name:?} is {text:?}, not {what}"));
+        let number = || text.trim().parse::<usize>().map_err(|_| invalid("a whole number"));
+        match name.as_str() {
+            "prompt" => prompt = Some(text.clone()),
+            "max_new_tokens" => max_new = Some(number()?),
+            "min_new_tokens" => min_new = Some(number()?),
+            "stream" => {
+                stream = match text.trim() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(invalid("true or false")),
+                }
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "unknown_field",
+                    format!("unknown form part {name:?}; the parts are image (file), prompt, max_new_tokens, min_new_tokens, stream"),
+                ))
+            }
+        }
+    }
+    let image = image.ok_or_else(|| ApiError::invalid("missing_image", "the form has no \"image\" part; attach the image file as \"image\""))?;
+    let prompt = prompt.ok_or_else(|| ApiError::invalid("empty_prompt", "the form has no \"prompt\" part; add the task, e.g. \"caption en\""))?;
+    Ok(Checked {
+        request: limits.check(image, prompt, max_new, min_new)?,
+        stream,
+    })
+}
+
+/// `POST /v1/generate`: the CLI's `--json` object, or with `stream` SSE events `token`
+/// (`{"text": DELTA}`), then `done` (the object) or `error`.
+pub async fn generate(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Result<HttpResponse, ApiError> {
+    let checked = parse_generate(request, &state.limits).await?;
+    let ticket = state.queue.submit(checked.request, checked.stream)?;
+    if !checked.stream {
+        let response = ticket.wait().await?;
+        return Ok(Json(JsonResult {
+            response: &response,
+            providers: &state.info.providers,
+        })
+        .into_response());
+    }
+    // The stream owns the ticket: hyper dropping the body of a client that left cancels the job.
+    let events = stream::unfold(Some((ticket, state)), |current| async move {
+        let (mut ticket, state) = current?;
+        let event = match ticket.next().await {
+            Event::Token(delta) => {
+                let event = SseEvent::default().event("token").data(serde_json::json!({ "text": delta }).to_string());
+                return Some((event, Some((ticket, state))));
+            }
+            Event::Done(result) => match *result {
+                Ok(response) => {
+                    let json = JsonResult {
+                        response: &response,
+                        providers: &state.info.providers,
+                    };
+                    SseEvent::default().event("done").data(serde_json::to_string(&json).unwrap_or_default())
+                }
+                Err(e) => SseEvent::default().event("error").data(ApiError::from(e).json().to_string()),
+            },
+        };
+        Some((event, None))
+    });
+    Ok(sse(events))
+}
+
+/// An SSE answer; the keep-alive comments also let a queued stream notice a client that left.
+pub fn sse(events: impl Stream<Item = SseEvent> + Send + 'static) -> HttpResponse {
+    Sse::new(events.map(Ok::<_, std::convert::Infallible>)).keep_alive(KeepAlive::default()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_body_bytes: 1000,
+            max_new_tokens_cap: 10,
+            max_prompt_chars: 5,
+        }
+    }
+
+    #[test]
+    fn data_urls_and_plain_base64_decode_to_the_same_bytes() {
+        let plain = decode_base64_image("image", "aGVs bG8=").unwrap();
+        let url = decode_base64_image("image", "data:image/png;base64,aGVsbG8").unwrap();
+        assert_eq!(plain, b"hello");
+        assert_eq!(url, b"hello");
+        let e = decode_base64_image("image", "data:image/png,hello").unwrap_err();
+        assert_eq!(e.code, "invalid_image");
+        assert_eq!(decode_base64_image("image", "%%%").unwrap_err().code, "invalid_base64");
+    }
+
+    #[test]
+    fn limits_name_the_flag_to_change() {
+        let l = limits();
+        let check = |prompt: &str, max: Option<usize>, image: Vec<u8>| l.check(image, prompt.into(), max, None);
+        let error = |r: Result<Request, ApiError>| r.err().expect("an error");
+        assert!(check("ocr", None, vec![1]).is_ok());
+        let e = error(check("caption en", None, vec![1]));
+        assert!(e.message.contains("--max-prompt-chars"), "{}", e.message);
+        let e = error(check("ocr", Some(11), vec![1]));
+        assert!(e.message.contains("--max-new-tokens-cap"), "{}", e.message);
+        assert_eq!(error(check("ocr", Some(0), vec![1])).code, "invalid_max_new_tokens");
+        assert_eq!(error(check("  ", None, vec![1])).code, "empty_prompt");
+        assert_eq!(error(check("ocr", None, Vec::new())).code, "missing_image");
+        // The default is lowered to a smaller cap rather than refused.
+        assert_eq!(check("ocr", None, vec![1]).map(|r| r.max_new_tokens).ok(), Some(10));
+    }
+
+    #[test]
+    fn request_errors_map_to_status_codes() {
+        let status = |e: RequestError| ApiError::from(JobError::Request(e)).status;
+        assert_eq!(status(PromptError::Empty.into()), StatusCode::BAD_REQUEST);
+        let big = PreprocessError::TooManyPixels {
+            image: "x".into(),
+            width: 10,
+            height: 10,
+            pixels: 100,
+            limit: 50,
+        };
+        assert_eq!(status(big.into()), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(status(PreprocessError::Empty { image: "x".into() }.into()), StatusCode::BAD_REQUEST);
+        assert_eq!(status(RequestError::Stopped), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(ApiError::from(JobError::Panicked("boom".into())).status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}

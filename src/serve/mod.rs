@@ -1,0 +1,317 @@
+//! `paligemma serve`: the model behind HTTP.
+//!
+//! Routes: `POST /v1/generate` ([`api`]), `POST /v1/chat/completions` ([`openai`]), `GET /health`
+//! (no auth, for load balancers), `GET /metrics` ([`metrics`], Prometheus text) and `GET /` (a test
+//! page). Requests are batched by one worker thread that owns the model ([`batcher`]).
+//!
+//! Why axum on tokio: hyper underneath is the most used Rust HTTP implementation; axum adds
+//! routing, extractors, SSE and graceful shutdown without hand-written HTTP parsing; tokio gives
+//! disconnect detection (a client that leaves drops its handler future, which cancels its job)
+//! and signals. CORS and bearer auth are a few lines each, written here rather than pulling in
+//! tower-http.
+//!
+//! Shutdown (SIGTERM or Ctrl-C): stop accepting, let open requests finish, then the worker drains
+//! the queue and the process exits 0.
+
+pub mod api;
+pub mod batcher;
+pub mod metrics;
+pub mod openai;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response as HttpResponse};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::pipeline::{Pipeline, PipelineOptions, Request};
+use crate::serve::api::{ApiError, Limits};
+use crate::serve::batcher::Queue;
+use crate::serve::metrics::Metrics;
+
+pub struct ServeOptions {
+    pub pipeline: PipelineOptions,
+    pub host: String,
+    pub port: u16,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub limits: Limits,
+    /// Bearer token required on every route but `/health` and `/`.
+    pub api_key: Option<String>,
+    /// `Access-Control-Allow-Origin` to answer with; no CORS headers without it.
+    pub cors_origin: Option<String>,
+}
+
+/// What `/health` reports.
+pub struct ModelInfo {
+    /// `--model` as given.
+    pub model: String,
+    pub dtype: String,
+    /// Per graph, the execution providers ONNX Runtime assigned its nodes to.
+    pub providers: BTreeMap<String, Vec<String>>,
+}
+
+/// Shared by every handler.
+pub struct AppState {
+    pub queue: Queue,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub info: ModelInfo,
+    api_key: Option<String>,
+    cors_origin: Option<HeaderValue>,
+}
+
+/// Loads the model, listens, serves until SIGTERM/SIGINT, then finishes the queued jobs.
+pub fn run(options: ServeOptions) -> Result<()> {
+    let cors_origin = options
+        .cors_origin
+        .as_deref()
+        .map(HeaderValue::from_str)
+        .transpose()
+        .context("--cors-origin is not a valid header value")?;
+    let info = ModelInfo {
+        model: options.pipeline.model.clone(),
+        dtype: options.pipeline.dtype.clone(),
+        providers: BTreeMap::new(),
+    };
+    let mut pipeline = Pipeline::load(options.pipeline)?;
+    for warning in pipeline.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    if !pipeline.supports_batching() {
+        eprintln!("note: this decoder has no attention_mask/token_type_ids inputs (a community export): the requests of a batch run one at a time");
+    }
+    let info = ModelInfo {
+        providers: pipeline.providers().iter().cloned().collect(),
+        ..info
+    };
+    let metrics = Arc::new(Metrics::new(options.max_batch));
+    let runner = move |requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool| pipeline.run_until(requests, on_token);
+    let (queue, worker) = batcher::start(runner, options.max_batch, options.max_queue, Arc::clone(&metrics)).context("cannot start the model worker thread")?;
+    let state = Arc::new(AppState {
+        queue,
+        metrics,
+        limits: options.limits,
+        info,
+        api_key: options.api_key,
+        cors_origin,
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((options.host.as_str(), options.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", options.host, options.port))?;
+        let address: SocketAddr = listener.local_addr()?;
+        // Tests and scripts wait for this line (with --port 0 it names the port).
+        eprintln!("listening on http://{address}");
+        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    // The router, and with it every queue handle, is gone: the worker finishes what is queued.
+    worker.join().map_err(|_| anyhow::anyhow!("the model worker thread panicked"))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    eprintln!("shutting down: finishing open requests");
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/generate", post(api::generate))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // read_body bounds every body before routing.
+        .layer(DefaultBodyLimit::disable())
+        // Outermost last: metrics see every answer, CORS headers go on auth failures too.
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), auth))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), read_body))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), cors))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
+        .with_state(state)
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "model": state.info.model,
+        "dtype": state.info.dtype,
+        "providers": state.info.providers,
+    }))
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+        format!("no route {}; the routes are POST /v1/generate, POST /v1/chat/completions, GET /health, GET /metrics, GET /", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    let allowed = if uri.path().starts_with("/v1/") { "POST" } else { "GET" };
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        format!("{method} is not allowed on {}; use {allowed}", uri.path()),
+    )
+}
+
+/// The label of a path in metrics: the routes, everything else as "other" (unknown paths must
+/// not grow the series without bound).
+fn endpoint(path: &str) -> &'static str {
+    match path {
+        "/" => "/",
+        "/health" => "/health",
+        "/metrics" => "/metrics",
+        "/v1/generate" => "/v1/generate",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        _ => "other",
+    }
+}
+
+async fn track(State(state): State<Arc<AppState>>, request: axum::extract::Request, next: Next) -> HttpResponse {
+    let started = Instant::now();
+    let label = endpoint(request.uri().path());
+    let response = next.run(request).await;
+    state.metrics.record_request(label, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// Reads the whole body (up to `--max-body-bytes`) before any answer, auth failures included, so
+/// that a client still sending reads its error instead of a broken pipe.
+async fn read_body(State(state): State<Arc<AppState>>, request: axum::extract::Request, next: Next) -> HttpResponse {
+    let limit = state.limits.max_body_bytes;
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // Far over the limit: answer at once (a client that sent `Expect: 100-continue` sends nothing).
+    if declared.is_some_and(|n| n > 2 * limit as u64) {
+        return ApiError::body_too_large(limit).into_response();
+    }
+    let (parts, body) = request.into_parts();
+    match api::read_limited(body, limit).await {
+        Ok(bytes) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Adds the CORS headers when `--cors-origin` is set, and answers preflights before auth (a
+/// browser's preflight carries no credentials).
+async fn cors(State(state): State<Arc<AppState>>, request: axum::extract::Request, next: Next) -> HttpResponse {
+    let Some(origin) = state.cors_origin.clone() else {
+        return next.run(request).await;
+    };
+    let preflight = request.method() == Method::OPTIONS && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut response = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+    headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    headers.insert(header::VARY, HeaderValue::from_static("origin"));
+    response
+}
+
+/// `Authorization: Bearer KEY` on every route but `/health` and `/` when `--api-key` is set.
+async fn auth(State(state): State<Arc<AppState>>, request: axum::extract::Request, next: Next) -> HttpResponse {
+    let Some(key) = state.api_key.as_deref() else {
+        return next.run(request).await;
+    };
+    if matches!(request.uri().path(), "/health" | "/") {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(token) if same_secret(token.as_bytes(), key.as_bytes()) => next.run(request).await,
+        Some(_) => unauthorized("the API key is wrong; send Authorization: Bearer KEY with the server's --api-key").into_response(),
+        None => unauthorized("this server needs an API key; send Authorization: Bearer KEY (the server's --api-key)").into_response(),
+    }
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
+}
+
+/// Equality in time that depends only on the lengths: every byte pair is compared and the
+/// differences folded, so a wrong key's matching prefix cannot be timed.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut difference = u8::from(given.len() != expected.len());
+    for i in 0..given.len().max(expected.len()) {
+        let a = given.get(i).copied().unwrap_or(0);
+        let b = expected.get(i).copied().unwrap_or(0);
+        difference |= a ^ b;
+    }
+    difference == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_match_only_when_equal_in_length_and_bytes() {
+        assert!(same_secret(b"key", b"key"));
+        assert!(!same_secret(b"kex", b"key"));
+        assert!(!same_secret(b"ke", b"key"));
+        assert!(!same_secret(b"key\0", b"key"));
+        assert!(!same_secret(b"", b"key"));
+    }
+
+    #[test]
+    fn unknown_paths_share_one_metrics_label() {
+        assert_eq!(endpoint("/v1/generate"), "/v1/generate");
+        assert_eq!(endpoint("/secret/../x"), "other");
+    }
+}

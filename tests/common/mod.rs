@@ -1,0 +1,24 @@
+//! Paths the integration tests share: the repository, the tiny converted models, the test images.
+
+use std::path::PathBuf;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A tiny converted model, e.g. "gqa1/onnx", under $PALIGEMMA_TEST_MODELS or target/tiny-models.
+pub fn tiny_model(name: &str) -> PathBuf {
+    let root = std::env::var_os("PALIGEMMA_TEST_MODELS").map_or_else(|| repo().join("target/tiny-models"), PathBuf::from);
+    let dir = root.join(name);
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "{} is missing: run `.venv/bin/python -m export fixtures {}` (bash .ci/run does)",
+        dir.display(),
+        root.display()
+    );
+    dir
+}
+
+pub fn image(name: &str) -> PathBuf {
+    repo().join("tests/data/images").join(name)
+}

@@ -1,0 +1,805 @@
+//! `paligemma serve` over real HTTP on loopback, with the tiny converted model: every endpoint,
+//! every limit and error shape, batching that gives each request its answer alone, clients that
+//! leave, a full queue, auth, CORS and SIGTERM.
+//!
+//! Long requests hold the worker (min_new_tokens = max_new_tokens, thousands of tokens); a test
+//! releases it by closing that stream, which stops its row. Waits poll /metrics with a deadline;
+//! nothing asserts a duration.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Value};
+
+mod common;
+
+use common::{image as image_path, tiny_model};
+
+fn model() -> PathBuf {
+    tiny_model("gqa1/onnx")
+}
+
+fn image_base64(name: &str) -> String {
+    STANDARD.encode(std::fs::read(image_path(name)).unwrap())
+}
+
+/// Longest any wait for the server may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A running `paligemma serve`, killed on drop so a failing test leaves no process behind.
+struct Server {
+    child: Child,
+    base: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        Server::start_with_env(extra, &[])
+    }
+
+    fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let m = model().display().to_string();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_paligemma"));
+        command
+            .args(["serve", "--model", &m, "--port", "0", "--threads", "1"])
+            .args(extra)
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("PALIGEMMA_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = String::new();
+        let base = loop {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.kill();
+                panic!("the server exited before listening; stderr:\n{seen}");
+            };
+            seen.push_str(&line);
+            seen.push('\n');
+            if let Some(address) = line.strip_prefix("listening on ") {
+                break address.to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        let stderr = Arc::new(Mutex::new(seen));
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Server { child, base, stderr }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn address(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
+    fn metrics(&self) -> String {
+        let (status, _, body) = get(&self.url("/metrics"), &[]);
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// The value of one series, e.g. `paligemma_cancelled_total{stage="queued"}`.
+    fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
+    /// Waits until `series` reads `value` (a bounded poll).
+    fn wait_metric(&self, series: &str, value: f64) {
+        let started = Instant::now();
+        while self.metric(series) != value {
+            assert!(started.elapsed() < DEADLINE, "{series} never became {value}:\n{}", self.metrics());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+type Headers = Vec<(String, String)>;
+
+fn collect(response: ureq::http::Response<ureq::Body>) -> (u16, Headers, String) {
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let body = response.into_body().read_to_string().unwrap();
+    (status, headers, body)
+}
+
+fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+}
+
+fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Headers, String) {
+    let mut request = agent().get(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    collect(request.call().unwrap())
+}
+
+/// POSTs `body` with the given headers (no Content-Type unless given).
+fn post(url: &str, headers: &[(&str, &str)], body: impl AsRef<[u8]>) -> (u16, Headers, String) {
+    let mut request = agent().post(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    collect(request.send(body.as_ref()).unwrap())
+}
+
+fn post_json(url: &str, body: &Value) -> (u16, Headers, Value) {
+    let (status, headers, text) = post(url, &[("content-type", "application/json")], body.to_string());
+    let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {text}"));
+    (status, headers, value)
+}
+
+fn generate_body(image: &str, prompt: &str, max_new_tokens: usize) -> Value {
+    json!({ "image": image_base64(image), "prompt": prompt, "max_new_tokens": max_new_tokens })
+}
+
+fn chat_body(image: &str, prompt: &str, max_tokens: usize) -> Value {
+    json!({
+        "model": "paligemma-test",
+        "messages": [{ "role": "user", "content": [
+            { "type": "image_url", "image_url": { "url": format!("data:image/png;base64,{}", image_base64(image)) } },
+            { "type": "text", "text": prompt },
+        ]}],
+        "max_tokens": max_tokens,
+    })
+}
+
+/// The status is `status` and the body is `{"error": {"message", "type", "code"}}` whose message
+/// contains `needle`.
+fn assert_error(got: (u16, Headers, String), status: u16, code: &str, needle: &str) {
+    let (got_status, headers, body) = got;
+    assert_eq!(got_status, status, "{body}");
+    assert_eq!(header(&headers, "content-type"), Some("application/json"), "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    let error = &v["error"];
+    assert_eq!(error["code"], code, "{body}");
+    assert!(error["type"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+    let message = error["message"].as_str().unwrap_or_else(|| panic!("no message: {body}"));
+    assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+}
+
+fn post_error(url: &str, body: &Value, status: u16, code: &str, needle: &str) {
+    assert_error(post(url, &[("content-type", "application/json")], body.to_string()), status, code, needle);
+}
+
+/// One server-sent event.
+#[derive(Debug)]
+struct Sse {
+    event: Option<String>,
+    data: String,
+}
+
+/// Reads SSE events from a streamed answer.
+struct SseReader {
+    lines: std::io::Lines<BufReader<ureq::BodyReader<'static>>>,
+}
+
+impl SseReader {
+    fn open(url: &str, body: &Value) -> SseReader {
+        let response = agent().post(url).header("content-type", "application/json").send(body.to_string()).unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let kind = response.headers().get("content-type").unwrap().to_str().unwrap().to_string();
+        assert_eq!(kind, "text/event-stream");
+        SseReader {
+            lines: BufReader::new(response.into_body().into_reader()).lines(),
+        }
+    }
+
+    fn next(&mut self) -> Option<Sse> {
+        let (mut event, mut data) = (None, String::new());
+        for line in self.lines.by_ref() {
+            let line = line.unwrap();
+            if line.is_empty() {
+                if event.is_some() || !data.is_empty() {
+                    return Some(Sse { event, data });
+                }
+                continue;
+            }
+            if let Some(name) = line.strip_prefix("event: ") {
+                event = Some(name.to_string());
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data.push_str(d);
+            }
+        }
+        None
+    }
+
+    fn all(mut self) -> Vec<Sse> {
+        std::iter::from_fn(|| self.next()).collect()
+    }
+}
+
+/// A streaming request long enough to hold the worker until dropped (closing the connection
+/// stops its row). Returns once its first token arrived, so it is running.
+fn hold(server: &Server) -> SseReader {
+    let body = json!({ "image": image_base64("text.png"), "prompt": "caption en", "max_new_tokens": 8000, "min_new_tokens": 8000, "stream": true });
+    let mut stream = SseReader::open(&server.url("/v1/generate"), &body);
+    let first = stream.next().unwrap();
+    assert_eq!(first.event.as_deref(), Some("token"), "{first:?}");
+    stream
+}
+
+/// A raw request left waiting: the socket is the client; dropping it is the client leaving.
+fn raw_post(server: &Server, path: &str, body: &Value) -> TcpStream {
+    let mut socket = TcpStream::connect(server.address()).unwrap();
+    let body = body.to_string();
+    write!(socket, "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    socket
+}
+
+fn token_ids(v: &Value) -> Vec<i64> {
+    v["token_ids"].as_array().unwrap_or_else(|| panic!("no token_ids in {v}")).iter().map(|t| t.as_i64().unwrap()).collect()
+}
+
+/// `paligemma --json` for one request.
+fn cli_json(image: &Path, prompt: &str, max_new_tokens: usize) -> Value {
+    let (m, i, n) = (model().display().to_string(), image.display().to_string(), max_new_tokens.to_string());
+    let out = Command::new(env!("CARGO_BIN_EXE_paligemma"))
+        .args(["--model", &m, "--image", &i, "--prompt", prompt, "--max-new-tokens", &n, "--json", "--threads", "1"])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A multipart/form-data body of `(name, filename, bytes)` parts.
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "paligemma-test-boundary";
+    let mut body = Vec::new();
+    for (name, filename, bytes) in parts {
+        write!(body, "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"").unwrap();
+        if let Some(file) = filename {
+            write!(body, "; filename=\"{file}\"\r\nContent-Type: application/octet-stream").unwrap();
+        }
+        body.extend_from_slice(b"\r\n\r\n");
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    write!(body, "--{boundary}--\r\n").unwrap();
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[test]
+fn health_page_and_metrics_answer() {
+    let server = Server::start(&[]);
+    let (status, headers, body) = get(&server.url("/health"), &[]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(header(&headers, "content-type"), Some("application/json"));
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["model"], model().display().to_string());
+    assert_eq!(v["dtype"], "fp32");
+    assert_eq!(v["providers"]["decoder"], json!(["CPUExecutionProvider"]));
+
+    let (status, headers, body) = get(&server.url("/"), &[]);
+    assert_eq!(status, 200);
+    assert!(header(&headers, "content-type").is_some_and(|t| t.starts_with("text/html")), "{headers:?}");
+    assert!(body.to_ascii_lowercase().starts_with("<!doctype html"), "{body}");
+
+    let (status, headers, text) = get(&server.url("/metrics"), &[]);
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "content-type"), Some("text/plain; version=0.0.4"));
+    for family in [
+        "paligemma_requests_total counter",
+        "paligemma_queue_depth gauge",
+        "paligemma_in_flight gauge",
+        "paligemma_batch_size histogram",
+        "paligemma_request_duration_seconds histogram",
+        "paligemma_generated_tokens_total counter",
+        "paligemma_decode_tokens_per_second gauge",
+        "paligemma_cancelled_total counter",
+    ] {
+        assert!(text.contains(&format!("# TYPE {family}\n")), "{family} missing:\n{text}");
+    }
+    assert!(text.contains("paligemma_requests_total{endpoint=\"/health\",code=\"200\"} 1\n"), "{text}");
+    assert!(text.contains("paligemma_batch_size_bucket{le=\"4\"} 0\n"), "buckets 1..max_batch:\n{text}");
+}
+
+#[test]
+fn generate_answers_the_cli_json_object() {
+    let server = Server::start(&[]);
+    let (status, _, got) = post_json(&server.url("/v1/generate"), &generate_body("chelsea.png", "caption en", 8));
+    assert_eq!(status, 200, "{got}");
+    let expected = cli_json(&image_path("chelsea.png"), "caption en", 8);
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&got), keys(&expected));
+    for key in ["text", "token_ids", "detections", "segments", "malformed_objects", "finished", "image_size", "providers"] {
+        assert_eq!(got[key], expected[key], "{key}");
+    }
+    assert_eq!(got["timings"]["decode_steps"], expected["timings"]["decode_steps"]);
+    // A segment prompt answers with the CLI's boxes and masks too.
+    let (status, _, got) = post_json(&server.url("/v1/generate"), &generate_body("camera.png", "segment person", 12));
+    assert_eq!(status, 200, "{got}");
+    let expected = cli_json(&image_path("camera.png"), "segment person", 12);
+    for key in ["text", "token_ids", "detections", "segments", "malformed_objects"] {
+        assert_eq!(got[key], expected[key], "{key}");
+    }
+}
+
+#[test]
+fn multipart_and_data_url_bodies_give_the_plain_base64_answer() {
+    let server = Server::start(&[]);
+    let url = server.url("/v1/generate");
+    let (_, _, plain) = post_json(&url, &generate_body("rocket.jpg", "describe en", 6));
+    let data_url = json!({ "image": format!("data:image/jpeg;base64,{}", image_base64("rocket.jpg")), "prompt": "describe en", "max_new_tokens": 6 });
+    let (status, _, from_url) = post_json(&url, &data_url);
+    assert_eq!(status, 200, "{from_url}");
+    assert_eq!(token_ids(&from_url), token_ids(&plain));
+
+    let file = std::fs::read(image_path("rocket.jpg")).unwrap();
+    let (kind, body) = multipart(&[("image", Some("rocket.jpg"), &file), ("prompt", None, b"describe en"), ("max_new_tokens", None, b"6")]);
+    let (status, _, text) = post(&url, &[("content-type", &kind)], body);
+    assert_eq!(status, 200, "{text}");
+    let from_form: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(token_ids(&from_form), token_ids(&plain));
+    assert_eq!(from_form["text"], plain["text"]);
+
+    let (kind, body) = multipart(&[("image", Some("rocket.jpg"), &file)]);
+    assert_error(post(&url, &[("content-type", &kind)], body), 400, "empty_prompt", "\"prompt\"");
+    let (kind, body) = multipart(&[("image", Some("rocket.jpg"), &file), ("prompt", None, b"ocr"), ("temperature", None, b"1")]);
+    assert_error(post(&url, &[("content-type", &kind)], body), 400, "unknown_field", "\"temperature\"");
+}
+
+#[test]
+fn streamed_tokens_add_up_to_the_done_answer() {
+    let server = Server::start(&[]);
+    let url = server.url("/v1/generate");
+    let (_, _, whole) = post_json(&url, &generate_body("chelsea.png", "caption en", 10));
+    let mut body = generate_body("chelsea.png", "caption en", 10);
+    body["stream"] = json!(true);
+    let events = SseReader::open(&url, &body).all();
+    let (last, tokens) = events.split_last().unwrap();
+    assert_eq!(last.event.as_deref(), Some("done"), "{events:?}");
+    let done: Value = serde_json::from_str(&last.data).unwrap();
+    assert_eq!(token_ids(&done), token_ids(&whole));
+    assert_eq!(done["providers"], whole["providers"]);
+    assert_eq!(tokens.len(), token_ids(&whole).len(), "one token event per generated token");
+    let mut text = String::new();
+    for event in tokens {
+        assert_eq!(event.event.as_deref(), Some("token"));
+        let v: Value = serde_json::from_str(&event.data).unwrap();
+        text.push_str(v["text"].as_str().unwrap());
+    }
+    assert_eq!(text, whole["text"].as_str().unwrap());
+}
+
+#[test]
+fn chat_completions_answer_in_openai_shape_with_the_generate_text() {
+    let server = Server::start(&[]);
+    let (_, _, generated) = post_json(&server.url("/v1/generate"), &generate_body("chelsea.png", "detect cat", 8));
+    let mut body = chat_body("chelsea.png", "detect cat", 8);
+    // Sampling options OpenAI clients send are accepted (decoding stays greedy).
+    for (key, value) in [("temperature", json!(0.7)), ("top_p", json!(0.9)), ("seed", json!(3)), ("user", json!("u")), ("n", json!(1))] {
+        body[key] = value;
+    }
+    let (status, _, v) = post_json(&server.url("/v1/chat/completions"), &body);
+    assert_eq!(status, 200, "{v}");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"), "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["created"].as_u64().unwrap() > 1_600_000_000);
+    assert_eq!(v["model"], "paligemma-test");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], generated["text"]);
+    let n = token_ids(&generated).len();
+    let expected_reason = if generated["finished"] == true { "stop" } else { "length" };
+    assert_eq!(choice["finish_reason"], expected_reason);
+    let usage = &v["usage"];
+    assert_eq!(usage["completion_tokens"], n);
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(model().join("manifest.json")).unwrap()).unwrap();
+    let prompt_tokens = usage["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > manifest["num_image_tokens"].as_u64().unwrap(), "image tokens are counted: {usage}");
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt_tokens + n as u64);
+    assert_eq!(v["paligemma"]["detections"], generated["detections"]);
+    assert_eq!(v["paligemma"]["segments"], generated["segments"]);
+    assert_eq!(v["paligemma"]["image_size"], json!([451, 300]));
+
+    // max_completion_tokens is OpenAI's newer name for max_tokens.
+    let mut newer = chat_body("chelsea.png", "detect cat", 0);
+    newer.as_object_mut().unwrap().remove("max_tokens");
+    newer["max_completion_tokens"] = json!(8);
+    let (status, _, again) = post_json(&server.url("/v1/chat/completions"), &newer);
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["choices"][0]["message"]["content"], generated["text"]);
+}
+
+#[test]
+fn chat_completion_stream_sends_role_tokens_finish_usage_and_done() {
+    let server = Server::start(&[]);
+    let (_, _, generated) = post_json(&server.url("/v1/generate"), &generate_body("camera.png", "caption en", 6));
+    let mut body = chat_body("camera.png", "caption en", 6);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({ "include_usage": true });
+    let events = SseReader::open(&server.url("/v1/chat/completions"), &body).all();
+    assert!(events.iter().all(|e| e.event.is_none()), "OpenAI streams carry data lines only");
+    assert_eq!(events.last().unwrap().data, "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(&e.data).unwrap()).collect();
+    let id = &chunks[0]["id"];
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && &c["id"] == id));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], token_ids(&generated).len());
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], if generated["finished"] == true { "stop" } else { "length" });
+    let content: String = chunks[..chunks.len() - 2]
+        .iter()
+        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(content, generated["text"].as_str().unwrap());
+    // One chunk per token between the role chunk and the finish chunk.
+    assert_eq!(chunks.len() - 3, token_ids(&generated).len());
+
+    // Without include_usage there is no usage chunk.
+    body["stream_options"] = json!({ "include_usage": false });
+    let events = SseReader::open(&server.url("/v1/chat/completions"), &body).all();
+    assert!(events.iter().all(|e| !e.data.contains("\"usage\"")), "{events:?}");
+}
+
+#[test]
+fn chat_completions_refuse_what_this_model_cannot_do() {
+    let server = Server::start(&[]);
+    let url = server.url("/v1/chat/completions");
+    let mut system = chat_body("chelsea.png", "caption en", 4);
+    system["messages"].as_array_mut().unwrap().insert(0, json!({ "role": "system", "content": "be brief" }));
+    post_error(&url, &system, 400, "unsupported_message", "system messages are not supported");
+
+    let mut web = chat_body("chelsea.png", "caption en", 4);
+    web["messages"][0]["content"][0]["image_url"]["url"] = json!("https://example.com/cat.png");
+    post_error(&url, &web, 400, "unsupported_image_url", "only data: URLs, the server fetches nothing");
+
+    let mut n = chat_body("chelsea.png", "caption en", 4);
+    n["n"] = json!(2);
+    post_error(&url, &n, 400, "unsupported_n", "n must be 1");
+
+    let mut unknown = chat_body("chelsea.png", "caption en", 4);
+    unknown["logprobs"] = json!(true);
+    post_error(&url, &unknown, 400, "invalid_json", "logprobs");
+
+    let mut text_only = chat_body("chelsea.png", "caption en", 4);
+    text_only["messages"][0]["content"] = json!("caption en");
+    post_error(&url, &text_only, 400, "invalid_content", "image_url");
+
+    let mut two_texts = chat_body("chelsea.png", "caption en", 4);
+    two_texts["messages"][0]["content"][0] = json!({ "type": "text", "text": "hi" });
+    post_error(&url, &two_texts, 400, "invalid_content", "0 image_url and 2 text parts");
+
+    let mut assistant = chat_body("chelsea.png", "caption en", 4);
+    assistant["messages"][0]["role"] = json!("assistant");
+    post_error(&url, &assistant, 400, "unsupported_message", "\"user\"");
+
+    post_error(&url, &chat_body("chelsea.png", "caption en", 100_000), 400, "invalid_max_new_tokens", "--max-new-tokens-cap");
+    let body = chat_body("chelsea.png", "caption en", 4).to_string();
+    assert_error(post(&url, &[("content-type", "text/plain")], &body), 415, "unsupported_media_type", "application/json");
+}
+
+#[test]
+fn limits_and_bad_requests_are_json_errors_that_name_the_problem() {
+    let server = Server::start(&[
+        "--max-body-bytes",
+        "200000",
+        "--max-image-pixels",
+        "100000",
+        "--max-prompt-chars",
+        "40000",
+        "--max-new-tokens-cap",
+        "16",
+    ]);
+    let url = server.url("/v1/generate");
+    // chelsea.png is 240 kB: over the body limit as JSON and as a form.
+    post_error(&url, &generate_body("chelsea.png", "ocr", 4), 413, "body_too_large", "--max-body-bytes");
+    let big = std::fs::read(image_path("chelsea.png")).unwrap();
+    let (kind, body) = multipart(&[("image", Some("chelsea.png"), &big), ("prompt", None, b"ocr")]);
+    assert_error(post(&url, &[("content-type", &kind)], body), 413, "body_too_large", "--max-body-bytes");
+    // A body declared far over the limit is refused before it is sent.
+    let mut socket = TcpStream::connect(server.address()).unwrap();
+    write!(socket, "POST /v1/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"code\":\"body_too_large\""), "{answer}");
+    // text.png (448x172) is under the pixel limit, rocket.jpg (640x427) over it.
+    post_error(&url, &generate_body("rocket.jpg", "ocr", 4), 413, "image_too_large", "--max-image-pixels");
+
+    let not_an_image = json!({ "image": STANDARD.encode(b"hello, not an image"), "prompt": "ocr" });
+    post_error(&url, &not_an_image, 400, "invalid_image", "not in a supported format");
+    let text_png = std::fs::read(image_path("text.png")).unwrap();
+    let truncated = json!({ "image": STANDARD.encode(&text_png[..text_png.len() / 2]), "prompt": "ocr" });
+    post_error(&url, &truncated, 400, "invalid_image", "truncated or corrupt");
+    post_error(&url, &json!({ "image": "not base64!", "prompt": "ocr" }), 400, "invalid_base64", "base64");
+    post_error(&url, &json!({ "image": "", "prompt": "ocr" }), 400, "missing_image", "image");
+
+    post_error(&url, &generate_body("text.png", " ", 4), 400, "empty_prompt", "prompt is empty");
+    post_error(&url, &generate_body("text.png", &"a".repeat(40_001), 4), 400, "prompt_too_long", "--max-prompt-chars");
+    // Under the character limit but over the model's 8192 positions: the tokenizer's verdict.
+    let words: String = (0..6000).map(|i| format!("w{i} ")).collect();
+    post_error(&url, &generate_body("text.png", &words, 4), 400, "prompt_too_long", "positions");
+    post_error(&url, &generate_body("text.png", "ocr", 0), 400, "invalid_max_new_tokens", "1 to 16");
+    post_error(&url, &generate_body("text.png", "ocr", 17), 400, "invalid_max_new_tokens", "--max-new-tokens-cap");
+
+    let mut unknown = generate_body("text.png", "ocr", 4);
+    unknown["temperature"] = json!(0.5);
+    post_error(&url, &unknown, 400, "invalid_json", "unknown field `temperature`");
+    post_error(&url, &json!({ "prompt": "ocr" }), 400, "invalid_json", "missing field `image`");
+    let syntax = post(&url, &[("content-type", "application/json")], "{\"image\": ");
+    assert_error(syntax, 400, "invalid_json", "EOF");
+    let body = generate_body("text.png", "ocr", 4).to_string();
+    assert_error(post(&url, &[], &body), 415, "unsupported_media_type", "no Content-Type");
+    assert_error(post(&url, &[("content-type", "text/plain")], &body), 415, "unsupported_media_type", "text/plain");
+
+    assert_error(get(&server.url("/v2/nothing"), &[]), 404, "not_found", "/v2/nothing");
+    assert_error(get(&url, &[]), 405, "method_not_allowed", "use POST");
+    assert_error(post(&server.url("/health"), &[], ""), 405, "method_not_allowed", "use GET");
+
+    // After all that the server still answers.
+    let (status, _, ok) = post_json(&url, &generate_body("text.png", "ocr", 4));
+    assert_eq!(status, 200, "{ok}");
+    assert!(!server.stderr.lock().unwrap().contains("panicked"));
+}
+
+#[test]
+fn concurrent_requests_run_batched_and_get_the_answers_they_get_alone() {
+    let server = Server::start(&["--max-batch", "4", "--max-new-tokens-cap", "8000"]);
+    let url = server.url("/v1/generate");
+    let requests = [
+        ("chelsea.png", "caption en", 8),
+        ("camera.png", "detect person ; camera", 12),
+        ("rocket.jpg", "answer en what is this?", 5),
+        ("text.png", "ocr", 10),
+        ("camera.png", "segment person", 9),
+        ("chelsea.png", "describe en", 7),
+    ];
+    // Queue all six behind a long request, then release it: the worker takes 4, then 2.
+    let holder = hold(&server);
+    let clients: Vec<_> = requests
+        .iter()
+        .map(|&(image, prompt, n)| {
+            let (url, body) = (url.clone(), generate_body(image, prompt, n));
+            std::thread::spawn(move || post_json(&url, &body))
+        })
+        .collect();
+    server.wait_metric("paligemma_queue_depth", 6.0);
+    drop(holder);
+    let batched: Vec<Value> = clients
+        .into_iter()
+        .map(|c| {
+            let (status, _, v) = c.join().unwrap();
+            assert_eq!(status, 200, "{v}");
+            v
+        })
+        .collect();
+    let metrics = server.metrics();
+    for line in ["paligemma_batch_size_bucket{le=\"1\"} 1\n", "paligemma_batch_size_bucket{le=\"2\"} 2\n", "paligemma_batch_size_count 3\n"] {
+        assert!(metrics.contains(line), "{line:?}: batches of 1 (the holder), 4 and 2 expected:\n{metrics}");
+    }
+    for ((image, prompt, n), batched) in requests.iter().zip(&batched) {
+        let (_, _, alone) = post_json(&url, &generate_body(image, prompt, *n));
+        assert_eq!(token_ids(batched), token_ids(&alone), "{image} {prompt:?}: batched differs from alone");
+        assert_eq!(batched["text"], alone["text"]);
+        assert_eq!(batched["detections"], alone["detections"]);
+        assert_eq!(batched["segments"], alone["segments"]);
+    }
+}
+
+#[test]
+fn a_client_that_leaves_frees_its_slot_queued_or_running() {
+    let server = Server::start(&["--max-new-tokens-cap", "8000"]);
+    let holder = hold(&server);
+    let leaver = raw_post(&server, "/v1/generate", &generate_body("chelsea.png", "caption en", 8));
+    server.wait_metric("paligemma_queue_depth", 1.0);
+    drop(leaver);
+    server.wait_metric("paligemma_client_disconnects_total", 1.0);
+    // Closing the holder's stream stops its row inside the running batch.
+    drop(holder);
+    server.wait_metric("paligemma_cancelled_total{stage=\"running\"}", 1.0);
+    server.wait_metric("paligemma_cancelled_total{stage=\"queued\"}", 1.0);
+    server.wait_metric("paligemma_queue_depth", 0.0);
+    // Only the holder's batch ran; the server goes on answering.
+    assert_eq!(server.metric("paligemma_batch_size_count"), 1.0);
+    let (status, _, v) = post_json(&server.url("/v1/generate"), &generate_body("chelsea.png", "caption en", 4));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(server.metric("paligemma_batch_size_count"), 2.0);
+    assert_eq!(server.metric("paligemma_generated_tokens_total"), 4.0, "the stopped rows' tokens are not counted");
+}
+
+#[test]
+fn a_row_stopped_inside_a_batch_leaves_the_other_rows_unchanged() {
+    let server = Server::start(&["--max-new-tokens-cap", "8000"]);
+    let url = server.url("/v1/generate");
+    let mut other = generate_body("camera.png", "describe en", 300);
+    other["min_new_tokens"] = json!(300);
+    let holder = hold(&server);
+    // Both queue behind the holder, so they run as one batch of two when it is released.
+    let leaving_body = json!({ "image": image_base64("chelsea.png"), "prompt": "caption en", "max_new_tokens": 8000, "min_new_tokens": 8000, "stream": true });
+    let mut leaving = SseReader::open(&url, &leaving_body);
+    let staying = {
+        let (url, body) = (url.clone(), other.clone());
+        std::thread::spawn(move || post_json(&url, &body))
+    };
+    server.wait_metric("paligemma_queue_depth", 2.0);
+    drop(holder);
+    assert_eq!(leaving.next().unwrap().event.as_deref(), Some("token"));
+    drop(leaving);
+    let (status, _, batched) = staying.join().unwrap();
+    assert_eq!(status, 200, "{batched}");
+    // The holder and the leaver.
+    server.wait_metric("paligemma_cancelled_total{stage=\"running\"}", 2.0);
+    assert_eq!(server.metric("paligemma_batch_size_bucket{le=\"1\"}"), 1.0, "the holder alone, then a batch of two");
+    let (_, _, alone) = post_json(&url, &other);
+    assert_eq!(token_ids(&batched).len(), 300);
+    assert_eq!(token_ids(&batched), token_ids(&alone));
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after() {
+    let server = Server::start(&["--max-queue", "1", "--max-new-tokens-cap", "8000"]);
+    let url = server.url("/v1/generate");
+    let holder = hold(&server);
+    let queued = {
+        let (url, body) = (url.clone(), generate_body("text.png", "ocr", 4));
+        std::thread::spawn(move || post_json(&url, &body))
+    };
+    server.wait_metric("paligemma_queue_depth", 1.0);
+    let refused = post(&url, &[("content-type", "application/json")], generate_body("text.png", "ocr", 4).to_string());
+    assert_eq!(header(&refused.1, "retry-after"), Some("1"));
+    assert_error(refused, 503, "queue_full", "--max-queue");
+    drop(holder);
+    let (status, _, v) = queued.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+}
+
+#[test]
+fn sigterm_finishes_running_and_queued_requests_then_exits_0() {
+    let mut server = Server::start(&["--max-new-tokens-cap", "8000"]);
+    let url = server.url("/v1/generate");
+    let body = json!({ "image": image_base64("text.png"), "prompt": "caption en", "max_new_tokens": 2500, "min_new_tokens": 2500, "stream": true });
+    let mut running = SseReader::open(&url, &body);
+    assert_eq!(running.next().unwrap().event.as_deref(), Some("token"));
+    let queued = {
+        let (url, body) = (url.clone(), generate_body("chelsea.png", "caption en", 6));
+        std::thread::spawn(move || post_json(&url, &body))
+    };
+    server.wait_metric("paligemma_queue_depth", 1.0);
+    let kill = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+    assert!(kill.success());
+
+    let events = running.all();
+    let done = events.last().unwrap();
+    assert_eq!(done.event.as_deref(), Some("done"), "{:?}", &events[events.len().saturating_sub(3)..]);
+    let done: Value = serde_json::from_str(&done.data).unwrap();
+    assert_eq!(token_ids(&done).len(), 2500);
+    let (status, _, v) = queued.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(token_ids(&v).len(), token_ids(&cli_json(&image_path("chelsea.png"), "caption en", 6)).len());
+
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < DEADLINE, "the server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{}", server.stderr.lock().unwrap());
+}
+
+#[test]
+fn api_key_guards_every_route_but_health_and_the_page() {
+    let server = Server::start_with_env(&[], &[("PALIGEMMA_API_KEY", "s3cret")]);
+    let body = generate_body("text.png", "ocr", 4).to_string();
+    let url = server.url("/v1/generate");
+    for auth in [None, Some("Bearer wrong"), Some("Bearer s3cre"), Some("s3cret")] {
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend(auth.map(|a| ("authorization", a)));
+        let answer = post(&url, &headers, &body);
+        assert_eq!(header(&answer.1, "www-authenticate"), Some("Bearer"), "{auth:?}");
+        assert_error(answer, 401, "invalid_api_key", "Authorization: Bearer");
+    }
+    let ok = post(&url, &[("content-type", "application/json"), ("authorization", "Bearer s3cret")], &body);
+    assert_eq!(ok.0, 200, "{}", ok.2);
+    assert_error(get(&server.url("/metrics"), &[]), 401, "invalid_api_key", "API key");
+    assert_eq!(get(&server.url("/metrics"), &[("authorization", "Bearer s3cret")]).0, 200);
+    let chat = chat_body("text.png", "ocr", 4).to_string();
+    assert_error(post(&server.url("/v1/chat/completions"), &[("content-type", "application/json")], &chat), 401, "invalid_api_key", "API key");
+    assert_eq!(get(&server.url("/health"), &[]).0, 200);
+    assert_eq!(get(&server.url("/"), &[]).0, 200);
+}
+
+#[test]
+fn cors_headers_only_with_cors_origin() {
+    let preflight = |server: &Server| {
+        let mut socket = TcpStream::connect(server.address()).unwrap();
+        write!(
+            socket,
+            "OPTIONS /v1/generate HTTP/1.1\r\nHost: test\r\nOrigin: https://app.example\r\n\
+             Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).unwrap();
+        answer.to_ascii_lowercase()
+    };
+    let closed = Server::start(&[]);
+    let answer = preflight(&closed);
+    assert!(answer.starts_with("http/1.1 405"), "{answer}");
+    assert!(!answer.contains("access-control-allow-origin"), "{answer}");
+    let (_, headers, _) = get(&closed.url("/health"), &[("origin", "https://app.example")]);
+    assert_eq!(header(&headers, "access-control-allow-origin"), None);
+    drop(closed);
+
+    let open = Server::start(&["--cors-origin", "https://app.example", "--api-key", "k"]);
+    let answer = preflight(&open);
+    assert!(answer.starts_with("http/1.1 204"), "a preflight needs no key: {answer}");
+    for line in [
+        "access-control-allow-origin: https://app.example",
+        "access-control-allow-methods: get, post, options",
+        "access-control-allow-headers: authorization, content-type",
+    ] {
+        assert!(answer.contains(line), "{line} missing in {answer}");
+    }
+    let (status, headers, _) = get(&open.url("/metrics"), &[("origin", "https://app.example")]);
+    assert_eq!(status, 401);
+    assert_eq!(header(&headers, "access-control-allow-origin"), Some("https://app.example"), "a browser must be able to read the 401");
+    let (status, headers, _) = get(&open.url("/health"), &[("origin", "https://app.example")]);
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "access-control-allow-origin"), Some("https://app.example"));
+}
+
+#[test]
+fn a_model_that_cannot_load_is_one_error_line_and_exit_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_paligemma"))
+        .args(["serve", "--model", "/nonexistent/model", "--port", "0"])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(!stderr.contains("listening on"), "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.starts_with("error:")).count(), 1, "{stderr}");
+}
