@@ -1,0 +1,27 @@
+"""`python -m bench.load` on the tiny model: a short loopback load against `paligemma serve` that
+must lose nothing and answer every request as it answers it alone. Counts only: no timing asserted."""
+
+from __future__ import annotations
+
+import json
+
+from bench import load
+
+CLIENTS = 6
+
+
+def test_short_load_answers_every_request_as_alone_and_batches(tmp_path):
+    model = load.REPO / "target/tiny-models/gqa1/onnx"
+    assert (model / "manifest.json").is_file(), f"{model} is missing: run `.venv/bin/python -m export fixtures target/tiny-models`"
+    code = load.main(["--clients", str(CLIENTS), "--seconds", "4", "--max-batch", "4", "--out", str(tmp_path)])
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [r["max_batch"] for r in runs] == [4, 1]
+    for r in runs:
+        assert r["answered"] > CLIENTS, r
+        assert r["errors"] == {} and r["lost"] == 0 and r["wrong_answers"] == 0, r
+        assert r["exit_code_after_sigterm"] == 0, r
+    # Six closed-loop clients keep the queue full: the batched server must run batches of several.
+    assert runs[0]["mean_batch_size"] > 1.5, runs[0]
+    assert runs[1]["mean_batch_size"] == 1.0, runs[1]
+    assert code == 0
+    assert "Batching gain" in (tmp_path / "results.md").read_text()
