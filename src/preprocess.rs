@@ -264,7 +264,7 @@ pub fn load_image(path: &Path, limits: &ImageLimits) -> Result<LoadedImage, Prep
 
 /// Decodes an encoded image held in memory (e.g. an HTTP upload), like [`load_image`].
 pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<LoadedImage, PreprocessError> {
-    decode_named(bytes, "<in-memory bytes>", limits)
+    decode_named(bytes, "from the request", limits)
 }
 
 fn decode_named(
