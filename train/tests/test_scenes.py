@@ -1,0 +1,171 @@
+"""Scene generator and task targets: determinism, geometry, colours and target round trips."""
+
+import re
+
+import numpy as np
+import pytest
+
+from train import scenes, tasks
+from train.scenes import COLOURS, generate
+
+SEEDS = range(60)
+SIZE = 224
+
+
+@pytest.fixture(scope="module")
+def generated():
+    return [generate(seed, SIZE) for seed in SEEDS]
+
+
+def parse_detect(text: str, width: int, height: int):
+    """Labels and (x_min, y_min, x_max, y_max) pixel boxes, inverted as src/detect.rs does."""
+    out = []
+    for obj in text.split(" ; "):
+        m = re.fullmatch(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})> ([a-z ]+)", obj)
+        assert m, obj
+        y0, x0, y1, x1 = (int(g) for g in m.groups()[:4])
+        box = (tasks.from_bin(x0, width), tasks.from_bin(y0, height), tasks.from_bin(x1, width), tasks.from_bin(y1, height))
+        out.append((m.group(5), box))
+    return out
+
+
+def test_same_seed_gives_identical_pixels_and_targets():
+    a, b = generate(7, SIZE), generate(7, SIZE)
+    assert np.array_equal(np.array(a.image), np.array(b.image))
+    assert tasks.tasks_for(a) == tasks.tasks_for(b)
+
+
+def test_different_seeds_give_different_scenes(generated):
+    images = {np.array(s.image).tobytes() for s in generated}
+    assert len(images) == len(generated)
+
+
+def test_shape_counts_run_from_one_to_four_and_all_occur(generated):
+    counts = [len(s.objects) for s in generated]
+    assert set(counts) == {1, 2, 3, 4}
+
+
+def test_every_shape_is_mostly_visible_and_its_box_is_its_mask_extent(generated):
+    for s in generated:
+        for o in s.objects:
+            assert o.mask.shape == (SIZE, SIZE) and o.mask.dtype == bool
+            side = scenes.SIZES[o.size] * SIZE
+            # A triangle covers half its square; MIN_VISIBLE of that must stay visible.
+            assert o.mask.sum() >= scenes.MIN_VISIBLE * 0.45 * side * side, (s.seed, o.label)
+            assert o.box == scenes.mask_box(o.mask)
+
+
+def test_visible_shape_pixels_are_exactly_the_named_colour(generated):
+    for s in generated:
+        pixels = np.array(s.image)
+        for o in s.objects:
+            assert (pixels[o.mask] == COLOURS[o.colour]).all(), (s.seed, o.label)
+
+
+def test_masks_are_disjoint_and_background_never_equals_a_shape_colour(generated):
+    for s in generated:
+        pixels = np.array(s.image)
+        shapes = np.zeros((SIZE, SIZE), dtype=bool)
+        for o in s.objects:
+            assert not (shapes & o.mask).any()
+            shapes |= o.mask
+        rest = ~shapes
+        if s.text_box is not None:
+            x0, y0, x1, y1 = s.text_box
+            rest[y0:y1, x0:x1] = False
+        for rgb in COLOURS.values():
+            assert not (pixels[rest] == rgb).all(axis=1).any(), (s.seed, rgb)
+
+
+def test_some_scenes_overlap_and_some_have_text(generated):
+    overlapping = sum(any(o.mask.sum() < 0.99 * _full_area(o) for o in s.objects) for s in generated)
+    with_text = sum(s.text is not None for s in generated)
+    assert 0 < overlapping < len(generated) / 2
+    assert len(generated) / 4 < with_text < 3 * len(generated) / 4
+
+
+def _full_area(o):
+    side = round(scenes.SIZES[o.size] * SIZE)
+    return {"circle": 0.785, "square": 1.0, "triangle": 0.5}[o.kind] * side * side * 0.97
+
+
+def test_text_box_does_not_touch_any_shape(generated):
+    for s in generated:
+        if s.text_box is None:
+            continue
+        x0, y0, x1, y1 = s.text_box
+        for o in s.objects:
+            assert not o.mask[y0:y1, x0:x1].any()
+
+
+def test_ocr_target_only_when_text_is_drawn(generated):
+    for s in generated:
+        ocr = [t for p, t in tasks.tasks_for(s) if p == tasks.OCR_PROMPT]
+        assert ocr == ([s.text] if s.text is not None else [])
+
+
+def test_count_and_colour_answers_match_the_objects(generated):
+    for s in generated:
+        pairs = dict(tasks.tasks_for(s))
+        assert pairs[tasks.COUNT_PROMPT] == str(len(s.objects))
+        circles = [o for o in s.objects if o.kind == "circle"]
+        if len(circles) == 1:
+            assert pairs[tasks.COLOUR_PROMPT] == circles[0].colour
+        else:
+            assert tasks.COLOUR_PROMPT not in pairs
+
+
+def test_caption_lists_shapes_left_to_right_then_background():
+    s = next(s for s in (generate(seed, SIZE) for seed in SEEDS) if len(s.objects) == 3)
+    a, b, c = (o.label for o in s.objects)
+    assert tasks.caption(s) == f"a {a}, a {b} and a {c} on a {s.background} background"
+    centres = [(o.box[0] + o.box[2]) / 2 for o in s.objects]
+    assert centres == sorted(centres)
+
+
+def test_detect_target_parses_back_to_the_boxes_within_half_a_bin(generated):
+    for s in generated:
+        width, height = s.image.size
+        prompt, target = next((p, t) for p, t in tasks.tasks_for(s) if p.startswith("detect "))
+        parsed = parse_detect(target, width, height)
+        assert [label for label, _ in parsed] == [o.label for o in s.objects]
+        assert set(prompt[len("detect "):].split(" ; ")) == {o.label for o in s.objects}
+        for (_, box), o in zip(parsed, s.objects):
+            for got, want, side in zip(box, o.box, (width, height, width, height)):
+                assert abs(got - want) <= side / 1023 / 2 + 1e-9
+
+
+@pytest.mark.parametrize("side", [56, 112, 224, 448, 640])
+def test_binning_round_trips_every_pixel_edge_within_half_a_bin(side):
+    for v in range(side + 1):
+        b = tasks.to_bin(v, side)
+        assert 0 <= b <= 1023
+        assert abs(tasks.from_bin(b, side) - v) <= side / 1023 / 2 + 1e-9
+    assert tasks.to_bin(0, side) == 0 and tasks.to_bin(side, side) == 1023
+
+
+def test_segment_targets_are_a_named_hook():
+    with pytest.raises(NotImplementedError, match="VQ-VAE"):
+        tasks.segment_target(generate(0, SIZE))
+
+
+def test_scenes_render_at_other_sizes():
+    s = generate(3, 112)
+    assert s.image.size == (112, 112)
+    assert all(o.mask.shape == (112, 112) and o.mask.any() for o in s.objects)
+
+
+def test_sample_sheet_is_written(tmp_path):
+    from pathlib import Path
+
+    out = Path(__file__).resolve().parents[2] / "target" / "artifacts" / "scenes-sample.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet = scenes.sample_sheet(seed=0, count=8)
+    sheet.save(out)
+    assert sheet.size[0] == 4 * scenes.DEFAULT_IMAGE_SIZE
+
+
+def test_missing_font_names_the_debian_package(monkeypatch):
+    monkeypatch.setattr(scenes, "FONT_PATH", scenes.Path("/nonexistent/DejaVuSans-Bold.ttf"))
+    with pytest.raises(FileNotFoundError, match="fonts-dejavu-core"):
+        scenes.load_font(12)
