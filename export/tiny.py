@@ -93,8 +93,9 @@ PRESETS = {
 }
 
 
-def build_tokenizer(text_vocab: int):
+def build_tokenizer(text_vocab: int, extra_corpus: str = ""):
     """A Gemma-style BPE tokenizer (byte fallback, "▁" spaces) with PaliGemma's extra tokens.
+    `extra_corpus` adds training text, so that a vocabulary of one's own (scene words) gets merges.
 
     Ids: 0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, 4 <mask>, 5 "\\n", then byte tokens and merges up to
     `text_vocab`, then <loc0000>.. <loc1023>, <seg000>.. <seg127>, <image>.
@@ -111,7 +112,7 @@ def build_tokenizer(text_vocab: int):
     trainer = trainers.BpeTrainer(
         vocab_size=text_vocab, special_tokens=specials + bytes_, show_progress=False
     )
-    trainer_tok.train_from_iterator([_CORPUS.replace("\n", " ")] * 4, trainer=trainer)
+    trainer_tok.train_from_iterator([(_CORPUS + extra_corpus).replace("\n", " ")] * 4, trainer=trainer)
     model = json.loads(trainer_tok.to_str())["model"]
     vocab = model["vocab"]
     if len(vocab) > text_vocab:
