@@ -6,9 +6,9 @@
 //! 2. positions are `cumsum(mask) - 1` with pads at 0, plus 1 (PaliGemma counts from 1);
 //! 3. one prefill run over all prompt positions (token type 0: the prefix-LM block);
 //! 4. then one run per token (type 1) with the KV cache; a row that emitted `<eos>` is fed `<pad>`
-//!    with its mask still growing, so every row sees exactly what it would see alone. A row the
-//!    caller stops (a client that went away) is fed `<pad>` the same way: rows never attend to
-//!    each other, so the others' tokens do not change.
+//!    with its mask still growing, so every row sees exactly what it would see alone. A row that
+//!    reached its own max_new_tokens, or that the caller stops (a client that went away), is fed
+//!    `<pad>` the same way: rows never attend to each other, so the others' tokens do not change.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,9 @@ pub struct Prepared {
     /// `<eos>` is not chosen before this many tokens (transformers' `min_new_tokens`: its logits
     /// are set to -inf, so the argmax is taken over the other ids).
     pub min_new_tokens: usize,
+    /// The row stops after this many tokens and is fed `<pad>` from then on, while longer rows
+    /// of the batch go on.
+    pub max_new_tokens: usize,
 }
 
 /// Generated ids of one request, up to and without `<eos>`.
@@ -36,8 +39,8 @@ pub struct Generated {
 }
 
 impl Generated {
-    fn done(&self) -> bool {
-        self.stopped_by_eos || self.stopped
+    fn done(&self, max_new_tokens: usize) -> bool {
+        self.stopped_by_eos || self.stopped || self.token_ids.len() >= max_new_tokens
     }
 }
 
@@ -139,7 +142,6 @@ pub fn mean_ms(steps: &[Duration]) -> f64 {
 pub fn generate(
     sessions: &mut ModelSessions,
     batch: &[Prepared],
-    max_new_tokens: usize,
     mut on_token: impl FnMut(usize, i64) -> bool,
 ) -> Result<Generation, ModelError> {
     let m = sessions.manifest();
@@ -174,11 +176,12 @@ pub fn generate(
         };
         rows
     ];
-    for step in 0..max_new_tokens {
+    let longest = batch.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
+    for step in 0..longest {
         let logits = sessions.decode(embeds.view(), mask.view(), token_types.view(), positions.view(), &mut cache)?;
         let mut next = Array2::<i64>::from_elem((rows, 1), pad_id);
         for (row, generated) in out.iter_mut().enumerate() {
-            if generated.done() {
+            if generated.done(batch[row].max_new_tokens) {
                 continue;
             }
             let excluded: &[i64] = if step < batch[row].min_new_tokens { &eos_ids } else { &[] };
@@ -191,7 +194,7 @@ pub fn generate(
                 generated.stopped = !on_token(row, token);
             }
         }
-        let finished = step + 1 == max_new_tokens || out.iter().all(Generated::done);
+        let finished = out.iter().zip(batch).all(|(g, r)| g.done(r.max_new_tokens));
         if step == 0 {
             timings.prefill = step_started.elapsed();
         } else {

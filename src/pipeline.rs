@@ -231,6 +231,7 @@ impl Pipeline {
             pixel_values: pixel_values(&image, &self.image_config),
             input_ids,
             min_new_tokens: request.min_new_tokens.min(request.max_new_tokens),
+            max_new_tokens: request.max_new_tokens,
         };
         Ok((image, prepared))
     }
@@ -279,16 +280,11 @@ impl Pipeline {
         for group in groups.into_iter().filter(|g| !g.is_empty()) {
             let rows = &ready[group.clone()];
             let first = group.start;
-            let max_new = rows.iter().map(|(i, _)| requests[*i].max_new_tokens).max().unwrap_or(0);
             let mut so_far: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
             let prompts = &self.prompts;
-            let outcome = generate(&mut self.sessions, &prepared[group], max_new, |row, token| {
-                let index = rows[row].0;
-                if so_far[row].len() < requests[index].max_new_tokens {
-                    so_far[row].push(token);
-                    return on_token(index, &prompts.decode(&so_far[row]));
-                }
-                true
+            let outcome = generate(&mut self.sessions, &prepared[group], |row, token| {
+                so_far[row].push(token);
+                on_token(rows[row].0, &prompts.decode(&so_far[row]))
             });
             match outcome {
                 Ok(generation) => {
@@ -316,22 +312,17 @@ impl Pipeline {
             .collect()
     }
 
-    /// Text, boxes and masks of one generated row. A row generated alongside longer requests is
-    /// cut to its own max_new_tokens: greedy decoding makes the prefix identical.
+    /// Text, boxes and masks of one generated row.
     fn finish(
         &mut self,
         request: &Request,
         image: &LoadedImage,
-        mut g: Generated,
+        g: Generated,
         prompt_tokens: usize,
         timings: Timings,
     ) -> Result<Response, RequestError> {
         if g.stopped {
             return Err(RequestError::Stopped);
-        }
-        if g.token_ids.len() > request.max_new_tokens {
-            g.token_ids.truncate(request.max_new_tokens);
-            g.stopped_by_eos = false;
         }
         let text = self.prompts.decode(&g.token_ids);
         let (width, height) = image.rgb.dimensions();

@@ -353,3 +353,30 @@ fn dtype_fp16_runs_the_fp16_graphs_and_refuses_an_fp32_decoder_among_them() {
         &["decoder_model_merged_fp16.onnx", "element type of input inputs_embeds", "different conversions"],
     );
 }
+
+#[test]
+fn batch_rows_stop_at_their_own_max_new_tokens_with_the_tokens_they_get_alone() {
+    // The short row stops after 3 tokens and is fed <pad> from then on; the long one goes on to 12.
+    let dir = scratch("maxnew");
+    let file = dir.join("requests.jsonl");
+    let requests = [(image("chelsea.png"), "caption en", 3), (image("text.png"), "ocr", 12)];
+    let lines: String = requests
+        .iter()
+        .map(|(i, p, n)| serde_json::json!({"image": i, "prompt": p, "max_new_tokens": n}).to_string() + "\n")
+        .collect();
+    std::fs::write(&file, lines).unwrap();
+    let m = model().display().to_string();
+    // min_new_tokens (capped at each row's max) keeps <eos> out, so both rows run to their cap.
+    let out = paligemma(&["--model", &m, "--batch", file.to_str().unwrap(), "--json", "--min-new-tokens", "12"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows[0]["token_ids"].as_array().unwrap().len(), 3);
+    assert_eq!(rows[1]["token_ids"].as_array().unwrap().len(), 12);
+    assert_eq!(rows[1]["timings"]["decode_steps"], 11);
+    for (row, (i, p, n)) in rows.iter().zip(&requests) {
+        let (i, n) = (i.display().to_string(), n.to_string());
+        let alone = paligemma(&["--model", &m, "--image", &i, "--prompt", p, "--max-new-tokens", &n, "--min-new-tokens", "12", "--json"]);
+        let alone: serde_json::Value = serde_json::from_slice(&alone.stdout).unwrap();
+        assert_eq!(row["token_ids"], alone["token_ids"], "{p}: batch row differs from its single run");
+    }
+}
