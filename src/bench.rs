@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::generate::{mean_ms, ms, Timings};
+use crate::generate::{mean_ms, ms};
 use crate::pipeline::{ImageInput, Pipeline, PipelineOptions, Request, Response};
 
 pub struct BenchOptions {
@@ -82,11 +82,6 @@ fn run_all(pipeline: &mut Pipeline, requests: &[Request], first_token: &mut Opti
         .collect()
 }
 
-fn tokens_per_s(rows: usize, timings: &Timings) -> f64 {
-    let seconds: f64 = timings.steps.iter().map(Duration::as_secs_f64).sum();
-    (rows * timings.steps.len()) as f64 / seconds
-}
-
 pub fn run(options: BenchOptions) -> Result<BenchReport> {
     let Some(first) = options.images.first() else {
         bail!("bench needs at least one image");
@@ -128,8 +123,8 @@ pub fn run(options: BenchOptions) -> Result<BenchReport> {
         long_early_ms: mean_ms(&late[16 - WINDOW - 1..16 - 1]),
         long_late_ms: mean_ms(&late[late.len() - WINDOW..]),
         batch: options.batch,
-        single_decode_tokens_per_s: tokens_per_s(1, t),
-        batch_decode_tokens_per_s: tokens_per_s(options.batch, &batch[0].timings),
+        single_decode_tokens_per_s: t.decode_tokens_per_s(1).unwrap_or(f64::NAN),
+        batch_decode_tokens_per_s: batch[0].timings.decode_tokens_per_s(options.batch).unwrap_or(f64::NAN),
         token_ids: TokenIds {
             single: single.token_ids,
             long: long.token_ids,

@@ -55,6 +55,14 @@ pub struct Timings {
     pub steps: Vec<Duration>,
 }
 
+impl Timings {
+    /// Rows x decode steps per second of decode time (None before any decode step).
+    pub fn decode_tokens_per_s(&self, rows: usize) -> Option<f64> {
+        let seconds: f64 = self.steps.iter().map(Duration::as_secs_f64).sum();
+        (seconds > 0.0).then(|| (rows * self.steps.len()) as f64 / seconds)
+    }
+}
+
 /// The generated rows of a batch, in order, and the batch's timings.
 #[derive(Debug, Clone)]
 pub struct Generation {

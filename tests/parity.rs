@@ -4,10 +4,12 @@
 //! gives on the fp16 graphs (their `reference` field says so): fp16 rounding lets them drift from
 //! transformers' fp32 tokens, but never from the same graphs run by another driver.
 
-use std::path::PathBuf;
-
 use paligemma::pipeline::{ImageInput, Pipeline, PipelineOptions, Request};
 use serde::Deserialize;
+
+mod common;
+
+use common::{repo, tiny_model};
 
 #[derive(Deserialize)]
 struct Fixtures {
@@ -33,14 +35,6 @@ struct FixtureRequest {
     prompt: String,
 }
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn models_root() -> PathBuf {
-    std::env::var_os("PALIGEMMA_TEST_MODELS").map_or_else(|| repo().join("target/tiny-models"), PathBuf::from)
-}
-
 fn fixtures() -> Fixtures {
     let path = repo().join("tests/fixtures/expected_tokens.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -48,13 +42,7 @@ fn fixtures() -> Fixtures {
 }
 
 fn load(case: &Case) -> Pipeline {
-    let model_dir = models_root().join(&case.model_dir);
-    assert!(
-        model_dir.join("manifest.json").is_file(),
-        "{} is missing: build the tiny models with `.venv/bin/python -m export fixtures {}` (bash .ci/run does)",
-        model_dir.display(),
-        models_root().display()
-    );
+    let model_dir = tiny_model(&case.model_dir);
     let mut options = PipelineOptions::new(model_dir.display().to_string());
     options.dtype = case.dtype.clone();
     Pipeline::load(options).unwrap_or_else(|e| panic!("{}: {e}", case.name))

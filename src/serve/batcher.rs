@@ -224,7 +224,7 @@ fn run_batch(runner: &mut impl Runner, batch: Vec<Job>, metrics: &Metrics) {
         }
     };
     let generated: usize = results.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.token_ids.len()).sum();
-    let rate = results.iter().find_map(|r| r.as_ref().ok()).and_then(|r| decode_rate(jobs.len(), r));
+    let rate = results.iter().find_map(|r| r.as_ref().ok()).and_then(|r| r.timings.decode_tokens_per_s(jobs.len()));
     metrics.record_batch(jobs.len(), generated, rate);
     for (job, result) in jobs.iter().zip(results) {
         if matches!(result, Err(JobError::Request(RequestError::Stopped))) {
@@ -232,13 +232,6 @@ fn run_batch(runner: &mut impl Runner, batch: Vec<Job>, metrics: &Metrics) {
         }
         let _ = job.events.send(Event::Done(Box::new(result)));
     }
-}
-
-/// Rows x decode steps per second of decode time, as `paligemma bench` reports it.
-fn decode_rate(rows: usize, response: &Response) -> Option<f64> {
-    let steps = &response.timings.steps;
-    let seconds: f64 = steps.iter().map(|d| d.as_secs_f64()).sum();
-    (seconds > 0.0).then(|| (rows * steps.len()) as f64 / seconds)
 }
 
 #[cfg(test)]

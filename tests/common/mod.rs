@@ -1,5 +1,8 @@
 //! Paths the integration tests share: the repository, the tiny converted models, the test images.
 
+// Each test binary compiles this module and uses a part of it.
+#![allow(dead_code)]
+
 use std::path::PathBuf;
 
 pub fn repo() -> PathBuf {
