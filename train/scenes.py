@@ -50,6 +50,8 @@ BACKGROUND_SPREAD = 24
 SIZES = {"small": 0.16, "medium": 0.24, "large": 0.32}
 WORDS = ("cat", "dog", "sun", "tree", "map", "stop", "open", "exit", "book", "milk", "fish", "star")
 TEXT_PROBABILITY = 0.5
+# Font size as a fraction of the image side: 18 px at 112, about one character per 14-px patch.
+TEXT_HEIGHT = 0.16
 OVERLAP_PROBABILITY = 0.25
 MIN_VISIBLE = 0.6
 FONT_PATH = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
@@ -79,6 +81,8 @@ class Scene:
     background_style: str
     text: str | None
     text_box: tuple[int, int, int, int] | None  # same convention as SceneObject.box
+    # Each character of `text` with the columns its advance spans, (char, x_start, x_end) in pixels.
+    text_chars: tuple[tuple[str, float, float], ...] = ()
 
 
 def load_font(size: int) -> ImageFont.FreeTypeFont:
@@ -123,10 +127,11 @@ def _shape_mask(kind: str, x: int, y: int, side: int, size: int) -> np.ndarray:
     return np.array(layer, dtype=bool)
 
 
-def _draw_text(rng: random.Random, size: int, background: np.ndarray) -> tuple[str, np.ndarray, tuple]:
-    """Pick a word or number and draw it in a top or bottom band; returns text, RGBA layer, box."""
+def _draw_text(rng: random.Random, size: int, background: np.ndarray) -> tuple[str, tuple, tuple, tuple]:
+    """Pick a word or number and draw it in a top or bottom band; returns text, (alpha, fill),
+    box and per-character column spans."""
     text = rng.choice(WORDS) if rng.random() < 0.5 else str(rng.randint(0, 999))
-    font = load_font(max(12, round(size * 0.11)))
+    font = load_font(max(12, round(size * TEXT_HEIGHT)))
     left, top, right, bottom = font.getbbox(text)
     width, height = right - left, bottom - top
     x = rng.randint(2, size - width - 2) - left
@@ -138,7 +143,8 @@ def _draw_text(rng: random.Random, size: int, background: np.ndarray) -> tuple[s
     ImageDraw.Draw(layer).text((x, y), text, font=font, fill=255)
     alpha = np.array(layer)
     box = mask_box(alpha > 0)
-    return text, (alpha, fill), box
+    chars = tuple((c, x + font.getlength(text[:i]), x + font.getlength(text[:i + 1])) for i, c in enumerate(text))
+    return text, (alpha, fill), box, chars
 
 
 def generate(seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> Scene:
@@ -151,9 +157,10 @@ def generate(seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> Scene:
     pixels = _background(nrng, background, style, size)
 
     text = text_box = None
+    text_chars: tuple = ()
     blocked = np.zeros((size, size), dtype=bool)  # where shapes may not go (text plus a margin)
     if rng.random() < TEXT_PROBABILITY:
-        text, (alpha, fill), text_box = _draw_text(rng, size, pixels)
+        text, (alpha, fill), text_box, text_chars = _draw_text(rng, size, pixels)
         a = alpha[..., None].astype(np.float32) / 255
         pixels = (pixels * (1 - a) + np.array(fill, np.float32) * a).round().astype(np.uint8)
         margin = max(2, size // 50)
@@ -210,7 +217,7 @@ def generate(seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> Scene:
         objects.append(SceneObject(kind=p["kind"], colour=p["colour"], size=p["size"], box=mask_box(visible), mask=visible))
     objects.sort(key=lambda o: ((o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2))
     return Scene(seed=seed, image=Image.fromarray(pixels, "RGB"), objects=objects, background=background,
-                 background_style=style, text=text, text_box=text_box)
+                 background_style=style, text=text, text_box=text_box, text_chars=text_chars)
 
 
 def sample_sheet(seed: int, count: int = 8, image_size: int = DEFAULT_IMAGE_SIZE, columns: int = 4) -> Image.Image:
