@@ -1,0 +1,81 @@
+"""Scoring one answer against its scene: the metrics of the issue (detection IoU and recall at 0.5,
+exact match for OCR, counting, colour and caption)."""
+
+from __future__ import annotations
+
+import re
+
+from . import tasks
+from .scenes import Scene
+
+LOC = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})> ?([^;<]*)")
+
+
+def task_name(prompt: str) -> str:
+    if prompt.startswith("detect "):
+        return "detect"
+    return {tasks.CAPTION_PROMPT: "caption", tasks.OCR_PROMPT: "ocr", tasks.COUNT_PROMPT: "count",
+            tasks.COLOUR_PROMPT: "colour"}[prompt]
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def parse_boxes(text: str, width: int, height: int) -> list[tuple[tuple[float, float, float, float], str]]:
+    """`<loc>`x4 + label answers as ((x_min, y_min, x_max, y_max) pixels, label), as src/detect.rs reads them."""
+    return [((tasks.from_bin(int(x0), width), tasks.from_bin(int(y0), height),
+              tasks.from_bin(int(x1), width), tasks.from_bin(int(y1), height)), label.strip())
+            for y0, x0, y1, x1, label in LOC.findall(text)]
+
+
+def match_boxes(scene: Scene, predicted) -> list[float]:
+    """Per ground-truth object, the IoU of the best unused predicted box with the same label (0 if none)."""
+    used: set[int] = set()
+    ious = []
+    for o in scene.objects:
+        best, best_j = 0.0, None
+        for j, (box, label) in enumerate(predicted):
+            if j not in used and label == o.label:
+                v = iou(box, o.box)
+                if v > best:
+                    best, best_j = v, j
+        if best_j is not None:
+            used.add(best_j)
+        ious.append(best)
+    return ious
+
+
+class Tally:
+    """Running totals per task; `summary()` gives the figures the model card reports."""
+
+    def __init__(self):
+        self.exact = {k: [0, 0] for k in ("caption", "count", "colour", "ocr", "detect")}
+        self.ious: list[float] = []
+
+    def add(self, scene: Scene, prompt: str, target: str, answer: str, boxes=None) -> bool:
+        """Record one answer; returns whether it was right (for detect: every object at IoU >= 0.5).
+        `boxes` ((x_min, y_min, x_max, y_max), label) pairs replace parsing the answer's loc tokens."""
+        name = task_name(prompt)
+        if name == "detect":
+            ious = match_boxes(scene, boxes if boxes is not None else parse_boxes(answer, *scene.image.size))
+            self.ious += ious
+            ok = all(v >= 0.5 for v in ious)
+        else:
+            ok = answer == target
+        self.exact[name][0] += int(ok)
+        self.exact[name][1] += 1
+        return ok
+
+    def summary(self) -> dict:
+        out = {f"{k}_exact": round(h / n, 4) if n else None for k, (h, n) in self.exact.items()}
+        n = len(self.ious)
+        out["detect_objects"] = n
+        out["detect_recall@0.5"] = round(sum(v >= 0.5 for v in self.ious) / n, 4) if n else None
+        out["detect_mean_iou"] = round(sum(self.ious) / n, 4) if n else None
+        out["answers"] = {k: n for k, (_, n) in self.exact.items()}
+        return out

@@ -1,0 +1,54 @@
+"""The trainer: same seed, same weights; the model's fixed initialisation; the per-patch labels."""
+
+import torch
+from safetensors.torch import load_file
+
+from train import scenes
+from train.fit import PatchHead, TrainConfig, lr_at, train
+from train.model import ModelConfig, build
+
+SMALL = ModelConfig(image_size=56, patch_size=14, hidden=32, layers=1, heads=2, head_dim=16, kv_heads=2, intermediate=64,
+                    vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64)
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    tc = TrainConfig(steps=3, batch=4, warmup=2)
+
+    def weights(name: str, seed: int):
+        train(SMALL, tc, seed, tmp_path / name, log_every=1)
+        return load_file(tmp_path / name / "model.safetensors")
+
+    runs = [weights("a", 0), weights("b", 0), weights("c", 1)]
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_lr_warms_up_then_decays_to_the_final_fraction():
+    tc = TrainConfig(steps=100, warmup=10)
+    assert lr_at(0, tc) == 0.1 and lr_at(9, tc) == 1.0
+    assert abs(lr_at(99, tc) - tc.final_lr_fraction) < 1e-3
+
+
+def test_position_and_loc_embeddings_start_smooth():
+    model, proc = build(SMALL, 0)
+    first = proc.tokenizer.convert_tokens_to_ids("<loc0000>")
+    loc = model.model.language_model.embed_tokens.weight[first:first + 1024]
+    cos = torch.nn.functional.cosine_similarity
+    # Neighbouring bins are nearly the same row; far bins are not.
+    assert cos(loc[500], loc[501], dim=0) > 0.8 > 0.3 > cos(loc[100], loc[900], dim=0)
+    # Every scene word is one token.
+    assert proc.tokenizer.tokenize("a red circle and a white triangle on a teal background") == [
+        "a", "▁red", "▁circle", "▁and", "▁a", "▁white", "▁triangle", "▁on", "▁a", "▁teal", "▁background"]
+
+
+def test_patch_labels_name_shapes_and_characters():
+    cfg = ModelConfig()
+    head = PatchHead(cfg)
+    scene = next(s for s in (scenes.generate(i, cfg.image_size) for i in range(50)) if s.text and s.text.isalpha())
+    labels = head.labels(scene)
+    chars = {head.CHARS[v - head.first_char] for v in labels.tolist() if v >= head.first_char}
+    assert chars and chars <= set(scene.text)
+    shape_classes = {v for v in labels.tolist() if 0 < v < head.first_char}
+    expected = {1 + head.COLOURS.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind) for o in scene.objects}
+    assert shape_classes <= expected and shape_classes
