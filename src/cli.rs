@@ -63,8 +63,9 @@ pub struct Args {
 #[derive(Debug, clap::Args)]
 pub struct RuntimeArgs {
     /// Converted model directory (with manifest.json) or a Hugging Face repo id holding one.
+    /// Default: the repository's committed scenes model, models/scenes (see models/README.md).
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// Execution providers in priority order: cpu, cuda, tensorrt (e.g. "tensorrt,cuda,cpu").
     #[arg(long, default_value = "cpu")]
     pub ep: String,
@@ -81,13 +82,46 @@ pub struct RuntimeArgs {
 
 impl RuntimeArgs {
     fn pipeline_options(&self) -> Result<PipelineOptions> {
-        let mut options = PipelineOptions::new(self.model.clone());
+        let model = match &self.model {
+            Some(model) => model.clone(),
+            None => default_model()?.display().to_string(),
+        };
+        let mut options = PipelineOptions::new(model);
         options.dtype = self.dtype.clone();
         options.providers = parse_ep_list(&self.ep)?;
         options.threads = self.threads;
         options.ort_lib = self.ort_lib.clone();
         Ok(options)
     }
+}
+
+/// Where the default model lives, relative to a repository checkout.
+const DEFAULT_MODEL: &str = "models/scenes";
+
+/// `models/scenes` under the current directory, else under an ancestor of the executable (a
+/// `target/release/paligemma` in a checkout), else under the crate root recorded at build time.
+fn default_model() -> Result<PathBuf> {
+    let mut roots = vec![std::env::current_dir().ok()];
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(|dir| Some(dir.to_path_buf())));
+    }
+    roots.push(Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))));
+    let mut searched = Vec::new();
+    for root in roots.into_iter().flatten() {
+        let dir = root.join(DEFAULT_MODEL);
+        if dir.join("manifest.json").is_file() {
+            return Ok(dir);
+        }
+        let shown = dir.display().to_string();
+        if !searched.contains(&shown) {
+            searched.push(shown);
+        }
+    }
+    bail!(
+        "no --model given and the default model ({DEFAULT_MODEL}, committed in this repository) is not in {}; \
+         pass --model with a converted directory or a Hugging Face repo id",
+        searched.join(", ")
+    )
 }
 
 /// Measure load, vision, prefill, first-token and decode times, long-run and batch decoding of one

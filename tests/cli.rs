@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 mod common;
 
-use common::{image, tiny_model};
+use common::{image, repo, tiny_model};
 
 fn model() -> PathBuf {
     tiny_model("gqa1/onnx")
@@ -378,5 +378,36 @@ fn batch_rows_stop_at_their_own_max_new_tokens_with_the_tokens_they_get_alone() 
         let alone = paligemma(&["--model", &m, "--image", &i, "--prompt", p, "--max-new-tokens", &n, "--min-new-tokens", "12", "--json"]);
         let alone: serde_json::Value = serde_json::from_slice(&alone.stdout).unwrap();
         assert_eq!(row["token_ids"], alone["token_ids"], "{p}: batch row differs from its single run");
+    }
+}
+
+fn iou(a: &[f64], b: &[f64]) -> f64 {
+    let inter = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0) * (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+}
+
+/// The README's main command: no --model runs the committed scenes model, whose caption of the
+/// example scene is the generator's own caption and whose boxes land on the generator's shapes.
+#[test]
+fn default_model_captions_the_example_scene_and_boxes_its_shapes() {
+    let dir = repo().join("models/scenes");
+    let example: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("example.json")).unwrap()).unwrap();
+    let image = dir.join("example.png").display().to_string();
+    let run = |prompt: &str| -> serde_json::Value {
+        let out = paligemma(&["--image", &image, "--prompt", prompt, "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(run("caption en")["text"], example["caption"]);
+    let detections = run(example["detect_prompt"].as_str().unwrap())["detections"].as_array().unwrap().clone();
+    let objects = example["objects"].as_array().unwrap();
+    assert_eq!(detections.len(), objects.len(), "{detections:?}");
+    for object in objects {
+        let truth: Vec<f64> = object["box"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let hit = detections.iter().any(|d| {
+            let found: Vec<f64> = d["box"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            d["label"] == object["label"] && iou(&found, &truth) >= 0.5
+        });
+        assert!(hit, "{object} not found in {detections:?}");
     }
 }

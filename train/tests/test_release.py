@@ -1,0 +1,69 @@
+"""The committed scenes model, end to end: a slice of the held-out evaluation through the Rust binary
+and transformers (fp32 tokens identical), and every answer the model was released getting right
+is still right."""
+
+import json
+import re
+
+import pytest
+
+from train import scenes, tasks
+from train.evaluate import BINARY, REPO, evaluate
+from train.release import CI_SLICE
+from train.score import Tally, parse_boxes
+
+MODEL = REPO / "models" / "scenes"
+REFERENCE = REPO / "models" / "scenes-hf"
+
+
+@pytest.fixture(scope="module")
+def released():
+    return json.loads((MODEL / "evaluation.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def slice_report(tmp_path_factory):
+    if not BINARY.exists():
+        pytest.fail(f"{BINARY} is missing: build it with `cargo build --release` (.ci/setup does)")
+    return evaluate(MODEL, REFERENCE, CI_SLICE, ["fp32", "q4"], tmp_path_factory.mktemp("eval"))
+
+
+def test_fp32_tokens_equal_transformers_on_the_slice(slice_report):
+    fp32 = slice_report["results"]["rust fp32"]
+    assert fp32["fp32_identical"], fp32["same_tokens_as_transformers"]
+
+
+def test_answers_known_right_at_release_are_still_right(released, slice_report):
+    now = {(a["image"], a["prompt"]): a for a in slice_report["answers"]}
+    known = [a for a in released["answers"] if a["fp32_right"]]
+    assert len(known) >= len(released["answers"]) // 2, "the released slice should be mostly right"
+    for a in known:
+        got = now[(a["image"], a["prompt"])]
+        assert got["target"] == a["target"], "the scene generator changed: run python -m train.release again"
+        assert got["fp32_right"], f"{a['image']} {a['prompt']!r}: now {got['fp32']!r}, released {a['fp32']!r}"
+        assert got["fp32"] == a["fp32"]
+
+
+def test_q4_answers_are_those_of_the_release(released, slice_report):
+    now = {(a["image"], a["prompt"]): a["q4"] for a in slice_report["answers"]}
+    assert [now[(a["image"], a["prompt"])] for a in released["answers"]] == [a["q4"] for a in released["answers"]]
+
+
+def test_example_scene_matches_its_record():
+    example = json.loads((MODEL / "example.json").read_text())
+    scene = scenes.generate(example["seed"], scenes.Image.open(MODEL / "example.png").size[0])
+    assert scene.image.tobytes() == scenes.Image.open(MODEL / "example.png").convert("RGB").tobytes()
+    assert example["caption"] == tasks.caption(scene)
+    assert example["detect_prompt"] == tasks.detect_prompt(scene)
+
+
+def test_tally_scores_a_perfect_and_a_shifted_detection():
+    scene = scenes.generate(3, 112)
+    target = tasks.detect_target(scene)
+    tally = Tally()
+    assert tally.add(scene, tasks.detect_prompt(scene), target, target)
+    shifted = re.sub(r"<loc(\d{4})>", lambda m: f"<loc{min(1023, int(m[1]) + 300):04d}>", target)
+    assert not tally.add(scene, tasks.detect_prompt(scene), target, shifted)
+    assert len(parse_boxes(shifted, 112, 112)) == len(scene.objects)
+    summary = tally.summary()
+    assert summary["detect_recall@0.5"] == 0.5 and summary["detect_exact"] == 0.5
