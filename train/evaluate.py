@@ -2,7 +2,7 @@
 
     python -m train.evaluate --model models/scenes --reference models/scenes-hf --scenes 300
 
-For every held-out scene (seeds from `train.fit.EVAL_SEED_BASE`, never trained on) and every task it
+For every held-out scene (seeds from `EVAL_SEED_BASE`, never trained on) and every task it
 supports, transformers' greedy `generate` (one request at a time, fp32) gives the reference answer,
 and `paligemma --batch ... --json` gives ours for each `--dtypes` entry. Detection is scored from the
 binary's own `detections` (boxes in image pixels, as a user gets them), the other tasks from its
@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 from . import scenes, tasks
-from .fit import EVAL_SEED_BASE
 from .score import Tally
 
 REPO = Path(__file__).resolve().parent.parent
+# Held-out scenes start here; training counts its scene seeds up from 0 (train/fit.py).
+EVAL_SEED_BASE = 10_000_000
 BINARY = REPO / "target" / "release" / "paligemma"
 MAX_NEW_TOKENS = 48
 CHUNK = 64  # requests per `paligemma --batch` run
@@ -43,11 +44,17 @@ def requests(count: int, image_size: int, image_dir: Path, first: int = 0) -> li
 
 def run_transformers(reference: Path, reqs: list[dict]) -> list[dict]:
     import torch
-    from PIL import Image
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
     model = PaliGemmaForConditionalGeneration.from_pretrained(reference, dtype=torch.float32).eval()
-    proc = PaliGemmaProcessor.from_pretrained(reference)
+    return transformers_answers(model, PaliGemmaProcessor.from_pretrained(reference), reqs)
+
+
+def transformers_answers(model, proc, reqs: list[dict]) -> list[dict]:
+    """Greedy token ids (up to and without `<eos>`) and text of each request, one at a time."""
+    import torch
+    from PIL import Image
+
     eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
               else [model.generation_config.eos_token_id])
     answers = []

@@ -4,7 +4,7 @@ for a seed (same seed, same thread count, same weights).
     python -m train.fit --out target/scenes-hf [--steps 4000] [--seed 0]
 
 Every step draws `batch` fresh scenes (seeds counted up from 0; evaluation uses seeds from
-`EVAL_SEED_BASE`, so no held-out scene is ever trained on) and one task per scene.
+`train.evaluate.EVAL_SEED_BASE`, so no held-out scene is ever trained on) and one task per scene.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import tempfile
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -19,10 +20,9 @@ from pathlib import Path
 import torch
 
 from . import scenes, tasks
+from .evaluate import requests, transformers_answers
 from .model import ModelConfig, build
 from .score import Tally, task_name
-
-EVAL_SEED_BASE = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -106,19 +106,14 @@ def per_task_loss(logits: torch.Tensor, labels: torch.Tensor, names: list[str]) 
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
-@torch.no_grad()
-def quick_eval(model, proc, cfg: ModelConfig, n: int, max_new_tokens: int = 48) -> dict:
-    """Greedy answers for every task of `n` held-out scenes (batched per scene, left-padded)."""
+def quick_eval(model, proc, cfg: ModelConfig, n: int) -> dict:
+    """transformers' scores on the first `n` held-out scenes, as train.evaluate scores them."""
     model.eval()
     tally = Tally()
-    proc.tokenizer.padding_side = "left"
-    for i in range(n):
-        scene = scenes.generate(EVAL_SEED_BASE + i, cfg.image_size)
-        pairs = tasks.tasks_for(scene)
-        inputs = proc(images=[scene.image] * len(pairs), text=[p for p, _ in pairs], return_tensors="pt", padding="longest")
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        for (prompt, target), row in zip(pairs, out[:, inputs["input_ids"].shape[1]:]):
-            tally.add(scene, prompt, target, proc.tokenizer.decode(row, skip_special_tokens=True).strip())
+    with tempfile.TemporaryDirectory() as work:
+        reqs = requests(n, cfg.image_size, Path(work))
+        for r, answer in zip(reqs, transformers_answers(model, proc, reqs)):
+            tally.add(r["scene"], r["prompt"], r["target"], answer["text"])
     model.train()
     return tally.summary()
 

@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from . import scenes, tasks
-from .evaluate import REPO, evaluate, table
-from .fit import EVAL_SEED_BASE
+from .evaluate import EVAL_SEED_BASE, REPO, evaluate, table
 
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
             "tokenizer_config.json", "training.json")
