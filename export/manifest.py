@@ -11,8 +11,11 @@ import os
 from importlib import metadata
 from pathlib import Path
 
+from .quantize import WEIGHT_FORMATS
+
 FORMAT = "paligemma-onnx"
-FORMAT_VERSION = 1
+# 2: adds `quantization` (what each quantized dtype's graphs hold; int8 weights became uint8).
+FORMAT_VERSION = 2
 
 # transformers.js file-name suffixes per dtype (model.onnx, model_fp16.onnx, ...).
 DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "q4": "_q4"}
@@ -79,7 +82,8 @@ def write_manifest(
     quantized: dict[str, tuple[str, ...]] | None = None,
 ) -> Path:
     """`quantized`: dtype key ("int8", "q4") -> the graphs that have a file of their own in it; the
-    others of that dtype run the `dtype` file. The seg decoder has one float32 file for every dtype."""
+    others of that dtype run the `dtype` file. The seg decoder has one float32 file for every dtype.
+    `quantization` records each quantized dtype's weight format and the graphs that hold it."""
     quantized = quantized or {}
     dtypes = [dtype, *quantized]
     graphs = {
@@ -98,6 +102,7 @@ def write_manifest(
         **facts,
         "dtypes": dtypes,
         "graphs": graphs,
+        "quantization": {q: {**WEIGHT_FORMATS[q], "graphs": list(own)} for q, own in quantized.items()},
         "files": files,
         "file_sizes": {f: (out_dir / f).stat().st_size for f in files},
         "producer": _versions(),

@@ -1,9 +1,16 @@
 """`convert --quantize int8|int4`: weight-quantized copies of the exported fp32 graphs.
 
 Two schemes, named like the transformers.js variants so the same model directory layout serves both:
- - int8 (`*_int8.onnx`): symmetric int8 weights per output column, activations quantized per run
-   (ONNX Runtime's DynamicQuantizeMatMul, the op its own dynamic quantization fuses to; int8 x int8
-   with VNNI where the CPU has it). A CPU format: no CUDA kernel.
+ - int8 (`*_int8.onnx`): symmetric 8-bit weights per output column, stored as uint8 with zero point
+   128, activations quantized per run (ONNX Runtime's DynamicQuantizeMatMul). uint8 weights, not
+   int8, so that every CPU computes the same integers: ONNX Runtime's int8-weight (U8S8) kernels on
+   x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) add u8 x s8 products in pairs with
+   `vpmaddubsw`, whose 16-bit sums saturate (255 x 127 x 2 > 32767), while its uint8-weight (U8U8)
+   kernels widen to 16 bits first and sum in 32 bits on every x86 CPU (mlas
+   `QgemmU8X8KernelAvx2.S`, `QgemmU8X8KernelAvx512Core.S`). Measured on the tiny checkpoints: int8
+   weights agreed with fp32 on 92.4% of teacher-forced positions with AVX-512 VNNI and on 67.5% on
+   AVX2; uint8 weights give 92.4% on both (see `WEIGHT_FORMATS` and docs/QUANTIZATION.md). A CPU
+   format: no CUDA kernel.
  - int4 (`*_q4.onnx`): ONNX Runtime's MatMulNBits, symmetric 4-bit blocks of 32 along the input
    dimension with int8 compute (accuracy_level 4); CPU and CUDA kernels.
 
@@ -40,6 +47,13 @@ ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations x int4 weights, the fast CPU
 # vision encoder or the embedding as well as the decoder cost 1-8 points more each. The embedding
 # costs no memory to leave in fp32: ONNX Runtime maps its data file and only looked-up rows are read.
 QUANTIZED_GRAPHS = {"int8": ("decoder",), "q4": ("decoder",)}
+# What each dtype's graphs hold, written to manifest.json's `quantization` so a runtime knows the
+# format without opening the graph (the Rust runtime warns about formats a CPU computes wrongly).
+# Manifests without it (format_version 1) had int8 weights in DynamicQuantizeMatMul.
+WEIGHT_FORMATS = {
+    "int8": {"op": "DynamicQuantizeMatMul", "weight_type": "uint8", "weight_zero_point": 128, "per": "column"},
+    "q4": {"op": "MatMulNBits", "weight_type": "uint4", "bits": 4, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL},
+}
 ALIGN = 4096  # external data offsets on page boundaries, so ONNX Runtime can map them
 
 
@@ -114,17 +128,20 @@ def _rewrite(node, weight_name: str, w: np.ndarray, dtype: str) -> tuple[onnx.No
     """MatMul(A, W f32[K,N]) -> the quantized op and its new weight tensors."""
     k, n = w.shape
     if dtype == "int8":
-        # Symmetric per output column; a zero column keeps scale 1 so nothing divides by zero.
-        # Column blocks bound the temporaries (the vocabulary projection is 2.4 GB at 3B).
-        q = np.empty((k, n), np.int8)
+        # Symmetric per output column (-127..127, shifted by the zero point 128 into uint8: see the
+        # module docstring); a zero column keeps scale 1 so nothing divides by zero. Column blocks
+        # bound the temporaries (the vocabulary projection is 2.4 GB at 3B).
+        zero_point = WEIGHT_FORMATS["int8"]["weight_zero_point"]
+        q = np.empty((k, n), np.uint8)
         scale = np.empty(n, np.float32)
         for j in range(0, n, 8192):
             block = w[:, j : j + 8192]
             absmax = np.abs(block).max(axis=0)
             scale[j : j + 8192] = np.where(absmax > 0, absmax / 127.0, 1.0)
-            q[:, j : j + 8192] = np.clip(np.rint(block / scale[j : j + 8192]), -127, 127)
-        tensors = [(f"{weight_name}_quantized", q), (f"{weight_name}_scale", scale)]
-        op = helper.make_node("DynamicQuantizeMatMul", [node.input[0], tensors[0][0], tensors[1][0]], list(node.output),
+            q[:, j : j + 8192] = np.clip(np.rint(block / scale[j : j + 8192]), -127, 127) + zero_point
+        tensors = [(f"{weight_name}_quantized", q), (f"{weight_name}_scale", scale),
+                   (f"{weight_name}_zero_point", np.full(n, zero_point, np.uint8))]
+        op = helper.make_node("DynamicQuantizeMatMul", [node.input[0], *(name for name, _ in tensors)], list(node.output),
                               name=f"{node.name}_int8", domain="com.microsoft")
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer

@@ -8,7 +8,9 @@ use serde::Deserialize;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 const FORMAT: &str = "paligemma-onnx";
-const FORMAT_VERSION: u32 = 1;
+/// Version 2 adds `quantization`; version 1 manifests still load (their int8 graphs hold int8
+/// weights, see [`Manifest::weight_format`]).
+const FORMAT_VERSIONS: std::ops::RangeInclusive<u32> = 1..=2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -16,7 +18,7 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a valid manifest: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("{path}: format {found:?} version {version}, this runtime reads {FORMAT:?} version {FORMAT_VERSION}; re-run the export with this repository's `export/`")]
+    #[error("{path}: format {found:?} version {version}, this runtime reads {FORMAT:?} versions {}-{}; re-run the export with this repository's `export/`", FORMAT_VERSIONS.start(), FORMAT_VERSIONS.end())]
     Format { path: PathBuf, found: String, version: u32 },
     #[error("{path}: the model has no {dtype} graphs (it has: {available}); pick one with --dtype, or convert with --dtype fp32|fp16 or --quantize int8|int4 (dtypes int8, q4)")]
     MissingDtype { path: PathBuf, dtype: String, available: String },
@@ -32,6 +34,29 @@ pub struct Graphs {
     pub embed_tokens: GraphFiles,
     pub decoder: GraphFiles,
     pub seg_decoder: Option<GraphFiles>,
+}
+
+/// What the quantized graphs of one dtype hold (`quantization` in manifest.json, written from
+/// `export/quantize.py`'s `WEIGHT_FORMATS`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct WeightFormat {
+    /// The ONNX Runtime op the constant-weight MatMuls became: `DynamicQuantizeMatMul`, `MatMulNBits`.
+    pub op: String,
+    /// Element type of the stored weights: `uint8`, `int8`, `uint4`.
+    pub weight_type: String,
+    /// The graphs with quantized weights; the dtype's other graphs run the fp32 files.
+    pub graphs: Vec<String>,
+    /// Scheme details (block size, zero point, accuracy level), for people and tools.
+    #[serde(flatten)]
+    pub details: BTreeMap<String, serde_json::Value>,
+}
+
+impl WeightFormat {
+    /// int8 weights in ONNX Runtime's dynamic-quantization ops: the `U8S8` kernels, which saturate
+    /// on x86 CPUs without VNNI (see [`crate::cpu`]).
+    pub fn has_int8_weights_in_integer_matmul(&self) -> bool {
+        self.weight_type == "int8" && matches!(self.op.as_str(), "DynamicQuantizeMatMul" | "MatMulInteger")
+    }
 }
 
 /// One converted model, as `export/manifest.py` describes it. Key names are the Hugging Face
@@ -64,6 +89,9 @@ pub struct Manifest {
     pub seg_token_start: i64,
     pub dtypes: Vec<String>,
     pub graphs: Graphs,
+    /// Quantized dtype -> what its graphs hold; absent in version 1 manifests.
+    #[serde(default)]
+    pub quantization: BTreeMap<String, WeightFormat>,
     pub files: Vec<String>,
     pub file_sizes: BTreeMap<String, u64>,
     pub producer: BTreeMap<String, String>,
@@ -80,7 +108,7 @@ impl Manifest {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        if manifest.format != FORMAT || manifest.format_version != FORMAT_VERSION {
+        if manifest.format != FORMAT || !FORMAT_VERSIONS.contains(&manifest.format_version) {
             return Err(ConfigError::Format {
                 path,
                 found: manifest.format,
@@ -88,6 +116,21 @@ impl Manifest {
             });
         }
         Ok(manifest)
+    }
+
+    /// What the graphs of a quantized `dtype` hold; `None` for float dtypes. Version 1 manifests
+    /// predate the record, and their `int8` graphs (the only quantized dtype then besides `q4`) hold
+    /// int8 weights in `DynamicQuantizeMatMul` in the decoder.
+    pub fn weight_format(&self, dtype: &str) -> Option<WeightFormat> {
+        if let Some(format) = self.quantization.get(dtype) {
+            return Some(format.clone());
+        }
+        (self.format_version == 1 && dtype == "int8").then(|| WeightFormat {
+            op: "DynamicQuantizeMatMul".into(),
+            weight_type: "int8".into(),
+            graphs: vec!["decoder".into()],
+            details: BTreeMap::new(),
+        })
     }
 
     /// The file of `graph` in `dtype`, relative to the model directory.

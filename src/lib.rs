@@ -5,6 +5,7 @@ pub mod annotate;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod cpu;
 pub mod detect;
 pub mod generate;
 pub mod hub;

@@ -508,7 +508,9 @@ pub enum SessionError {
 }
 
 /// Builds a session for the graph at `path` with the providers in priority order (empty: ONNX
-/// Runtime's default, CPU) and `threads` intra-op threads (`None`: ONNX Runtime's default).
+/// Runtime's default, CPU), `threads` intra-op threads (`None`: ONNX Runtime's default) and
+/// `config_entries`, ONNX Runtime session config keys and values
+/// (`onnxruntime_session_options_config_keys.h`).
 ///
 /// A provider that cannot start is an error naming it and ONNX Runtime's reason, unless another
 /// listed provider starts: then the session is built without it and `SessionReport::warnings`
@@ -517,6 +519,7 @@ pub fn build_session(
     path: &Path,
     eps: &[ExecutionProvider],
     threads: Option<usize>,
+    config_entries: &[(&str, &str)],
 ) -> Result<(Session, SessionReport), SessionError> {
     let environment = environment().ok_or(SessionError::NotInitialized)?;
     if !path.is_file() {
@@ -532,7 +535,7 @@ pub fn build_session(
     let mut candidates: Vec<ExecutionProvider> = eps.to_vec();
     let mut failures: Vec<ProviderFailure> = Vec::new();
     loop {
-        let mut builder = new_builder(&environment, threads).map_err(ort_failure)?;
+        let mut builder = new_builder(&environment, threads, config_entries).map_err(ort_failure)?;
         let mut started = Vec::new();
         for &provider in &candidates {
             match register(provider, &mut builder) {
@@ -597,10 +600,14 @@ pub fn build_session(
 fn new_builder(
     environment: &Environment,
     threads: Option<usize>,
+    config_entries: &[(&str, &str)],
 ) -> Result<SessionBuilder, ort::Error> {
-    let builder = Session::builder(environment)?
+    let mut builder = Session::builder(environment)?
         .with_config_entry(RECORD_ASSIGNMENT_KEY, "1")
         .map_err(ort::Error::<()>::from)?;
+    for (key, value) in config_entries {
+        builder = builder.with_config_entry(*key, *value).map_err(ort::Error::<()>::from)?;
+    }
     match threads {
         Some(n) => builder
             .with_intra_threads(n)

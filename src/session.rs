@@ -14,6 +14,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use crate::config::{ConfigError, Manifest};
+use crate::cpu::{int8_weight_kernels_saturate, INT8_EXACT_FEATURES};
 use crate::onnxruntime::{build_session, ExecutionProvider, SessionError};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,17 +59,19 @@ struct Graph {
 }
 
 impl Graph {
+    #[allow(clippy::too_many_arguments)]
     fn open(
         name: &'static str,
         dir: &Path,
         file: &str,
         eps: &[ExecutionProvider],
         threads: Option<usize>,
+        config_entries: &[(&str, &str)],
         providers: &mut Vec<(String, Vec<String>)>,
         warnings: &mut Vec<String>,
     ) -> Result<Graph, ModelError> {
         let path = dir.join(file);
-        let (session, report) = build_session(&path, eps, threads)?;
+        let (session, report) = build_session(&path, eps, threads, config_entries)?;
         providers.push((name.to_string(), report.providers));
         // Every graph meets the same failing provider: say it once.
         for warning in report.warnings {
@@ -191,6 +194,21 @@ impl Float {
     }
 }
 
+/// ONNX Runtime's session config key (`kOrtSessionOptionsAvx2PrecisionMode`) that rewrites constant
+/// int8 weights of its integer MatMul ops to uint8 when its int8 kernels can saturate, so the exact
+/// uint8 kernels run (`Avx2WeightS8ToU8Transformer`).
+const X64_QUANT_PRECISION: &str = "session.x64quantprecision";
+
+/// The graphs of `dtype` whose int8-weight kernels would saturate on this CPU: they are built with
+/// [`X64_QUANT_PRECISION`]. Empty for every format but int8 weights in integer MatMul ops (version 1
+/// conversions' `int8`), and on CPUs with VNNI.
+fn exact_int8_graphs(manifest: &Manifest, dtype: &str) -> Vec<String> {
+    match manifest.weight_format(dtype) {
+        Some(format) if format.has_int8_weights_in_integer_matmul() && int8_weight_kernels_saturate() => format.graphs,
+        _ => Vec::new(),
+    }
+}
+
 /// The sessions of one model directory.
 pub struct ModelSessions {
     manifest: Manifest,
@@ -220,9 +238,23 @@ impl ModelSessions {
         let mut warnings = Vec::new();
         let m = &manifest;
         let g = &m.graphs;
-        let mut open = |name, files| -> Result<Graph, ModelError> {
+        let exact_int8 = exact_int8_graphs(m, dtype);
+        let mut open = |name: &'static str, files| -> Result<Graph, ModelError> {
             let file = m.graph_file(dir, files, dtype)?;
-            Graph::open(name, dir, file, eps, threads, &mut providers, &mut warnings)
+            let entries: &[(&str, &str)] = if exact_int8.iter().any(|g| g == name) {
+                warnings.push(format!(
+                    "{file} holds int8 weights ({}), which ONNX Runtime sums with saturating 16-bit \
+                     instructions on this CPU: it has no {INT8_EXACT_FEATURES}. Running it with ONNX \
+                     Runtime's exact uint8 kernels instead ({X64_QUANT_PRECISION}=1), which is slower; \
+                     re-convert with this version's `python -m export convert --quantize int8` (uint8 \
+                     weights, exact on every CPU), or use --dtype q4",
+                    m.weight_format(dtype).map(|f| f.op).unwrap_or_default()
+                ));
+                &[(X64_QUANT_PRECISION, "1")]
+            } else {
+                &[]
+            };
+            Graph::open(name, dir, file, eps, threads, entries, &mut providers, &mut warnings)
         };
         let vision = open("vision_encoder", &g.vision_encoder)?;
         let embed = open("embed_tokens", &g.embed_tokens)?;

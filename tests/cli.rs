@@ -316,27 +316,49 @@ fn missing_onnxruntime_library() {
     assert_error(&run_image(&model(), &image("chelsea.png"), "caption en", &["--ort-lib", "/nonexistent/libonnxruntime.so"]), &["/nonexistent/libonnxruntime.so"]);
 }
 
-#[test]
-fn dtype_q4_runs_the_quantized_decoder() {
-    // `python -m export fixtures` converts gqa1 with --quantize int8,int4 (manifest dtypes int8, q4).
-    let out = run_image(&model(), &image("chelsea.png"), "caption en", &["--dtype", "q4", "--json"]);
+/// Every test image with every prompt of the fixtures' search (export/fixtures.py SEARCH_PROMPTS),
+/// 40 tokens each, as `--batch --json` rows in `dtype`.
+fn search_rows(dtype: &str) -> Vec<serde_json::Value> {
+    const PROMPTS: [&str; 7] = [
+        "caption en",
+        "answer en what is in the image ? how many people are there",
+        "detect cat ; dog ; car",
+        "ocr",
+        "segment the rocket",
+        "describe en",
+        "question en a red car",
+    ];
+    let file = scratch(&format!("search-{dtype}")).join("requests.jsonl");
+    let lines: String = ["chelsea.png", "camera.png", "rocket.jpg", "text.png"]
+        .iter()
+        .flat_map(|name| PROMPTS.map(|prompt| serde_json::json!({"image": image(name), "prompt": prompt}).to_string() + "\n"))
+        .collect();
+    std::fs::write(&file, lines).unwrap();
+    let m = model().display().to_string();
+    let out = paligemma(&["--model", &m, "--batch", file.to_str().unwrap(), "--dtype", dtype, "--max-new-tokens", "40", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(!v["token_ids"].as_array().unwrap().is_empty());
-    // The output does not name its dtype: the q4 file going missing proves it is the one opened.
-    let dir = model_copy("noq4");
-    std::fs::remove_file(dir.join("onnx/decoder_model_merged_q4.onnx")).unwrap();
-    assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &["--dtype", "q4"]), &["decoder_model_merged_q4.onnx"]);
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// int8 and q4 are lossy, so their answers are held to agreement with fp32 above a floor, never to
+/// one pinned output, and each dtype must open its own decoder.
 #[test]
-fn dtype_int8_keeps_the_fp32_caption_of_chelsea() {
-    // Measured: gqa1's int8 decoder follows fp32 for the first 9 tokens of this caption (8 compared).
-    let fp32 = run_image(&model(), &image("chelsea.png"), "caption en", &["--json"]);
-    let int8 = run_image(&model(), &image("chelsea.png"), "caption en", &["--dtype", "int8", "--json"]);
-    assert!(int8.status.success(), "{}", String::from_utf8_lossy(&int8.stderr));
-    let (fp32, int8): (serde_json::Value, serde_json::Value) = (serde_json::from_slice(&fp32.stdout).unwrap(), serde_json::from_slice(&int8.stdout).unwrap());
-    assert_eq!(int8["token_ids"], fp32["token_ids"]);
+fn quantized_dtypes_run_their_own_decoders_and_agree_with_fp32_above_a_floor() {
+    // Whole rows equal to fp32's, of 28. Measured on gqa1: int8 17 (0.61), q4 8 (0.29), the same rows
+    // on an AMD EPYC with avx512_vnni and under qemu-x86_64 -cpu EPYC-Milan (avx2, no avx512). The
+    // floors are those export/tests/test_quantize.py holds against transformers on 63 rows.
+    let fp32 = search_rows("fp32");
+    for (dtype, file, floor) in [("int8", "decoder_model_merged_int8.onnx", 0.45), ("q4", "decoder_model_merged_q4.onnx", 0.10)] {
+        let rows = search_rows(dtype);
+        assert_eq!(rows.len(), fp32.len());
+        let same = rows.iter().zip(&fp32).filter(|(q, f)| q["token_ids"] == f["token_ids"]).count();
+        let share = same as f64 / rows.len() as f64;
+        assert!(share >= floor, "{dtype}: {same} of {} rows equal fp32's, floor {floor}", rows.len());
+        // The output does not name its dtype: the file going missing proves it is the one opened.
+        let dir = model_copy(&format!("no-{dtype}"));
+        std::fs::remove_file(dir.join("onnx").join(file)).unwrap();
+        assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &["--dtype", dtype]), &[file]);
+    }
 }
 
 #[test]

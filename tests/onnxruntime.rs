@@ -213,7 +213,7 @@ fn env_path_to_a_missing_file_is_an_error_not_a_fallthrough() {
 fn cpu_session_runs_and_reports_cpu_provider() {
     runtime();
     let (mut session, report) =
-        onnxruntime::build_session(&tiny_model(), &[ExecutionProvider::Cpu], Some(1))
+        onnxruntime::build_session(&tiny_model(), &[ExecutionProvider::Cpu], Some(1), &[])
             .expect("CPU session");
     assert_eq!(
         report.providers,
@@ -253,6 +253,7 @@ fn cuda_falls_back_to_cpu_with_a_warning_when_the_wheel_has_no_cuda() {
         &tiny_model(),
         &[ExecutionProvider::Cuda, ExecutionProvider::Cpu],
         None,
+        &[],
     )
     .expect("falls back to CPU");
     assert_eq!(
@@ -271,7 +272,7 @@ fn cuda_falls_back_to_cpu_with_a_warning_when_the_wheel_has_no_cuda() {
 #[test]
 fn cuda_alone_is_an_error_naming_cuda() {
     runtime();
-    let error = onnxruntime::build_session(&tiny_model(), &[ExecutionProvider::Cuda], None)
+    let error = onnxruntime::build_session(&tiny_model(), &[ExecutionProvider::Cuda], None, &[])
         .expect_err("no CUDA here");
     let message = error.to_string();
     assert!(
@@ -291,7 +292,7 @@ fn corrupt_graph_is_an_error_with_path_and_ort_message() {
     let path = dir.join("broken.onnx");
     std::fs::write(&path, b"this is not a protobuf \x08\x96\x01 at all").expect("write");
     let error =
-        onnxruntime::build_session(&path, &[ExecutionProvider::Cpu], None).expect_err("corrupt");
+        onnxruntime::build_session(&path, &[ExecutionProvider::Cpu], None, &[]).expect_err("corrupt");
     let message = error.to_string();
     assert!(
         matches!(error, SessionError::CorruptGraph { .. }),
@@ -309,7 +310,7 @@ fn missing_graph_is_an_error_naming_the_path() {
     runtime();
     let path = manifest_dir().join("tests/data/no_such_graph.onnx");
     let error =
-        onnxruntime::build_session(&path, &[ExecutionProvider::Cpu], None).expect_err("missing");
+        onnxruntime::build_session(&path, &[ExecutionProvider::Cpu], None, &[]).expect_err("missing");
     assert!(matches!(error, SessionError::MissingGraph { .. }));
     assert!(error.to_string().contains("no_such_graph.onnx"));
 }
