@@ -8,6 +8,9 @@ Steps:
     its memory; the same threads, image(s), prompt and token counts for all;
  4. for each quantized dtype, top-1 agreement with transformers' fp32 argmax, teacher-forced on
     seeded random tokens (`bench.agreement`, its own process);
+    `--baseline LABEL=DIR` adds another conversion of the same checkpoint (one made by an earlier
+    version of the converter, say) with the same dtypes, so a format change is measured before and
+    after in one run;
  5. print the markdown tables (`report.py`) and write them with the raw figures as JSON.
 
 No figure here is asserted anywhere: timings are reported, never tested.
@@ -48,6 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write results .json and .md here (default WORK/<model>-results)")
     parser.add_argument("--binary", type=Path, default=REPO / "target/release/paligemma")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers (ratios then use the first dtype)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=DIR",
+                        help="also run these dtypes of another conversion of the same checkpoint (e.g. by an earlier "
+                             "version: `git worktree add /tmp/old COMMIT`, then its `python -m export convert "
+                             "WORK/<model>/source DIR --quantize int8,int4`), rows labelled `paligemma (LABEL)`")
     return parser.parse_args(argv)
 
 
@@ -93,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {args.binary} is missing: build it with `cargo build --release`")
     images = [str(p) for p in (args.image or DEFAULT_IMAGES)]
     python = sys.executable
+    baselines = []
+    for item in args.baseline:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not (Path(path) / "manifest.json").is_file():
+            raise SystemExit(f"error: --baseline {item}: give LABEL=DIR, DIR a converted model directory with manifest.json")
+        baselines.append((label, Path(path)))
 
     print(f"model: {args.preset}, {args.layers} text / {vision_layers} vision layers (building and converting once) ...", file=sys.stderr)
     source, model_dir = checkpoint.build(args.work, args.preset, args.layers, vision_layers, QUANTIZED)
@@ -102,19 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     log = out / "stderr.log"
     log.write_text("")
     manifest = json.loads((model_dir / "manifest.json").read_text())
+    # (row label, model directory) for every conversion measured: this converter's, then the baselines.
+    conversions = [("paligemma", model_dir), *((f"paligemma ({label})", path) for label, path in baselines)]
 
     print("memory bandwidth ...", file=sys.stderr)
     # Measured before and after the runs: neighbours on a shared host move it by 10-15%, and the
     # floor must be what the machine can do, so each figure is the better of the two.
     before = machine.bandwidth(args.threads)
 
-    def annotate(result: dict, runtime: str, dtype: str, memory: dict) -> dict:
-        graphs = manifest["graphs"]
-        decoder_bytes = machine.weight_bytes(model_dir, graphs["decoder"][dtype])
-        all_bytes = sum(machine.weight_bytes(model_dir, graphs[g][dtype]) for g in ("vision_encoder", "embed_tokens", "decoder"))
+    def annotate(result: dict, runtime: str, dtype: str, memory: dict, directory: Path = model_dir) -> dict:
+        graphs = json.loads((directory / "manifest.json").read_text())["graphs"]
+        decoder_bytes = machine.weight_bytes(directory, graphs["decoder"][dtype])
+        all_bytes = sum(machine.weight_bytes(directory, graphs[g][dtype]) for g in ("vision_encoder", "embed_tokens", "decoder"))
         return {
             **result,
             "runtime": runtime,
+            "model_dir": str(directory),
             "memory": memory,
             "decoder_bytes": decoder_bytes,
             "graph_gb": all_bytes / 1e9 if runtime != "transformers" else None,
@@ -137,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         print("transformers fp32 ...", file=sys.stderr)
         hf, memory = measured([python, "-m", "bench.hf", "--source", str(source), *common], log)
         results.append(annotate(hf, "transformers", "fp32", memory))
-    for dtype in dtypes:
-        print(f"paligemma {dtype} ...", file=sys.stderr)
-        ours, memory = measured([str(args.binary), "bench", "--model", str(model_dir), "--dtype", dtype, *common], log)
-        results.append(annotate(ours, "paligemma", dtype, memory))
+    for runtime, directory in conversions:
+        for dtype in dtypes:
+            print(f"{runtime} {dtype} ...", file=sys.stderr)
+            ours, memory = measured([str(args.binary), "bench", "--model", str(directory), "--dtype", dtype, *common], log)
+            results.append(annotate(ours, runtime, dtype, memory, directory))
 
     if not args.no_transformers:
         reference = results[0]
@@ -150,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in results[1:]:
             r["greedy"] = report.greedy_agreement(r["token_ids"], reference["token_ids"])
             if r["dtype"] != "fp32":
-                print(f"teacher-forced agreement {r['dtype']} ...", file=sys.stderr)
+                print(f"teacher-forced agreement {r['runtime']} {r['dtype']} ...", file=sys.stderr)
                 r["teacher_forced"], _ = measured(
-                    [python, "-m", "bench.agreement", "--model", str(model_dir), "--source", str(source), "--dtype", r["dtype"],
+                    [python, "-m", "bench.agreement", "--model", r["model_dir"], "--source", str(source), "--dtype", r["dtype"],
                      "--threads", str(args.threads), "--reference", str(ref_file)],
                     log,
                 )

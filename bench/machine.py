@@ -38,18 +38,14 @@ def bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> dict[str, flo
 
 
 def describe() -> dict[str, str | int]:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    """The CPU with the flags that choose ONNX Runtime's int8 kernels (`export.cpu`), cores, memory."""
+    from export import cpu
+
     mem = 0
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
         mem = int(meminfo.read_text().split()[1]) * 1024
-    return {"cpu": cpu, "cores": os.cpu_count() or 0, "memory_gb": round(mem / 1e9, 1), "system": platform.platform()}
+    return {"cpu": cpu.describe(), "cores": os.cpu_count() or 0, "memory_gb": round(mem / 1e9, 1), "system": platform.platform()}
 
 
 def weight_bytes(model_dir: Path, graph_file: str) -> int:

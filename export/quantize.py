@@ -1,18 +1,17 @@
 """`convert --quantize int8|int4`: weight-quantized copies of the exported fp32 graphs.
 
-Two schemes, named like the transformers.js variants so the same model directory layout serves both:
- - int8 (`*_int8.onnx`): symmetric 8-bit weights per output column, stored as uint8 with zero point
-   128, activations quantized per run (ONNX Runtime's DynamicQuantizeMatMul). uint8 weights, not
-   int8, so that every CPU computes the same integers: ONNX Runtime's int8-weight (U8S8) kernels on
-   x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) add u8 x s8 products in pairs with
-   `vpmaddubsw`, whose 16-bit sums saturate (255 x 127 x 2 > 32767), while its uint8-weight (U8U8)
-   kernels widen to 16 bits first and sum in 32 bits on every x86 CPU (mlas
-   `QgemmU8X8KernelAvx2.S`, `QgemmU8X8KernelAvx512Core.S`). Measured on the tiny checkpoints: int8
-   weights agreed with fp32 on 92.4% of teacher-forced positions with AVX-512 VNNI and on 67.5% on
-   AVX2; uint8 weights give 92.4% on both (see `WEIGHT_FORMATS` and docs/QUANTIZATION.md). A CPU
-   format: no CUDA kernel.
- - int4 (`*_q4.onnx`): ONNX Runtime's MatMulNBits, symmetric 4-bit blocks of 32 along the input
-   dimension with int8 compute (accuracy_level 4); CPU and CUDA kernels.
+Both schemes are ONNX Runtime's MatMulNBits with int8 compute (accuracy_level 4: each activation
+row quantized to int8 per block at run time), named like the transformers.js variants so the same
+model directory layout serves both; CPU and CUDA kernels:
+ - int8 (`*_int8.onnx`): symmetric 8-bit weights in blocks of 128 along the input dimension.
+ - int4 (`*_q4.onnx`): symmetric 4-bit weights in blocks of 32.
+
+Chosen by measurement (docs/QUANTIZATION.md): the int8 format these replaced, int8 weights in
+DynamicQuantizeMatMul, is computed with saturating 16-bit sums on x86 CPUs without VNNI (92.4% ->
+67.5% teacher-forced agreement on a tiny checkpoint); uint8 weights in the same op are exact there
+but lost 7 points of agreement to MatMulNBits at full 3B width (82.8% against 89.5%), which also
+decodes faster. MatMulNBits' 8-bit kernels never saturate: VNNI where the CPU has it, else each
+16-bit pair sum holds one product (mlas `sqnbitgemm_kernel_avx2_int8_blklen*.h`).
 
 Every MatMul with a constant 2-D weight is rewritten, the vocabulary projection included. Graph
 inputs and outputs stay float32: only weights change, so the runtimes' I/O checks hold.
@@ -38,22 +37,22 @@ from .graph import PROTOBUF_LIMIT
 
 # --quantize value -> manifest dtype key (transformers.js calls its 4-bit variant q4).
 SCHEMES = {"int8": "int8", "int4": "q4"}
-# gqa1 (hidden 64: two blocks a row) measured 52.0% agreement at 32, 56.6% at 16 (+5% size), 49.6% at
-# 128; 32 stays until the full-width measurement, where rows are 2304 wide.
-BLOCK_SIZE = 32
-ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations x int4 weights, the fast CPU path
+ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations x n-bit weights, the fast CPU path
+# What each dtype's graphs hold, written to manifest.json's `quantization` so a runtime knows the
+# format without opening the graph (the Rust runtime warns about formats a CPU computes wrongly).
+# Manifests without it (format_version 1) had int8 weights in DynamicQuantizeMatMul.
+# Block sizes, measured: q4 on gqa1 (hidden 64) 52.0% agreement at 32, 56.6% at 16 (+5% size), 49.6%
+# at 128. int8 on the full-width 3B 89.8% at 32, 89.5% at 128, whose decode step was 18% faster and
+# prefill 26% faster (26 layers, 2 threads, AVX-512 VNNI).
+WEIGHT_FORMATS = {
+    "int8": {"op": "MatMulNBits", "weight_type": "uint8", "bits": 8, "block_size": 128, "accuracy_level": ACCURACY_LEVEL},
+    "q4": {"op": "MatMulNBits", "weight_type": "uint4", "bits": 4, "block_size": 32, "accuracy_level": ACCURACY_LEVEL},
+}
 # Graphs each scheme rewrites; the others of a quantized dtype run the fp32 file. Measured on the
 # three tiny test checkpoints (teacher-forced top-1 agreement with fp32, see README): quantizing the
 # vision encoder or the embedding as well as the decoder cost 1-8 points more each. The embedding
 # costs no memory to leave in fp32: ONNX Runtime maps its data file and only looked-up rows are read.
 QUANTIZED_GRAPHS = {"int8": ("decoder",), "q4": ("decoder",)}
-# What each dtype's graphs hold, written to manifest.json's `quantization` so a runtime knows the
-# format without opening the graph (the Rust runtime warns about formats a CPU computes wrongly).
-# Manifests without it (format_version 1) had int8 weights in DynamicQuantizeMatMul.
-WEIGHT_FORMATS = {
-    "int8": {"op": "DynamicQuantizeMatMul", "weight_type": "uint8", "weight_zero_point": 128, "per": "column"},
-    "q4": {"op": "MatMulNBits", "weight_type": "uint4", "bits": 4, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL},
-}
 ALIGN = 4096  # external data offsets on page boundaries, so ONNX Runtime can map them
 
 
@@ -125,33 +124,18 @@ def quantize_graph(src: Path, dst: Path, dtype: str) -> Path:
 
 
 def _rewrite(node, weight_name: str, w: np.ndarray, dtype: str) -> tuple[onnx.NodeProto, list[tuple[TensorProto, np.ndarray]]]:
-    """MatMul(A, W f32[K,N]) -> the quantized op and its new weight tensors."""
-    k, n = w.shape
-    if dtype == "int8":
-        # Symmetric per output column (-127..127, shifted by the zero point 128 into uint8: see the
-        # module docstring); a zero column keeps scale 1 so nothing divides by zero. Column blocks
-        # bound the temporaries (the vocabulary projection is 2.4 GB at 3B).
-        zero_point = WEIGHT_FORMATS["int8"]["weight_zero_point"]
-        q = np.empty((k, n), np.uint8)
-        scale = np.empty(n, np.float32)
-        for j in range(0, n, 8192):
-            block = w[:, j : j + 8192]
-            absmax = np.abs(block).max(axis=0)
-            scale[j : j + 8192] = np.where(absmax > 0, absmax / 127.0, 1.0)
-            q[:, j : j + 8192] = np.clip(np.rint(block / scale[j : j + 8192]), -127, 127) + zero_point
-        tensors = [(f"{weight_name}_quantized", q), (f"{weight_name}_scale", scale),
-                   (f"{weight_name}_zero_point", np.full(n, zero_point, np.uint8))]
-        op = helper.make_node("DynamicQuantizeMatMul", [node.input[0], *(name for name, _ in tensors)], list(node.output),
-                              name=f"{node.name}_int8", domain="com.microsoft")
-    else:
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+    """MatMul(A, W f32[K,N]) -> MatMulNBits in `dtype`'s format and its new weight tensors."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-        config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=4)
-        packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w))
-        tensors = [(f"{weight_name}_Q4", packed), (f"{weight_name}_scales", scales)]
-        op = helper.make_node("MatMulNBits", [node.input[0], tensors[0][0], tensors[1][0]], list(node.output),
-                              name=f"{node.name}_Q4", domain="com.microsoft", K=k, N=n, bits=4,
-                              block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL)
+    k, n = w.shape
+    fmt = WEIGHT_FORMATS[dtype]
+    bits, block_size = fmt["bits"], fmt["block_size"]
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits)
+    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w))
+    tensors = [(f"{weight_name}_Q{bits}", packed), (f"{weight_name}_scales", scales)]
+    op = helper.make_node("MatMulNBits", [node.input[0], tensors[0][0], tensors[1][0]], list(node.output),
+                          name=f"{node.name}_Q{bits}", domain="com.microsoft", K=k, N=n, bits=bits,
+                          block_size=block_size, accuracy_level=ACCURACY_LEVEL)
     protos = []
     for name, array in tensors:
         proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))

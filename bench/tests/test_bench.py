@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import QUANTIZED, checkpoint, report
+from export import cpu
 
 REPO = Path(__file__).resolve().parents[2]
 BINARY = REPO / "target/release/paligemma"
@@ -22,8 +23,11 @@ TOKENS, LONG, BATCH = 6, 24, 3
 def results(tmp_path_factory):
     assert BINARY.is_file(), f"{BINARY} is missing: `cargo build --release` (bash .ci/setup does)"
     work = tmp_path_factory.mktemp("bench")
+    # The baseline is the very conversion the benchmark makes (built here first, then found in its
+    # cache), so its rows must repeat the main rows' tokens.
+    _, converted = checkpoint.build(work, "tiny", 2, 2, QUANTIZED)
     cmd = [sys.executable, "-m", "bench", "--preset", "tiny", "--work", str(work), "--tokens", str(TOKENS),
-           "--long-tokens", str(LONG), "--batch", str(BATCH)]
+           "--long-tokens", str(LONG), "--batch", str(BATCH), "--baseline", f"same={converted}"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = work / "tiny-L2-V2-results"
@@ -33,7 +37,7 @@ def results(tmp_path_factory):
 def test_every_runtime_and_dtype_is_measured_with_the_asked_lengths(results):
     summary, markdown, stdout = results
     rows = [(r["runtime"], r["dtype"]) for r in summary["results"]]
-    assert rows == [("transformers", "fp32"), ("paligemma", "fp32"), ("paligemma", "int8"), ("paligemma", "q4")]
+    assert rows == [("transformers", "fp32"), *((runtime, d) for runtime in ("paligemma", "paligemma (same)") for d in ("fp32", "int8", "q4"))]
     for r in summary["results"]:
         ids = r["token_ids"]
         assert len(ids["single"]) == TOKENS and len(ids["long"]) == LONG, r["runtime"]
@@ -43,6 +47,25 @@ def test_every_runtime_and_dtype_is_measured_with_the_asked_lengths(results):
     assert summary["bandwidth"]["read_gb_s"] > 0
     assert markdown.strip() in stdout
     assert markdown.count("| paligemma |") == 2 * 3
+    assert markdown.count("| paligemma (same) |") == 2 * 3
+    # Every figure names the CPU and each flag that picks the int8 kernels, present or not.
+    assert all(flag in summary["machine"]["cpu"] for flag in cpu.INT8_FLAGS), summary["machine"]
+
+
+def test_a_baseline_conversion_is_measured_beside_with_its_own_agreement(results):
+    summary, _, _ = results
+    ours = {r["dtype"]: r for r in summary["results"] if r["runtime"] == "paligemma"}
+    baseline = {r["dtype"]: r for r in summary["results"] if r["runtime"] == "paligemma (same)"}
+    for dtype, r in baseline.items():
+        assert r["token_ids"] == ours[dtype]["token_ids"], dtype
+        assert r.get("teacher_forced") == ours[dtype].get("teacher_forced"), dtype
+
+
+def test_a_baseline_that_is_not_a_conversion_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--preset", "tiny", "--work", str(tmp_path), "--baseline", f"old={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"--baseline old={tmp_path}: give LABEL=DIR, DIR a converted model directory with manifest.json" in proc.stderr
 
 
 def test_fp32_runtime_gives_transformers_tokens_with_forced_lengths(results):
