@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--binary", type=Path, default=REPO / "target/release/paligemma")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers (ratios then use the first dtype)")
     parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=DIR",
-                        help="also run these dtypes of another conversion of the same checkpoint (e.g. by an earlier "
+                        help="also run the dtypes its manifest lists of another conversion of the same checkpoint (e.g. by an earlier "
                              "version: `git worktree add /tmp/old COMMIT`, then its `python -m export convert "
                              "WORK/<model>/source DIR --quantize int8,int4`), rows labelled `paligemma (LABEL)`")
     return parser.parse_args(argv)
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         hf, memory = measured([python, "-m", "bench.hf", "--source", str(source), *common], log)
         results.append(annotate(hf, "transformers", "fp32", memory))
     for runtime, directory in conversions:
-        for dtype in dtypes:
+        listed = json.loads((directory / "manifest.json").read_text())["dtypes"]
+        for dtype in (d for d in dtypes if d in listed):
             print(f"{runtime} {dtype} ...", file=sys.stderr)
             ours, memory = measured([str(args.binary), "bench", "--model", str(directory), "--dtype", dtype, *common], log)
             results.append(annotate(ours, runtime, dtype, memory, directory))

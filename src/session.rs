@@ -246,8 +246,8 @@ impl ModelSessions {
                     "{file} holds int8 weights ({}), which ONNX Runtime sums with saturating 16-bit \
                      instructions on this CPU: it has no {INT8_EXACT_FEATURES}. Running it with ONNX \
                      Runtime's exact uint8 kernels instead ({X64_QUANT_PRECISION}=1), which is slower; \
-                     re-convert with this version's `python -m export convert --quantize int8` (uint8 \
-                     weights, exact on every CPU), or use --dtype q4",
+                     re-convert with this version's `python -m export convert --quantize int8` (MatMulNBits \
+                     8-bit, exact on every CPU), or use --dtype q4",
                     m.weight_format(dtype).map(|f| f.op).unwrap_or_default()
                 ));
                 &[(X64_QUANT_PRECISION, "1")]

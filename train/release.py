@@ -51,8 +51,12 @@ def main() -> int:
         hf.mkdir(parents=True)
         for name in HF_FILES:
             shutil.copy2(args.checkpoint / name, hf / name)
+    # The conversion replaces the directory; the model card is written by hand and stays.
+    card = (onnx / "README.md").read_text() if (onnx / "README.md").is_file() else None
     subprocess.run([sys.executable, "-m", "export", "convert", str(hf.relative_to(REPO)), str(onnx), "--quantize", "int8,int4",
                     "--force"], check=True, cwd=REPO)
+    if card is not None:
+        (onnx / "README.md").write_text(card)
     work = REPO / "target" / "release-eval"
     report = evaluate(onnx, hf, args.scenes, ["fp32", "int8", "q4"], work)
     report["answers"] = [a for a in report["answers"] if int(a["image"][6:10]) < CI_SLICE]
