@@ -147,3 +147,50 @@ impl Manifest {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed scenes model's manifest, edited as `edit` says, written to a scratch directory.
+    fn scenes_manifest(tag: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Result<Manifest, ConfigError> {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/scenes").join(MANIFEST_FILE);
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(source).unwrap()).unwrap();
+        edit(&mut json);
+        let dir = std::env::temp_dir().join(format!("paligemma-config-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(MANIFEST_FILE), json.to_string()).unwrap();
+        let manifest = Manifest::load(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        manifest
+    }
+
+    #[test]
+    fn version_2_records_each_quantized_format() {
+        let m = scenes_manifest("v2", |_| {}).unwrap();
+        let int8 = m.weight_format("int8").unwrap();
+        assert_eq!((int8.op.as_str(), int8.weight_type.as_str()), ("MatMulNBits", "uint8"));
+        assert_eq!(int8.details["bits"], 8);
+        assert_eq!(int8.graphs, ["decoder"]);
+        assert!(!int8.has_int8_weights_in_integer_matmul());
+        assert_eq!(m.weight_format("q4").unwrap().details["bits"], 4);
+        assert_eq!(m.weight_format("fp32"), None);
+    }
+
+    #[test]
+    fn version_1_int8_holds_int8_weights_in_dynamic_quantize_matmul() {
+        let m = scenes_manifest("v1", |json| {
+            json["format_version"] = 1.into();
+            json.as_object_mut().unwrap().remove("quantization");
+        })
+        .unwrap();
+        assert!(m.weight_format("int8").unwrap().has_int8_weights_in_integer_matmul());
+        assert_eq!(m.weight_format("q4"), None);
+    }
+
+    #[test]
+    fn a_newer_format_version_is_refused_by_name() {
+        let error = scenes_manifest("v3", |json| json["format_version"] = 3.into()).unwrap_err();
+        assert!(error.to_string().contains("version 3, this runtime reads \"paligemma-onnx\" versions 1-2"), "{error}");
+    }
+}
