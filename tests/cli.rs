@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 mod common;
 
-use common::{image, repo, tiny_model};
+use common::{image, python, repo, tiny_model};
 
 fn model() -> PathBuf {
     tiny_model("gqa1/onnx")
@@ -319,19 +319,14 @@ fn missing_onnxruntime_library() {
 /// Every test image with every prompt of the fixtures' search (export/fixtures.py SEARCH_PROMPTS),
 /// 40 tokens each, as `--batch --json` rows in `dtype`.
 fn search_rows(dtype: &str) -> Vec<serde_json::Value> {
-    const PROMPTS: [&str; 7] = [
-        "caption en",
-        "answer en what is in the image ? how many people are there",
-        "detect cat ; dog ; car",
-        "ocr",
-        "segment the rocket",
-        "describe en",
-        "question en a red car",
-    ];
+    let code = "import json; from export.fixtures import SEARCH_PROMPTS; print(json.dumps(SEARCH_PROMPTS))";
+    let out = Command::new(python()).args(["-c", code]).current_dir(repo()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let prompts: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
     let file = scratch(&format!("search-{dtype}")).join("requests.jsonl");
     let lines: String = ["chelsea.png", "camera.png", "rocket.jpg", "text.png"]
         .iter()
-        .flat_map(|name| PROMPTS.map(|prompt| serde_json::json!({"image": image(name), "prompt": prompt}).to_string() + "\n"))
+        .flat_map(|name| prompts.iter().map(move |prompt| serde_json::json!({"image": image(name), "prompt": prompt}).to_string() + "\n"))
         .collect();
     std::fs::write(&file, lines).unwrap();
     let m = model().display().to_string();

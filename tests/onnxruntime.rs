@@ -5,25 +5,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
+use common::python;
 use paligemma::onnxruntime::{self, ExecutionProvider, LibSearch, LibSource, SessionError};
 
 const TINY_MODEL: &str = "tests/data/onnxruntime_tiny_add.onnx";
 
 fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The reference interpreter: `PALIGEMMA_PYTHON`, else the repository's `.venv`.
-fn python() -> PathBuf {
-    let python = std::env::var_os("PALIGEMMA_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir().join(".venv/bin/python"));
-    assert!(
-        python.is_file(),
-        "reference Python {} is missing: run `.ci/setup` (creates .venv with onnxruntime 1.31.1) or set PALIGEMMA_PYTHON",
-        python.display()
-    );
-    python
 }
 
 /// Runs `code` in the reference Python and returns its stdout lines.

@@ -8,26 +8,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
+use common::python;
 use paligemma::preprocess::{
     decode_image, load_image, pixel_values, resize_bicubic_pil, ImageLimits, ImageProcessorConfig,
     PreprocessError,
 };
 
 const SIZES: [u32; 2] = [224, 448];
-
-fn python() -> PathBuf {
-    let python = std::env::var_os("PALIGEMMA_PYTHON").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
-        PathBuf::from,
-    );
-    assert!(
-        python.exists(),
-        "Python reference interpreter {} not found: run the project's set-up script to create \
-         .venv (transformers, pillow, numpy from export/requirements.txt), or set PALIGEMMA_PYTHON",
-        python.display()
-    );
-    python
-}
 
 fn shared_images() -> PathBuf {
     let dir = std::env::var_os("PALIGEMMA_TEST_IMAGES")

@@ -1,27 +1,15 @@
 //! Parity of `paligemma::segment` with big_vision's mask post-processing run in Python
 //! (`tests/data/segment_reference.py`: numpy + PIL, as `segmentation.py` does it).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+mod common;
+
+use common::python;
 use ndarray::Array3;
 use paligemma::detect::BoxBins;
 use paligemma::segment::{paste_mask, pixel_box, resize_bilinear, MASK_SIDE};
-
-/// The Python with numpy and Pillow: `$PALIGEMMA_PYTHON`, else the project's `.venv`.
-fn python() -> PathBuf {
-    if let Some(path) = std::env::var_os("PALIGEMMA_PYTHON") {
-        return PathBuf::from(path);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "{} is missing: run the project's set-up script to create .venv (pip install -r export/requirements.txt), \
-         or point PALIGEMMA_PYTHON at a Python with numpy and pillow",
-        venv.display()
-    );
-    venv
-}
 
 /// SplitMix64: deterministic cases without a dev-dependency.
 struct Rng(u64);

@@ -22,6 +22,18 @@ pub fn tiny_model(name: &str) -> PathBuf {
     dir
 }
 
+/// The reference Python (numpy, Pillow, transformers, onnxruntime 1.31.1): `$PALIGEMMA_PYTHON`, else
+/// the repository's `.venv` that `bash .ci/setup` creates.
+pub fn python() -> PathBuf {
+    let python = std::env::var_os("PALIGEMMA_PYTHON").map_or_else(|| repo().join(".venv/bin/python"), PathBuf::from);
+    assert!(
+        python.is_file(),
+        "reference Python {} is missing: run `bash .ci/setup` (creates .venv from export/requirements.txt) or set PALIGEMMA_PYTHON",
+        python.display()
+    );
+    python
+}
+
 pub fn image(name: &str) -> PathBuf {
     repo().join("tests/data/images").join(name)
 }
