@@ -28,11 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
+from export.manifest import read_manifest
+
 from . import checkpoint, machine, report
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = [REPO / "tests/data/images" / n for n in ("chelsea.png", "camera.png", "rocket.jpg", "text.png")]
 QUANTIZED = ("int8", "q4")  # manifest dtypes of `convert --quantize int8,int4`
+# A baseline must be a conversion of the same checkpoint; these catch another shape or tokenizer.
+SAME_MODEL_KEYS = ("image_size", "num_image_tokens", "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "image_token_id", "eos_token_id")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -115,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     log = out / "stderr.log"
     log.write_text("")
     manifest = json.loads((model_dir / "manifest.json").read_text())
+    for label, path in baselines:
+        theirs = read_manifest(path)
+        differ = [k for k in SAME_MODEL_KEYS if theirs.get(k) != manifest[k]]
+        if differ:
+            raise SystemExit(f"error: --baseline {label}={path} is another model ({', '.join(f'{k} {theirs.get(k)} against {manifest[k]}' for k in differ)}): "
+                             f"convert {source} with the earlier converter")
     # (row label, model directory) for every conversion measured: this converter's, then the baselines.
     conversions = [("paligemma", model_dir), *((f"paligemma ({label})", path) for label, path in baselines)]
 

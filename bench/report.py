@@ -57,4 +57,7 @@ def tables(results: list[dict]) -> str:
             f"| {r['runtime']} | {r['dtype']} | {_f(memory['peak_rss_gb'], 2)} | {_f(memory['peak_anon_gb'], 2)} "
             f"| {_f(r.get('graph_gb'), 2)} | {rows} | {prefix} | {top1} |"
         )
-    return "\n".join(speed) + "\n\n" + "\n".join(quality) + "\n"
+    # What a runtime warned about at load (a provider fallback, a format run another way on this CPU).
+    warned = [f"- {r['runtime']} {r['dtype']}: {w}" for r in results for w in r.get("warnings", [])]
+    notes = "\nWarnings at load:\n" + "\n".join(warned) + "\n" if warned else ""
+    return "\n".join(speed) + "\n\n" + "\n".join(quality) + "\n" + notes

@@ -29,12 +29,17 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 
 def int8_weight_kernels_saturate() -> bool:
-    """An x86-64 CPU without AVX-512 VNNI (with the BW/DQ/VL its kernel needs) and without AVX-VNNI."""
+    """An x86-64 CPU without AVX-512 VNNI (with the BW/DQ/VL its kernel needs) and without AVX-VNNI.
+
+    AVX-512 comes from numpy's CPUID probe, as ONNX Runtime reads it, so that an emulator's CPU
+    model counts (qemu-user shows the host's /proc/cpuinfo); numpy does not probe AVX-VNNI, which
+    comes from /proc/cpuinfo."""
     if platform.machine() != "x86_64":
         return False
-    flags = _cpuinfo()[1]
-    avx512_vnni = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"} <= flags
-    return not (avx512_vnni or "avx_vnni" in flags)
+    from numpy._core._multiarray_umath import __cpu_features__ as features
+
+    avx512_vnni = all(features.get(f) for f in ("AVX512F", "AVX512BW", "AVX512DQ", "AVX512VL", "AVX512VNNI"))
+    return not (avx512_vnni or "avx_vnni" in _cpuinfo()[1])
 
 
 def describe() -> str:

@@ -114,4 +114,18 @@ def write_manifest(
 
 
 def read_manifest(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "manifest.json").read_text())
+    m = json.loads((Path(model_dir) / "manifest.json").read_text())
+    if m.get("format") != FORMAT or not 1 <= m.get("format_version", 0) <= FORMAT_VERSION:
+        raise ValueError(f"{model_dir}/manifest.json: format {m.get('format')!r} version {m.get('format_version')!r}, this "
+                         f"exporter reads {FORMAT!r} versions 1-{FORMAT_VERSION}: a newer manifest needs a newer checkout")
+    return m
+
+
+def weight_format(m: dict, dtype: str) -> dict | None:
+    """What the graphs of a quantized `dtype` hold (`quantization`); version 1 manifests predate the
+    record, and their int8 decoders hold int8 weights in DynamicQuantizeMatMul. As src/config.rs."""
+    if dtype in m.get("quantization", {}):
+        return m["quantization"][dtype]
+    if m["format_version"] == 1 and dtype == "int8":
+        return {"op": "DynamicQuantizeMatMul", "weight_type": "int8", "graphs": ["decoder"]}
+    return None

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .manifest import read_manifest
+from . import cpu
+from .manifest import read_manifest, weight_format
 
 # Graph I/O element type per manifest dtype: quantized graphs keep float32 inputs and outputs.
 NP_DTYPE = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32, "q4": np.float32}
@@ -30,11 +31,18 @@ class OnnxPaliGemma:
         self.dir = Path(model_dir)
         self.m = read_manifest(self.dir)
         self.float = NP_DTYPE[dtype]
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        # int8 weights in integer MatMuls (version 1 int8) saturate on x86 CPUs without VNNI: ONNX
+        # Runtime's rewrite to uint8 runs its exact kernels there, as the Rust runtime does.
+        fmt = weight_format(self.m, dtype)
+        saturating = fmt is not None and fmt["weight_type"] == "int8" and fmt["op"] in ("DynamicQuantizeMatMul", "MatMulInteger")
+        exact_int8 = fmt["graphs"] if saturating and cpu.int8_weight_kernels_saturate() else []
 
         def session(graph):
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            if graph in exact_int8:
+                options.add_session_config_entry("session.x64quantprecision", "1")
             return ort.InferenceSession(str(self.dir / self.m["graphs"][graph][dtype]), options, providers=["CPUExecutionProvider"])
 
         self.vision = session("vision_encoder")

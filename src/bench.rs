@@ -34,6 +34,9 @@ pub struct BenchReport {
     pub dtype: String,
     /// (graph, execution providers ONNX Runtime assigned its nodes to)
     pub providers: Vec<(String, Vec<String>)>,
+    /// What loading warned about (a provider fallback, a format this CPU computes another way):
+    /// the figures are of that path.
+    pub warnings: Vec<String>,
     /// Pipeline::load: ONNX Runtime, tokenizer, the sessions (graph optimisation included).
     pub load_s: f64,
     pub vision_ms: f64,
@@ -114,6 +117,7 @@ pub fn run(options: BenchOptions) -> Result<BenchReport> {
     Ok(BenchReport {
         dtype,
         providers: pipeline.providers().to_vec(),
+        warnings: pipeline.warnings().to_vec(),
         load_s,
         vision_ms: ms(t.vision),
         prefill_ms: ms(t.prefill),

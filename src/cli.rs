@@ -235,6 +235,9 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
         long_tokens: args.long_tokens,
         batch: args.batch,
     })?;
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
     println!("{}", serde_json::to_string(&report)?);
     Ok(0)
 }

@@ -18,8 +18,10 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a valid manifest: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("{path}: format {found:?} version {version}, this runtime reads {FORMAT:?} versions {}-{}; re-run the export with this repository's `export/`", FORMAT_VERSIONS.start(), FORMAT_VERSIONS.end())]
+    #[error("{path}: format {found:?} version {version}, this runtime reads {FORMAT:?} versions {}-{}; a newer manifest needs a newer paligemma, anything else a re-export with this repository's `python -m export convert`", FORMAT_VERSIONS.start(), FORMAT_VERSIONS.end())]
     Format { path: PathBuf, found: String, version: u32 },
+    #[error("{path}: `quantization` does not match the model: {problem}; the manifest was edited or comes from another converter, re-run `python -m export convert`")]
+    Quantization { path: PathBuf, problem: String },
     #[error("{path}: the model has no {dtype} graphs (it has: {available}); pick one with --dtype, or convert with --dtype fp32|fp16 or --quantize int8|int4 (dtypes int8, q4)")]
     MissingDtype { path: PathBuf, dtype: String, available: String },
 }
@@ -115,7 +117,31 @@ impl Manifest {
                 version: manifest.format_version,
             });
         }
+        if let Some(problem) = manifest.quantization_problem() {
+            return Err(ConfigError::Quantization { path, problem });
+        }
         Ok(manifest)
+    }
+
+    /// Runtime decisions rest on `quantization` (see `session.rs`), so it must describe this
+    /// model: version 2 records every quantized dtype it lists, and only those, in graphs it has.
+    fn quantization_problem(&self) -> Option<String> {
+        const FLOAT_DTYPES: [&str; 2] = ["fp32", "fp16"];
+        const GRAPHS: [&str; 4] = ["vision_encoder", "embed_tokens", "decoder", "seg_decoder"];
+        if self.format_version >= 2 {
+            if let Some(dtype) = self.dtypes.iter().find(|d| !FLOAT_DTYPES.contains(&d.as_str()) && !self.quantization.contains_key(*d)) {
+                return Some(format!("dtype {dtype} has no entry"));
+            }
+        }
+        for (dtype, format) in &self.quantization {
+            if FLOAT_DTYPES.contains(&dtype.as_str()) || !self.dtypes.contains(dtype) {
+                return Some(format!("an entry for {dtype}, which is not a quantized dtype of this model (dtypes: {})", self.dtypes.join(", ")));
+            }
+            if let Some(graph) = format.graphs.iter().find(|g| !GRAPHS.contains(&g.as_str())) {
+                return Some(format!("{dtype} lists graph {graph:?}; graphs are {}", GRAPHS.join(", ")));
+            }
+        }
+        None
     }
 
     /// What the graphs of a quantized `dtype` hold; `None` for float dtypes. Version 1 manifests
@@ -191,6 +217,20 @@ mod tests {
     #[test]
     fn a_newer_format_version_is_refused_by_name() {
         let error = scenes_manifest("v3", |json| json["format_version"] = 3.into()).unwrap_err();
-        assert!(error.to_string().contains("version 3, this runtime reads \"paligemma-onnx\" versions 1-2"), "{error}");
+        assert!(error.to_string().contains("version 3, this runtime reads \"paligemma-onnx\" versions 1-2; a newer manifest needs a newer paligemma"), "{error}");
+    }
+
+    #[test]
+    fn a_quantization_record_that_does_not_match_the_model_is_refused() {
+        let cases: [(&str, fn(&mut serde_json::Value), &str); 4] = [
+            ("missing", |j| drop(j["quantization"].as_object_mut().unwrap().remove("int8")), "dtype int8 has no entry"),
+            ("float", |j| j["quantization"]["fp32"] = j["quantization"]["int8"].clone(), "an entry for fp32, which is not a quantized dtype"),
+            ("unlisted", |j| j["quantization"]["int7"] = j["quantization"]["int8"].clone(), "an entry for int7"),
+            ("graph", |j| j["quantization"]["int8"]["graphs"] = serde_json::json!(["decoder_model_merged"]), "int8 lists graph \"decoder_model_merged\""),
+        ];
+        for (tag, edit, needle) in cases {
+            let error = scenes_manifest(tag, edit).unwrap_err().to_string();
+            assert!(error.contains(needle) && error.contains("re-run `python -m export convert`"), "{tag}: {error}");
+        }
     }
 }

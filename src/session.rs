@@ -247,7 +247,7 @@ impl ModelSessions {
                      instructions on this CPU: it has no {INT8_EXACT_FEATURES}. Running it with ONNX \
                      Runtime's exact uint8 kernels instead ({X64_QUANT_PRECISION}=1), which is slower; \
                      re-convert with this version's `python -m export convert --quantize int8` (MatMulNBits \
-                     8-bit, exact on every CPU), or use --dtype q4",
+                     8-bit: exact on every CPU, faster to decode), or run --dtype fp32",
                     m.weight_format(dtype).map(|f| f.op).unwrap_or_default()
                 ));
                 &[(X64_QUANT_PRECISION, "1")]

@@ -62,6 +62,18 @@ def test_a_baseline_conversion_is_measured_beside_with_its_own_agreement(results
         assert r.get("teacher_forced") == ours[dtype].get("teacher_forced"), dtype
 
 
+def test_a_baseline_of_another_model_is_refused_before_anything_runs(results, tmp_path):
+    summary, _, _ = results
+    work = Path(summary["settings"]["work"])
+    m = json.loads((work / "tiny-L2-V2" / "onnx" / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**m, "num_hidden_layers": m["num_hidden_layers"] + 1}))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--preset", "tiny", "--work", str(work), "--baseline", f"other={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"--baseline other={tmp_path} is another model (num_hidden_layers 3 against 2)" in proc.stderr, proc.stderr[-2000:]
+    assert "transformers fp32 ..." not in proc.stderr
+
+
 def test_a_baseline_that_is_not_a_conversion_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench", "--preset", "tiny", "--work", str(tmp_path), "--baseline", f"old={tmp_path}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -119,7 +131,9 @@ def test_tables_give_ratios_against_the_first_row():
             "memory": {"peak_rss_gb": 2.0, "peak_anon_gb": 1.0},
         }
 
-    text = report.tables([row("transformers", "fp32", 40.0, 300.0, 50.0), row("paligemma", "q4", 10.0, 100.0, 300.0)])
+    warned = {**row("paligemma (old)", "int8", 20.0, 100.0, 100.0), "warnings": ["int8 weights run the exact way"]}
+    text = report.tables([row("transformers", "fp32", 40.0, 300.0, 50.0), row("paligemma", "q4", 10.0, 100.0, 300.0), warned])
+    assert text.endswith("Warnings at load:\n- paligemma (old) int8: int8 weights run the exact way\n")
     q4 = next(line for line in text.splitlines() if line.startswith("| paligemma | q4 | 1.0 |"))
     cells = [c.strip() for c in q4.strip("|").split("|")]
     assert cells[5] == "2.00x"  # (100 + 300) / (100 + 100)

@@ -244,8 +244,8 @@ def version1_copies(out: Path, dst: Path, monkeypatch) -> tuple[Path, Path]:
     quantize.quantize_graph(version1 / manifest.graph_path("decoder", "fp32"), decoder, "int8")
     monkeypatch.undo()
     m = manifest.read_manifest(version1)
+    recorded = m.pop("quantization")
     m["format_version"] = 1
-    del m["quantization"]
     (version1 / "manifest.json").write_text(json.dumps(m, indent=2))
 
     shutil.copytree(version1, twin)
@@ -261,15 +261,16 @@ def version1_copies(out: Path, dst: Path, monkeypatch) -> tuple[Path, Path]:
             node.input.append(zero_point.name)
     onnx.save(model, str(twin / manifest.graph_path("decoder", "int8")))
     m = {**m, "format_version": manifest.FORMAT_VERSION,
-         "quantization": {"int8": {"op": "DynamicQuantizeMatMul", "weight_type": "uint8", "graphs": ["decoder"]}}}
+         "quantization": {**recorded, "int8": {"op": "DynamicQuantizeMatMul", "weight_type": "uint8", "graphs": ["decoder"]}}}
     (twin / "manifest.json").write_text(json.dumps(m, indent=2))
     return version1, twin
 
 
-def test_binary_runs_version1_int8_conversions_exactly_and_says_so_on_a_cpu_without_vnni(quantized, tmp_path, monkeypatch):
+def test_version1_int8_conversions_run_exactly_on_a_cpu_without_vnni(quantized, references, tmp_path, monkeypatch):
     """Conversions made before MatMulNBits (manifest version 1: int8 weights in DynamicQuantizeMatMul):
-    on a CPU without VNNI the binary runs them with ONNX Runtime's exact kernels and warns once. Their
-    tokens are those of the same integers as uint8 weights, which no CPU computes wrongly."""
+    on a CPU without VNNI the binary runs them with ONNX Runtime's exact kernels and warns once, and
+    the Python loop runs them the same way. Their tokens are those of the same integers as uint8
+    weights, which no CPU computes wrongly."""
     binary = REPO / "target" / "release" / "paligemma"
     if not binary.exists():
         pytest.fail(f"{binary} is missing: build it with `cargo build --release` (.ci/setup does)")
@@ -287,14 +288,25 @@ def test_binary_runs_version1_int8_conversions_exactly_and_says_so_on_a_cpu_with
     expected, warnings = caption(twin, emulated=False)
     assert warnings == []
     assert caption(twin, emulated=True) == (expected, [])
-    tokens, warnings = caption(version1, emulated=True)
+    tokens, warnings_emulated = caption(version1, emulated=True)
     assert tokens == expected
-    assert len(warnings) == 1, warnings
-    for needle in ("decoder_model_merged_int8.onnx", "avx512_vnni", "avx_vnni", "session.x64quantprecision", "--quantize int8", "--dtype q4"):
-        assert needle in warnings[0], (needle, warnings[0])
+    assert len(warnings_emulated) == 1, warnings_emulated
+    for needle in ("decoder_model_merged_int8.onnx", "avx512_vnni", "avx_vnni", "session.x64quantprecision", "--quantize int8", "--dtype fp32"):
+        assert needle in warnings_emulated[0], (needle, warnings_emulated[0])
     tokens, warnings = caption(version1, emulated=False)
     assert tokens == expected
     assert len(warnings) == int(cpu.int8_weight_kernels_saturate()), (cpu.describe(), warnings)
+    # `paligemma bench` times that path, and its report says so.
+    done = avx2.run([str(binary), "bench", "--model", str(version1), "--image", image, "--dtype", "int8", "--tokens", "2",
+                     "--long-tokens", "24", "--batch", "1"])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["warnings"] == [warnings_emulated[0].removeprefix("warning: ")]
+
+    # The Python loop (the reference, and the benchmark's agreement figures), the whole search set.
+    done = avx2.run([sys.executable, "-m", "export.tests.avx2", "agreement", str(version1), "int8", str(references[1])])
+    assert done.returncode == 0, done.stderr
+    emulated = Agreement(**json.loads(done.stdout.splitlines()[-1]))
+    assert emulated == agreement(OnnxPaliGemma(twin, dtype="int8"), references[0], MAX_NEW_TOKENS)
 
 
 def test_int8_tokens_are_the_same_on_an_avx2_cpu(quantized):
