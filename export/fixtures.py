@@ -223,6 +223,7 @@ def write_nomask_variant(source: Path, onnx_dir: Path, out_dir: Path) -> None:
     export_graph(spec, out_dir / graph)
     m = json.loads((out_dir / "manifest.json").read_text())
     m["dtypes"] = ["fp32"]
+    m["quantization"] = {}  # it records the quantized dtypes, and none are left
     m["graphs"] = {g: {"fp32": files["fp32"]} for g, files in m["graphs"].items()}
     m["files"] = [f for f in m["files"] if (out_dir / f).is_file()]
     m["file_sizes"] = {f: (out_dir / f).stat().st_size for f in m["files"]}
