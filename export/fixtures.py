@@ -67,6 +67,42 @@ WINDOW_PROMPTS = (
 # Partners for the early-<eos> row: they must keep going after it stops.
 LONG_PROMPTS = ("describe en", "caption en", "answer en what is in the image ? how many people are there")
 WINDOW_CONFIGS = ("window8", "window40")
+# Prompts holding the special tokens a user can type: the Rust encoder must lay them out as
+# transformers' processor does (same ids) or refuse what the processor refuses. An empty prompt
+# (or one that is only `<image>`) is left out: the processor accepts it, paligemma refuses it.
+LAYOUT_CONFIG = "gqa1"
+LAYOUT_PROMPTS = (
+    "caption en",
+    "<image>caption en",
+    "<image> caption en",
+    "caption <image> en",
+    "caption en<image>",
+    "<image>\ncaption en",
+    "<image><image>caption en",
+    "caption <image> en <image>",
+    "<image><image><image>",
+    "<bos>caption en",
+    "<image><bos>caption en",
+    "caption <bos> en",
+    "<eos>caption",
+    "<pad>x",
+    "<unk> <mask>",
+    "<loc0001><loc1023> detect",
+    "<seg012> segment",
+    "<image",
+    "< image>",
+    "<IMAGE>",
+    "caption en\n",
+    "\r\ncaption\ten\r\n",
+    "caption 😀 ü",
+)
+# One batch whose prompts all place <image> themselves (transformers lays out a batch mixing
+# prompts with and without it differently from each prompt alone).
+LAYOUT_BATCH = (
+    (CHELSEA, "<image>caption en"),
+    (CAMERA, "caption <image> en"),
+    (ROCKET, "<image><bos>detect cat"),
+)
 
 
 @dataclass(frozen=True)
@@ -308,6 +344,21 @@ def case_record(model: Model, models_root: Path, case_name: str, requests: list[
     }
 
 
+def prompt_layouts(model: Model) -> list[dict]:
+    """Each of LAYOUT_PROMPTS through the processor: its input_ids, or the error it raises."""
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8))
+    out = []
+    for prompt in LAYOUT_PROMPTS:
+        try:
+            ids = model.processor(images=image, text=prompt)["input_ids"][0]
+            out.append({"prompt": prompt, "input_ids": [int(i) for i in ids]})
+        except ValueError as e:
+            out.append({"prompt": prompt, "error": str(e)})
+    return out
+
+
 def prompt_length(model: Model, request: Request) -> int:
     return len(model.processor(images=_open(request.image), text=request.prompt)["input_ids"][0])
 
@@ -398,12 +449,15 @@ def _build_document(models_root: Path, dirs: dict[str, tuple[Path, Path]]) -> di
             cases.append(case_record(model, models_root, f"{name}/beyond_window", [find_beyond_window(model)]))
     model, batch = find_early_eos(models)
     cases.append(case_record(model, models_root, f"{model.name}/early_eos", batch))
+    layout_model = models[LAYOUT_CONFIG]
+    cases.append(case_record(layout_model, models_root, f"{LAYOUT_CONFIG}/prompt_layouts", [Request(*pair) for pair in LAYOUT_BATCH]))
     return {
         "generator": GENERATOR,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "max_new_tokens": MAX_NEW_TOKENS,
         "cases": cases,
+        "prompt_layouts": {"config": LAYOUT_CONFIG, "prompts": prompt_layouts(layout_model)},
     }
 
 
@@ -465,6 +519,8 @@ def differences(committed: dict, current: dict) -> list[str]:
                 )
         if old[n].get("expected_text") != new[n]["expected_text"] and was == now:
             out.append(f"{n}: expected_text changed with the same ids (tokenizer decoding changed)")
+    if committed.get("prompt_layouts") != current["prompt_layouts"]:
+        out.append("prompt_layouts: the processor's ids or errors for LAYOUT_PROMPTS changed")
     return out
 
 

@@ -12,10 +12,12 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::annotate::annotate;
+use crate::input::read_regular_file;
 use crate::bench::BenchOptions;
 use crate::onnxruntime::parse_ep_list;
 use crate::pipeline::{ImageInput, Pipeline, PipelineOptions, Request, Response};
 use crate::preprocess::ImageLimits;
+use crate::prompt::DEFAULT_MAX_PROMPT_TOKENS;
 use crate::serve::api::Limits;
 use crate::serve::ServeOptions;
 
@@ -48,8 +50,9 @@ pub struct Args {
     /// Print one JSON object per request (text, token_ids, detections, segments, providers).
     #[arg(long)]
     pub json: bool,
-    /// Write the image with boxes, labels and masks drawn to this PNG (single request).
-    #[arg(long, conflicts_with = "batch")]
+    /// Write the image with boxes, labels and masks drawn to this PNG (single request; the name
+    /// must end in .png).
+    #[arg(long, conflicts_with = "batch", value_parser = png_path)]
     pub annotate: Option<PathBuf>,
     /// Write each segmentation mask as a PNG (REQUEST_OBJECT.png) into this directory.
     #[arg(long)]
@@ -75,6 +78,10 @@ pub struct RuntimeArgs {
     /// Which of the model's graphs to run.
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
+    /// Most text tokens a prompt may hold (`<bos>`, the task, `\n`; the image tokens are not
+    /// counted): what a request costs grows with its tokens, not its characters.
+    #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize))]
+    pub max_prompt_tokens: usize,
     /// ONNX Runtime library to load (else $ORT_DYLIB_PATH, next to this binary, the repo's .venv).
     #[arg(long)]
     pub ort_lib: Option<PathBuf>,
@@ -91,6 +98,7 @@ impl RuntimeArgs {
         options.providers = parse_ep_list(&self.ep)?;
         options.threads = self.threads;
         options.ort_lib = self.ort_lib.clone();
+        options.max_prompt_tokens = self.max_prompt_tokens;
         Ok(options)
     }
 }
@@ -176,9 +184,6 @@ pub struct ServeArgs {
     /// Most new tokens one request may ask for.
     #[arg(long, default_value_t = 512)]
     pub max_new_tokens_cap: usize,
-    /// Longest prompt accepted, in characters.
-    #[arg(long, default_value_t = 2000)]
-    pub max_prompt_chars: usize,
     /// Require `Authorization: Bearer KEY` on every route but /health and /.
     #[arg(long, env = "PALIGEMMA_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -208,6 +213,7 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
     let mut pipeline = args.runtime.pipeline_options()?;
     pipeline.image_limits = ImageLimits {
         max_pixels: args.max_image_pixels,
+        ..ImageLimits::default()
     };
     crate::serve::run(ServeOptions {
         pipeline,
@@ -218,7 +224,6 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
         limits: Limits {
             max_body_bytes: args.max_body_bytes,
             max_new_tokens_cap: args.max_new_tokens_cap,
-            max_prompt_chars: args.max_prompt_chars,
         },
         api_key: args.api_key.filter(|k| !k.is_empty()),
         cors_origin: args.cors_origin,
@@ -258,20 +263,49 @@ pub(crate) struct JsonResult<'a> {
     pub(crate) providers: &'a BTreeMap<String, Vec<String>>,
 }
 
-fn read_batch(path: &Path, default_max: usize, min_new_tokens: usize) -> Result<Vec<Request>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the batch file {}", path.display()))?;
-    let mut requests = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let line: BatchLine = serde_json::from_str(line).with_context(|| {
-            format!("{} line {}: expected {{\"image\": PATH, \"prompt\": TEXT}}", path.display(), n + 1)
-        })?;
-        requests.push(Request {
-            image: ImageInput::Path(line.image),
-            prompt: line.prompt,
-            max_new_tokens: line.max_new_tokens.unwrap_or(default_max),
-            min_new_tokens,
-        });
+/// The text of a file as editors on any system write it: UTF-8 with or without a byte-order
+/// mark, or UTF-16 with one (Windows' "Unicode"); line ends `\n` or `\r\n`.
+fn read_text(path: &Path, bytes: Vec<u8>) -> Result<String> {
+    let utf16 = |bytes: &[u8], unit: fn([u8; 2]) -> u16| {
+        let units: Vec<u16> = bytes.chunks_exact(2).map(|c| unit([c[0], c[1]])).collect();
+        String::from_utf16(&units).with_context(|| format!("{} is not valid UTF-16 text", path.display()))
+    };
+    match bytes.as_slice() {
+        [0xEF, 0xBB, 0xBF, rest @ ..] => String::from_utf8(rest.to_vec()).with_context(|| format!("{} is not UTF-8 text", path.display())),
+        [0xFF, 0xFE, rest @ ..] => utf16(rest, u16::from_le_bytes),
+        [0xFE, 0xFF, rest @ ..] => utf16(rest, u16::from_be_bytes),
+        _ => String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text; save it as UTF-8 JSON lines", path.display())),
     }
+}
+
+/// Largest `--batch` file: a million requests of a long path and prompt.
+const MAX_BATCH_FILE_BYTES: u64 = 1 << 30;
+
+/// The requests of a `--batch` file, one per non-blank line, each parsed on its own: a line that
+/// is not a valid request is that request's error, not the file's.
+fn read_batch(path: &Path, default_max: usize, min_new_tokens: usize) -> Result<Vec<Result<Request, String>>> {
+    let bytes = read_regular_file(path, "batch file", MAX_BATCH_FILE_BYTES)?;
+    let text = read_text(path, bytes)?;
+    let requests: Vec<Result<Request, String>> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, line)| {
+            let line: BatchLine = serde_json::from_str(line).map_err(|e| {
+                format!(
+                    "{} line {}: {e}; expected {{\"image\": PATH, \"prompt\": TEXT, \"max_new_tokens\": N (optional)}}",
+                    path.display(),
+                    n + 1
+                )
+            })?;
+            Ok(Request {
+                image: ImageInput::Path(line.image),
+                prompt: line.prompt,
+                max_new_tokens: line.max_new_tokens.unwrap_or(default_max),
+                min_new_tokens,
+            })
+        })
+        .collect();
     if requests.is_empty() {
         bail!("{} holds no requests", path.display());
     }
@@ -282,17 +316,18 @@ fn read_batch(path: &Path, default_max: usize, min_new_tokens: usize) -> Result<
 pub fn run(args: Args) -> Result<i32> {
     let requests = match (&args.batch, &args.image, &args.prompt) {
         (Some(batch), _, _) => read_batch(batch, args.max_new_tokens, args.min_new_tokens)?,
-        (None, Some(image), Some(prompt)) => vec![Request {
+        (None, Some(image), Some(prompt)) => vec![Ok(Request {
             image: ImageInput::Path(image.clone()),
             prompt: prompt.clone(),
             max_new_tokens: args.max_new_tokens,
             min_new_tokens: args.min_new_tokens,
-        }],
+        })],
         _ => bail!("give --image and --prompt, or --batch FILE"),
     };
     let mut options = args.runtime.pipeline_options()?;
     options.image_limits = ImageLimits {
         max_pixels: args.max_image_pixels,
+        ..ImageLimits::default()
     };
     let mut pipeline = Pipeline::load(options)?;
     for warning in pipeline.warnings() {
@@ -303,17 +338,35 @@ pub fn run(args: Args) -> Result<i32> {
     }
     let providers: BTreeMap<String, Vec<String>> = pipeline.providers().iter().cloned().collect();
 
-    let stream = !args.json && requests.len() == 1;
-    let mut printed = String::new();
-    let stdout = std::io::stdout();
-    let results = pipeline.run(&requests, |_, text| {
-        if stream && text.starts_with(&printed) {
-            let mut out = stdout.lock();
-            let _ = out.write_all(&text.as_bytes()[printed.len()..]);
-            let _ = out.flush();
-            printed = text.to_string();
+    // The lines that parsed run as one batch; the others keep their place with their error.
+    let (mut valid, mut line_errors) = (Vec::new(), Vec::new());
+    for request in requests {
+        match request {
+            Ok(request) => {
+                valid.push(request);
+                line_errors.push(None);
+            }
+            Err(e) => line_errors.push(Some(e)),
         }
-    });
+    }
+    let stream = !args.json && line_errors.len() == 1;
+    let stdout = std::io::stdout();
+    let mut ran = pipeline
+        .run(&valid, |_, delta| {
+            if stream && !delta.is_empty() {
+                let mut out = stdout.lock();
+                let _ = out.write_all(delta.as_bytes());
+                let _ = out.flush();
+            }
+        })
+        .into_iter();
+    let results: Vec<Result<Response, String>> = line_errors
+        .into_iter()
+        .map(|error| match error {
+            Some(e) => Err(e),
+            None => ran.next().map_or_else(|| Err("the request was not run".into()), |r| r.map_err(|e| e.to_string())),
+        })
+        .collect();
 
     let mut failed = false;
     for (index, result) in results.iter().enumerate() {
@@ -322,7 +375,7 @@ pub fn run(args: Args) -> Result<i32> {
                 if args.json {
                     println!("{}", serde_json::to_string(&JsonResult { response, providers: &providers })?);
                 } else if stream {
-                    println!("{}", &response.text[printed.len().min(response.text.len())..]);
+                    println!();
                 } else {
                     println!("[{index}] {}", response.text);
                 }
@@ -331,7 +384,7 @@ pub fn run(args: Args) -> Result<i32> {
             Err(e) => {
                 failed = true;
                 if args.json {
-                    println!("{}", serde_json::json!({ "index": index, "error": e.to_string() }));
+                    println!("{}", serde_json::json!({ "index": index, "error": e }));
                 }
                 eprintln!("error: request {index}: {e}");
             }
@@ -340,10 +393,24 @@ pub fn run(args: Args) -> Result<i32> {
     Ok(if failed { 2 } else { 0 })
 }
 
+/// `--annotate`'s value: a path ending in `.png`, checked before the model loads.
+fn png_path(value: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(value);
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("png") => Ok(path),
+        _ => Err(format!("{value} does not end in .png; the annotated image is written as PNG, name it e.g. out.png")),
+    }
+}
+
 fn write_outputs(args: &Args, index: usize, response: &Response) -> Result<()> {
     if let Some(path) = &args.annotate {
         let picture = annotate(&response.image, &response.detections, &response.segments)?;
-        picture.save(path).with_context(|| format!("cannot write {}", path.display()))?;
+        // Encoded in memory first: a failed encode leaves no empty file behind.
+        let mut png = Vec::new();
+        picture
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .context("cannot encode the annotated image as PNG")?;
+        std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(dir) = &args.masks_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod detect;
 pub mod generate;
 pub mod hub;
+pub mod input;
 pub mod onnxruntime;
 pub mod pipeline;
 pub mod preprocess;

@@ -10,17 +10,18 @@
 //!    and masks through seg_decoder.onnx (`detect`, `segment`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use image::RgbImage;
 use serde::Serialize;
 
 use crate::config::{ConfigError, Manifest};
 use crate::detect::{parse_detections, parse_segmentation, Detection};
-use crate::generate::{generate, mean_ms, ms, Generated, Prepared, Timings};
+use crate::generate::{generate, mean_ms, ms, Generated, Generation, Prepared, Timings};
 use crate::hub::{resolve_model, HubError, HubOptions};
 use crate::onnxruntime::{init, ExecutionProvider, OrtInfo, OrtLibError};
 use crate::preprocess::{decode_image, load_image, pixel_values, ImageLimits, ImageProcessorConfig, LoadedImage, PreprocessError};
-use crate::prompt::{PromptEncoder, PromptError};
+use crate::prompt::{PromptEncoder, PromptError, TextStream, DEFAULT_MAX_PROMPT_TOKENS, IMAGE_TOKEN};
 use crate::segment::{decoder_input, segments, Segment, SegmentError};
 use crate::session::{ModelError, ModelSessions};
 
@@ -69,6 +70,8 @@ pub struct PipelineOptions {
     /// An explicit ONNX Runtime library (`--ort-lib`); otherwise see `onnxruntime::locate`.
     pub ort_lib: Option<PathBuf>,
     pub image_limits: ImageLimits,
+    /// Most text tokens a prompt may hold (`<bos>`, the task and `\n`; not the image tokens).
+    pub max_prompt_tokens: usize,
 }
 
 impl PipelineOptions {
@@ -80,6 +83,7 @@ impl PipelineOptions {
             threads: None,
             ort_lib: None,
             image_limits: ImageLimits::default(),
+            max_prompt_tokens: DEFAULT_MAX_PROMPT_TOKENS,
         }
     }
 }
@@ -154,8 +158,10 @@ enum Task {
 }
 
 impl Task {
+    /// By the first word after the image placeholder (`<image>detect cat` detects, as `detect cat`).
     fn of(prompt: &str) -> Task {
-        let first = prompt.split_whitespace().next().unwrap_or("");
+        let text = prompt.split_once(IMAGE_TOKEN).map_or(prompt, |(_, after)| after);
+        let first = text.split_whitespace().next().unwrap_or("");
         match first {
             "detect" => Task::Detect,
             "segment" => Task::Segment,
@@ -168,7 +174,7 @@ pub struct Pipeline {
     pub model_dir: PathBuf,
     pub ort: OrtInfo,
     sessions: ModelSessions,
-    prompts: PromptEncoder,
+    prompts: Arc<PromptEncoder>,
     image_config: ImageProcessorConfig,
     limits: ImageLimits,
 }
@@ -189,7 +195,7 @@ impl Pipeline {
                 found: image_config.height,
             });
         }
-        let prompts = PromptEncoder::load(&model_dir, &manifest)?;
+        let prompts = Arc::new(PromptEncoder::load(&model_dir, &manifest, options.max_prompt_tokens)?);
         let sessions = ModelSessions::open(&model_dir, manifest, &options.dtype, &options.providers, options.threads)?;
         Ok(Pipeline {
             model_dir,
@@ -199,6 +205,11 @@ impl Pipeline {
             image_config,
             limits: options.image_limits,
         })
+    }
+
+    /// The prompt encoder, for checking a request's prompt before it is queued (the server does).
+    pub fn prompt_encoder(&self) -> Arc<PromptEncoder> {
+        Arc::clone(&self.prompts)
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -236,15 +247,13 @@ impl Pipeline {
         Ok((image, prepared))
     }
 
-    /// Runs `requests`; results come back in input order. `on_token(index, text_so_far)` is called
-    /// after every generated token of request `index` (for streaming).
-    pub fn run(
-        &mut self,
-        requests: &[Request],
-        mut on_token: impl FnMut(usize, &str),
-    ) -> Vec<Result<Response, RequestError>> {
-        self.run_until(requests, |index, text| {
-            on_token(index, text);
+    /// Runs `requests`; results come back in input order. `on_token(index, delta)` is called
+    /// after every generated token of request `index` (for streaming) with the text that token
+    /// made final, often empty (see [`TextStream`]); a request's deltas concatenated are its
+    /// answer's `text`.
+    pub fn run(&mut self, requests: &[Request], mut on_token: impl FnMut(usize, &str)) -> Vec<Result<Response, RequestError>> {
+        self.run_until(requests, |index, delta| {
+            on_token(index, delta);
             true
         })
     }
@@ -252,11 +261,11 @@ impl Pipeline {
     /// [`run`](Self::run) where `on_token` returning `false` stops request `index` (a client that
     /// went away): its row generates no more and its result is [`RequestError::Stopped`]; the
     /// other requests get the same tokens as without it.
-    pub fn run_until(
-        &mut self,
-        requests: &[Request],
-        mut on_token: impl FnMut(usize, &str) -> bool,
-    ) -> Vec<Result<Response, RequestError>> {
+    ///
+    /// Isolation: a request whose image, prompt or limits are wrong fails before anything runs;
+    /// a batch whose run fails is run again request by request, so only the request that fails
+    /// alone gets the error (the others' deltas are not sent twice).
+    pub fn run_until(&mut self, requests: &[Request], mut on_token: impl FnMut(usize, &str) -> bool) -> Vec<Result<Response, RequestError>> {
         let mut results: Vec<Option<Result<Response, RequestError>>> = Vec::new();
         // The requests that prepared well: their request index and image, and, in the same
         // order, what the decoder takes.
@@ -272,37 +281,27 @@ impl Pipeline {
                 Err(e) => results.push(Some(Err(e))),
             }
         }
+        let mut streams = vec![TextStream::default(); requests.len()];
         let groups: Vec<std::ops::Range<usize>> = if self.supports_batching() {
             std::iter::once(0..ready.len()).collect()
         } else {
             (0..ready.len()).map(|i| i..i + 1).collect()
         };
         for group in groups.into_iter().filter(|g| !g.is_empty()) {
-            let rows = &ready[group.clone()];
-            let first = group.start;
-            let mut so_far: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
-            let prompts = &self.prompts;
-            let outcome = generate(&mut self.sessions, &prepared[group], |row, token| {
-                so_far[row].push(token);
-                on_token(rows[row].0, &prompts.decode(&so_far[row]))
-            });
-            match outcome {
-                Ok(generation) => {
-                    for (k, ((index, image), g)) in rows.iter().zip(generation.rows).enumerate() {
-                        let prompt_tokens = prepared[first + k].input_ids.len();
-                        let row = self.finish(&requests[*index], image, g, prompt_tokens, generation.timings.clone());
-                        results[*index] = Some(row);
+            let outcome = match self.generate_group(&ready[group.clone()], &prepared[group.clone()], &mut streams, &mut on_token) {
+                Err(_) if group.len() > 1 => group.map(|k| (k, self.generate_group(&ready[k..=k], &prepared[k..=k], &mut streams, &mut on_token))).collect(),
+                outcome => vec![(group.start, outcome)],
+            };
+            for (first, generation) in outcome {
+                match generation {
+                    Ok(generation) => {
+                        for (k, g) in generation.rows.into_iter().enumerate() {
+                            let (index, image) = &ready[first + k];
+                            let prompt_tokens = prepared[first + k].input_ids.len();
+                            results[*index] = Some(self.finish(&requests[*index], image, g, prompt_tokens, generation.timings.clone()));
+                        }
                     }
-                }
-                Err(e) => {
-                    let message = e.to_string();
-                    for (index, _) in rows {
-                        let err = ModelError::Run {
-                            graph: "decoder",
-                            message: message.clone(),
-                        };
-                        results[*index] = Some(Err(err.into()));
-                    }
+                    Err(e) => results[ready[first].0] = Some(Err(e.into())),
                 }
             }
         }
@@ -310,6 +309,33 @@ impl Pipeline {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(RequestError::Model(ModelError::Run { graph: "pipeline", message: "request was not run".into() }))))
             .collect()
+    }
+
+    /// One `generate` call over `rows`, streaming each row's final text through `on_token`, the
+    /// rest of it once the batch ends.
+    fn generate_group(
+        &mut self,
+        rows: &[(usize, LoadedImage)],
+        prepared: &[Prepared],
+        streams: &mut [TextStream],
+        on_token: &mut impl FnMut(usize, &str) -> bool,
+    ) -> Result<Generation, ModelError> {
+        for (index, _) in rows {
+            streams[*index].restart();
+        }
+        let prompts = &self.prompts;
+        let generation = generate(&mut self.sessions, prepared, |row, token| {
+            let index = rows[row].0;
+            let delta = streams[index].push(prompts, token);
+            on_token(index, &delta)
+        })?;
+        for ((index, _), g) in rows.iter().zip(&generation.rows) {
+            let tail = streams[*index].finish(prompts);
+            if !g.stopped && !tail.is_empty() {
+                on_token(*index, &tail);
+            }
+        }
+        Ok(generation)
     }
 
     /// Text, boxes and masks of one generated row.

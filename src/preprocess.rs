@@ -31,6 +31,7 @@ use mozjpeg::decompress::MarkerData;
 use mozjpeg::{ColorSpace, Decompress, Marker};
 use ndarray::Array3;
 use serde::Deserialize;
+use crate::input::{read_regular_file, InputError};
 
 /// Formats this module decodes, as named in error messages (the `image` features in Cargo.toml).
 const SUPPORTED_FORMATS: &str = "PNG, JPEG, GIF, WebP, BMP, TIFF";
@@ -38,14 +39,9 @@ const SUPPORTED_FORMATS: &str = "PNG, JPEG, GIF, WebP, BMP, TIFF";
 /// Errors from loading an image or its preprocessor config.
 #[derive(Debug, thiserror::Error)]
 pub enum PreprocessError {
-    #[error("image file {path} does not exist: check the path")]
-    NotFound { path: PathBuf },
-    #[error("cannot read image file {path}: {source}; check its permissions")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// Missing, not a regular file, over [`ImageLimits::max_bytes`], unreadable.
+    #[error(transparent)]
+    File(#[from] InputError),
     #[error("image {image} is empty (0 bytes): re-download or re-export it")]
     Empty { image: String },
     #[error(
@@ -92,6 +88,8 @@ pub enum PreprocessError {
 pub struct ImageLimits {
     /// Largest accepted width x height (each side counted as at least 1, like PIL).
     pub max_pixels: u64,
+    /// Largest image file read from a path, in bytes.
+    pub max_bytes: u64,
 }
 
 impl Default for ImageLimits {
@@ -99,6 +97,8 @@ impl Default for ImageLimits {
     fn default() -> Self {
         Self {
             max_pixels: 2 * (1024 * 1024 * 1024 / 4 / 3),
+            // A 16-bit RGBA TIFF of max_pixels is far larger, but no camera or scanner file is.
+            max_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -250,15 +250,7 @@ impl ImageProcessorConfig {
 /// Loads an image file the way `transformers.image_utils.load_image` does (format from the
 /// content, never the extension).
 pub fn load_image(path: &Path, limits: &ImageLimits) -> Result<LoadedImage, PreprocessError> {
-    let bytes = fs::read(path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => PreprocessError::NotFound {
-            path: path.to_owned(),
-        },
-        _ => PreprocessError::Read {
-            path: path.to_owned(),
-            source,
-        },
-    })?;
+    let bytes = read_regular_file(path, "image file", limits.max_bytes)?;
     decode_named(&bytes, &path.display().to_string(), limits)
 }
 

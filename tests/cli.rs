@@ -428,3 +428,152 @@ fn default_model_captions_the_example_scene_and_boxes_its_shapes() {
         assert!(hit, "{object} not found in {detections:?}");
     }
 }
+
+/// The transformers tokens of a fixture case's first row (tests/fixtures/expected_tokens.json).
+fn fixture_tokens(case: &str) -> (serde_json::Value, usize) {
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/expected_tokens.json")).unwrap();
+    let fixtures: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let found = fixtures["cases"].as_array().unwrap().iter().find(|c| c["name"] == case).unwrap_or_else(|| panic!("no case {case}"));
+    (found["expected"][0].clone(), fixtures["max_new_tokens"].as_u64().unwrap() as usize)
+}
+
+/// A FIFO (named pipe) nobody writes to: reading it blocks forever.
+fn fifo(dir: &Path) -> PathBuf {
+    let path = dir.join("pipe.png");
+    let made = Command::new("mkfifo").arg(&path).status().unwrap();
+    assert!(made.success(), "mkfifo failed");
+    path
+}
+
+/// The binary's output, or a failure (and the process killed) after `seconds`: a test of
+/// something that used to block must not hang the suite.
+fn paligemma_within(args: &[&str], seconds: u64) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_paligemma"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed().as_secs() > seconds {
+            child.kill().unwrap();
+            panic!("paligemma {args:?} still running after {seconds} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn each_bad_batch_line_fails_alone_and_the_others_get_transformers_tokens() {
+    let dir = scratch("batch-lines");
+    let (chelsea, camera) = (image("chelsea.png"), image("camera.png"));
+    let (expected_chelsea, max_new) = fixture_tokens("gqa1/single/chelsea");
+    let (expected_camera, _) = fixture_tokens("gqa1/single/camera");
+    let pipe = fifo(&dir);
+    let ok = |img: &Path, prompt: &str| serde_json::json!({"image": img, "prompt": prompt}).to_string();
+    // (line, the error's needle; None for a request that must answer)
+    let lines: Vec<(String, Option<&str>)> = vec![
+        (ok(&chelsea, "caption en"), None),
+        (ok(&chelsea, "<image>caption en"), None),
+        (serde_json::json!({"image": chelsea, "prompt": "caption en", "max_new_tokens": -1}).to_string(), Some("line 3")),
+        (serde_json::json!({"image": chelsea, "prompt": "caption en", "colour": "red"}).to_string(), Some("unknown field `colour`")),
+        ("{\"image\": \"broken".to_string(), Some("line 5")),
+        (ok(Path::new("/dev/zero"), "caption en"), Some("character device, not a regular file")),
+        (ok(&pipe, "caption en"), Some("FIFO (named pipe), not a regular file")),
+        (ok(&dir, "caption en"), Some("is a directory")),
+        (ok(&chelsea, "<image><image>caption en"), Some("2 <image> placeholders")),
+        (serde_json::json!({"image": chelsea, "prompt": "caption en", "max_new_tokens": 0}).to_string(), Some("0 new tokens")),
+        (ok(&chelsea, &"😀".repeat(2000)), Some("--max-prompt-tokens")),
+        (ok(&camera, "caption en"), None),
+    ];
+    // As an editor on Windows may save it: a byte-order mark and CRLF line ends.
+    let file = dir.join("requests.jsonl");
+    let body: String = lines.iter().map(|(l, _)| format!("{l}\r\n")).collect();
+    std::fs::write(&file, [b"\xEF\xBB\xBF".as_slice(), body.as_bytes()].concat()).unwrap();
+    let max = max_new.to_string();
+    let out = paligemma_within(&["--model", &model().display().to_string(), "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", &max], 120);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), lines.len());
+    for (k, ((_, needle), row)) in lines.iter().zip(&rows).enumerate() {
+        match needle {
+            Some(needle) => {
+                let error = row["error"].as_str().unwrap_or_else(|| panic!("line {}: {row}", k + 1));
+                assert!(error.contains(needle), "line {}: {error:?} lacks {needle:?}", k + 1);
+                assert_eq!(row["index"], k);
+            }
+            None => assert!(row.get("token_ids").is_some(), "line {}: {row}", k + 1),
+        }
+    }
+    assert_eq!(rows[0]["token_ids"], expected_chelsea);
+    assert_eq!(rows[1]["token_ids"], expected_chelsea, "<image>caption en differs from caption en");
+    assert_eq!(rows[11]["token_ids"], expected_camera);
+
+    // The same requests saved as UTF-16 (Windows' "Unicode") read the same.
+    let utf16: Vec<u8> = [0xFF, 0xFE].into_iter().chain(format!("{}\r\n", lines[11].0).encode_utf16().flat_map(u16::to_le_bytes)).collect();
+    std::fs::write(&file, utf16).unwrap();
+    let out = paligemma(&["--model", &model().display().to_string(), "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", &max]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row["token_ids"], expected_camera);
+}
+
+#[test]
+fn files_that_are_not_regular_are_refused_at_once() {
+    let dir = scratch("special-files");
+    let pipe = fifo(&dir);
+    let m = model().display().to_string();
+    for (path, needle) in [
+        (PathBuf::from("/dev/zero"), "character device"),
+        (PathBuf::from("/dev/urandom"), "character device"),
+        (pipe.clone(), "FIFO"),
+        (dir.clone(), "is a directory"),
+    ] {
+        let p = path.display().to_string();
+        let out = paligemma_within(&["--model", &m, "--image", &p, "--prompt", "caption en"], 60);
+        assert_error(&out, &[&p, needle]);
+        let out = paligemma_within(&["--model", &m, "--batch", &p], 60);
+        assert_error(&out, &[&p, needle, "batch file"]);
+    }
+}
+
+#[test]
+fn zero_new_tokens_is_refused_like_transformers() {
+    let (m, i) = (model().display().to_string(), image("chelsea.png").display().to_string());
+    let out = paligemma(&["--model", &m, "--image", &i, "--prompt", "caption en", "--max-new-tokens", "0"]);
+    assert_error(&out, &["0 new tokens", "at least 1"]);
+}
+
+#[test]
+fn annotate_to_a_name_that_is_not_png_is_refused_before_loading_and_writes_nothing() {
+    let dir = scratch("annotate-jpg");
+    let target = dir.join("out.jpg");
+    let out = run_image(&model(), &image("chelsea.png"), "detect cat", &["--annotate", target.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not end in .png"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!target.exists(), "a failed --annotate left {}", target.display());
+    // A directory where the file should go: the error, and still no file.
+    let blocked = dir.join("sub.png");
+    std::fs::create_dir(&blocked).unwrap();
+    let out = run_image(&model(), &image("chelsea.png"), "detect cat", &["--annotate", blocked.to_str().unwrap()]);
+    assert_error(&out, &["cannot write", "sub.png"]);
+}
+
+#[test]
+fn plain_output_of_byte_fallback_text_is_the_json_text() {
+    // This tiny model answers `ocr` on chelsea with 33 byte tokens, most not valid UTF-8: the
+    // streamed text must hold back a byte run until it is final, never cut a character.
+    let (m, i) = (model().display().to_string(), image("chelsea.png").display().to_string());
+    let args = ["--model", &m, "--image", &i, "--prompt", "ocr", "--min-new-tokens", "40", "--max-new-tokens", "40"];
+    let json = paligemma(&[&args[..], &["--json"]].concat());
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let text = json["text"].as_str().unwrap();
+    assert!(text.contains('\u{FFFD}'), "the case lost its invalid UTF-8: {text:?}");
+    let plain = paligemma(&args);
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    assert_eq!(String::from_utf8(plain.stdout).unwrap(), format!("{text}\n"));
+}

@@ -4,7 +4,9 @@
 //! gives on the fp16 graphs (their `reference` field says so): fp16 rounding lets them drift from
 //! transformers' fp32 tokens, but never from the same graphs run by another driver.
 
+use paligemma::config::Manifest;
 use paligemma::pipeline::{ImageInput, Pipeline, PipelineOptions, Request};
+use paligemma::prompt::{PromptEncoder, PromptError, DEFAULT_MAX_PROMPT_TOKENS};
 use serde::Deserialize;
 
 mod common;
@@ -15,6 +17,21 @@ use common::{repo, tiny_model};
 struct Fixtures {
     max_new_tokens: usize,
     cases: Vec<Case>,
+    prompt_layouts: Layouts,
+}
+
+/// transformers' processor on prompts holding special tokens: ids, or its error.
+#[derive(Deserialize)]
+struct Layouts {
+    config: String,
+    prompts: Vec<Layout>,
+}
+
+#[derive(Deserialize)]
+struct Layout {
+    prompt: String,
+    input_ids: Option<Vec<i64>>,
+    error: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -101,4 +118,30 @@ fn each_request_alone_gives_its_batch_tokens() {
             assert_eq!(&got[0], expected, "{}: a request alone differs from its batch row", case.name);
         }
     }
+}
+
+#[test]
+fn prompts_with_special_tokens_are_laid_out_as_transformers_processor_does() {
+    let layouts = fixtures().prompt_layouts;
+    let dir = tiny_model(&format!("{}/onnx", layouts.config));
+    let encoder = PromptEncoder::load(&dir, &Manifest::load(&dir).unwrap(), DEFAULT_MAX_PROMPT_TOKENS).unwrap();
+    assert!(layouts.prompts.iter().any(|l| l.error.is_some()) && layouts.prompts.iter().any(|l| l.prompt.contains("<image>") && l.input_ids.is_some()));
+    for layout in &layouts.prompts {
+        match (&layout.input_ids, encoder.encode(&layout.prompt, 1)) {
+            (Some(expected), Ok(ids)) => assert_eq!(&ids, expected, "{:?}", layout.prompt),
+            (None, Err(PromptError::ImagePlaceholders { .. })) => {}
+            (expected, got) => panic!("{:?}: transformers gives {expected:?} / {:?}, paligemma {got:?}", layout.prompt, layout.error),
+        }
+    }
+}
+
+#[test]
+fn an_image_placeholder_in_the_prompt_gives_the_answer_of_the_prompt_without_it() {
+    // Both from transformers: `<image>caption en` and `caption en` on the same image.
+    let fixtures = fixtures();
+    let case = |name: &str| fixtures.cases.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"));
+    let (placed, plain) = (case("gqa1/prompt_layouts"), case("gqa1/single/chelsea"));
+    assert_eq!((placed.requests[0].prompt.as_str(), plain.requests[0].prompt.as_str()), ("<image>caption en", "caption en"));
+    assert_eq!(placed.requests[0].image, plain.requests[0].image);
+    assert_eq!(placed.expected[0], plain.expected[0]);
 }

@@ -11,6 +11,7 @@ use std::process::Command;
 mod common;
 
 use common::python;
+use paligemma::input::InputError;
 use paligemma::preprocess::{
     decode_image, load_image, pixel_values, resize_bicubic_pil, ImageLimits, ImageProcessorConfig,
     PreprocessError,
@@ -464,7 +465,7 @@ fn truncated_jpeg_is_reported_as_corrupt() {
 #[test]
 fn jpeg_over_the_pixel_limit_is_rejected_from_its_header() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/images/rocket.jpg");
-    let small = ImageLimits { max_pixels: 100 };
+    let small = ImageLimits { max_pixels: 100, ..ImageLimits::default() };
     let err = load_image(&path, &small).unwrap_err();
     assert!(
         matches!(
@@ -485,7 +486,7 @@ fn missing_file_is_reported_with_its_path() {
     let path = Path::new("/nonexistent/dir/cat.png");
     let err = load_image(path, &ImageLimits::default()).unwrap_err();
     assert!(
-        matches!(&err, PreprocessError::NotFound { path: p } if p == path),
+        matches!(&err, PreprocessError::File(InputError::NotFound { path: p, .. }) if p == path),
         "{err:?}"
     );
     assert!(
@@ -563,7 +564,7 @@ fn header_over_the_pixel_limit_is_rejected_before_decoding() {
         "{message}"
     );
     // A custom limit applies to ordinary images too.
-    let small = ImageLimits { max_pixels: 100 };
+    let small = ImageLimits { max_pixels: 100, ..ImageLimits::default() };
     let err = load_image(&shared_images().join("chelsea.png"), &small).unwrap_err();
     assert!(
         matches!(

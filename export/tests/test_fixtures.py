@@ -106,3 +106,13 @@ def test_cli_check_exits_1_when_stale_and_0_when_current(current, tmp_path, monk
     path.write_text(fx.render(stale))
     assert main(["fixtures", str(tmp_path), "--expected", str(path), "--check"]) == 1
     assert "fixtures are stale" in capsys.readouterr().err
+
+
+def test_changed_prompt_layout_is_reported(current, committed):
+    altered = copy.deepcopy(current)
+    altered["prompt_layouts"]["prompts"][1]["input_ids"].insert(0, 2)
+    assert fx.differences(altered, current) == ["prompt_layouts: the processor's ids or errors for LAYOUT_PROMPTS changed"]
+    # The processor refuses more <image> placeholders than images; the fixture keeps its words.
+    errors = [p for p in committed["prompt_layouts"]["prompts"] if "error" in p]
+    assert [p["prompt"] for p in errors] == ["<image><image>caption en", "caption <image> en <image>", "<image><image><image>"]
+    assert all("number of <image> tokens" in p["error"] for p in errors)

@@ -16,7 +16,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::Json;
-use base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT;
+use base64::engine::general_purpose::{STANDARD_PAD_INDIFFERENT, URL_SAFE_PAD_INDIFFERENT};
 use base64::Engine;
 use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
@@ -25,19 +25,19 @@ use crate::cli::JsonResult;
 use crate::error_chain;
 use crate::pipeline::{ImageInput, Request, RequestError};
 use crate::preprocess::PreprocessError;
-use crate::prompt::PromptError;
+use crate::prompt::{PromptEncoder, PromptError};
 use crate::serve::batcher::{Event, JobError, SubmitError};
 use crate::serve::AppState;
 
 /// `max_new_tokens` when a request does not say (lowered to the cap when that is smaller).
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
 
-/// Request limits checked in the handler, before anything is queued.
+/// Request limits checked in the handler, before anything is queued (the prompt's token limit is
+/// the pipeline's `--max-prompt-tokens`, checked by its [`PromptEncoder`]).
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_new_tokens_cap: usize,
-    pub max_prompt_chars: usize,
 }
 
 /// An error answer: status, OpenAI's `type`, a stable `code` to branch on, and a message that
@@ -127,14 +127,24 @@ impl From<JobError> for ApiError {
                 format!("the image is {width}x{height} = {pixels} pixels, over this server's limit of {limit} (--max-image-pixels); downscale it"),
             ),
             JobError::Request(RequestError::Image(_)) => ApiError::invalid("invalid_image", message),
-            JobError::Request(RequestError::Prompt(PromptError::Empty)) => ApiError::invalid("empty_prompt", message),
-            JobError::Request(RequestError::Prompt(PromptError::TooLong { .. })) => ApiError::invalid("prompt_too_long", message),
-            JobError::Request(RequestError::Prompt(PromptError::Encode(_))) => ApiError::invalid("invalid_prompt", message),
+            JobError::Request(RequestError::Prompt(e)) => e.into(),
             JobError::WorkerGone => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting_down", message),
             JobError::Request(_) | JobError::Panicked(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "model_error", message)
             }
         }
+    }
+}
+
+impl From<PromptError> for ApiError {
+    fn from(e: PromptError) -> ApiError {
+        let code = match e {
+            PromptError::Empty => "empty_prompt",
+            PromptError::TooLong { .. } | PromptError::OverTokenLimit { .. } | PromptError::OverByteLimit { .. } => "prompt_too_long",
+            PromptError::NoNewTokens => "invalid_max_new_tokens",
+            PromptError::ImagePlaceholders { .. } | PromptError::Encode(_) | PromptError::Tokenizer { .. } => "invalid_prompt",
+        };
+        ApiError::invalid(code, e.to_string())
     }
 }
 
@@ -159,23 +169,22 @@ pub struct Checked {
 }
 
 impl Limits {
-    /// Checks what is cheap to check before queueing; the image is decoded by the pipeline.
-    pub fn check(&self, image: Vec<u8>, prompt: String, max_new_tokens: Option<usize>, min_new_tokens: Option<usize>) -> Result<Request, ApiError> {
+    /// Checks all but the image before queueing, the prompt with the pipeline's own encoder (the
+    /// layout, `<image>` placeholders, token limits), so a request that cannot run is answered
+    /// at once and never reaches a batch; the image is decoded by the pipeline.
+    pub fn check(
+        &self,
+        prompts: &PromptEncoder,
+        image: Vec<u8>,
+        prompt: String,
+        max_new_tokens: Option<usize>,
+        min_new_tokens: Option<usize>,
+    ) -> Result<Request, ApiError> {
         if image.is_empty() {
             return Err(ApiError::invalid("missing_image", "the image is empty; send the image file's bytes"));
         }
-        if prompt.trim().is_empty() {
-            return Err(ApiError::invalid("empty_prompt", PromptError::Empty.to_string()));
-        }
-        let chars = prompt.chars().count();
-        if chars > self.max_prompt_chars {
-            return Err(ApiError::invalid(
-                "prompt_too_long",
-                format!("the prompt is {chars} characters, over this server's limit of {} (--max-prompt-chars); shorten it", self.max_prompt_chars),
-            ));
-        }
         let max_new_tokens = max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS.min(self.max_new_tokens_cap));
-        if max_new_tokens == 0 || max_new_tokens > self.max_new_tokens_cap {
+        if max_new_tokens > self.max_new_tokens_cap {
             return Err(ApiError::invalid(
                 "invalid_max_new_tokens",
                 format!(
@@ -184,6 +193,7 @@ impl Limits {
                 ),
             ));
         }
+        prompts.encode(&prompt, max_new_tokens)?;
         Ok(Request {
             image: ImageInput::Bytes(image),
             prompt,
@@ -193,11 +203,19 @@ impl Limits {
     }
 }
 
-/// The image of a JSON body: base64, or a `data:` URL holding base64.
+/// The text after a `data:` scheme, which RFC 3986 makes case-insensitive (`DATA:`, `Data:`).
+pub fn data_url(text: &str) -> Option<&str> {
+    let scheme = text.get(..5)?;
+    scheme.eq_ignore_ascii_case("data:").then(|| &text[5..])
+}
+
+/// The image of a JSON body: base64, or a `data:` URL holding base64 (RFC 2397: any media type
+/// and parameters, `;base64` in any case). The base64 may be wrapped in lines, padded or not, in
+/// the standard or the URL-safe alphabet (Python's `urlsafe_b64encode`).
 pub fn decode_base64_image(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
-    let data = match text.strip_prefix("data:") {
+    let data = match data_url(text) {
         Some(url) => match url.split_once(',') {
-            Some((meta, data)) if meta.ends_with(";base64") => data,
+            Some((meta, data)) if meta.rsplit(';').next().is_some_and(|p| p.trim().eq_ignore_ascii_case("base64")) => data,
             _ => {
                 return Err(ApiError::invalid(
                     "invalid_image",
@@ -208,12 +226,15 @@ pub fn decode_base64_image(field: &str, text: &str) -> Result<Vec<u8>, ApiError>
         None => text,
     };
     let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    STANDARD_PAD_INDIFFERENT.decode(compact.as_bytes()).map_err(|e| {
-        ApiError::invalid(
-            "invalid_base64",
-            format!("{field} is not valid base64 ({e}); send the file's bytes base64-encoded, or a data:image/...;base64,... URL"),
-        )
-    })
+    STANDARD_PAD_INDIFFERENT
+        .decode(compact.as_bytes())
+        .or_else(|e| URL_SAFE_PAD_INDIFFERENT.decode(compact.as_bytes()).map_err(|_| e))
+        .map_err(|e| {
+            ApiError::invalid(
+                "invalid_base64",
+                format!("{field} is not valid base64 ({e}); send the file's bytes base64-encoded, or a data:image/...;base64,... URL"),
+            )
+        })
 }
 
 /// The media type of a request, lowercased, without parameters.
@@ -259,7 +280,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -
 const GENERATE_SHAPE: &str =
     "{\"image\": BASE64, \"prompt\": TEXT, \"max_new_tokens\": N, \"min_new_tokens\": N, \"stream\": BOOL} (image and prompt required)";
 
-async fn parse_generate(request: axum::extract::Request, limits: &Limits) -> Result<Checked, ApiError> {
+async fn parse_generate(request: axum::extract::Request, limits: &Limits, prompts: &PromptEncoder) -> Result<Checked, ApiError> {
     let kind = media_type(request.headers());
     match kind.as_deref() {
         Some("application/json") => {
@@ -267,16 +288,16 @@ async fn parse_generate(request: axum::extract::Request, limits: &Limits) -> Res
             let body: GenerateBody = parse_json(&body, GENERATE_SHAPE)?;
             let image = decode_base64_image("image", &body.image)?;
             Ok(Checked {
-                request: limits.check(image, body.prompt, body.max_new_tokens, body.min_new_tokens)?,
+                request: limits.check(prompts, image, body.prompt, body.max_new_tokens, body.min_new_tokens)?,
                 stream: body.stream.unwrap_or(false),
             })
         }
-        Some("multipart/form-data") => parse_multipart(request, limits).await,
+        Some("multipart/form-data") => parse_multipart(request, limits, prompts).await,
         other => Err(ApiError::unsupported_media_type(other, "application/json or multipart/form-data")),
     }
 }
 
-async fn parse_multipart(request: axum::extract::Request, limits: &Limits) -> Result<Checked, ApiError> {
+async fn parse_multipart(request: axum::extract::Request, limits: &Limits, prompts: &PromptEncoder) -> Result<Checked, ApiError> {
     let mut form = Multipart::from_request(request, &())
         .await
         .map_err(|e| ApiError::invalid("invalid_multipart", format!("cannot read the multipart form: {e}")))?;
@@ -313,7 +334,7 @@ async fn parse_multipart(request: axum::extract::Request, limits: &Limits) -> Re
     let image = image.ok_or_else(|| ApiError::invalid("missing_image", "the form has no \"image\" part; attach the image file as \"image\""))?;
     let prompt = prompt.ok_or_else(|| ApiError::invalid("empty_prompt", "the form has no \"prompt\" part; add the task, e.g. \"caption en\""))?;
     Ok(Checked {
-        request: limits.check(image, prompt, max_new, min_new)?,
+        request: limits.check(prompts, image, prompt, max_new, min_new)?,
         stream,
     })
 }
@@ -321,7 +342,7 @@ async fn parse_multipart(request: axum::extract::Request, limits: &Limits) -> Re
 /// `POST /v1/generate`: the CLI's `--json` object, or with `stream` SSE events `token`
 /// (`{"text": DELTA}`), then `done` (the object) or `error`.
 pub async fn generate(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Result<HttpResponse, ApiError> {
-    let checked = parse_generate(request, &state.limits).await?;
+    let checked = parse_generate(request, &state.limits, &state.prompts).await?;
     let ticket = state.queue.submit(checked.request, checked.stream)?;
     if !checked.stream {
         let response = ticket.wait().await?;
@@ -368,8 +389,14 @@ mod tests {
         Limits {
             max_body_bytes: 1000,
             max_new_tokens_cap: 10,
-            max_prompt_chars: 5,
         }
+    }
+
+    /// The committed scenes model's tokenizer, prompts held to `max_prompt_tokens`.
+    fn encoder(max_prompt_tokens: usize) -> PromptEncoder {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/scenes");
+        let manifest = crate::config::Manifest::load(&dir).unwrap();
+        PromptEncoder::load(&dir, &manifest, max_prompt_tokens).unwrap()
     }
 
     #[test]
@@ -378,6 +405,11 @@ mod tests {
         let url = decode_base64_image("image", "data:image/png;base64,aGVsbG8").unwrap();
         assert_eq!(plain, b"hello");
         assert_eq!(url, b"hello");
+        // Spellings other clients use: scheme and `;base64` in capitals, parameters, URL-safe.
+        assert_eq!(decode_base64_image("image", "DATA:image/PNG;BASE64,aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(decode_base64_image("image", "data:image/png;name=a.png;base64,aGVsbG8").unwrap(), b"hello");
+        assert_eq!(decode_base64_image("image", "-_8=").unwrap(), [0xfb, 0xff]);
+        assert_eq!(decode_base64_image("image", "+/8=").unwrap(), [0xfb, 0xff]);
         let e = decode_base64_image("image", "data:image/png,hello").unwrap_err();
         assert_eq!(e.code, "invalid_image");
         assert_eq!(decode_base64_image("image", "%%%").unwrap_err().code, "invalid_base64");
@@ -385,12 +417,15 @@ mod tests {
 
     #[test]
     fn limits_name_the_flag_to_change() {
-        let l = limits();
-        let check = |prompt: &str, max: Option<usize>, image: Vec<u8>| l.check(image, prompt.into(), max, None);
+        let (l, prompts) = (limits(), encoder(5));
+        let check = |prompt: &str, max: Option<usize>, image: Vec<u8>| l.check(&prompts, image, prompt.into(), max, None);
         let error = |r: Result<Request, ApiError>| r.err().expect("an error");
         assert!(check("ocr", None, vec![1]).is_ok());
-        let e = error(check("caption en", None, vec![1]));
-        assert!(e.message.contains("--max-prompt-chars"), "{}", e.message);
+        let e = error(check("answer en what is the colour of the square", None, vec![1]));
+        assert!(e.message.contains("--max-prompt-tokens"), "{}", e.message);
+        assert_eq!(e.code, "prompt_too_long");
+        let e = error(check("<image><image>ocr", None, vec![1]));
+        assert_eq!(e.code, "invalid_prompt");
         let e = error(check("ocr", Some(11), vec![1]));
         assert!(e.message.contains("--max-new-tokens-cap"), "{}", e.message);
         assert_eq!(error(check("ocr", Some(0), vec![1])).code, "invalid_max_new_tokens");

@@ -47,8 +47,8 @@ pub enum JobError {
 /// What the worker sends back for a job.
 #[derive(Debug)]
 pub enum Event {
-    /// The text a new token added (empty when the token adds no complete character yet); sent only
-    /// for streaming jobs.
+    /// Text a new token made final (never empty; see `prompt::TextStream`); the deltas of a job
+    /// concatenated are its answer's text. Sent only for streaming jobs.
     Token(String),
     Done(Box<Result<Response, JobError>>),
 }
@@ -188,41 +188,17 @@ fn take(job: Job, batch: &mut Vec<Job>, metrics: &Metrics) {
 fn run_batch(runner: &mut impl Runner, batch: Vec<Job>, metrics: &Metrics) {
     let (requests, jobs): (Vec<Request>, Vec<Reply>) = batch.into_iter().map(|j| (j.request, j.reply)).unzip();
     metrics.in_flight.store(requests.len() as i64, Ordering::Relaxed);
-    // Text sent so far per job, to send each token's addition.
-    let mut sent: Vec<String> = vec![String::new(); jobs.len()];
-    let mut on_token = |index: usize, text: &str| -> bool {
-        let Some(job) = jobs.get(index) else {
-            return true;
-        };
-        if job.cancelled.load(Ordering::Relaxed) {
-            return false;
-        }
-        if job.stream {
-            // Decoding can rewrite the tail when a token completes a character: send nothing then
-            // and catch up with the next token whose text extends what was sent.
-            let delta = text.strip_prefix(sent[index].as_str()).unwrap_or("").to_string();
-            sent[index].push_str(&delta);
-            let _ = job.events.send(Event::Token(delta));
-        }
-        true
-    };
-    let outcome = panic::catch_unwind(AssertUnwindSafe(|| runner.run(&requests, &mut on_token)));
+    // Bytes of text sent per job, and bytes the current run has produced: a job run again after
+    // its batch panicked sends only what goes past the first run.
+    let mut sent = vec![0usize; jobs.len()];
+    let mut results = run_catching(runner, &requests, &jobs, &mut sent, |i| i);
+    if requests.len() > 1 && results.iter().all(|r| matches!(r, Err(JobError::Panicked(_)))) {
+        // One request may have made the batch panic: run each alone so only that one fails.
+        results = (0..requests.len())
+            .map(|i| run_catching(runner, &requests[i..=i], &jobs, &mut sent, |_| i).pop().unwrap_or_else(|| Err(JobError::Panicked("no result".into()))))
+            .collect();
+    }
     metrics.in_flight.store(0, Ordering::Relaxed);
-    let results: Vec<Result<Response, JobError>> = match outcome {
-        Ok(results) => {
-            let mut results: Vec<_> = results.into_iter().map(|r| r.map_err(JobError::from)).collect();
-            results.resize_with(jobs.len(), || Err(JobError::Panicked("the runner returned fewer results than requests".into())));
-            results
-        }
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
-            jobs.iter().map(|_| Err(JobError::Panicked(message.clone()))).collect()
-        }
-    };
     let generated: usize = results.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.token_ids.len()).sum();
     let rate = results.iter().find_map(|r| r.as_ref().ok()).and_then(|r| r.timings.decode_tokens_per_s(jobs.len()));
     metrics.record_batch(jobs.len(), generated, rate);
@@ -231,6 +207,50 @@ fn run_batch(runner: &mut impl Runner, batch: Vec<Job>, metrics: &Metrics) {
             metrics.record_cancelled(CancelledAt::Running);
         }
         let _ = job.events.send(Event::Done(Box::new(result)));
+    }
+}
+
+/// Runs `requests` (whose row `k` is job `job_of(k)`), a panic becoming every row's error.
+fn run_catching(
+    runner: &mut impl Runner,
+    requests: &[Request],
+    jobs: &[Reply],
+    sent: &mut [usize],
+    job_of: impl Fn(usize) -> usize,
+) -> Vec<Result<Response, JobError>> {
+    let mut produced = vec![0usize; requests.len()];
+    let mut on_token = |row: usize, delta: &str| -> bool {
+        let (Some(job), Some(done)) = (jobs.get(job_of(row)), produced.get_mut(row)) else {
+            return true;
+        };
+        if job.cancelled.load(Ordering::Relaxed) {
+            return false;
+        }
+        let before = *done;
+        *done += delta.len();
+        let already = &mut sent[job_of(row)];
+        if job.stream && *done > *already {
+            if let Some(new) = delta.get(already.saturating_sub(before)..) {
+                let _ = job.events.send(Event::Token(new.to_string()));
+                *already = *done;
+            }
+        }
+        true
+    };
+    match panic::catch_unwind(AssertUnwindSafe(|| runner.run(requests, &mut on_token))) {
+        Ok(results) => {
+            let mut results: Vec<_> = results.into_iter().map(|r| r.map_err(JobError::from)).collect();
+            results.resize_with(requests.len(), || Err(JobError::Panicked("the runner returned fewer results than requests".into())));
+            results
+        }
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            requests.iter().map(|_| Err(JobError::Panicked(message.clone()))).collect()
+        }
     }
 }
 
@@ -269,24 +289,79 @@ mod tests {
     }
 
     /// A runner that echoes prompts as text, streams them a character at a time, records batch
-    /// sizes and panics on the prompt "panic".
+    /// sizes and, after streaming, panics when a prompt of the batch is "panic".
     fn echo(sizes: Arc<Mutex<Vec<usize>>>) -> impl Runner {
         move |requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool| {
             sizes.lock().unwrap().push(requests.len());
-            assert!(requests.iter().all(|r| r.prompt != "panic"), "asked to panic");
-            requests
+            let results = requests
                 .iter()
                 .enumerate()
                 .map(|(i, r)| {
                     for end in 1..=r.prompt.len() {
-                        if !on_token(i, &r.prompt[..end]) {
+                        if !on_token(i, &r.prompt[end - 1..end]) {
                             return Err(RequestError::Stopped);
                         }
                     }
                     Ok(response(&r.prompt))
                 })
-                .collect()
+                .collect();
+            assert!(requests.iter().all(|r| r.prompt != "panic"), "asked to panic");
+            results
         }
+    }
+
+    /// A runner that waits for `release` before its first batch, so the jobs queued meanwhile
+    /// form one batch.
+    fn gated(inner: impl Runner) -> (impl Runner, std::sync::mpsc::Sender<()>) {
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let mut inner = inner;
+        let mut first = true;
+        let runner = move |requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool| {
+            if std::mem::take(&mut first) {
+                gate.lock().unwrap().recv().unwrap();
+            }
+            inner.run(requests, on_token)
+        };
+        (runner, release)
+    }
+
+    fn collect(mut ticket: Ticket) -> (Vec<String>, Result<Response, JobError>) {
+        let mut deltas = Vec::new();
+        let answer = block_on(async {
+            loop {
+                match ticket.next().await {
+                    Event::Token(delta) => deltas.push(delta),
+                    Event::Done(result) => return *result,
+                }
+            }
+        });
+        (deltas, answer)
+    }
+
+    #[test]
+    fn a_request_that_panics_its_batch_fails_alone_and_streams_are_not_repeated() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let metrics = Arc::new(Metrics::new(3));
+        let (runner, release) = gated(echo(Arc::clone(&sizes)));
+        let (queue, worker) = start(runner, 3, 8, Arc::clone(&metrics)).unwrap();
+        // The worker takes "hold" and waits; the next three are queued and run together.
+        let hold = queue.submit(request("hold"), false).unwrap();
+        wait_until_queue_is_empty(&metrics);
+        let tickets: Vec<Ticket> = ["ab", "panic", "cd"].iter().map(|p| queue.submit(request(p), true).unwrap()).collect();
+        release.send(()).unwrap();
+        assert_eq!(block_on(hold.wait()).unwrap().text, "hold");
+        let mut outcomes: Vec<_> = tickets.into_iter().map(collect).collect();
+        let (cd_deltas, cd) = outcomes.pop().unwrap();
+        let (_, panicked) = outcomes.pop().unwrap();
+        let (ab_deltas, ab) = outcomes.pop().unwrap();
+        assert!(matches!(&panicked, Err(JobError::Panicked(m)) if m.contains("asked to panic")), "{panicked:?}");
+        assert_eq!((ab.unwrap().text, ab_deltas), ("ab".to_string(), vec!["a".to_string(), "b".to_string()]));
+        assert_eq!((cd.unwrap().text, cd_deltas), ("cd".to_string(), vec!["c".to_string(), "d".to_string()]));
+        drop(queue);
+        worker.join().unwrap();
+        // The batch of three, then each of them alone.
+        assert_eq!(*sizes.lock().unwrap(), [1, 3, 1, 1, 1]);
     }
 
     #[test]
@@ -294,17 +369,7 @@ mod tests {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let metrics = Arc::new(Metrics::new(2));
         // Hold the worker until three jobs wait: a runner that blocks on its first call.
-        let (release, gate) = std::sync::mpsc::channel::<()>();
-        let gate = Mutex::new(gate);
-        let inner = echo(Arc::clone(&sizes));
-        let mut inner = Some(inner);
-        let mut first = true;
-        let runner = move |requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool| {
-            if std::mem::take(&mut first) {
-                gate.lock().unwrap().recv().unwrap();
-            }
-            inner.as_mut().unwrap().run(requests, on_token)
-        };
+        let (runner, release) = gated(echo(Arc::clone(&sizes)));
         let (queue, worker) = start(runner, 2, 8, Arc::clone(&metrics)).unwrap();
         let tickets: Vec<Ticket> = ["a", "bb", "ccc", "dddd"].iter().map(|p| queue.submit(request(p), false).unwrap()).collect();
         release.send(()).unwrap();
@@ -334,19 +399,10 @@ mod tests {
     fn streaming_jobs_get_each_tokens_addition_then_the_answer() {
         let metrics = Arc::new(Metrics::new(1));
         let (queue, worker) = start(echo(Arc::default()), 1, 8, metrics).unwrap();
-        let mut ticket = queue.submit(request("abc"), true).unwrap();
-        let mut deltas = Vec::new();
-        let answer = block_on(async {
-            loop {
-                match ticket.next().await {
-                    Event::Token(delta) => deltas.push(delta),
-                    Event::Done(result) => return result,
-                }
-            }
-        });
+        let (deltas, answer) = collect(queue.submit(request("abc"), true).unwrap());
         assert_eq!(deltas, ["a", "b", "c"]);
         assert_eq!(answer.unwrap().text, "abc");
-        drop((ticket, queue));
+        drop(queue);
         worker.join().unwrap();
     }
 

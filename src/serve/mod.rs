@@ -32,6 +32,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::pipeline::{Pipeline, PipelineOptions, Request};
+use crate::prompt::PromptEncoder;
 use crate::serve::api::{ApiError, Limits};
 use crate::serve::batcher::Queue;
 use crate::serve::metrics::Metrics;
@@ -63,6 +64,8 @@ pub struct AppState {
     pub queue: Queue,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// The pipeline's prompt encoder: prompts are checked in the handler, before queueing.
+    pub prompts: Arc<PromptEncoder>,
     pub info: ModelInfo,
     api_key: Option<String>,
     cors_origin: Option<HeaderValue>,
@@ -92,6 +95,7 @@ pub fn run(options: ServeOptions) -> Result<()> {
         providers: pipeline.providers().iter().cloned().collect(),
         ..info
     };
+    let prompts = pipeline.prompt_encoder();
     let metrics = Arc::new(Metrics::new(options.max_batch));
     let runner = move |requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool| pipeline.run_until(requests, on_token);
     let (queue, worker) = batcher::start(runner, options.max_batch, options.max_queue, Arc::clone(&metrics)).context("cannot start the model worker thread")?;
@@ -99,6 +103,7 @@ pub fn run(options: ServeOptions) -> Result<()> {
         queue,
         metrics,
         limits: options.limits,
+        prompts,
         info,
         api_key: options.api_key,
         cors_origin,
@@ -267,17 +272,19 @@ async fn auth(State(state): State<Arc<AppState>>, request: axum::extract::Reques
     if matches!(request.uri().path(), "/health" | "/") {
         return next.run(request).await;
     }
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
     match given {
         Some(token) if same_secret(token.as_bytes(), key.as_bytes()) => next.run(request).await,
         Some(_) => unauthorized("the API key is wrong; send Authorization: Bearer KEY with the server's --api-key").into_response(),
         None => unauthorized("this server needs an API key; send Authorization: Bearer KEY (the server's --api-key)").into_response(),
     }
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value; the scheme is case-insensitive (RFC 9110
+/// 11.1: `bearer`, `BEARER`), spaces around the token are not part of it.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 fn unauthorized(message: &str) -> ApiError {
@@ -307,6 +314,15 @@ mod tests {
         assert!(!same_secret(b"ke", b"key"));
         assert!(!same_secret(b"key\0", b"key"));
         assert!(!same_secret(b"", b"key"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer k", "bearer k", "BEARER  k ", "  Bearer k"] {
+            assert_eq!(bearer_token(value), Some("k"), "{value:?}");
+        }
+        assert_eq!(bearer_token("Basic k"), None);
+        assert_eq!(bearer_token("Bearerk"), None);
     }
 
     #[test]

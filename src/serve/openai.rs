@@ -1,9 +1,20 @@
 //! `POST /v1/chat/completions` in OpenAI's shape, for the clients that speak it.
 //!
 //! The request must hold exactly one user message whose `content` is one `image_url` part (a
-//! `data:` URL: the server fetches nothing) and one `text` part, the PaliGemma prompt. Decoding is
-//! always greedy: `temperature`, `top_p` and `seed` are accepted, since OpenAI clients send them,
-//! and ignored; `n` must be 1. The answer adds a `paligemma` object (`detections`, `segments`,
+//! `data:` URL: the server fetches nothing) and one `text` part, the PaliGemma prompt.
+//!
+//! Decoding is always greedy. The request fields (OpenAI's reference, 2026) fall in three groups:
+//! - `temperature` (0 to 2), `top_p` (0 to 1) and `seed` shape sampling only: accepted, since
+//!   clients send them by default, and greedy's answer is the one they converge to; `user`,
+//!   `metadata`, `store`, `service_tier`, `prompt_cache_key`, `safety_identifier` and
+//!   `parallel_tool_calls` are bookkeeping: accepted;
+//! - fields that would change the tokens or the answer's shape ([`NEUTRAL`]: penalties,
+//!   `logit_bias`, `logprobs`, `stop`, `n`, `response_format`, tools, audio, ...): accepted at the
+//!   value that changes nothing (`0`, `false`, `null`, `[]`, `{"type": "text"}`), otherwise a 400
+//!   `unsupported_parameter` naming the field and the value this server takes;
+//! - anything else: a 400 naming the unknown field.
+//!
+//! The answer adds a `paligemma` object (`detections`, `segments`,
 //! `image_size`) that OpenAI clients ignore; `usage.prompt_tokens` counts the image tokens.
 //! With `stream`, chunks as OpenAI sends them: the role first, then one per token, then the
 //! finish reason, the usage when `stream_options.include_usage`, then `data: [DONE]`.
@@ -35,15 +46,94 @@ struct ChatRequest {
     max_completion_tokens: Option<usize>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
-    #[allow(dead_code)]
     temperature: Option<f64>,
-    #[allow(dead_code)]
     top_p: Option<f64>,
-    n: Option<u64>,
-    #[allow(dead_code)]
-    seed: Option<i64>,
-    #[allow(dead_code)]
-    user: Option<String>,
+}
+
+/// Accepted with any value: they only shape sampling, which greedy decoding does not do, or
+/// are bookkeeping this server has no use for.
+const IGNORED: &[&str] = &[
+    "seed",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+    "parallel_tool_calls",
+];
+
+/// Fields accepted only at the value that changes nothing here: (name, is it that value, the
+/// value to send).
+type Neutral = (&'static str, fn(&Value) -> bool, &'static str);
+
+fn zero(v: &Value) -> bool {
+    v.as_f64() == Some(0.0)
+}
+fn empty(v: &Value) -> bool {
+    v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(serde_json::Map::is_empty) || v.as_str() == Some("")
+}
+fn is_false(v: &Value) -> bool {
+    v.as_bool() == Some(false)
+}
+
+/// `null` is neutral for each of them as well.
+const NEUTRAL: &[Neutral] = &[
+    ("n", |v| v.as_f64() == Some(1.0), "1 (greedy decoding gives one answer)"),
+    ("frequency_penalty", zero, "0 (no penalties in greedy decoding)"),
+    ("presence_penalty", zero, "0 (no penalties in greedy decoding)"),
+    ("logit_bias", empty, "{} (no biases)"),
+    ("logprobs", is_false, "false (log probabilities are not returned)"),
+    ("top_logprobs", zero, "0 (log probabilities are not returned)"),
+    ("stop", empty, "null (no stop sequences; the answer ends at <eos> or max_tokens)"),
+    ("response_format", |v| v.get("type").and_then(Value::as_str) == Some("text") && v.as_object().is_some_and(|o| o.len() == 1), "{\"type\": \"text\"}"),
+    ("tools", empty, "[] (no tool calls)"),
+    ("tool_choice", |v| v.as_str() == Some("none"), "\"none\" (no tool calls)"),
+    ("functions", empty, "[] (no function calls)"),
+    ("function_call", |v| v.as_str() == Some("none"), "\"none\" (no function calls)"),
+    ("modalities", |v| *v == serde_json::json!(["text"]), "[\"text\"]"),
+    ("audio", |_| false, "null (text answers only)"),
+    ("prediction", |_| false, "null (no predicted outputs)"),
+    ("reasoning_effort", |_| false, "null (not a reasoning model)"),
+    ("verbosity", |_| false, "null"),
+    ("web_search_options", |_| false, "null (the server fetches nothing)"),
+];
+
+/// Takes the [`IGNORED`] and [`NEUTRAL`] fields out of the body, refusing a field of the latter
+/// at any other value; what stays is [`ChatRequest`]'s.
+fn take_neutral_fields(body: &mut serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    for name in IGNORED {
+        body.remove(*name);
+    }
+    for (name, is_neutral, neutral) in NEUTRAL {
+        if let Some(value) = body.remove(*name) {
+            if !value.is_null() && !is_neutral(&value) {
+                return Err(ApiError::invalid(
+                    "unsupported_parameter",
+                    format!("{name} is {value}, which this server does not support: it decodes greedily; send {neutral} or leave {name} out"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses the body: the neutral fields checked and dropped, the rest into [`ChatRequest`].
+fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let mut object: serde_json::Map<String, Value> = api::parse_json(body, CHAT_SHAPE)?;
+    take_neutral_fields(&mut object)?;
+    let chat: ChatRequest = serde_json::from_value(Value::Object(object))
+        .map_err(|e| ApiError::invalid("invalid_json", format!("the body is not a valid request: {e}; expected {CHAT_SHAPE}")))?;
+    let out_of_range = |name: &str, value: f64, range: &str| {
+        ApiError::invalid("invalid_value", format!("{name} is {value}; OpenAI's range is {range}"))
+    };
+    if let Some(t) = chat.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
+        return Err(out_of_range("temperature", t, "0 to 2"));
+    }
+    if let Some(p) = chat.top_p.filter(|p| !(0.0..=1.0).contains(p)) {
+        return Err(out_of_range("top_p", p, "0 to 1"));
+    }
+    Ok(chat)
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,12 +159,16 @@ enum Part {
     ImageUrl { image_url: ImageUrl },
 }
 
+/// `{"url": ..., "detail": ...}`, or the bare URL string some clients send.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImageUrl {
-    url: String,
-    #[allow(dead_code)]
-    detail: Option<String>,
+#[serde(untagged)]
+enum ImageUrl {
+    Object {
+        url: String,
+        #[allow(dead_code)]
+        detail: Option<String>,
+    },
+    Url(String),
 }
 
 const CONTENT_SHAPE: &str =
@@ -116,14 +210,16 @@ fn parse_content(content: Value) -> Result<(Vec<u8>, String), ApiError> {
     for part in parts {
         match part {
             Part::Text { text } => texts.push(text),
-            Part::ImageUrl { image_url } => images.push(image_url.url),
+            Part::ImageUrl {
+                image_url: ImageUrl::Object { url, .. } | ImageUrl::Url(url),
+            } => images.push(url),
         }
     }
     if images.len() != 1 || texts.len() != 1 {
         return Err(wrong(format!("the content has {} image_url and {} text parts, not one of each", images.len(), texts.len())));
     }
     let (url, prompt) = (images.remove(0), texts.remove(0));
-    if !url.starts_with("data:") {
+    if api::data_url(&url).is_none() {
         return Err(ApiError::invalid(
             "unsupported_image_url",
             "only data: URLs, the server fetches nothing: send the image as data:image/png;base64,...",
@@ -210,12 +306,9 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, request: axum:
         other => return Err(ApiError::unsupported_media_type(other, "application/json")),
     }
     let body = api::read_body(request).await?;
-    let chat: ChatRequest = api::parse_json(&body, CHAT_SHAPE)?;
-    if chat.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("unsupported_n", "n must be 1: decoding is greedy, every choice would be the same"));
-    }
+    let chat = parse_chat(&body)?;
     let (image, prompt) = parse_messages(chat.messages)?;
-    let request = state.limits.check(image, prompt, chat.max_completion_tokens.or(chat.max_tokens), None)?;
+    let request = state.limits.check(&state.prompts, image, prompt, chat.max_completion_tokens.or(chat.max_tokens), None)?;
     let stream = chat.stream.unwrap_or(false);
     let include_usage = chat.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     let ticket = state.queue.submit(request, stream)?;
@@ -236,30 +329,21 @@ fn chunks(ticket: Ticket, reply: Reply, include_usage: bool) -> impl futures_uti
     struct Progress {
         ticket: Ticket,
         reply: Reply,
-        /// Text sent so far: the answer's text may extend past the last token's delta.
-        streamed: String,
     }
     let first = reply.chunk(json!({ "role": "assistant", "content": "" }), None);
-    let progress = Progress {
-        ticket,
-        reply,
-        streamed: String::new(),
-    };
+    let progress = Progress { ticket, reply };
     let data = |v: Value| SseEvent::default().data(v.to_string());
     let rest = stream::unfold(Some(progress), move |current| async move {
         let mut p = current?;
         let events = match p.ticket.next().await {
             Event::Token(delta) => {
-                p.streamed.push_str(&delta);
                 let chunk = p.reply.chunk(json!({ "content": delta }), None);
                 return Some((vec![data(chunk)], Some(p)));
             }
             Event::Done(result) => match *result {
                 Ok(response) => {
+                    // The token deltas already hold the whole text (the pipeline's TextStream).
                     let mut events = Vec::new();
-                    if let Some(rest) = response.text.strip_prefix(p.streamed.as_str()).filter(|r| !r.is_empty()) {
-                        events.push(data(p.reply.chunk(json!({ "content": rest }), None)));
-                    }
                     let mut last = p.reply.chunk(json!({}), Some(Reply::finish_reason(&response)));
                     last["paligemma"] = Reply::extras(&response);
                     events.push(data(last));
@@ -314,13 +398,46 @@ mod tests {
         assert_eq!(two.code, "unsupported_message");
     }
 
+    fn chat(body: Value) -> Result<ChatRequest, ApiError> {
+        parse_chat(body.to_string().as_bytes())
+    }
+
     #[test]
     fn sampling_options_are_accepted_and_unknown_fields_are_not() {
-        let ok: Result<ChatRequest, _> =
-            serde_json::from_value(json!({"model": "m", "messages": [], "temperature": 0.7, "top_p": 0.9, "seed": 1, "user": "u", "n": 1}));
+        let ok = chat(json!({"model": "m", "messages": [], "temperature": 0.7, "top_p": 0.9, "seed": 1, "user": "u", "n": 1}));
         assert!(ok.is_ok());
-        let bad: Result<ChatRequest, _> = serde_json::from_value(json!({"messages": [], "logprobs": true}));
-        assert!(bad.unwrap_err().to_string().contains("logprobs"));
+        let bad = chat(json!({"messages": [], "logprobs_please": true})).unwrap_err();
+        assert!(bad.message.contains("logprobs_please"), "{}", bad.message);
+        assert_eq!(chat(json!({"messages": [], "temperature": 3})).unwrap_err().code, "invalid_value");
+    }
+
+    #[test]
+    fn fields_that_change_the_answer_are_taken_only_at_their_neutral_values() {
+        // What OpenAI clients send by default, and the other neutral spellings.
+        let neutral = json!({"messages": [], "stop": null, "frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": false,
+            "top_logprobs": 0, "logit_bias": {}, "n": 1, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+            "modalities": ["text"], "audio": null, "stream_options": null, "store": false, "metadata": {"a": "b"},
+            "parallel_tool_calls": true, "service_tier": "auto", "reasoning_effort": null});
+        assert!(chat(neutral).is_ok());
+        for (name, value) in [
+            ("frequency_penalty", json!(0.5)),
+            ("presence_penalty", json!(-1)),
+            ("logprobs", json!(true)),
+            ("top_logprobs", json!(3)),
+            ("logit_bias", json!({"42": 100})),
+            ("stop", json!(["\n"])),
+            ("stop", json!("end")),
+            ("n", json!(2)),
+            ("response_format", json!({"type": "json_object"})),
+            ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
+            ("tool_choice", json!("auto")),
+            ("modalities", json!(["text", "audio"])),
+            ("reasoning_effort", json!("high")),
+        ] {
+            let e = chat(json!({"messages": [], name: value})).unwrap_err();
+            assert_eq!(e.code, "unsupported_parameter", "{name}");
+            assert!(e.message.starts_with(&format!("{name} is ")) && e.message.contains("send "), "{}", e.message);
+        }
     }
 
     #[test]
