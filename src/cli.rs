@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -19,6 +20,7 @@ use crate::pipeline::{ImageInput, Pipeline, PipelineOptions, Request, Response};
 use crate::preprocess::ImageLimits;
 use crate::prompt::DEFAULT_MAX_PROMPT_TOKENS;
 use crate::serve::api::Limits;
+use crate::serve::connections::ConnectionLimits;
 use crate::serve::ServeOptions;
 
 /// Run PaliGemma 2 (ONNX) on images: captions, OCR, answers, detection boxes, segmentation masks.
@@ -178,6 +180,23 @@ pub struct ServeArgs {
     /// Largest request body in bytes (a base64 image is 4/3 of the file).
     #[arg(long, default_value_t = 20 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Seconds a request body may take to arrive (408 after).
+    #[arg(long, default_value_t = 60)]
+    pub body_timeout: u64,
+    /// Seconds a connection may take to send a request head; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, default_value_t = ConnectionLimits::default().header_timeout.as_secs())]
+    pub header_timeout: u64,
+    /// Seconds a client may take none of its answer before it is dropped (its request cancelled).
+    #[arg(long, default_value_t = ConnectionLimits::default().write_timeout.as_secs())]
+    pub write_timeout: u64,
+    /// Most open connections (keep under `ulimit -n`); at the cap the longest-idle connection is
+    /// closed for a new one, or the new one answered 503 when all run requests.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_connections, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize))]
+    pub max_connections: usize,
+    /// Seconds SIGTERM waits for running and queued requests before cancelling them and exiting.
+    #[arg(long, default_value_t = ConnectionLimits::default().shutdown_timeout.as_secs())]
+    pub shutdown_timeout: u64,
     /// Largest image accepted, in pixels (decompression-bomb guard).
     #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
     pub max_image_pixels: u64,
@@ -223,7 +242,14 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
         max_queue: args.max_queue as usize,
         limits: Limits {
             max_body_bytes: args.max_body_bytes,
+            body_timeout: Duration::from_secs(args.body_timeout),
             max_new_tokens_cap: args.max_new_tokens_cap,
+        },
+        connections: ConnectionLimits {
+            max_connections: args.max_connections,
+            header_timeout: Duration::from_secs(args.header_timeout),
+            write_timeout: Duration::from_secs(args.write_timeout),
+            shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         },
         api_key: args.api_key.filter(|k| !k.is_empty()),
         cors_origin: args.cors_origin,

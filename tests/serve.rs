@@ -974,3 +974,100 @@ fn soak_with_bad_requests_mixed_in_fails_only_the_bad_ones() {
     assert!(server.metric("paligemma_batch_size_count") < (8 * 18 + valid.len()) as f64, "requests were never batched");
     assert!(!server.stderr.lock().unwrap().contains("panicked"));
 }
+
+/// Sends SIGTERM and waits for the exit status, failing after `bound`.
+fn terminate(server: &mut Server, bound: Duration) -> std::process::ExitStatus {
+    let kill = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let started = Instant::now();
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(started.elapsed() < bound, "the server did not exit within {bound:?} of SIGTERM:\n{}", server.stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What the server answers on a raw connection after `request`, read to the close.
+fn raw_exchange(server: &Server, request: &[u8]) -> String {
+    let mut socket = TcpStream::connect(server.address()).unwrap();
+    socket.set_read_timeout(Some(DEADLINE)).unwrap();
+    // The server may answer and close before the whole request is written.
+    let _ = socket.write_all(request);
+    let mut answer = Vec::new();
+    let _ = socket.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The status and the error code of a raw HTTP answer with a JSON body.
+fn raw_error(answer: &str) -> (u16, String) {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head: {answer:?}"));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{head}"));
+    assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{head}");
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    assert!(v["error"]["message"].as_str().is_some_and(|m| m.len() > 20), "{body}");
+    (status, v["error"]["code"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn errors_of_the_http_layer_have_the_json_error_body() {
+    let server = Server::start(&[]);
+    let garbage = raw_exchange(&server, b"THIS IS NOT HTTP\r\n\r\n");
+    assert_eq!(raw_error(&garbage), (400, "bad_request".to_string()));
+    let bad_header = raw_exchange(&server, b"GET /health HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n");
+    assert_eq!(raw_error(&bad_header), (400, "bad_request".to_string()));
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
+    assert_eq!(raw_error(&raw_exchange(&server, long_uri.as_bytes())), (414, "uri_too_long".to_string()));
+    let big_header = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(140_000));
+    assert_eq!(raw_error(&raw_exchange(&server, big_header.as_bytes())), (431, "headers_too_large".to_string()));
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many_headers = format!("GET /health HTTP/1.1\r\nHost: x\r\n{many}\r\n");
+    assert_eq!(raw_error(&raw_exchange(&server, many_headers.as_bytes())), (431, "headers_too_large".to_string()));
+    // The server is unharmed, and a good request on a raw socket still gets its usual answer.
+    let health = raw_exchange(&server, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+}
+
+#[test]
+fn slow_clients_cannot_hold_the_server_and_sigterm_ends_it_within_the_bound() {
+    let mut server = Server::start(&["--max-connections", "64", "--header-timeout", "2", "--body-timeout", "2", "--shutdown-timeout", "20"]);
+    // 2,000 connections that never finish their request: most send half a head, some nothing,
+    // some a whole head and part of the body.
+    let mut slow = Vec::new();
+    for k in 0..2000 {
+        let Ok(mut socket) = TcpStream::connect(server.address()) else { continue };
+        let _ = match k % 4 {
+            0 => Ok(()),
+            3 => socket.write_all(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"image\": "),
+            _ => socket.write_all(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Len"),
+        };
+        slow.push(socket);
+    }
+    assert!(slow.len() > 1900, "only {} connections opened", slow.len());
+    // A normal client is served meanwhile.
+    let (status, _, health) = get(&server.url("/health"), &[]);
+    assert_eq!(status, 200, "{health}");
+    let (status, _, answer) = post_json(&server.url("/v1/generate"), &generate_body("chelsea.png", "caption en", 4));
+    assert_eq!(status, 200, "{answer}");
+    // A stalled body gets its 408 once the body timeout passes.
+    let stalled = raw_exchange(&server, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"image\"");
+    assert_eq!(raw_error(&stalled), (408, "body_timeout".to_string()));
+    // An idle keep-alive connection, and one that never sends a byte, are closed by the header
+    // timeout: reading them ends.
+    let mut idle = TcpStream::connect(server.address()).unwrap();
+    idle.set_read_timeout(Some(DEADLINE)).unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut all = Vec::new();
+    idle.read_to_end(&mut all).unwrap();
+    assert!(String::from_utf8_lossy(&all).starts_with("HTTP/1.1 200"));
+    let mut silent = TcpStream::connect(server.address()).unwrap();
+    silent.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(silent.read(&mut [0u8; 16]).unwrap(), 0, "a silent connection was not closed");
+    assert!(!server.stderr.lock().unwrap().contains("panicked"));
+    // SIGTERM with thousands of unfinished connections still open on the client side: the
+    // server closes them and exits 0 well within --shutdown-timeout.
+    let status = terminate(&mut server, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", server.stderr.lock().unwrap());
+    drop(slow);
+}

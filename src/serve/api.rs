@@ -37,6 +37,8 @@ pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    /// A body not received in this time is answered 408 (a client that stalls mid-upload).
+    pub body_timeout: std::time::Duration,
     pub max_new_tokens_cap: usize,
 }
 
@@ -246,18 +248,29 @@ pub fn media_type(headers: &HeaderMap) -> Option<String> {
 /// Reads a body of at most `limit` bytes. A longer one is read on, and dropped, up to twice the
 /// limit before the 413: hyper closes a connection whose body is left unread, and a client
 /// still sending then gets a broken pipe instead of the answer.
-pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub async fn read_limited(body: Body, limit: usize, timeout: std::time::Duration) -> Result<Bytes, ApiError> {
     let mut chunks = body.into_data_stream();
     let (mut kept, mut total) = (Vec::new(), 0usize);
-    while let Some(chunk) = chunks.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid("unreadable_body", format!("cannot read the request body: {e}")))?;
-        total = total.saturating_add(chunk.len());
-        if total <= limit {
-            kept.extend_from_slice(&chunk);
-        } else if total > limit.saturating_mul(2) {
-            break;
+    let read = async {
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| ApiError::invalid("unreadable_body", format!("cannot read the request body: {e}")))?;
+            total = total.saturating_add(chunk.len());
+            if total <= limit {
+                kept.extend_from_slice(&chunk);
+            } else if total > limit.saturating_mul(2) {
+                break;
+            }
         }
-    }
+        Ok::<(), ApiError>(())
+    };
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "body_timeout",
+            format!("the request body did not arrive within {} s (--body-timeout); send it at once", timeout.as_secs()),
+        )
+    })??;
     if total > limit {
         return Err(ApiError::body_too_large(limit));
     }
@@ -388,6 +401,7 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             max_body_bytes: 1000,
+            body_timeout: std::time::Duration::from_secs(1),
             max_new_tokens_cap: 10,
         }
     }

@@ -10,11 +10,16 @@
 //! and signals. CORS and bearer auth are a few lines each, written here rather than pulling in
 //! tower-http.
 //!
-//! Shutdown (SIGTERM or Ctrl-C): stop accepting, let open requests finish, then the worker drains
-//! the queue and the process exits 0.
+//! Connections ([`connections`]): hyper's HTTP/1 under header, body and write timeouts and a cap
+//! on open connections, so slow or idle clients cannot hold the server.
+//!
+//! Shutdown (SIGTERM or Ctrl-C): stop accepting, close idle and unfinished connections, let
+//! running and queued requests finish for up to `--shutdown-timeout` (then they are cancelled),
+//! the worker drains the queue and the process exits 0.
 
 pub mod api;
 pub mod batcher;
+pub mod connections;
 pub mod metrics;
 pub mod openai;
 
@@ -35,6 +40,7 @@ use crate::pipeline::{Pipeline, PipelineOptions, Request};
 use crate::prompt::PromptEncoder;
 use crate::serve::api::{ApiError, Limits};
 use crate::serve::batcher::Queue;
+use crate::serve::connections::ConnectionLimits;
 use crate::serve::metrics::Metrics;
 
 pub struct ServeOptions {
@@ -44,6 +50,7 @@ pub struct ServeOptions {
     pub max_batch: usize,
     pub max_queue: usize,
     pub limits: Limits,
+    pub connections: ConnectionLimits,
     /// Bearer token required on every route but `/health` and `/`.
     pub api_key: Option<String>,
     /// `Access-Control-Allow-Origin` to answer with; no CORS headers without it.
@@ -121,7 +128,7 @@ pub fn run(options: ServeOptions) -> Result<()> {
         let address: SocketAddr = listener.local_addr()?;
         // Tests and scripts wait for this line (with --port 0 it names the port).
         eprintln!("listening on http://{address}");
-        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+        connections::serve(listener, router(state), options.connections, shutdown_signal()).await;
         anyhow::Ok(())
     })?;
     // The router, and with it every queue handle, is gone: the worker finishes what is queued.
@@ -148,7 +155,7 @@ async fn shutdown_signal() {
         () = interrupt => {},
         () = terminate => {},
     }
-    eprintln!("shutting down: finishing open requests");
+    eprintln!("shutting down: closing idle connections, finishing running requests");
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -237,7 +244,7 @@ async fn read_body(State(state): State<Arc<AppState>>, request: axum::extract::R
         return ApiError::body_too_large(limit).into_response();
     }
     let (parts, body) = request.into_parts();
-    match api::read_limited(body, limit).await {
+    match api::read_limited(body, limit, state.limits.body_timeout).await {
         Ok(bytes) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
         Err(e) => e.into_response(),
     }
