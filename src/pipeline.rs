@@ -25,6 +25,11 @@ use crate::prompt::{PromptEncoder, PromptError, TextStream, DEFAULT_MAX_PROMPT_T
 use crate::segment::{decoder_input, segments, Segment, SegmentError};
 use crate::session::{ModelError, ModelSessions};
 
+/// Batch rows x prompt positions squared above which a batch's prefill held enough memory
+/// (attention scores grow with the square) to hand the decoder's arena back after it: a
+/// 4,096-position prompt; default prompts (`--max-prompt-tokens` 512) stay far below.
+const LONG_PREFILL: usize = 4096 * 4096;
+
 /// Errors that stop the pipeline from loading.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -329,6 +334,10 @@ impl Pipeline {
             let delta = streams[index].push(prompts, token);
             on_token(index, &delta)
         })?;
+        let longest = prepared.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
+        if prepared.len() * longest * longest > LONG_PREFILL {
+            self.sessions.release_arena()?;
+        }
         for ((index, _), g) in rows.iter().zip(&generation.rows) {
             let tail = streams[*index].finish(prompts);
             if !g.stopped && !tail.is_empty() {

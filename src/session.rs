@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use half::f16;
 use ndarray::{s, Array, Array2, Array3, Array4, ArrayView2, ArrayView3, Dimension, Ix3};
-use ort::session::{Session, SessionInputValue};
+use ort::session::{RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use crate::config::{ConfigError, Manifest};
@@ -142,6 +142,18 @@ impl Graph {
         let name = self.name;
         self.session.run(inputs).map_err(run_error(name))
     }
+
+    /// [`run`](Self::run), then ONNX Runtime hands the CPU arena's unused memory back to the
+    /// system (`memory.enable_memory_arena_shrinkage`): the activations of a long prompt's prefill
+    /// grow with its length squared, and the arena would keep them for good.
+    fn run_shrinking<'s>(
+        &'s mut self,
+        inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)>,
+        options: &'s RunOptions,
+    ) -> Result<ort::session::SessionOutputs<'s>, ModelError> {
+        let name = self.name;
+        self.session.run_with_options(inputs, options).map_err(run_error(name))
+    }
 }
 
 /// Which optional decoder inputs the graph declares.
@@ -220,6 +232,8 @@ pub struct ModelSessions {
     decoder_inputs: DecoderInputs,
     past_names: Vec<(String, String)>,
     present_names: Vec<(String, String)>,
+    /// Run options of prefill runs: the CPU arena shrinks after them (see `Graph::run_shrinking`).
+    shrink_arena: RunOptions,
     /// (graph, execution providers ONNX Runtime assigned nodes to)
     pub providers: Vec<(String, Vec<String>)>,
     /// Providers that could not start while a later one in the list took over.
@@ -280,7 +294,10 @@ impl ModelSessions {
             Some(ValueType::Tensor { ty: TensorElementType::Float16, .. }) => Float::F16,
             _ => Float::F32,
         };
+        let mut shrink_arena = RunOptions::new().map_err(run_error("decoder"))?;
+        shrink_arena.set("memory.enable_memory_arena_shrinkage", "cpu:0").map_err(run_error("decoder"))?;
         let sessions = ModelSessions {
+            shrink_arena,
             vision,
             embed,
             decoder,
@@ -365,6 +382,17 @@ impl ModelSessions {
         })
     }
 
+    /// Hands the decoder's CPU arena back to the system after a long prompt. A prefill shrinks the
+    /// arena as it ends, but not the region its own outputs (the KV cache) live in; once that cache
+    /// is gone, this two-position prefill on an empty cache frees it (one decode step's cost).
+    pub fn release_arena(&mut self) -> Result<(), ModelError> {
+        let mut cache = self.new_cache(1)?;
+        let embeds = Array3::<f32>::zeros((1, 2, self.manifest.hidden_size));
+        let (mask, types, positions) = (Array2::<i64>::ones((1, 2)), Array2::<i64>::zeros((1, 2)), ndarray::arr2(&[[1i64, 2]]));
+        self.decode(embeds.view(), mask.view(), types.view(), positions.view(), &mut cache)?;
+        Ok(())
+    }
+
     /// pixel_values f32[B,3,S,S] -> image features f32[B,N,H] (already divided by sqrt(H)).
     pub fn encode_image(&mut self, pixel_values: Array4<f32>) -> Result<Array3<f32>, ModelError> {
         let input = self.float.tensor(pixel_values, "vision_encoder")?;
@@ -375,7 +403,8 @@ impl ModelSessions {
     /// input_ids i64[B,T] -> raw embedding rows f32[B,T,H].
     pub fn embed_tokens(&mut self, input_ids: ArrayView2<i64>) -> Result<Array3<f32>, ModelError> {
         let input = Tensor::from_array(input_ids.to_owned()).map_err(run_error("embed_tokens"))?;
-        let outputs = self.embed.run(vec![("input_ids".into(), input.into())])?;
+        let inputs = vec![("input_ids".into(), input.into())];
+        let outputs = if input_ids.ncols() > 1 { self.embed.run_shrinking(inputs, &self.shrink_arena)? } else { self.embed.run(inputs)? };
         extract3(&outputs["inputs_embeds"], self.float, "embed_tokens")
     }
 
@@ -409,7 +438,11 @@ impl ModelSessions {
             inputs.push((vn.as_str().into(), v.into()));
         }
         let float = self.float;
-        let mut outputs = self.decoder.run(inputs)?;
+        let mut outputs = if inputs_embeds.shape()[1] > 1 {
+            self.decoder.run_shrinking(inputs, &self.shrink_arena)?
+        } else {
+            self.decoder.run(inputs)?
+        };
         let step_logits = last_position(&outputs["logits"], float)?;
         for (key, value) in &self.present_names {
             let missing = |name: &str| ModelError::Run {
