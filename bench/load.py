@@ -5,9 +5,13 @@ Steps, for `--max-batch N` and then `--max-batch 1` (the batching gain is their 
  2. send every request of the mix once, alone: the answers each loaded request must equal;
  3. run `--clients` threads for `--seconds`, each sending the mix's requests in turn and waiting
     for each answer (closed loop); record status, latency and whether the tokens equal step 2's;
+    every `--bad-every`-th request is one of BAD_MIX instead, which must get its own 400 and
+    nothing else (the valid requests batched with it are unaffected);
  4. read the batch sizes the server saw from /metrics, stop it with SIGTERM and check it exits 0.
 
 A request is lost when no HTTP answer came back at all (connection refused or reset, timeout).
+"errors" counts valid requests that did not get a 200; "bad misanswered" bad requests that did
+not get their 400 and code.
 Prints a markdown table and writes it with the raw figures as JSON. Nothing here is asserted
 by timing: bench/tests checks counts and answers only.
 """
@@ -37,6 +41,16 @@ MIX = (
     ("text.png", "ocr"),
     ("chelsea.png", "segment cat"),
     ("rocket.jpg", "describe en"),
+    # The placeholder form of transformers' docs: the same layout as without it.
+    ("camera.png", "<image>caption en"),
+)
+# (image, prompt, max_new_tokens or None for --max-new-tokens, the error code it must get).
+BAD_MIX = (
+    ("chelsea.png", "<image><image>caption en", None, "invalid_prompt"),
+    ("chelsea.png", "<image>", None, "empty_prompt"),
+    ("text.png", "\U0001f600" * 2000, None, "prompt_too_long"),
+    ("rocket.jpg", "caption en", 0, "invalid_max_new_tokens"),
+    (None, "caption en", None, "invalid_image"),
 )
 REQUEST_TIMEOUT_S = 120
 
@@ -52,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--min-new-tokens", type=int, default=16, help="fixed answer lengths make the configurations comparable")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the server")
+    parser.add_argument("--bad-every", type=int, default=4, help="every Nth request of a client is a bad one (0: none)")
     parser.add_argument("--out", type=Path, default=REPO / "target/bench/load-results", help="results.json and results.md go here")
     return parser.parse_args(argv)
 
@@ -91,21 +106,24 @@ class Server:
             return self.process.wait()
 
 
-def request_body(image: str, prompt: str, args: argparse.Namespace) -> bytes:
-    data = base64.b64encode((IMAGES / image).read_bytes()).decode()
-    return json.dumps(
-        {"image": data, "prompt": prompt, "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens}
-    ).encode()
+def request_body(image: str | None, prompt: str, args: argparse.Namespace, max_new_tokens: int | None = None) -> bytes:
+    """A /v1/generate body; `image` None sends bytes that are no image."""
+    data = base64.b64encode((IMAGES / image).read_bytes() if image else b"not an image").decode()
+    max_new = args.max_new_tokens if max_new_tokens is None else max_new_tokens
+    return json.dumps({"image": data, "prompt": prompt, "max_new_tokens": max_new, "min_new_tokens": min(args.min_new_tokens, max_new)}).encode()
 
 
 def post(url: str, body: bytes) -> tuple[int | None, dict | None]:
-    """(status, JSON answer); (None, None) when no HTTP answer came back."""
+    """(status, JSON answer or error body); (None, None) when no HTTP answer came back."""
     request = urllib.request.Request(url + "/v1/generate", data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
-        return error.code, None
+        try:
+            return error.code, json.load(error)
+        except ValueError:
+            return error.code, None
     except (OSError, ValueError):
         return None, None
 
@@ -116,11 +134,23 @@ class Tally:
     tokens: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # status code (or "lost") -> count
     wrong_answers: int = 0
+    bad_sent: int = 0
+    bad_misanswered: int = 0
 
 
-def client(url: str, bodies: list[bytes], expected: list[list[int]], start: int, deadline: float, tally: Tally, lock: threading.Lock) -> None:
+def client(
+    url: str, bodies: list[bytes], expected: list[list[int]], bad: list[tuple[bytes, str]], bad_every: int, start: int, deadline: float, tally: Tally, lock: threading.Lock
+) -> None:
     i = start
     while time.monotonic() < deadline:
+        if bad and bad_every and i % bad_every == bad_every - 1:
+            body, code = bad[i % len(bad)]
+            status, answer = post(url, body)
+            with lock:
+                tally.bad_sent += 1
+                tally.bad_misanswered += status != 400 or (answer or {}).get("error", {}).get("code") != code
+            i += 1
+            continue
         k = i % len(bodies)
         began = time.monotonic()
         status, answer = post(url, bodies[k])
@@ -159,6 +189,7 @@ def load(args: argparse.Namespace, max_batch: int) -> dict:
     )
     try:
         bodies = [request_body(image, prompt, args) for image, prompt in MIX]
+        bad = [(request_body(image, prompt, args, max_new), code) for image, prompt, max_new, code in BAD_MIX]
         expected = []
         for body, (image, prompt) in zip(bodies, MIX):
             status, answer = post(server.url, body)
@@ -169,7 +200,9 @@ def load(args: argparse.Namespace, max_batch: int) -> dict:
         tally, lock = Tally(), threading.Lock()
         began = time.monotonic()
         deadline = began + args.seconds
-        threads = [threading.Thread(target=client, args=(server.url, bodies, expected, c, deadline, tally, lock)) for c in range(args.clients)]
+        threads = [
+            threading.Thread(target=client, args=(server.url, bodies, expected, bad, args.bad_every, c, deadline, tally, lock)) for c in range(args.clients)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -187,6 +220,8 @@ def load(args: argparse.Namespace, max_batch: int) -> dict:
         "errors": tally.errors,
         "lost": tally.errors.get("lost", 0),
         "wrong_answers": tally.wrong_answers,
+        "bad_sent": tally.bad_sent,
+        "bad_misanswered": tally.bad_misanswered,
         "requests_per_s": answered / elapsed,
         "tokens_per_s": tally.tokens / elapsed,
         "p50_ms": percentile(tally.latencies_s, 0.50) * 1e3,
@@ -205,14 +240,14 @@ def markdown(runs: list[dict], args: argparse.Namespace) -> str:
         f"{args.min_new_tokens}-{args.max_new_tokens} new tokens, model {args.model.name if args.model.name != 'onnx' else args.model.parent.name}, "
         f"{args.dtype}, {args.threads} threads",
         "",
-        "| --max-batch | answered | requests/s | tokens/s | p50 ms | p99 ms | mean batch | errors | lost | wrong answers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| --max-batch | answered | requests/s | tokens/s | p50 ms | p99 ms | mean batch | errors | lost | wrong answers | bad sent | bad misanswered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         errors = sum(r["errors"].values()) - r["lost"]
         lines.append(
             f"| {r['max_batch']} | {r['answered']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['p50_ms']:.0f} | "
-            f"{r['p99_ms']:.0f} | {r['mean_batch_size']:.2f} | {errors} | {r['lost']} | {r['wrong_answers']} |"
+            f"{r['p99_ms']:.0f} | {r['mean_batch_size']:.2f} | {errors} | {r['lost']} | {r['wrong_answers']} | {r['bad_sent']} | {r['bad_misanswered']} |"
         )
     lines += ["", f"Batching gain (requests/s, --max-batch {runs[0]['max_batch']} vs 1): {gain:.2f}x"]
     return "\n".join(lines)
@@ -226,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=2) + "\n")
-    bad = [r for r in runs if r["errors"] or r["wrong_answers"] or r["exit_code_after_sigterm"] != 0]
+    bad = [r for r in runs if r["errors"] or r["wrong_answers"] or r["bad_misanswered"] or r["exit_code_after_sigterm"] != 0]
     return 1 if bad else 0
 
 

@@ -19,6 +19,8 @@ def test_short_load_answers_every_request_as_alone_and_batches(tmp_path):
     for r in runs:
         assert r["answered"] > CLIENTS, r
         assert r["errors"] == {} and r["lost"] == 0 and r["wrong_answers"] == 0, r
+        # Every fourth request was a bad one (BAD_MIX): each got its own 400, nothing else did.
+        assert r["bad_sent"] > 0 and r["bad_misanswered"] == 0, r
         assert r["exit_code_after_sigterm"] == 0, r
     # Six closed-loop clients keep the queue full: the batched server must run batches of several.
     assert runs[0]["mean_batch_size"] > 1.5, runs[0]

@@ -239,10 +239,13 @@ pub fn decode_base64_image(field: &str, text: &str) -> Result<Vec<u8>, ApiError>
         })
 }
 
-/// The media type of a request, lowercased, without parameters.
+/// The media type of a request, lowercased, without parameters; JSON's other spellings
+/// (`text/json`, RFC 6839's `application/...+json`) read as `application/json`.
 pub fn media_type(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    Some(value.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+    let kind = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let json = kind == "text/json" || (kind.starts_with("application/") && kind.ends_with("+json"));
+    Some(if json { "application/json".into() } else { kind })
 }
 
 /// Reads a body of at most `limit` bytes. A longer one is read on, and dropped, up to twice the
@@ -287,6 +290,8 @@ pub async fn read_body(request: axum::extract::Request) -> Result<Bytes, ApiErro
 /// Parses a JSON body into `T`, every serde error (syntax, unknown or missing field) a 400 that
 /// names it.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, ApiError> {
+    // A UTF-8 byte-order mark, as Windows tools write before JSON, is not part of the text.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     serde_json::from_slice(body).map_err(|e| ApiError::invalid("invalid_json", format!("the body is not a valid request: {e}; expected {expected}")))
 }
 
@@ -427,6 +432,21 @@ mod tests {
         let e = decode_base64_image("image", "data:image/png,hello").unwrap_err();
         assert_eq!(e.code, "invalid_image");
         assert_eq!(decode_base64_image("image", "%%%").unwrap_err().code, "invalid_base64");
+    }
+
+    #[test]
+    fn json_in_its_other_spellings_and_with_a_byte_order_mark_is_json() {
+        let kind = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            media_type(&headers)
+        };
+        for value in ["application/json", "Application/JSON; charset=UTF-8", "text/json", "application/vnd.api+json"] {
+            assert_eq!(kind(value).as_deref(), Some("application/json"), "{value}");
+        }
+        assert_eq!(kind("text/plain").as_deref(), Some("text/plain"));
+        let v: serde_json::Value = parse_json(b"\xEF\xBB\xBF{\"a\": 1}", "{}").unwrap();
+        assert_eq!(v["a"], 1);
     }
 
     #[test]

@@ -72,3 +72,26 @@ def test_wrong_api_key_is_an_authentication_error(server):
             model="paligemma", messages=user_message(), max_tokens=MAX_TOKENS
         )
     assert raised.value.status_code == 401
+
+
+def test_fields_clients_send_at_neutral_values_are_accepted_and_others_named(server):
+    import openai
+
+    expected = server.generate(IMAGE, PROMPT, MAX_TOKENS)
+    neutral = client(server).chat.completions.create(
+        model="paligemma",
+        messages=user_message(),
+        max_tokens=MAX_TOKENS,
+        stop=None,
+        frequency_penalty=0,
+        presence_penalty=0,
+        logprobs=False,
+        n=1,
+        temperature=0,
+        response_format={"type": "text"},
+    )
+    assert neutral.choices[0].message.content == expected["text"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(server).chat.completions.create(model="paligemma", messages=user_message(), max_tokens=MAX_TOKENS, frequency_penalty=0.5)
+    assert refused.value.code == "unsupported_parameter"
+    assert "frequency_penalty is 0.5" in refused.value.message
