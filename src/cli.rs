@@ -269,7 +269,7 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
     for warning in &report.warnings {
         eprintln!("warning: {warning}");
     }
-    println!("{}", serde_json::to_string(&report)?);
+    print_line(&serde_json::to_string(&report)?)?;
     Ok(0)
 }
 
@@ -289,65 +289,89 @@ pub(crate) struct JsonResult<'a> {
     pub(crate) providers: &'a BTreeMap<String, Vec<String>>,
 }
 
-/// The text of a file as editors on any system write it: UTF-8 with or without a byte-order
-/// mark, or UTF-16 with one (Windows' "Unicode"); line ends `\n` or `\r\n`.
-fn read_text(path: &Path, bytes: Vec<u8>) -> Result<String> {
-    let utf16 = |bytes: &[u8], unit: fn([u8; 2]) -> u16| {
+/// The lines of a text file as editors on any system write it: UTF-8 with or without a
+/// byte-order mark, or UTF-16 with one (Windows' "Unicode"); line ends `\n` or `\r\n`. Each line
+/// is decoded on its own: one that is not text is that line's error, not the file's.
+fn text_lines(bytes: &[u8]) -> Vec<Result<String, String>> {
+    fn utf16(bytes: &[u8], unit: fn([u8; 2]) -> u16) -> Vec<Result<String, String>> {
         let units: Vec<u16> = bytes.chunks_exact(2).map(|c| unit([c[0], c[1]])).collect();
-        String::from_utf16(&units).with_context(|| format!("{} is not valid UTF-16 text", path.display()))
+        let line = |units: &[u16]| String::from_utf16(units).map_err(|_| "is not valid UTF-16 text (a lone surrogate)".to_string());
+        units.split(|&u| u == u16::from(b'\n')).map(line).collect()
+    }
+    let utf8 = |bytes: &[u8]| -> Vec<Result<String, String>> {
+        let line = |line: &[u8]| {
+            String::from_utf8(line.to_vec())
+                .map_err(|e| format!("is not UTF-8 text (byte {} of the line); save the file as UTF-8", e.utf8_error().valid_up_to() + 1))
+        };
+        bytes.split(|&b| b == b'\n').map(line).collect()
     };
-    match bytes.as_slice() {
-        [0xEF, 0xBB, 0xBF, rest @ ..] => String::from_utf8(rest.to_vec()).with_context(|| format!("{} is not UTF-8 text", path.display())),
+    let lines = match bytes {
+        [0xEF, 0xBB, 0xBF, rest @ ..] => utf8(rest),
         [0xFF, 0xFE, rest @ ..] => utf16(rest, u16::from_le_bytes),
         [0xFE, 0xFF, rest @ ..] => utf16(rest, u16::from_be_bytes),
-        _ => String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text; save it as UTF-8 JSON lines", path.display())),
-    }
+        _ => utf8(bytes),
+    };
+    lines.into_iter().map(|l| l.map(|l| l.strip_suffix('\r').map(str::to_string).unwrap_or(l))).collect()
 }
 
 /// Largest `--batch` file: a million requests of a long path and prompt.
 const MAX_BATCH_FILE_BYTES: u64 = 1 << 30;
 
+/// One request of the command line: where it comes from (the `--batch` line) and the request,
+/// or why that line is not one.
+struct Entry {
+    line: Option<usize>,
+    request: Result<Request, String>,
+}
+
 /// The requests of a `--batch` file, one per non-blank line, each parsed on its own: a line that
 /// is not a valid request is that request's error, not the file's.
-fn read_batch(path: &Path, default_max: usize, min_new_tokens: usize) -> Result<Vec<Result<Request, String>>> {
+fn read_batch(path: &Path, default_max: usize, min_new_tokens: usize) -> Result<Vec<Entry>> {
     let bytes = read_regular_file(path, "batch file", MAX_BATCH_FILE_BYTES)?;
-    let text = read_text(path, bytes)?;
-    let requests: Vec<Result<Request, String>> = text
-        .lines()
+    let parse = |line: Result<String, String>| -> Result<Request, String> {
+        let line: BatchLine = serde_json::from_str(&line?)
+            .map_err(|e| format!("{e}; expected {{\"image\": PATH, \"prompt\": TEXT, \"max_new_tokens\": N (optional)}}"))?;
+        Ok(Request {
+            image: ImageInput::Path(line.image),
+            prompt: line.prompt,
+            max_new_tokens: line.max_new_tokens.unwrap_or(default_max),
+            min_new_tokens,
+        })
+    };
+    let entries: Vec<Entry> = text_lines(&bytes)
+        .into_iter()
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(n, line)| {
-            let line: BatchLine = serde_json::from_str(line).map_err(|e| {
-                format!(
-                    "{} line {}: {e}; expected {{\"image\": PATH, \"prompt\": TEXT, \"max_new_tokens\": N (optional)}}",
-                    path.display(),
-                    n + 1
-                )
-            })?;
-            Ok(Request {
-                image: ImageInput::Path(line.image),
-                prompt: line.prompt,
-                max_new_tokens: line.max_new_tokens.unwrap_or(default_max),
-                min_new_tokens,
-            })
+        .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
+        .map(|(n, line)| Entry {
+            line: Some(n + 1),
+            request: parse(line).map_err(|e| format!("{} line {}: {e}", path.display(), n + 1)),
         })
         .collect();
-    if requests.is_empty() {
+    if entries.is_empty() {
         bail!("{} holds no requests", path.display());
     }
-    Ok(requests)
+    Ok(entries)
+}
+
+/// One line to stdout; a closed pipe or a full disk is an error, not a panic.
+fn print_line(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|()| out.flush()).context("cannot write the answer to stdout")
 }
 
 /// Runs the command; returns the process exit code (0, or 2 when any request failed).
 pub fn run(args: Args) -> Result<i32> {
-    let requests = match (&args.batch, &args.image, &args.prompt) {
+    let entries = match (&args.batch, &args.image, &args.prompt) {
         (Some(batch), _, _) => read_batch(batch, args.max_new_tokens, args.min_new_tokens)?,
-        (None, Some(image), Some(prompt)) => vec![Ok(Request {
-            image: ImageInput::Path(image.clone()),
-            prompt: prompt.clone(),
-            max_new_tokens: args.max_new_tokens,
-            min_new_tokens: args.min_new_tokens,
-        })],
+        (None, Some(image), Some(prompt)) => vec![Entry {
+            line: None,
+            request: Ok(Request {
+                image: ImageInput::Path(image.clone()),
+                prompt: prompt.clone(),
+                max_new_tokens: args.max_new_tokens,
+                min_new_tokens: args.min_new_tokens,
+            }),
+        }],
         _ => bail!("give --image and --prompt, or --batch FILE"),
     };
     let mut options = args.runtime.pipeline_options()?;
@@ -365,9 +389,10 @@ pub fn run(args: Args) -> Result<i32> {
     let providers: BTreeMap<String, Vec<String>> = pipeline.providers().iter().cloned().collect();
 
     // The lines that parsed run as one batch; the others keep their place with their error.
-    let (mut valid, mut line_errors) = (Vec::new(), Vec::new());
-    for request in requests {
-        match request {
+    let (mut valid, mut line_errors, mut lines) = (Vec::new(), Vec::new(), Vec::new());
+    for entry in entries {
+        lines.push(entry.line);
+        match entry.request {
             Ok(request) => {
                 valid.push(request);
                 line_errors.push(None);
@@ -395,22 +420,27 @@ pub fn run(args: Args) -> Result<i32> {
         .collect();
 
     let mut failed = false;
-    for (index, result) in results.iter().enumerate() {
+    for ((index, result), line) in results.iter().enumerate().zip(lines) {
         match result {
             Ok(response) => {
                 if args.json {
-                    println!("{}", serde_json::to_string(&JsonResult { response, providers: &providers })?);
+                    print_line(&serde_json::to_string(&JsonResult { response, providers: &providers })?)?;
                 } else if stream {
-                    println!();
+                    print_line("")?;
                 } else {
-                    println!("[{index}] {}", response.text);
+                    print_line(&format!("[{index}] {}", response.text))?;
                 }
                 write_outputs(&args, index, response)?;
             }
             Err(e) => {
                 failed = true;
+                // Errors of a line already name it; a request that failed later gets its line too.
+                let e = match line {
+                    Some(n) if !e.contains(&format!(" line {n}: ")) => format!("line {n}: {e}"),
+                    _ => e.clone(),
+                };
                 if args.json {
-                    println!("{}", serde_json::json!({ "index": index, "error": e }));
+                    print_line(&serde_json::json!({ "index": index, "line": line, "error": e }).to_string())?;
                 }
                 eprintln!("error: request {index}: {e}");
             }
@@ -422,21 +452,27 @@ pub fn run(args: Args) -> Result<i32> {
 /// `--annotate`'s value: a path ending in `.png`, checked before the model loads.
 fn png_path(value: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(value);
-    match path.extension().and_then(|e| e.to_str()) {
-        Some(e) if e.eq_ignore_ascii_case("png") => Ok(path),
-        _ => Err(format!("{value} does not end in .png; the annotated image is written as PNG, name it e.g. out.png")),
+    match path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()) {
+        Some(name) if name.len() > 4 && name.ends_with(".png") => Ok(path),
+        _ => Err(format!("{value} is not a file name ending in .png; the annotated image is written as PNG, name it e.g. out.png")),
     }
 }
 
 fn write_outputs(args: &Args, index: usize, response: &Response) -> Result<()> {
     if let Some(path) = &args.annotate {
         let picture = annotate(&response.image, &response.detections, &response.segments)?;
-        // Encoded in memory first: a failed encode leaves no empty file behind.
+        // Encoded in memory, written beside the target and renamed over it: a failed run leaves
+        // neither an empty or truncated file nor a damaged earlier one.
         let mut png = Vec::new();
         picture
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .context("cannot encode the annotated image as PNG")?;
-        std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
+        let partial = path.with_file_name(format!(".{}.partial", path.file_name().unwrap_or_default().to_string_lossy()));
+        let written = std::fs::write(&partial, png).and_then(|()| std::fs::rename(&partial, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e).with_context(|| format!("cannot write {}", path.display()));
+        }
     }
     if let Some(dir) = &args.masks_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -139,9 +139,12 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Mean of `steps` in milliseconds (0 for none).
+/// Mean of `steps` in milliseconds (0 for none; not the -0.0 an empty float sum gives).
 pub fn mean_ms(steps: &[Duration]) -> f64 {
-    steps.iter().map(|&d| ms(d)).sum::<f64>() / steps.len().max(1) as f64
+    if steps.is_empty() {
+        return 0.0;
+    }
+    steps.iter().map(|&d| ms(d)).sum::<f64>() / steps.len() as f64
 }
 
 /// Runs `batch` to completion. `on_token(row, id)` sees each new id of an unfinished row as soon
@@ -242,6 +245,12 @@ mod tests {
         // transformers: cumsum(mask) - 1, pads set to 0, then + 1.
         assert_eq!(p.position_ids.row(0).to_vec(), vec![1, 2, 3]);
         assert_eq!(p.position_ids.row(1).to_vec(), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn the_mean_of_no_steps_is_a_plain_zero() {
+        assert!(mean_ms(&[]).is_sign_positive() && mean_ms(&[]) == 0.0);
+        assert_eq!(mean_ms(&[Duration::from_millis(2), Duration::from_millis(4)]), 3.0);
     }
 
     #[test]

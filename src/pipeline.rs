@@ -163,9 +163,9 @@ enum Task {
 }
 
 impl Task {
-    /// By the first word after the image placeholder (`<image>detect cat` detects, as `detect cat`).
+    /// By the first word, the image placeholder aside (`<image>detect cat` detects, as `detect cat`).
     fn of(prompt: &str) -> Task {
-        let text = prompt.split_once(IMAGE_TOKEN).map_or(prompt, |(_, after)| after);
+        let text = prompt.replace(IMAGE_TOKEN, " ");
         let first = text.split_whitespace().next().unwrap_or("");
         match first {
             "detect" => Task::Detect,
@@ -393,5 +393,20 @@ impl Pipeline {
             Task::Text => {}
         }
         Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_task_is_the_first_word_with_the_image_placeholder_aside() {
+        assert_eq!(Task::of("detect cat ; dog"), Task::Detect);
+        assert_eq!(Task::of("<image>detect cat"), Task::Detect);
+        assert_eq!(Task::of("<image> segment car"), Task::Segment);
+        assert_eq!(Task::of("caption <image> en"), Task::Text);
+        assert_eq!(Task::of("detect<image>cat"), Task::Detect);
+        assert_eq!(Task::of("detecting cats"), Task::Text);
     }
 }

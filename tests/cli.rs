@@ -417,6 +417,9 @@ fn default_model_captions_the_example_scene_and_boxes_its_shapes() {
     };
     assert_eq!(run("caption en")["text"], example["caption"]);
     let detections = run(example["detect_prompt"].as_str().unwrap())["detections"].as_array().unwrap().clone();
+    // The placeholder form of transformers' docs lays out the same tokens: the same boxes.
+    let placed = run(&format!("<image>{}", example["detect_prompt"].as_str().unwrap()));
+    assert_eq!(placed["detections"].as_array(), Some(&detections));
     let objects = example["objects"].as_array().unwrap();
     assert_eq!(detections.len(), objects.len(), "{detections:?}");
     for object in objects {
@@ -553,7 +556,7 @@ fn annotate_to_a_name_that_is_not_png_is_refused_before_loading_and_writes_nothi
     let target = dir.join("out.jpg");
     let out = run_image(&model(), &image("chelsea.png"), "detect cat", &["--annotate", target.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not end in .png"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a file name ending in .png"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!target.exists(), "a failed --annotate left {}", target.display());
     // A directory where the file should go: the error, and still no file.
     let blocked = dir.join("sub.png");
@@ -576,4 +579,40 @@ fn plain_output_of_byte_fallback_text_is_the_json_text() {
     let plain = paligemma(&args);
     assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
     assert_eq!(String::from_utf8(plain.stdout).unwrap(), format!("{text}\n"));
+}
+
+#[test]
+fn a_stdout_that_cannot_be_written_is_one_error_line_not_a_panic() {
+    let (m, i) = (model().display().to_string(), image("chelsea.png").display().to_string());
+    for extra in [&[][..], &["--json"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_paligemma"))
+            .args(["--model", &m, "--image", &i, "--prompt", "caption en", "--max-new-tokens", "4"])
+            .args(extra)
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        assert_error(&out, &["cannot write the answer to stdout"]);
+    }
+}
+
+#[test]
+fn a_batch_line_that_is_not_text_fails_alone_and_errors_name_their_line() {
+    let dir = scratch("batch-bytes");
+    let file = dir.join("requests.jsonl");
+    let good = serde_json::json!({"image": image("text.png"), "prompt": "ocr"}).to_string();
+    let missing = serde_json::json!({"image": dir.join("missing.png"), "prompt": "ocr"}).to_string();
+    let mut body = format!("{good}\n\n").into_bytes();
+    body.extend_from_slice(b"{\"image\": \"x\xff\", \"prompt\": \"ocr\"}\n");
+    body.extend_from_slice(format!("{missing}\n{good}\n").as_bytes());
+    std::fs::write(&file, body).unwrap();
+    let out = paligemma(&["--model", &model().display().to_string(), "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", "4"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 4);
+    assert!(rows[0].get("token_ids").is_some() && rows[3].get("token_ids").is_some(), "{rows:?}");
+    assert_eq!((rows[1]["index"].as_u64(), rows[1]["line"].as_u64()), (Some(1), Some(3)));
+    assert!(rows[1]["error"].as_str().unwrap().contains("line 3: is not UTF-8 text"), "{}", rows[1]);
+    // An error found after parsing (the image is missing) names its line as well.
+    assert_eq!(rows[2]["line"].as_u64(), Some(4));
+    assert!(rows[2]["error"].as_str().unwrap().starts_with("line 4: "), "{}", rows[2]);
 }

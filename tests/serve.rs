@@ -924,8 +924,9 @@ fn soak_with_bad_requests_mixed_in_fails_only_the_bad_ones() {
         ("chelsea.png", "<image>caption en", 6),
         ("camera.png", "caption <image> en", 5),
         ("text.png", "<image><bos>ocr", 4),
-        ("rocket.jpg", "detect cat", 7),
+        ("camera.png", "detect cat", 7),
         ("camera.png", "segment person", 5),
+        ("camera.png", "<image>detect cat", 7),
     ];
     // (body, status, code)
     let bad: Vec<(Value, u16, &str)> = vec![
@@ -938,6 +939,8 @@ fn soak_with_bad_requests_mixed_in_fails_only_the_bad_ones() {
     ];
     let expected: Vec<Value> = valid.iter().map(|&(i, p, n)| post_json(&url, &generate_body(i, p, n)).2).collect();
     assert_eq!(token_ids(&expected[0]), token_ids(&expected[1]), "<image>caption en differs from caption en");
+    // The task is read after the placeholder: `<image>detect cat` answers boxes as `detect cat`.
+    assert_eq!((token_ids(&expected[6]), &expected[6]["detections"]), (token_ids(&expected[4]), &expected[4]["detections"]));
     // 8 clients, 24 requests each, every fourth one bad, all at once.
     let clients: Vec<_> = (0..8)
         .map(|client| {
@@ -1070,4 +1073,61 @@ fn slow_clients_cannot_hold_the_server_and_sigterm_ends_it_within_the_bound() {
     let status = terminate(&mut server, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{}", server.stderr.lock().unwrap());
     drop(slow);
+}
+
+/// A connection that sent a whole head and the start of a `Content-Length: 1000` body.
+fn partial_body(server: &Server, extra_headers: &str) -> TcpStream {
+    let mut socket = TcpStream::connect(server.address()).unwrap();
+    write!(socket, "POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra_headers}Content-Length: 1000\r\n\r\n{{\"im").unwrap();
+    socket
+}
+
+#[test]
+fn clients_stuck_in_their_body_neither_lock_others_out_nor_hold_the_shutdown() {
+    let mut server = Server::start(&["--max-connections", "5", "--body-timeout", "60", "--shutdown-timeout", "60"]);
+    let stuck: Vec<TcpStream> = (0..5).map(|_| partial_body(&server, "")).collect();
+    // They run no request yet: a newcomer closes the longest idle of them instead of a 503.
+    for _ in 0..3 {
+        let (status, _, body) = get(&server.url("/health"), &[]);
+        assert_eq!(status, 200, "{body}");
+    }
+    let more: Vec<TcpStream> = (0..5).map(|_| partial_body(&server, "")).collect();
+    let (status, _, answer) = post_json(&server.url("/v1/generate"), &generate_body("text.png", "ocr", 2));
+    assert_eq!(status, 200, "{answer}");
+    // SIGTERM closes them at once rather than waiting out --shutdown-timeout (60 s).
+    let status = terminate(&mut server, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0));
+    drop((stuck, more));
+}
+
+#[test]
+fn a_request_without_the_key_or_over_the_body_limit_is_answered_before_its_body() {
+    let server = Server::start(&["--api-key", "sekrit", "--max-body-bytes", "5000", "--body-timeout", "60"]);
+    // Neither sends the body it declares: the answer comes from the head alone.
+    let unauthorized = raw_exchange(&server, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n");
+    assert_eq!(raw_error(&unauthorized), (401, "invalid_api_key".to_string()));
+    let too_big = raw_exchange(
+        &server,
+        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\nContent-Type: application/json\r\nContent-Length: 5001\r\n\r\n",
+    );
+    assert_eq!(raw_error(&too_big), (413, "body_too_large".to_string()));
+}
+
+#[test]
+fn requests_still_running_after_the_shutdown_timeout_are_told_so() {
+    let mut server = Server::start(&["--max-new-tokens-cap", "8000", "--max-batch", "2", "--shutdown-timeout", "1"]);
+    let mut streaming = hold(&server);
+    let waiting = {
+        let (url, mut body) = (server.url("/v1/generate"), generate_body("chelsea.png", "caption en", 8000));
+        body["min_new_tokens"] = json!(8000);
+        std::thread::spawn(move || post_json(&url, &body))
+    };
+    server.wait_metric("paligemma_queue_depth", 1.0);
+    let status = terminate(&mut server, DEADLINE);
+    assert_eq!(status.code(), Some(0), "{}", server.stderr.lock().unwrap());
+    let (status, _, answer) = waiting.join().unwrap();
+    assert_eq!((status, answer["error"]["code"].as_str()), (503, Some("shutting_down")), "{answer}");
+    let last = std::iter::from_fn(|| streaming.next()).last().unwrap();
+    assert_eq!(last.event.as_deref(), Some("error"), "{last:?}");
+    assert!(last.data.contains("--shutdown-timeout"), "{}", last.data);
 }

@@ -130,7 +130,7 @@ impl From<JobError> for ApiError {
             ),
             JobError::Request(RequestError::Image(_)) => ApiError::invalid("invalid_image", message),
             JobError::Request(RequestError::Prompt(e)) => e.into(),
-            JobError::WorkerGone => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting_down", message),
+            JobError::WorkerGone | JobError::ShutDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting_down", message),
             JobError::Request(_) | JobError::Panicked(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "model_error", message)
             }
@@ -321,8 +321,12 @@ async fn parse_multipart(request: axum::extract::Request, limits: &Limits, promp
         .map_err(|e| ApiError::invalid("invalid_multipart", format!("cannot read the multipart form: {e}")))?;
     let bad_part = |e: axum::extract::multipart::MultipartError| ApiError::invalid("invalid_multipart", format!("cannot read the multipart form: {e}"));
     let (mut image, mut prompt, mut max_new, mut min_new, mut stream) = (None, None, None, None, false);
+    let mut seen = std::collections::HashSet::new();
     while let Some(field) = form.next_field().await.map_err(bad_part)? {
         let name = field.name().unwrap_or("").to_string();
+        if !seen.insert(name.clone()) {
+            return Err(ApiError::invalid("duplicate_field", format!("the form has two {name:?} parts; send each part once")));
+        }
         if name == "image" {
             image = Some(field.bytes().await.map_err(bad_part)?.to_vec());
             continue;

@@ -42,6 +42,9 @@ pub enum JobError {
     Panicked(String),
     #[error("the model worker has stopped")]
     WorkerGone,
+    /// The server was stopped and `--shutdown-timeout` passed before the job finished.
+    #[error("the server is shutting down and its --shutdown-timeout passed before this request finished; retry on another server")]
+    ShutDown,
 }
 
 /// What the worker sends back for a job.
@@ -78,6 +81,9 @@ pub enum SubmitError {
 pub struct Queue {
     jobs: SyncSender<Job>,
     metrics: Arc<Metrics>,
+    /// Set by [`Queue::cancel_all`]: every job still queued or running ends as
+    /// [`JobError::ShutDown`].
+    stopping: Arc<AtomicBool>,
 }
 
 /// A submitted job: its events, and the cancel flag set when this is dropped unfinished.
@@ -119,6 +125,14 @@ impl Queue {
     }
 }
 
+impl Queue {
+    /// Ends every job queued or running as [`JobError::ShutDown`] (rows stop at their next
+    /// token), for a shutdown whose grace time is over.
+    pub fn cancel_all(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Ticket {
     /// The next event; a worker that went away without answering reads as a failed job.
     pub async fn next(&mut self) -> Event {
@@ -153,58 +167,72 @@ impl Drop for Ticket {
 pub fn start(runner: impl Runner, max_batch: usize, max_queue: usize, metrics: Arc<Metrics>) -> std::io::Result<(Queue, JoinHandle<()>)> {
     let (jobs, queue) = mpsc::sync_channel(max_queue);
     let worker_metrics = Arc::clone(&metrics);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let worker_stopping = Arc::clone(&stopping);
     let handle = std::thread::Builder::new()
         .name("paligemma-worker".into())
-        .spawn(move || work(runner, &queue, max_batch.max(1), &worker_metrics))?;
-    Ok((Queue { jobs, metrics }, handle))
+        .spawn(move || work(runner, &queue, max_batch.max(1), &worker_metrics, &worker_stopping))?;
+    Ok((Queue { jobs, metrics, stopping }, handle))
 }
 
-fn work(mut runner: impl Runner, queue: &Receiver<Job>, max_batch: usize, metrics: &Metrics) {
+fn work(mut runner: impl Runner, queue: &Receiver<Job>, max_batch: usize, metrics: &Metrics, stopping: &AtomicBool) {
     while let Ok(first) = queue.recv() {
         let mut batch = Vec::with_capacity(max_batch);
-        take(first, &mut batch, metrics);
+        take(first, &mut batch, metrics, stopping);
         while batch.len() < max_batch {
             match queue.try_recv() {
-                Ok(job) => take(job, &mut batch, metrics),
+                Ok(job) => take(job, &mut batch, metrics, stopping),
                 Err(_) => break,
             }
         }
         if !batch.is_empty() {
-            run_batch(&mut runner, batch, metrics);
+            run_batch(&mut runner, batch, metrics, stopping);
         }
     }
 }
 
-/// Moves `job` off the queue into `batch`, unless its client has gone.
-fn take(job: Job, batch: &mut Vec<Job>, metrics: &Metrics) {
+/// Moves `job` off the queue into `batch`, unless its client has gone or the server is past its
+/// shutdown grace time.
+fn take(job: Job, batch: &mut Vec<Job>, metrics: &Metrics, stopping: &AtomicBool) {
     metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
     if job.reply.cancelled.load(Ordering::Relaxed) {
         metrics.record_cancelled(CancelledAt::Queued);
+    } else if stopping.load(Ordering::Relaxed) {
+        let _ = job.reply.events.send(Event::Done(Box::new(Err(JobError::ShutDown))));
     } else {
         batch.push(job);
     }
 }
 
-fn run_batch(runner: &mut impl Runner, batch: Vec<Job>, metrics: &Metrics) {
+fn run_batch(runner: &mut impl Runner, batch: Vec<Job>, metrics: &Metrics, stopping: &AtomicBool) {
     let (requests, jobs): (Vec<Request>, Vec<Reply>) = batch.into_iter().map(|j| (j.request, j.reply)).unzip();
     metrics.in_flight.store(requests.len() as i64, Ordering::Relaxed);
     // Bytes of text sent per job, and bytes the current run has produced: a job run again after
     // its batch panicked sends only what goes past the first run.
     let mut sent = vec![0usize; jobs.len()];
-    let mut results = run_catching(runner, &requests, &jobs, &mut sent, |i| i);
+    let mut results = run_catching(runner, &requests, &jobs, &mut sent, stopping, |i| i);
     if requests.len() > 1 && results.iter().all(|r| matches!(r, Err(JobError::Panicked(_)))) {
         // One request may have made the batch panic: run each alone so only that one fails.
         results = (0..requests.len())
-            .map(|i| run_catching(runner, &requests[i..=i], &jobs, &mut sent, |_| i).pop().unwrap_or_else(|| Err(JobError::Panicked("no result".into()))))
+            .map(|i| {
+                run_catching(runner, &requests[i..=i], &jobs, &mut sent, stopping, |_| i)
+                    .pop()
+                    .unwrap_or_else(|| Err(JobError::Panicked("no result".into())))
+            })
             .collect();
     }
     metrics.in_flight.store(0, Ordering::Relaxed);
     let generated: usize = results.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.token_ids.len()).sum();
     let rate = results.iter().find_map(|r| r.as_ref().ok()).and_then(|r| r.timings.decode_tokens_per_s(jobs.len()));
     metrics.record_batch(jobs.len(), generated, rate);
-    for (job, result) in jobs.iter().zip(results) {
+    for (job, mut result) in jobs.iter().zip(results) {
         if matches!(result, Err(JobError::Request(RequestError::Stopped))) {
-            metrics.record_cancelled(CancelledAt::Running);
+            if job.cancelled.load(Ordering::Relaxed) {
+                metrics.record_cancelled(CancelledAt::Running);
+            } else {
+                // Not its client: the shutdown stopped it.
+                result = Err(JobError::ShutDown);
+            }
         }
         let _ = job.events.send(Event::Done(Box::new(result)));
     }
@@ -216,6 +244,7 @@ fn run_catching(
     requests: &[Request],
     jobs: &[Reply],
     sent: &mut [usize],
+    stopping: &AtomicBool,
     job_of: impl Fn(usize) -> usize,
 ) -> Vec<Result<Response, JobError>> {
     let mut produced = vec![0usize; requests.len()];
@@ -223,7 +252,7 @@ fn run_catching(
         let (Some(job), Some(done)) = (jobs.get(job_of(row)), produced.get_mut(row)) else {
             return true;
         };
-        if job.cancelled.load(Ordering::Relaxed) {
+        if job.cancelled.load(Ordering::Relaxed) || stopping.load(Ordering::Relaxed) {
             return false;
         }
         let before = *done;

@@ -16,13 +16,14 @@
 //!   with an empty body before any handler runs, so [`Io`] replaces them on the way out.
 //! - **Shutdown**: stop accepting, close every connection that runs no request (idle, or still
 //!   sending its head or body), let running requests finish and close their connections; after
-//!   `shutdown_timeout` the rest are dropped (their requests cancelled) and serving ends.
+//!   `shutdown_timeout` the requests still running are cancelled and answer 503 (an error event
+//!   on a stream), and a few seconds later serving ends whatever is left.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -65,7 +66,8 @@ impl Default for ConnectionLimits {
 
 /// One open connection as the accept loop sees it.
 struct Entry {
-    /// Requests running on it (a streamed answer counts until its body is dropped).
+    /// Requests running on it: read whole, not yet answered (a streamed answer counts until its
+    /// body is dropped). A connection still sending a head or a body runs nothing.
     busy: Arc<AtomicUsize>,
     /// When `busy` last fell to 0, or when the connection opened.
     idle_since: Instant,
@@ -125,8 +127,13 @@ impl Registry {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then drains as the module says.
-pub async fn serve(listener: TcpListener, router: Router, limits: ConnectionLimits, shutdown: impl Future<Output = ()>) {
+/// After `--shutdown-timeout`, how long cancelled requests have to send their 503 or error event.
+const CANCELLED_ANSWER_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains as the module says;
+/// `cancel_running` is called when `shutdown_timeout` passes with requests still running (they
+/// then answer 503, or an error event on a stream).
+pub async fn serve(listener: TcpListener, router: Router, limits: ConnectionLimits, shutdown: impl Future<Output = ()>, cancel_running: impl FnOnce()) {
     let registry = Arc::new(Registry::default());
     let (stop, stopping) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -163,11 +170,15 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ConnectionLimi
     let drained = tokio::time::timeout(limits.shutdown_timeout, async { while connections.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         eprintln!(
-            "shutting down: {} connections still running after {} s; closing them",
+            "shutting down: {} connections still running after {} s (--shutdown-timeout); cancelling their requests",
             connections.len(),
             limits.shutdown_timeout.as_secs()
         );
-        connections.shutdown().await;
+        cancel_running();
+        let answered = tokio::time::timeout(CANCELLED_ANSWER_GRACE, async { while connections.join_next().await.is_some() {} }).await;
+        if answered.is_err() {
+            connections.shutdown().await;
+        }
     }
 }
 
@@ -220,16 +231,18 @@ async fn serve_one(
     let service = {
         let (registry, busy) = (Arc::clone(&registry), Arc::clone(&busy));
         hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            let guard = Busy {
+            let running = Running(Arc::new(Slot {
                 registry: Arc::clone(&registry),
                 id,
                 busy: Arc::clone(&busy),
-            };
-            guard.busy.fetch_add(1, Ordering::Relaxed);
+                counted: AtomicBool::new(false),
+            }));
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(running.clone());
             let mut router = router.clone();
             async move {
-                let response = router.call(request.map(Body::new)).await?;
-                Ok::<_, std::convert::Infallible>(response.map(|body| Body::new(Guarded { body, _busy: guard })))
+                let response = router.call(request).await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| Body::new(Guarded { body, _running: running })))
             }
         })
     };
@@ -266,25 +279,40 @@ async fn serve_one(
     registry.remove(id);
 }
 
-/// Counts a running request on its connection until its answer's body is dropped.
-struct Busy {
+/// A request's place on its connection, in the request's extensions: the body reader calls
+/// [`start`](Running::start) once the body is in, and from then until its answer's body is
+/// dropped the connection counts as running a request (not to be closed for a newcomer, and
+/// drained rather than closed at shutdown).
+#[derive(Clone)]
+pub struct Running(Arc<Slot>);
+
+struct Slot {
     registry: Arc<Registry>,
     id: u64,
     busy: Arc<AtomicUsize>,
+    counted: AtomicBool,
 }
 
-impl Drop for Busy {
+impl Running {
+    pub fn start(&self) {
+        if !self.0.counted.swap(true, Ordering::Relaxed) {
+            self.0.busy.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        if self.busy.fetch_sub(1, Ordering::Relaxed) == 1 {
+        if self.counted.load(Ordering::Relaxed) && self.busy.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.registry.became_idle(self.id);
         }
     }
 }
 
-/// An answer body that keeps its connection marked busy while it is sent.
+/// An answer body that keeps its request counted as running while it is sent.
 struct Guarded {
     body: Body,
-    _busy: Busy,
+    _running: Running,
 }
 
 impl http_body::Body for Guarded {

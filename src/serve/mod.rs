@@ -26,7 +26,7 @@ pub mod openai;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use axum::extract::{DefaultBodyLimit, State};
@@ -40,7 +40,7 @@ use crate::pipeline::{Pipeline, PipelineOptions, Request};
 use crate::prompt::PromptEncoder;
 use crate::serve::api::{ApiError, Limits};
 use crate::serve::batcher::Queue;
-use crate::serve::connections::ConnectionLimits;
+use crate::serve::connections::{ConnectionLimits, Running};
 use crate::serve::metrics::Metrics;
 
 pub struct ServeOptions {
@@ -128,7 +128,8 @@ pub fn run(options: ServeOptions) -> Result<()> {
         let address: SocketAddr = listener.local_addr()?;
         // Tests and scripts wait for this line (with --port 0 it names the port).
         eprintln!("listening on http://{address}");
-        connections::serve(listener, router(state), options.connections, shutdown_signal()).await;
+        let queue = state.queue.clone();
+        connections::serve(listener, router(state), options.connections, shutdown_signal(), move || queue.cancel_all()).await;
         anyhow::Ok(())
     })?;
     // The router, and with it every queue handle, is gone: the worker finishes what is queued.
@@ -169,9 +170,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // read_body bounds every body before routing.
         .layer(DefaultBodyLimit::disable())
-        // Outermost last: metrics see every answer, CORS headers go on auth failures too.
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), auth))
+        // Outermost last: metrics see every answer, CORS headers go on auth failures too, auth
+        // is checked before the body is read.
         .layer(middleware::from_fn_with_state(Arc::clone(&state), read_body))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), auth))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), cors))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
         .with_state(state)
@@ -234,21 +236,34 @@ async fn track(State(state): State<Arc<AppState>>, request: axum::extract::Reque
     response
 }
 
-/// Reads the whole body (up to `--max-body-bytes`) before any answer, auth failures included, so
-/// that a client still sending reads its error instead of a broken pipe.
+/// The `Content-Length` a request declares.
+fn declared_length(request: &axum::extract::Request) -> Option<u64> {
+    request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+}
+
+/// Reads the whole body (up to `--max-body-bytes`, within `--body-timeout`) before the handler
+/// runs; from then on the request counts as running on its connection (see
+/// `connections::Running`). A body declared over the limit is answered 413 at once.
 async fn read_body(State(state): State<Arc<AppState>>, request: axum::extract::Request, next: Next) -> HttpResponse {
     let limit = state.limits.max_body_bytes;
-    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    // Far over the limit: answer at once (a client that sent `Expect: 100-continue` sends nothing).
-    if declared.is_some_and(|n| n > 2 * limit as u64) {
+    if declared_length(&request).is_some_and(|n| n > limit as u64) {
         return ApiError::body_too_large(limit).into_response();
     }
     let (parts, body) = request.into_parts();
     match api::read_limited(body, limit, state.limits.body_timeout).await {
-        Ok(bytes) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Ok(bytes) => {
+            if let Some(running) = parts.extensions.get::<Running>() {
+                running.start();
+            }
+            next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+        }
         Err(e) => e.into_response(),
     }
 }
+
+/// How long a request refused before its body was read may still send it: reading what it sent
+/// lets the client read its answer rather than a reset connection.
+const REFUSED_BODY_GRACE: Duration = Duration::from_secs(2);
 
 /// Adds the CORS headers when `--cors-origin` is set, and answers preflights before auth (a
 /// browser's preflight carries no credentials).
@@ -271,7 +286,9 @@ async fn cors(State(state): State<Arc<AppState>>, request: axum::extract::Reques
     response
 }
 
-/// `Authorization: Bearer KEY` on every route but `/health` and `/` when `--api-key` is set.
+/// `Authorization: Bearer KEY` on every route but `/health` and `/` when `--api-key` is set,
+/// checked from the head alone: a client without the key never gets to hold the server with a
+/// slow body (what it sends within [`REFUSED_BODY_GRACE`] is read and dropped).
 async fn auth(State(state): State<Arc<AppState>>, request: axum::extract::Request, next: Next) -> HttpResponse {
     let Some(key) = state.api_key.as_deref() else {
         return next.run(request).await;
@@ -280,11 +297,16 @@ async fn auth(State(state): State<Arc<AppState>>, request: axum::extract::Reques
         return next.run(request).await;
     }
     let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
-    match given {
-        Some(token) if same_secret(token.as_bytes(), key.as_bytes()) => next.run(request).await,
-        Some(_) => unauthorized("the API key is wrong; send Authorization: Bearer KEY with the server's --api-key").into_response(),
-        None => unauthorized("this server needs an API key; send Authorization: Bearer KEY (the server's --api-key)").into_response(),
+    let refusal = match given {
+        Some(token) if same_secret(token.as_bytes(), key.as_bytes()) => return next.run(request).await,
+        Some(_) => unauthorized("the API key is wrong; send Authorization: Bearer KEY with the server's --api-key"),
+        None => unauthorized("this server needs an API key; send Authorization: Bearer KEY (the server's --api-key)"),
+    };
+    let limit = state.limits.max_body_bytes;
+    if declared_length(&request).is_none_or(|n| n <= limit as u64) {
+        let _ = api::read_limited(request.into_body(), limit, REFUSED_BODY_GRACE).await;
     }
+    refusal.into_response()
 }
 
 /// The token of an `Authorization: Bearer TOKEN` value; the scheme is case-insensitive (RFC 9110

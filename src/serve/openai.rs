@@ -80,8 +80,8 @@ fn is_false(v: &Value) -> bool {
 /// `null` is neutral for each of them as well.
 const NEUTRAL: &[Neutral] = &[
     ("n", |v| v.as_f64() == Some(1.0), "1 (greedy decoding gives one answer)"),
-    ("frequency_penalty", zero, "0 (no penalties in greedy decoding)"),
-    ("presence_penalty", zero, "0 (no penalties in greedy decoding)"),
+    ("frequency_penalty", zero, "0 (decoding is greedy, without penalties)"),
+    ("presence_penalty", zero, "0 (decoding is greedy, without penalties)"),
     ("logit_bias", empty, "{} (no biases)"),
     ("logprobs", is_false, "false (log probabilities are not returned)"),
     ("top_logprobs", zero, "0 (log probabilities are not returned)"),
@@ -110,7 +110,7 @@ fn take_neutral_fields(body: &mut serde_json::Map<String, Value>) -> Result<(), 
             if !value.is_null() && !is_neutral(&value) {
                 return Err(ApiError::invalid(
                     "unsupported_parameter",
-                    format!("{name} is {value}, which this server does not support: it decodes greedily; send {neutral} or leave {name} out"),
+                    format!("{name} is {value}, which this server does not support; send {neutral} or leave {name} out"),
                 ));
             }
         }
@@ -178,10 +178,13 @@ const CHAT_SHAPE: &str = "{\"model\": NAME, \"messages\": [{\"role\": \"user\", 
 
 /// The image bytes and prompt of the one user message.
 fn parse_messages(messages: Vec<Message>) -> Result<(Vec<u8>, String), ApiError> {
-    if messages.iter().any(|m| m.role == "system" || m.role == "developer") {
+    if let Some(m) = messages.iter().find(|m| m.role == "system" || m.role == "developer") {
         return Err(ApiError::invalid(
             "unsupported_message",
-            "system messages are not supported: PaliGemma takes no instructions, only a task prompt such as \"caption en\"; send one user message",
+            format!(
+                "{} messages are not supported: PaliGemma takes no instructions, only a task prompt such as \"caption en\"; send one user message",
+                m.role
+            ),
         ));
     }
     let mut messages = messages.into_iter();
