@@ -36,8 +36,18 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = [REPO / "tests/data/images" / n for n in ("chelsea.png", "camera.png", "rocket.jpg", "text.png")]
 QUANTIZED = ("int8", "q4")  # manifest dtypes of `convert --quantize int8,int4`
 # A baseline must be a conversion of the same checkpoint; these catch another shape or tokenizer.
-SAME_MODEL_KEYS = ("image_size", "num_image_tokens", "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
-                   "num_key_value_heads", "head_dim", "image_token_id", "eos_token_id")
+SAME_MODEL_KEYS = (
+    "image_size",
+    "num_image_tokens",
+    "hidden_size",
+    "vocab_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "image_token_id",
+    "eos_token_id",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,10 +66,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write results .json and .md here (default WORK/<model>-results)")
     parser.add_argument("--binary", type=Path, default=REPO / "target/release/paligemma")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers (ratios then use the first dtype)")
-    parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=DIR",
-                        help="also run the dtypes its manifest lists of another conversion of the same checkpoint (e.g. by an earlier "
-                             "version: `git worktree add /tmp/old COMMIT`, then its `python -m export convert "
-                             "WORK/<model>/source DIR --quantize int8,int4`), rows labelled `paligemma (LABEL)`")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="also run the dtypes its manifest lists of another conversion of the same checkpoint (e.g. by an earlier "
+        "version: `git worktree add /tmp/old COMMIT`, then its `python -m export convert "
+        "WORK/<model>/source DIR --quantize int8,int4`), rows labelled `paligemma (LABEL)`",
+    )
     return parser.parse_args(argv)
 
 
@@ -124,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         theirs = read_manifest(path)
         differ = [k for k in SAME_MODEL_KEYS if theirs.get(k) != manifest[k]]
         if differ:
-            raise SystemExit(f"error: --baseline {label}={path} is another model ({', '.join(f'{k} {theirs.get(k)} against {manifest[k]}' for k in differ)}): "
-                             f"convert {source} with the earlier converter")
+            raise SystemExit(
+                f"error: --baseline {label}={path} is another model "
+                f"({', '.join(f'{k} {theirs.get(k)} against {manifest[k]}' for k in differ)}): "
+                f"convert {source} with the earlier converter"
+            )
     # (row label, model directory) for every conversion measured: this converter's, then the baselines.
     conversions = [("paligemma", model_dir), *((f"paligemma ({label})", path) for label, path in baselines)]
 
@@ -151,12 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     # the long run's length after each of the first two images.
     rng = np.random.default_rng(0)
     forced_images = images[:2]
-    forced = {"images": forced_images, "prompt": args.prompt,
-              "tokens": rng.integers(3, manifest["loc_token_start"], (len(forced_images), args.long_tokens)).tolist()}
+    forced = {
+        "images": forced_images,
+        "prompt": args.prompt,
+        "tokens": rng.integers(3, manifest["loc_token_start"], (len(forced_images), args.long_tokens)).tolist(),
+    }
     forced_file = out / "forced.json"
     forced_file.write_text(json.dumps(forced))
 
-    common = ["--prompt", args.prompt, "--tokens", str(args.tokens), "--long-tokens", str(args.long_tokens), "--batch", str(args.batch), "--threads", str(args.threads)]
+    common = [
+        "--prompt",
+        args.prompt,
+        "--tokens",
+        str(args.tokens),
+        "--long-tokens",
+        str(args.long_tokens),
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+    ]
     for image in images:
         common += ["--image", image]
     results = []
@@ -181,8 +213,21 @@ def main(argv: list[str] | None = None) -> int:
             if r["dtype"] != "fp32":
                 print(f"teacher-forced agreement {r['runtime']} {r['dtype']} ...", file=sys.stderr)
                 r["teacher_forced"], _ = measured(
-                    [python, "-m", "bench.agreement", "--model", r["model_dir"], "--source", str(source), "--dtype", r["dtype"],
-                     "--threads", str(args.threads), "--reference", str(ref_file)],
+                    [
+                        python,
+                        "-m",
+                        "bench.agreement",
+                        "--model",
+                        r["model_dir"],
+                        "--source",
+                        str(source),
+                        "--dtype",
+                        r["dtype"],
+                        "--threads",
+                        str(args.threads),
+                        "--reference",
+                        str(ref_file),
+                    ],
                     log,
                 )
 
@@ -198,10 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "image"} | {"images": images},
         "results": results,
     }
-    text = f"Model {name} (random weights), {args.threads} threads, prompt {args.prompt!r}, {args.tokens} tokens " \
-           f"(long run {args.long_tokens}), batch {args.batch}. Machine: {summary['machine']['cpu']}, " \
-           f"{summary['machine']['cores']} cores, {summary['machine']['memory_gb']} GB; read bandwidth " \
-           f"{bandwidth['read_gb_s']:.1f} GB/s, copy {bandwidth['copy_gb_s']:.1f} GB/s.\n\n" + report.tables(results)
+    text = (
+        f"Model {name} (random weights), {args.threads} threads, prompt {args.prompt!r}, {args.tokens} tokens "
+        f"(long run {args.long_tokens}), batch {args.batch}. Machine: {summary['machine']['cpu']}, "
+        f"{summary['machine']['cores']} cores, {summary['machine']['memory_gb']} GB; read bandwidth "
+        f"{bandwidth['read_gb_s']:.1f} GB/s, copy {bandwidth['copy_gb_s']:.1f} GB/s.\n\n" + report.tables(results)
+    )
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(text)
     print(text)

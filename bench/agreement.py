@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs = processor(images=images, text=[ref["prompt"]] * len(images), return_tensors="np", padding="longest")
     got = model.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], tokens.shape[1], forced=tokens).tokens
     hits = int((got == expected).sum())
-    json.dump({"teacher_forced": hits / expected.size, "positions": int(expected.size), "distinct_reference_tokens": len(set(expected.flat))}, sys.stdout)
+    json.dump(
+        {"teacher_forced": hits / expected.size, "positions": int(expected.size), "distinct_reference_tokens": len(set(expected.flat))},
+        sys.stdout,
+    )
     print()
     return 0
 

@@ -26,8 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--forced", help="JSON {tokens: [[...] per image]}: only report transformers' argmax teacher-forced on them "
-                        "(its own run: its full-vocabulary logits must not count in the timed run's memory)")
+    parser.add_argument(
+        "--forced",
+        help="JSON {tokens: [[...] per image]}: only report transformers' argmax teacher-forced on them "
+        "(its own run: its full-vocabulary logits must not count in the timed run's memory)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -57,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         generate_at = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
-                **inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                **inputs,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
                 logits_processor=LogitsProcessorList([clock]),
             )
         stamps = clock.stamps
@@ -126,7 +132,9 @@ def forced_argmax(model, processor, args, tokens: list[list[int]]) -> list[list[
         ids = torch.cat([inputs["input_ids"], forced], 1)
         types = torch.cat([inputs["token_type_ids"], torch.ones_like(forced)], 1)
         with torch.inference_mode():
-            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids), token_type_ids=types).logits
+            logits = model(
+                input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids), token_type_ids=types
+            ).logits
         start = inputs["input_ids"].shape[1] - 1
         out.append(logits[0, start : start + len(row)].argmax(-1).tolist())
     return out

@@ -110,7 +110,9 @@ def request_body(image: str | None, prompt: str, args: argparse.Namespace, max_n
     """A /v1/generate body; `image` None sends bytes that are no image."""
     data = base64.b64encode((IMAGES / image).read_bytes() if image else b"not an image").decode()
     max_new = args.max_new_tokens if max_new_tokens is None else max_new_tokens
-    return json.dumps({"image": data, "prompt": prompt, "max_new_tokens": max_new, "min_new_tokens": min(args.min_new_tokens, max_new)}).encode()
+    return json.dumps(
+        {"image": data, "prompt": prompt, "max_new_tokens": max_new, "min_new_tokens": min(args.min_new_tokens, max_new)}
+    ).encode()
 
 
 def post(url: str, body: bytes) -> tuple[int | None, dict | None]:
@@ -139,7 +141,15 @@ class Tally:
 
 
 def client(
-    url: str, bodies: list[bytes], expected: list[list[int]], bad: list[tuple[bytes, str]], bad_every: int, start: int, deadline: float, tally: Tally, lock: threading.Lock
+    url: str,
+    bodies: list[bytes],
+    expected: list[list[int]],
+    bad: list[tuple[bytes, str]],
+    bad_every: int,
+    start: int,
+    deadline: float,
+    tally: Tally,
+    lock: threading.Lock,
 ) -> None:
     i = start
     while time.monotonic() < deadline:
@@ -184,8 +194,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def load(args: argparse.Namespace, max_batch: int) -> dict:
     server = Server(
-        args.binary, args.model, "--dtype", args.dtype, "--threads", str(args.threads), "--max-batch", str(max_batch),
-        "--max-queue", str(2 * args.clients),
+        args.binary,
+        args.model,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--max-batch",
+        str(max_batch),
+        "--max-queue",
+        str(2 * args.clients),
     )
     try:
         bodies = [request_body(image, prompt, args) for image, prompt in MIX]
@@ -201,7 +219,8 @@ def load(args: argparse.Namespace, max_batch: int) -> dict:
         began = time.monotonic()
         deadline = began + args.seconds
         threads = [
-            threading.Thread(target=client, args=(server.url, bodies, expected, bad, args.bad_every, c, deadline, tally, lock)) for c in range(args.clients)
+            threading.Thread(target=client, args=(server.url, bodies, expected, bad, args.bad_every, c, deadline, tally, lock))
+            for c in range(args.clients)
         ]
         for t in threads:
             t.start()
@@ -228,26 +247,33 @@ def load(args: argparse.Namespace, max_batch: int) -> dict:
         "p99_ms": percentile(tally.latencies_s, 0.99) * 1e3,
         "mean_latency_ms": statistics.fmean(tally.latencies_s) * 1e3 if answered else float("nan"),
         "batches": batches,
-        "mean_batch_size": (after["mean_batch_size"] * after["batches"] - before["mean_batch_size"] * before["batches"]) / batches if batches else 0.0,
+        "mean_batch_size": (after["mean_batch_size"] * after["batches"] - before["mean_batch_size"] * before["batches"]) / batches
+        if batches
+        else 0.0,
         "exit_code_after_sigterm": exit_code,
     }
 
 
 def markdown(runs: list[dict], args: argparse.Namespace) -> str:
     gain = runs[0]["requests_per_s"] / runs[1]["requests_per_s"] if runs[1]["requests_per_s"] else float("nan")
+    model = args.model.name if args.model.name != "onnx" else args.model.parent.name
+    columns = (
+        "--max-batch | answered | requests/s | tokens/s | p50 ms | p99 ms | mean batch | errors | lost | wrong answers "
+        "| bad sent | bad misanswered"
+    )
     lines = [
         f"{args.clients} clients x {args.seconds:g} s per configuration, {len(MIX)} image/prompt pairs, "
-        f"{args.min_new_tokens}-{args.max_new_tokens} new tokens, model {args.model.name if args.model.name != 'onnx' else args.model.parent.name}, "
-        f"{args.dtype}, {args.threads} threads",
+        f"{args.min_new_tokens}-{args.max_new_tokens} new tokens, model {model}, {args.dtype}, {args.threads} threads",
         "",
-        "| --max-batch | answered | requests/s | tokens/s | p50 ms | p99 ms | mean batch | errors | lost | wrong answers | bad sent | bad misanswered |",
+        f"| {columns} |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         errors = sum(r["errors"].values()) - r["lost"]
         lines.append(
             f"| {r['max_batch']} | {r['answered']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['p50_ms']:.0f} | "
-            f"{r['p99_ms']:.0f} | {r['mean_batch_size']:.2f} | {errors} | {r['lost']} | {r['wrong_answers']} | {r['bad_sent']} | {r['bad_misanswered']} |"
+            f"{r['p99_ms']:.0f} | {r['mean_batch_size']:.2f} | {errors} | {r['lost']} | {r['wrong_answers']} | "
+            f"{r['bad_sent']} | {r['bad_misanswered']} |"
         )
     lines += ["", f"Batching gain (requests/s, --max-batch {runs[0]['max_batch']} vs 1): {gain:.2f}x"]
     return "\n".join(lines)

@@ -35,7 +35,8 @@ def tables(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     quality = [
-        "| runtime | dtype | peak RSS GB | peak anonymous GB | graphs GB | greedy rows = tf | identical prefix | teacher-forced top-1 (positions, distinct reference tokens) |",
+        "| runtime | dtype | peak RSS GB | peak anonymous GB | graphs GB | greedy rows = tf | identical prefix "
+        "| teacher-forced top-1 (positions, distinct reference tokens) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -50,8 +51,11 @@ def tables(results: list[dict]) -> str:
         greedy, forced = r.get("greedy"), r.get("teacher_forced")
         rows = "reference" if greedy is None else "{identical_rows}/{rows}".format(**greedy)
         prefix = "–" if greedy is None else "{:.0%}".format(greedy["mean_identical_prefix"])
-        top1 = "–" if forced is None else "{:.1%} ({}, {} distinct)".format(
-            forced["teacher_forced"], forced["positions"], forced["distinct_reference_tokens"])
+        top1 = (
+            "–"
+            if forced is None
+            else "{:.1%} ({}, {} distinct)".format(forced["teacher_forced"], forced["positions"], forced["distinct_reference_tokens"])
+        )
         memory = r["memory"]
         quality.append(
             f"| {r['runtime']} | {r['dtype']} | {_f(memory['peak_rss_gb'], 2)} | {_f(memory['peak_anon_gb'], 2)} "

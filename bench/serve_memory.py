@@ -85,7 +85,12 @@ def main() -> None:
                     "model": args.model,
                     "prompt_tokens": args.prompt_tokens,
                     "seconds": round(seconds, 1),
-                    "rss_mb": {"before": round(before), "peak": round(peak[0]), "after": round(after), "after_next_request": round(rss_mb(server.pid))},
+                    "rss_mb": {
+                        "before": round(before),
+                        "peak": round(peak[0]),
+                        "after": round(after),
+                        "after_next_request": round(rss_mb(server.pid)),
+                    },
                 }
             )
         )

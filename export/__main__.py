@@ -18,7 +18,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     conv.add_argument("out_dir", type=Path, help="output model directory")
     conv.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weight and activation dtype")
     conv.add_argument(
-        "--quantize", action="append", metavar="int8,int4",
+        "--quantize",
+        action="append",
+        metavar="int8,int4",
         help="also write quantized decoders (int8: dynamic int8, manifest dtype int8; int4: MatMulNBits, dtype q4); "
         "a comma list or the flag repeated",
     )
@@ -38,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tiny.add_argument("--image-size", type=int, default=56)
     tiny.add_argument("--vae", type=Path, help="also write a random vae-oid.npz here")
     tiny.add_argument(
-        "--preset", choices=["3b-224", "10b-448"],
+        "--preset",
+        choices=["3b-224", "10b-448"],
         help="full-width shapes of a released model (size options ignored except --layers/--vision-layers)",
     )
     tiny.add_argument("--vision-layers", type=int, default=2)
@@ -79,14 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .tiny import PRESETS, TinySpec, write_random_vae, write_tiny
 
-            sizes = PRESETS[args.preset] if args.preset else dict(
-                hidden_size=args.hidden_size,
-                num_attention_heads=args.heads,
-                num_key_value_heads=args.kv_heads,
-                head_dim=args.head_dim,
-                query_pre_attn_scalar=args.head_dim,
-                sliding_window=args.sliding_window,
-                image_size=args.image_size,
+            sizes = (
+                PRESETS[args.preset]
+                if args.preset
+                else dict(
+                    hidden_size=args.hidden_size,
+                    num_attention_heads=args.heads,
+                    num_key_value_heads=args.kv_heads,
+                    head_dim=args.head_dim,
+                    query_pre_attn_scalar=args.head_dim,
+                    sliding_window=args.sliding_window,
+                    image_size=args.image_size,
+                )
             )
             spec = TinySpec(**sizes, num_hidden_layers=args.layers, vision_layers=args.vision_layers)
             print(f"wrote {write_tiny(args.out_dir, spec, seed=args.seed)}")

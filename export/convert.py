@@ -47,7 +47,9 @@ def resolve_source(model: str) -> Path:
     except RepositoryNotFoundError:
         raise ExportError(f"{model}: no such model on the Hub (or it is private: set HF_TOKEN)") from None
     except LocalEntryNotFoundError:
-        raise ExportError(f"{model} is not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network)") from None
+        raise ExportError(
+            f"{model} is not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network)"
+        ) from None
     except HfHubHTTPError as e:
         raise ExportError(f"{model}: download failed: {str(e).splitlines()[0]}") from None
 

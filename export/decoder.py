@@ -102,9 +102,7 @@ class DecoderWithPast(nn.Module):
         # transformers scales token rows by sqrt(H) cast to the weight dtype; image rows arrive
         # pre-divided by sqrt(H), so one scaling serves both.
         hidden = inputs_embeds * torch.tensor(self.hidden_size**0.5, dtype=dtype)
-        cache = DynamicCache(
-            ddp_cache_data=[(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.num_layers)]
-        )
+        cache = DynamicCache(ddp_cache_data=[(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.num_layers)])
         masks = attention_masks(attention_mask, token_type_ids, inputs_embeds.shape[1], self.sliding_window, dtype)
         out = self.text_model(
             inputs_embeds=hidden,

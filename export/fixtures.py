@@ -200,7 +200,9 @@ def prepare_models(models_root: Path, log=print) -> dict[str, tuple[Path, Path]]
             fp16_stamp.write_text(json.dumps(want, indent=2))
             log(f"{name}: converted to {fp16_dir} (fp16)")
         nomask = models_root / name / "onnx-nomask"
-        if name == NOMASK_CONFIG and not (_read_json(onnx_stamp) == _read_json(nomask / "stamp.json") and (nomask / "manifest.json").is_file()):
+        if name == NOMASK_CONFIG and not (
+            _read_json(onnx_stamp) == _read_json(nomask / "stamp.json") and (nomask / "manifest.json").is_file()
+        ):
             write_nomask_variant(source, onnx_dir, nomask)
             (nomask / "stamp.json").write_text(json.dumps(want, indent=2))
             log(f"{name}: wrote the decoder without attention_mask/token_type_ids to {nomask}")
@@ -327,9 +329,7 @@ def case_record(model: Model, models_root: Path, case_name: str, requests: list[
     # argmax, or that test would fail on the fixture rather than on the runtime.
     for i, (request, row) in enumerate(zip(requests, rows)):
         if len(requests) > 1 and generate(model, [request], f"{case_name} row {i} alone", dtype) != [row]:
-            raise ExportError(
-                f"{case_name}: row {i} ({request.prompt!r}) gives other tokens alone than in its batch; pick other requests"
-            )
+            raise ExportError(f"{case_name}: row {i} ({request.prompt!r}) gives other tokens alone than in its batch; pick other requests")
     tok = model.processor.tokenizer
     onnx_dir = model.fp16_dir if dtype == "fp16" else model.onnx_dir
     return {
@@ -374,7 +374,7 @@ def find_beyond_window(model: Model) -> Request:
     for prompt in WINDOW_PROMPTS:
         for image in SEARCH_IMAGES:
             request = Request(image, prompt)
-            (ids, stopped), = generate(model, [request], f"{model.name} window search")
+            ((ids, stopped),) = generate(model, [request], f"{model.name} window search")
             produced = len(ids) + stopped
             if produced >= 2 and prompt_length(model, request) + produced - 2 >= window:
                 return request
@@ -394,7 +394,7 @@ def find_early_eos(models: dict[str, Model]) -> tuple[Model, list[Request]]:
         model = models[name]
         for image in SEARCH_IMAGES:
             for prompt in SEARCH_PROMPTS:
-                (ids, stopped), = generate(model, [Request(image, prompt)], f"{name} eos search")
+                ((ids, stopped),) = generate(model, [Request(image, prompt)], f"{name} eos search")
                 if not stopped or len(ids) >= MAX_NEW_TOKENS // 2:
                     continue
                 for partner_image in (i for i in SEARCH_IMAGES if i != image):
@@ -437,9 +437,7 @@ def _build_document(models_root: Path, dirs: dict[str, tuple[Path, Path]]) -> di
         batch = [Request(*pair) for pair in BATCH3]
         lengths = {prompt_length(model, r) for r in batch}
         if len(lengths) != len(batch):
-            raise ExportError(
-                f"{name}/batch3: prompts tokenize to lengths {sorted(lengths)}; the batch must pad rows of different lengths"
-            )
+            raise ExportError(f"{name}/batch3: prompts tokenize to lengths {sorted(lengths)}; the batch must pad rows of different lengths")
         cases.append(case_record(model, models_root, f"{name}/batch3", batch))
         if model.onnx_fp16 is not None:
             for image in SINGLE_IMAGES:
@@ -515,7 +513,7 @@ def differences(committed: dict, current: dict) -> list[str]:
                 at = _first_difference(a, b)
                 out.append(
                     f"{n} row {row}: {len(a)} ids committed, now {len(b)}; "
-                    f"first difference at token {at}: {a[at:at + 4]} -> {b[at:at + 4]}"
+                    f"first difference at token {at}: {a[at : at + 4]} -> {b[at : at + 4]}"
                 )
         if old[n].get("expected_text") != new[n]["expected_text"] and was == now:
             out.append(f"{n}: expected_text changed with the same ids (tokenizer decoding changed)")

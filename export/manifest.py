@@ -92,9 +92,7 @@ def write_manifest(
     }
     if seg_decoder:
         graphs["seg_decoder"] = {d: seg_decoder for d in dtypes}
-    files = sorted(
-        str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and p.name != "manifest.json"
-    )
+    files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -116,8 +114,10 @@ def write_manifest(
 def read_manifest(model_dir: Path) -> dict:
     m = json.loads((Path(model_dir) / "manifest.json").read_text())
     if m.get("format") != FORMAT or not 1 <= m.get("format_version", 0) <= FORMAT_VERSION:
-        raise ValueError(f"{model_dir}/manifest.json: format {m.get('format')!r} version {m.get('format_version')!r}, this "
-                         f"exporter reads {FORMAT!r} versions 1-{FORMAT_VERSION}: a newer manifest needs a newer checkout")
+        raise ValueError(
+            f"{model_dir}/manifest.json: format {m.get('format')!r} version {m.get('format_version')!r}, this "
+            f"exporter reads {FORMAT!r} versions 1-{FORMAT_VERSION}: a newer manifest needs a newer checkout"
+        )
     return m
 
 

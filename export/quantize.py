@@ -133,9 +133,18 @@ def _rewrite(node, weight_name: str, w: np.ndarray, dtype: str) -> tuple[onnx.No
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits)
     packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w))
     tensors = [(f"{weight_name}_Q{bits}", packed), (f"{weight_name}_scales", scales)]
-    op = helper.make_node("MatMulNBits", [node.input[0], tensors[0][0], tensors[1][0]], list(node.output),
-                          name=f"{node.name}_Q{bits}", domain="com.microsoft", K=k, N=n, bits=bits,
-                          block_size=block_size, accuracy_level=ACCURACY_LEVEL)
+    op = helper.make_node(
+        "MatMulNBits",
+        [node.input[0], tensors[0][0], tensors[1][0]],
+        list(node.output),
+        name=f"{node.name}_Q{bits}",
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block_size,
+        accuracy_level=ACCURACY_LEVEL,
+    )
     protos = []
     for name, array in tensors:
         proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))

@@ -65,12 +65,25 @@ class TinySpec:
 TEST_CONFIGS = {
     "gqa1": TinySpec(),
     "window8": TinySpec(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-        query_pre_attn_scalar=16, intermediate_size=64, sliding_window=8,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        intermediate_size=64,
+        sliding_window=8,
     ),
     "window40": TinySpec(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
-        query_pre_attn_scalar=32, intermediate_size=80, sliding_window=40, image_size=28,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        intermediate_size=80,
+        sliding_window=40,
+        image_size=28,
     ),
 }
 # Seeds of the test checkpoints: fixed, so a fixture written once is reproduced by every later run.
@@ -81,14 +94,30 @@ TEST_SEEDS = {name: len(name) for name in TEST_CONFIGS}
 # with random weights; depth comes from the caller.
 PRESETS = {
     "3b-224": dict(
-        hidden_size=2304, num_attention_heads=8, num_key_value_heads=4, head_dim=256, intermediate_size=9216,
-        query_pre_attn_scalar=256, image_size=224, vision_hidden_size=1152, vision_heads=16,
-        vision_intermediate_size=4304, text_vocab=256000,
+        hidden_size=2304,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        intermediate_size=9216,
+        query_pre_attn_scalar=256,
+        image_size=224,
+        vision_hidden_size=1152,
+        vision_heads=16,
+        vision_intermediate_size=4304,
+        text_vocab=256000,
     ),
     "10b-448": dict(
-        hidden_size=3584, num_attention_heads=16, num_key_value_heads=8, head_dim=256, intermediate_size=14336,
-        query_pre_attn_scalar=256, image_size=448, vision_hidden_size=1152, vision_heads=16,
-        vision_intermediate_size=4304, text_vocab=256000,
+        hidden_size=3584,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        intermediate_size=14336,
+        query_pre_attn_scalar=256,
+        image_size=448,
+        vision_hidden_size=1152,
+        vision_heads=16,
+        vision_intermediate_size=4304,
+        text_vocab=256000,
     ),
 }
 
@@ -109,9 +138,7 @@ def build_tokenizer(text_vocab: int, words: tuple[str, ...] = ()):
     bytes_ = [f"<0x{b:02X}>" for b in range(256)]
     trainer_tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     trainer_tok.normalizer = normalizers.Replace(" ", "▁")
-    trainer = trainers.BpeTrainer(
-        vocab_size=text_vocab, special_tokens=specials + bytes_, show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=text_vocab, special_tokens=specials + bytes_, show_progress=False)
     if words:
         trainer_tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
         corpus = [_CORPUS.replace("\n", " ")] + [f"{lead}{w}" for w in words for lead in ("", " ")] * 50

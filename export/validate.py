@@ -59,13 +59,9 @@ def compare(model, processor, onnx_model, images, prompts, max_new_tokens: int) 
 
     inputs = processor(images=images, text=list(prompts), return_tensors="pt", padding="longest")
     with torch.no_grad():
-        ref = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
+        ref = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
     ref_tokens = ref.sequences[:, inputs["input_ids"].shape[1] :].numpy()
-    got = onnx_model.generate(
-        inputs["pixel_values"].numpy(), inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), max_new_tokens
-    )
+    got = onnx_model.generate(inputs["pixel_values"].numpy(), inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), max_new_tokens)
     rows = []
     for b, prompt in enumerate(prompts):
         steps = min(len(ref.logits), len(got.logits))

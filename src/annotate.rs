@@ -13,7 +13,9 @@ use crate::segment::Segment;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnnotateError {
-    #[error("mask of {label:?} is {mask_width}x{mask_height} but the image is {width}x{height}; build masks for the image being annotated")]
+    #[error(
+        "mask of {label:?} is {mask_width}x{mask_height} but the image is {width}x{height}; build masks for the image being annotated"
+    )]
     MaskSize {
         label: String,
         mask_width: u32,
@@ -40,11 +42,7 @@ const MASK_OPACITY: f32 = 0.5;
 
 /// Copy of `image` with masks, then boxes, then labels drawn (labels last so no outline crosses
 /// text). Objects with the same label share a colour.
-pub fn annotate(
-    image: &RgbImage,
-    detections: &[Detection],
-    segments: &[Segment],
-) -> Result<RgbImage, AnnotateError> {
+pub fn annotate(image: &RgbImage, detections: &[Detection], segments: &[Segment]) -> Result<RgbImage, AnnotateError> {
     let (width, height) = image.dimensions();
     let mut out = image.clone();
     let mut labels: Vec<String> = Vec::new();
@@ -121,13 +119,8 @@ impl PixelRect {
 }
 
 fn blend(under: Rgb<u8>, over: Rgb<u8>, opacity: f32) -> Rgb<u8> {
-    let mix =
-        |u: u8, o: u8| (f32::from(u) * (1.0 - opacity) + f32::from(o) * opacity).round() as u8;
-    Rgb([
-        mix(under[0], over[0]),
-        mix(under[1], over[1]),
-        mix(under[2], over[2]),
-    ])
+    let mix = |u: u8, o: u8| (f32::from(u) * (1.0 - opacity) + f32::from(o) * opacity).round() as u8;
+    Rgb([mix(under[0], over[0]), mix(under[1], over[1]), mix(under[2], over[2])])
 }
 
 /// Fills `rect` clipped to the image.
@@ -144,50 +137,11 @@ fn fill(image: &mut RgbImage, rect: PixelRect, colour: Rgb<u8>) {
 /// A frame of `thickness` pixels on the inside of `rect`.
 fn draw_outline(image: &mut RgbImage, rect: PixelRect, thickness: i64, colour: Rgb<u8>) {
     let PixelRect { x0, y0, x1, y1 } = rect;
-    let t = thickness
-        .min((x1 - x0 + 1) / 2)
-        .min((y1 - y0 + 1) / 2)
-        .max(1);
-    fill(
-        image,
-        PixelRect {
-            x0,
-            y0,
-            x1,
-            y1: y0 + t,
-        },
-        colour,
-    );
-    fill(
-        image,
-        PixelRect {
-            x0,
-            y0: y1 - t,
-            x1,
-            y1,
-        },
-        colour,
-    );
-    fill(
-        image,
-        PixelRect {
-            x0,
-            y0,
-            x1: x0 + t,
-            y1,
-        },
-        colour,
-    );
-    fill(
-        image,
-        PixelRect {
-            x0: x1 - t,
-            y0,
-            x1,
-            y1,
-        },
-        colour,
-    );
+    let t = thickness.min((x1 - x0 + 1) / 2).min((y1 - y0 + 1) / 2).max(1);
+    fill(image, PixelRect { x0, y0, x1, y1: y0 + t }, colour);
+    fill(image, PixelRect { x0, y0: y1 - t, x1, y1 }, colour);
+    fill(image, PixelRect { x0, y0, x1: x0 + t, y1 }, colour);
+    fill(image, PixelRect { x0: x1 - t, y0, x1, y1 }, colour);
 }
 
 /// The label on a filled tab above the box, or just inside its top when there is no room above.
@@ -196,10 +150,7 @@ fn draw_label(image: &mut RgbImage, label: &str, rect: PixelRect, scale: i64, co
         return;
     }
     let chars = label.chars().count() as i64;
-    let (tab_width, tab_height) = (
-        (GLYPH_ADVANCE * chars + 1) * scale,
-        (GLYPH_HEIGHT + 2) * scale,
-    );
+    let (tab_width, tab_height) = ((GLYPH_ADVANCE * chars + 1) * scale, (GLYPH_HEIGHT + 2) * scale);
     let top = if rect.y0 >= tab_height {
         rect.y0 - tab_height
     } else {
@@ -217,13 +168,8 @@ fn draw_label(image: &mut RgbImage, label: &str, rect: PixelRect, scale: i64, co
         colour,
     );
     // Dark text on light tabs, light on dark (Rec. 601 luma).
-    let luma =
-        0.299 * f32::from(colour[0]) + 0.587 * f32::from(colour[1]) + 0.114 * f32::from(colour[2]);
-    let ink = if luma > 140.0 {
-        Rgb([0, 0, 0])
-    } else {
-        Rgb([255, 255, 255])
-    };
+    let luma = 0.299 * f32::from(colour[0]) + 0.587 * f32::from(colour[1]) + 0.114 * f32::from(colour[2]);
+    let ink = if luma > 140.0 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) };
     for (i, c) in label.chars().enumerate() {
         let x = left + (1 + GLYPH_ADVANCE * i as i64) * scale;
         draw_glyph(image, glyph(c), x, top + scale, scale, ink);
@@ -386,10 +332,7 @@ mod tests {
     fn font_covers_printable_ascii_in_five_columns() {
         assert!(FONT.iter().flatten().all(|&row| row < 1 << GLYPH_WIDTH));
         assert!(FONT[0].iter().all(|&row| row == 0), "space is blank");
-        assert!(
-            FONT[1..].iter().all(|g| g.iter().any(|&row| row != 0)),
-            "every other glyph has ink"
-        );
+        assert!(FONT[1..].iter().all(|g| g.iter().any(|&row| row != 0)), "every other glyph has ink");
         assert_eq!(glyph('é'), glyph('?'));
     }
 
@@ -415,15 +358,8 @@ mod tests {
             .map(|(x, y)| *out.get_pixel(x, y))
             .collect();
         assert!(tab.contains(&Rgb(PALETTE[0])), "tab background");
-        assert!(
-            tab.contains(&Rgb([255, 255, 255])),
-            "text on the dark blue tab is white"
-        );
-        assert_eq!(
-            *out.get_pixel(20, 30 - tab_height - 1),
-            GREY,
-            "nothing above the tab"
-        );
+        assert!(tab.contains(&Rgb([255, 255, 255])), "text on the dark blue tab is white");
+        assert_eq!(*out.get_pixel(20, 30 - tab_height - 1), GREY, "nothing above the tab");
     }
 
     #[test]
@@ -443,21 +379,14 @@ mod tests {
             mask: mask.clone(),
         };
         let out = annotate(&image, &[], &[segment("dog")]).unwrap();
-        assert_eq!(
-            *out.get_pixel(20, 20),
-            blend(GREY, Rgb(PALETTE[0]), MASK_OPACITY)
-        );
+        assert_eq!(*out.get_pixel(20, 20), blend(GREY, Rgb(PALETTE[0]), MASK_OPACITY));
         assert_eq!(*out.get_pixel(20, 21), GREY);
 
         let dog = detection("dog", 30.0, 30.0, 36.0, 36.0);
         let two = annotate(&image, &[dog], &[segment("cat"), segment("dog")]).unwrap();
         // "cat" is seen first and takes colour 0; both "dog"s take colour 1.
         assert_eq!(*two.get_pixel(30, 33), Rgb(PALETTE[1]));
-        assert_eq!(
-            *two.get_pixel(15, 20),
-            Rgb(PALETTE[1]),
-            "the dog segment's outline drawn last"
-        );
+        assert_eq!(*two.get_pixel(15, 20), Rgb(PALETTE[1]), "the dog segment's outline drawn last");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! early still decode the tokens asked for. One short warm-up run comes first: the figures are the
 //! steady state a server sees, not ONNX Runtime's first-run allocations.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -64,11 +64,11 @@ pub struct TokenIds {
     pub batch: Vec<Vec<i64>>,
 }
 
-fn request(image: &PathBuf, prompt: &str, tokens: usize) -> Request {
+fn request(image: &Path, prompt: &str, tokens: usize) -> Request {
     Request {
         max_new_tokens: tokens,
         min_new_tokens: tokens,
-        ..Request::new(ImageInput::Path(image.clone()), prompt)
+        ..Request::new(ImageInput::Path(image.to_path_buf()), prompt)
     }
 }
 

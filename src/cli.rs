@@ -13,8 +13,8 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::annotate::annotate;
-use crate::input::read_regular_file;
 use crate::bench::BenchOptions;
+use crate::input::read_regular_file;
 use crate::onnxruntime::parse_ep_list;
 use crate::pipeline::{ImageInput, Pipeline, PipelineOptions, Request, Response};
 use crate::preprocess::ImageLimits;
@@ -300,8 +300,12 @@ fn text_lines(bytes: &[u8]) -> Vec<Result<String, String>> {
     }
     let utf8 = |bytes: &[u8]| -> Vec<Result<String, String>> {
         let line = |line: &[u8]| {
-            String::from_utf8(line.to_vec())
-                .map_err(|e| format!("is not UTF-8 text (byte {} of the line); save the file as UTF-8", e.utf8_error().valid_up_to() + 1))
+            String::from_utf8(line.to_vec()).map_err(|e| {
+                format!(
+                    "is not UTF-8 text (byte {} of the line); save the file as UTF-8",
+                    e.utf8_error().valid_up_to() + 1
+                )
+            })
         };
         bytes.split(|&b| b == b'\n').map(line).collect()
     };
@@ -311,7 +315,10 @@ fn text_lines(bytes: &[u8]) -> Vec<Result<String, String>> {
         [0xFE, 0xFF, rest @ ..] => utf16(rest, u16::from_be_bytes),
         _ => utf8(bytes),
     };
-    lines.into_iter().map(|l| l.map(|l| l.strip_suffix('\r').map(str::to_string).unwrap_or(l))).collect()
+    lines
+        .into_iter()
+        .map(|l| l.map(|l| l.strip_suffix('\r').map(str::to_string).unwrap_or(l)))
+        .collect()
 }
 
 /// Largest `--batch` file: a million requests of a long path and prompt.
@@ -356,7 +363,9 @@ fn read_batch(path: &Path, default_max: usize, min_new_tokens: usize) -> Result<
 /// One line to stdout; a closed pipe or a full disk is an error, not a panic.
 fn print_line(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}").and_then(|()| out.flush()).context("cannot write the answer to stdout")
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .context("cannot write the answer to stdout")
 }
 
 /// Runs the command; returns the process exit code (0, or 2 when any request failed).
@@ -415,7 +424,9 @@ pub fn run(args: Args) -> Result<i32> {
         .into_iter()
         .map(|error| match error {
             Some(e) => Err(e),
-            None => ran.next().map_or_else(|| Err("the request was not run".into()), |r| r.map_err(|e| e.to_string())),
+            None => ran
+                .next()
+                .map_or_else(|| Err("the request was not run".into()), |r| r.map_err(|e| e.to_string())),
         })
         .collect();
 
@@ -424,7 +435,10 @@ pub fn run(args: Args) -> Result<i32> {
         match result {
             Ok(response) => {
                 if args.json {
-                    print_line(&serde_json::to_string(&JsonResult { response, providers: &providers })?)?;
+                    print_line(&serde_json::to_string(&JsonResult {
+                        response,
+                        providers: &providers,
+                    })?)?;
                 } else if stream {
                     print_line("")?;
                 } else {
@@ -454,7 +468,9 @@ fn png_path(value: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(value);
     match path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()) {
         Some(name) if name.len() > 4 && name.ends_with(".png") => Ok(path),
-        _ => Err(format!("{value} is not a file name ending in .png; the annotated image is written as PNG, name it e.g. out.png")),
+        _ => Err(format!(
+            "{value} is not a file name ending in .png; the annotated image is written as PNG, name it e.g. out.png"
+        )),
     }
 }
 

@@ -129,13 +129,20 @@ impl Manifest {
         const FLOAT_DTYPES: [&str; 2] = ["fp32", "fp16"];
         const GRAPHS: [&str; 4] = ["vision_encoder", "embed_tokens", "decoder", "seg_decoder"];
         if self.format_version >= 2 {
-            if let Some(dtype) = self.dtypes.iter().find(|d| !FLOAT_DTYPES.contains(&d.as_str()) && !self.quantization.contains_key(*d)) {
+            if let Some(dtype) = self
+                .dtypes
+                .iter()
+                .find(|d| !FLOAT_DTYPES.contains(&d.as_str()) && !self.quantization.contains_key(*d))
+            {
                 return Some(format!("dtype {dtype} has no entry"));
             }
         }
         for (dtype, format) in &self.quantization {
             if FLOAT_DTYPES.contains(&dtype.as_str()) || !self.dtypes.contains(dtype) {
-                return Some(format!("an entry for {dtype}, which is not a quantized dtype of this model (dtypes: {})", self.dtypes.join(", ")));
+                return Some(format!(
+                    "an entry for {dtype}, which is not a quantized dtype of this model (dtypes: {})",
+                    self.dtypes.join(", ")
+                ));
             }
             if let Some(graph) = format.graphs.iter().find(|g| !GRAPHS.contains(&g.as_str())) {
                 return Some(format!("{dtype} lists graph {graph:?}; graphs are {}", GRAPHS.join(", ")));
@@ -160,12 +167,7 @@ impl Manifest {
     }
 
     /// The file of `graph` in `dtype`, relative to the model directory.
-    pub fn graph_file<'a>(
-        &self,
-        model_dir: &Path,
-        graph: &'a GraphFiles,
-        dtype: &str,
-    ) -> Result<&'a str, ConfigError> {
+    pub fn graph_file<'a>(&self, model_dir: &Path, graph: &'a GraphFiles, dtype: &str) -> Result<&'a str, ConfigError> {
         graph.get(dtype).map(String::as_str).ok_or_else(|| ConfigError::MissingDtype {
             path: model_dir.join(MANIFEST_FILE),
             dtype: dtype.to_string(),
@@ -217,20 +219,45 @@ mod tests {
     #[test]
     fn a_newer_format_version_is_refused_by_name() {
         let error = scenes_manifest("v3", |json| json["format_version"] = 3.into()).unwrap_err();
-        assert!(error.to_string().contains("version 3, this runtime reads \"paligemma-onnx\" versions 1-2; a newer manifest needs a newer paligemma"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("version 3, this runtime reads \"paligemma-onnx\" versions 1-2; a newer manifest needs a newer paligemma"),
+            "{error}"
+        );
     }
 
     #[test]
     fn a_quantization_record_that_does_not_match_the_model_is_refused() {
-        let cases: [(&str, fn(&mut serde_json::Value), &str); 4] = [
-            ("missing", |j| drop(j["quantization"].as_object_mut().unwrap().remove("int8")), "dtype int8 has no entry"),
-            ("float", |j| j["quantization"]["fp32"] = j["quantization"]["int8"].clone(), "an entry for fp32, which is not a quantized dtype"),
-            ("unlisted", |j| j["quantization"]["int7"] = j["quantization"]["int8"].clone(), "an entry for int7"),
-            ("graph", |j| j["quantization"]["int8"]["graphs"] = serde_json::json!(["decoder_model_merged"]), "int8 lists graph \"decoder_model_merged\""),
+        type Edit = fn(&mut serde_json::Value);
+        let cases: [(&str, Edit, &str); 4] = [
+            (
+                "missing",
+                |j| drop(j["quantization"].as_object_mut().unwrap().remove("int8")),
+                "dtype int8 has no entry",
+            ),
+            (
+                "float",
+                |j| j["quantization"]["fp32"] = j["quantization"]["int8"].clone(),
+                "an entry for fp32, which is not a quantized dtype",
+            ),
+            (
+                "unlisted",
+                |j| j["quantization"]["int7"] = j["quantization"]["int8"].clone(),
+                "an entry for int7",
+            ),
+            (
+                "graph",
+                |j| j["quantization"]["int8"]["graphs"] = serde_json::json!(["decoder_model_merged"]),
+                "int8 lists graph \"decoder_model_merged\"",
+            ),
         ];
         for (tag, edit, needle) in cases {
             let error = scenes_manifest(tag, edit).unwrap_err().to_string();
-            assert!(error.contains(needle) && error.contains("re-run `python -m export convert`"), "{tag}: {error}");
+            assert!(
+                error.contains(needle) && error.contains("re-run `python -m export convert`"),
+                "{tag}: {error}"
+            );
         }
     }
 }

@@ -39,18 +39,12 @@ pub const SEG_TOKENS: usize = 16;
 pub enum ObjectError {
     #[error("object {text:?} has text before its <loc> tokens; each object must start with 4 <locNNNN> tokens")]
     TextBeforeBox { text: String },
-    #[error(
-        "object {text:?} has {found} <locNNNN> tokens; expected 4 (y_min, x_min, y_max, x_max)"
-    )]
+    #[error("object {text:?} has {found} <locNNNN> tokens; expected 4 (y_min, x_min, y_max, x_max)")]
     LocCount { text: String, found: usize },
     #[error("object {text:?} has bin {found} in a <loc> token; bins run from 0 to {max}", max = LOC_BINS - 1)]
     LocOutOfRange { text: String, found: u32 },
     #[error("object {text:?} has {found} <segNNN> tokens; expected {expected}")]
-    SegCount {
-        text: String,
-        expected: usize,
-        found: usize,
-    },
+    SegCount { text: String, expected: usize, found: usize },
     #[error("object {text:?} has code {found} in a <seg> token; codes run from 0 to {max}", max = SEG_CODES - 1)]
     SegOutOfRange { text: String, found: u32 },
     #[error("object {text:?} has an empty box: y_min {y_min} y_max {y_max}, x_min {x_min} x_max {x_max}; max must exceed min")]
@@ -163,12 +157,11 @@ pub fn parse_detection(object: &str, width: u32, height: u32) -> Result<Detectio
 pub fn parse_segment_tokens(object: &str) -> Result<SegmentTokens, ObjectError> {
     let raw = parse_object(object.trim(), SEG_TOKENS)?;
     // parse_object already checked the count; the error path only keeps this panic-free.
-    let codes =
-        <[u8; SEG_TOKENS]>::try_from(raw.codes.as_slice()).map_err(|_| ObjectError::SegCount {
-            text: object.trim().to_string(),
-            expected: SEG_TOKENS,
-            found: raw.codes.len(),
-        })?;
+    let codes = <[u8; SEG_TOKENS]>::try_from(raw.codes.as_slice()).map_err(|_| ObjectError::SegCount {
+        text: object.trim().to_string(),
+        expected: SEG_TOKENS,
+        found: raw.codes.len(),
+    })?;
     Ok(SegmentTokens {
         label: raw.label,
         bins: raw.bins,
@@ -202,10 +195,7 @@ fn parse_object(text: &str, seg_count: usize) -> Result<RawObject, ObjectError> 
         return Err(if text.contains("<loc") {
             ObjectError::TextBeforeBox { text: owned() }
         } else {
-            ObjectError::LocCount {
-                text: owned(),
-                found: 0,
-            }
+            ObjectError::LocCount { text: owned(), found: 0 }
         });
     }
     let (locs, rest) = take_tokens(text, "<loc", 4);
@@ -216,10 +206,7 @@ fn parse_object(text: &str, seg_count: usize) -> Result<RawObject, ObjectError> 
         });
     }
     if let Some(&found) = locs.iter().find(|&&bin| bin >= u32::from(LOC_BINS)) {
-        return Err(ObjectError::LocOutOfRange {
-            text: owned(),
-            found,
-        });
+        return Err(ObjectError::LocOutOfRange { text: owned(), found });
     }
     // The reference grammar allows whitespace between the box and the mask codes.
     let (codes, rest) = take_tokens(rest.trim_start(), "<seg", 3);
@@ -231,10 +218,7 @@ fn parse_object(text: &str, seg_count: usize) -> Result<RawObject, ObjectError> 
         });
     }
     if let Some(&found) = codes.iter().find(|&&code| code >= u32::from(SEG_CODES)) {
-        return Err(ObjectError::SegOutOfRange {
-            text: owned(),
-            found,
-        });
+        return Err(ObjectError::SegOutOfRange { text: owned(), found });
     }
     let label = rest.trim();
     if label.contains(['<', '>']) {
@@ -279,21 +263,14 @@ fn parse_object(text: &str, seg_count: usize) -> Result<RawObject, ObjectError> 
 fn take_tokens<'a>(mut text: &'a str, prefix: &str, digits: usize) -> (Vec<u32>, &'a str) {
     let mut values = Vec::new();
     while let Some(after) = text.strip_prefix(prefix) {
-        let Some(number) = after
-            .get(..digits)
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
+        let Some(number) = after.get(..digits).filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
             break;
         };
         let Some(next) = after[digits..].strip_prefix('>') else {
             break;
         };
         // At most 4 ASCII digits: always fits in u32.
-        values.push(
-            number
-                .bytes()
-                .fold(0u32, |acc, b| acc * 10 + u32::from(b - b'0')),
-        );
+        values.push(number.bytes().fold(0u32, |acc, b| acc * 10 + u32::from(b - b'0')));
         text = next;
     }
     (values, text)
@@ -398,11 +375,7 @@ mod tests {
         ));
         assert!(matches!(
             err(&format!("{} x", locs([9, 2, 3, 4])), 0),
-            Some(ObjectError::EmptyBox {
-                y_min: 9,
-                y_max: 3,
-                ..
-            })
+            Some(ObjectError::EmptyBox { y_min: 9, y_max: 3, .. })
         ));
     }
 

@@ -107,12 +107,20 @@ pub fn splice_image_features(
     image_token_id: i64,
 ) -> Result<(), ModelError> {
     for (row, ids) in input_ids.outer_iter().enumerate() {
-        let positions: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == image_token_id).map(|(i, _)| i).collect();
+        let positions: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == image_token_id)
+            .map(|(i, _)| i)
+            .collect();
         let available = features.shape()[1];
         if positions.len() != available {
             return Err(ModelError::Run {
                 graph: "vision_encoder",
-                message: format!("prompt row {row} holds {} <image> tokens but the vision graph gives {available} features", positions.len()),
+                message: format!(
+                    "prompt row {row} holds {} <image> tokens but the vision graph gives {available} features",
+                    positions.len()
+                ),
             });
         }
         for (k, pos) in positions.into_iter().enumerate() {

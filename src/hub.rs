@@ -25,7 +25,8 @@ pub const MANIFEST: &str = "manifest.json";
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
 /// The fix printed when a directory is not a converted model.
-const CONVERT_HINT: &str = "convert a checkpoint with `python -m export convert MODEL OUT_DIR` and pass OUT_DIR, or pass a Hub repo id (owner/name)";
+const CONVERT_HINT: &str =
+    "convert a checkpoint with `python -m export convert MODEL OUT_DIR` and pass OUT_DIR, or pass a Hub repo id (owner/name)";
 
 /// Longest repo name the Hub accepts (huggingface_hub `validate_repo_id`).
 const MAX_REPO_NAME: usize = 96;
@@ -41,11 +42,7 @@ pub enum HubError {
     #[error("manifest {path} is unusable: {reason}; re-run `python -m export convert` or re-download the model")]
     Manifest { path: PathBuf, reason: String },
     #[error("{manifest} lists {file:?} but {dir} does not contain it; re-run `python -m export convert` or re-download the model")]
-    MissingFile {
-        manifest: PathBuf,
-        dir: PathBuf,
-        file: String,
-    },
+    MissingFile { manifest: PathBuf, dir: PathBuf, file: String },
     #[error("HF_HUB_OFFLINE is set and {repo} is not complete in the cache {cache_dir} (missing: {}); unset HF_HUB_OFFLINE to download it, or pass a local model directory", missing.join(", "))]
     OfflineNotCached {
         repo: String,
@@ -104,12 +101,8 @@ impl HubOptions {
                     .join("huggingface"),
             },
         };
-        let cache_dir = var("HF_HUB_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| hf_home.join("hub"));
-        let token_file = var("HF_TOKEN_PATH")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| hf_home.join("token"));
+        let cache_dir = var("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| hf_home.join("hub"));
+        let token_file = var("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
         let token = var("HF_TOKEN")
             .or_else(|| std::fs::read_to_string(token_file).ok())
             .map(|token| token.trim().to_string())
@@ -129,10 +122,7 @@ impl HubOptions {
 
 /// `huggingface_hub`'s reading of boolean variables: 1, ON, YES, TRUE in any case.
 fn is_truthy(value: &str) -> bool {
-    matches!(
-        value.trim().to_ascii_uppercase().as_str(),
-        "1" | "ON" | "YES" | "TRUE"
-    )
+    matches!(value.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE")
 }
 
 /// Checks `spec` is a Hub model id `owner/name`: letters, digits, `_`, `-`, `.`, starting and
@@ -151,19 +141,12 @@ pub fn validate_repo_id(spec: &str) -> Result<(), HubError> {
         if part.is_empty() {
             return Err(bad("owner and name must both be non-empty"));
         }
-        if let Some(c) = part
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
-        {
-            return Err(bad(&format!(
-                "character {c:?} is not allowed (letters, digits, `_`, `-`, `.`)"
-            )));
+        if let Some(c) = part.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
+            return Err(bad(&format!("character {c:?} is not allowed (letters, digits, `_`, `-`, `.`)")));
         }
         let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
         if !word(part.chars().next()) || !word(part.chars().last()) {
-            return Err(bad(
-                "each part must start and end with a letter, digit or `_`",
-            ));
+            return Err(bad("each part must start and end with a letter, digit or `_`"));
         }
         if part.contains("--") || part.contains("..") {
             return Err(bad("`--` and `..` are not allowed"));
@@ -187,11 +170,8 @@ pub fn manifest_files(manifest: &serde_json::Value) -> Result<Vec<String>, Strin
         .ok_or_else(|| "it has no \"files\" array listing the model's files".to_string())?;
     let mut files = Vec::with_capacity(entries.len());
     for entry in entries {
-        let file = entry
-            .as_str()
-            .ok_or_else(|| format!("\"files\" entry {entry} is not a string"))?;
-        let inside = !file.contains(['\\', ':'])
-            && file.split('/').all(|part| !matches!(part, "" | "." | ".."));
+        let file = entry.as_str().ok_or_else(|| format!("\"files\" entry {entry} is not a string"))?;
+        let inside = !file.contains(['\\', ':']) && file.split('/').all(|part| !matches!(part, "" | "." | ".."));
         if !inside {
             return Err(format!(
                 "\"files\" entry {file:?} is not a relative path inside the model directory"
@@ -215,9 +195,7 @@ pub fn resolve_model(spec: &str, options: &HubOptions) -> Result<PathBuf, HubErr
         return local_model(path);
     }
     if looks_like_path(spec) || path.exists() {
-        return Err(HubError::NotADirectory {
-            path: path.to_path_buf(),
-        });
+        return Err(HubError::NotADirectory { path: path.to_path_buf() });
     }
     validate_repo_id(spec)?;
     hub_model(spec, options)
@@ -236,11 +214,7 @@ fn local_model(dir: &Path) -> Result<PathBuf, HubError> {
     }
     let files = read_manifest_files(&manifest)?;
     if let Some(file) = files.into_iter().find(|file| !dir.join(file).is_file()) {
-        return Err(HubError::MissingFile {
-            manifest,
-            dir,
-            file,
-        });
+        return Err(HubError::MissingFile { manifest, dir, file });
     }
     Ok(dir)
 }
@@ -251,8 +225,7 @@ fn read_manifest_files(manifest: &Path) -> Result<Vec<String>, HubError> {
         reason,
     };
     let text = std::fs::read_to_string(manifest).map_err(|e| bad(e.to_string()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
     manifest_files(&json).map_err(bad)
 }
 
@@ -266,10 +239,7 @@ enum Cached {
 
 fn cached_snapshot(cache: &Cache, repo_id: &str) -> Result<Cached, HubError> {
     let cached_manifest = cache.model(repo_id.to_string()).get(MANIFEST);
-    let Some((manifest, dir)) = cached_manifest
-        .as_ref()
-        .and_then(|manifest| Some((manifest, manifest.parent()?)))
-    else {
+    let Some((manifest, dir)) = cached_manifest.as_ref().and_then(|manifest| Some((manifest, manifest.parent()?))) else {
         return Ok(Cached::Missing(vec![MANIFEST.to_string()]));
     };
     let missing: Vec<String> = read_manifest_files(manifest)?
@@ -333,10 +303,7 @@ fn hub_model(repo_id: &str, options: &HubOptions) -> Result<PathBuf, HubError> {
     let dir = manifest.parent().map(Path::to_path_buf).ok_or_else(|| {
         download_error(
             MANIFEST,
-            format!(
-                "hf-hub returned {} without a parent directory",
-                manifest.display()
-            ),
+            format!("hf-hub returned {} without a parent directory", manifest.display()),
         )
     })?;
     for file in read_manifest_files(&manifest)? {
@@ -357,17 +324,13 @@ fn hub_model(repo_id: &str, options: &HubOptions) -> Result<PathBuf, HubError> {
     Ok(dir)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
 
     fn options_from(pairs: &[(&str, &str)]) -> Result<HubOptions, HubError> {
-        let vars: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let vars: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         HubOptions::from_vars(|name| vars.get(name).cloned())
     }
 
@@ -386,10 +349,7 @@ mod tests {
             "owner/na..me",
             "owner/name.",
         ] {
-            assert!(
-                matches!(validate_repo_id(bad), Err(HubError::BadRepoId { .. })),
-                "{bad} accepted"
-            );
+            assert!(matches!(validate_repo_id(bad), Err(HubError::BadRepoId { .. })), "{bad} accepted");
         }
         assert!(validate_repo_id(&format!("owner/{}", "x".repeat(97))).is_err());
         assert!(validate_repo_id(&format!("owner/{}", "x".repeat(96))).is_ok());
@@ -400,10 +360,7 @@ mod tests {
         let ok = serde_json::json!({"files": ["graphs/vision.onnx", "tokenizer.json", "manifest.json", "tokenizer.json"]});
         assert_eq!(
             manifest_files(&ok),
-            Ok(vec![
-                "graphs/vision.onnx".to_string(),
-                "tokenizer.json".to_string()
-            ])
+            Ok(vec!["graphs/vision.onnx".to_string(), "tokenizer.json".to_string()])
         );
         for bad in ["../x", "/etc/passwd", "a//b", "a/./b", "", "a\\b", "C:/x"] {
             let manifest = serde_json::json!({ "files": [bad] });
@@ -416,10 +373,7 @@ mod tests {
     #[test]
     fn cache_dir_follows_huggingface_hub_precedence() {
         let dir = |pairs: &[(&str, &str)]| options_from(pairs).map(|o| o.cache_dir).ok();
-        assert_eq!(
-            dir(&[("HOME", "/h")]),
-            Some(PathBuf::from("/h/.cache/huggingface/hub"))
-        );
+        assert_eq!(dir(&[("HOME", "/h")]), Some(PathBuf::from("/h/.cache/huggingface/hub")));
         assert_eq!(
             dir(&[("HOME", "/h"), ("XDG_CACHE_HOME", "/x")]),
             Some(PathBuf::from("/x/huggingface/hub"))
@@ -428,10 +382,7 @@ mod tests {
             dir(&[("HOME", "/h"), ("XDG_CACHE_HOME", "/x"), ("HF_HOME", "/hf")]),
             Some(PathBuf::from("/hf/hub"))
         );
-        assert_eq!(
-            dir(&[("HF_HOME", "/hf"), ("HF_HUB_CACHE", "/c")]),
-            Some(PathBuf::from("/c"))
-        );
+        assert_eq!(dir(&[("HF_HOME", "/hf"), ("HF_HUB_CACHE", "/c")]), Some(PathBuf::from("/c")));
         assert!(matches!(options_from(&[]), Err(HubError::NoCacheDir)));
     }
 
@@ -439,9 +390,7 @@ mod tests {
     fn endpoint_offline_and_token_come_from_their_variables() {
         let defaults = options_from(&[("HF_HOME", "/nonexistent-hf-home")]).ok();
         assert_eq!(
-            defaults
-                .as_ref()
-                .map(|o| (o.endpoint.as_str(), o.offline, o.token.clone())),
+            defaults.as_ref().map(|o| (o.endpoint.as_str(), o.offline, o.token.clone())),
             Some((DEFAULT_ENDPOINT, false, None))
         );
         let set = options_from(&[
@@ -453,27 +402,13 @@ mod tests {
         .ok();
         assert_eq!(
             set.map(|o| (o.endpoint, o.offline, o.token)),
-            Some((
-                "http://127.0.0.1:8080".to_string(),
-                true,
-                Some("hf_abc".to_string())
-            ))
+            Some(("http://127.0.0.1:8080".to_string(), true, Some("hf_abc".to_string())))
         );
         let quiet = options_from(&[("HF_HOME", "/h"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")]).ok();
         assert_eq!(quiet.map(|o| o.progress), Some(false));
-        for (value, offline) in [
-            ("1", true),
-            ("ON", true),
-            ("true", true),
-            ("0", false),
-            ("no", false),
-        ] {
+        for (value, offline) in [("1", true), ("ON", true), ("true", true), ("0", false), ("no", false)] {
             let options = options_from(&[("HF_HOME", "/h"), ("HF_HUB_OFFLINE", value)]).ok();
-            assert_eq!(
-                options.map(|o| o.offline),
-                Some(offline),
-                "HF_HUB_OFFLINE={value}"
-            );
+            assert_eq!(options.map(|o| o.offline), Some(offline), "HF_HUB_OFFLINE={value}");
         }
     }
 

@@ -13,9 +13,18 @@ pub enum InputError {
     #[error("{what} {path} is a directory: name a file")]
     Directory { what: &'static str, path: PathBuf },
     #[error("{what} {path} is a {kind}, not a regular file (it could be read forever or block): save the data to a file and name that")]
-    NotRegular { what: &'static str, path: PathBuf, kind: &'static str },
+    NotRegular {
+        what: &'static str,
+        path: PathBuf,
+        kind: &'static str,
+    },
     #[error("{what} {path} is {size} bytes, over the limit of {limit} bytes: use a smaller file")]
-    TooLarge { what: &'static str, path: PathBuf, size: u64, limit: u64 },
+    TooLarge {
+        what: &'static str,
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("cannot read {what} {path}: {source}; check its permissions")]
     Read {
         what: &'static str,
@@ -29,7 +38,10 @@ pub enum InputError {
 /// them; `what` names the file in errors ("image file", "batch file").
 pub fn read_regular_file(path: &Path, what: &'static str, max_bytes: u64) -> Result<Vec<u8>, InputError> {
     let read_error = |source: io::Error| match source.kind() {
-        io::ErrorKind::NotFound => InputError::NotFound { what, path: path.to_owned() },
+        io::ErrorKind::NotFound => InputError::NotFound {
+            what,
+            path: path.to_owned(),
+        },
         _ => InputError::Read {
             what,
             path: path.to_owned(),
@@ -57,7 +69,10 @@ pub fn read_regular_file(path: &Path, what: &'static str, max_bytes: u64) -> Res
 fn check_kind(path: &Path, what: &'static str, metadata: &fs::Metadata, max_bytes: u64) -> Result<(), InputError> {
     let kind = metadata.file_type();
     if kind.is_dir() {
-        return Err(InputError::Directory { what, path: path.to_owned() });
+        return Err(InputError::Directory {
+            what,
+            path: path.to_owned(),
+        });
     }
     if !kind.is_file() {
         return Err(InputError::NotRegular {
@@ -117,7 +132,10 @@ mod tests {
         let e = read_regular_file(&file, "image file", 4).unwrap_err();
         assert!(matches!(e, InputError::TooLarge { size: 5, limit: 4, .. }), "{e}");
         let e = read_regular_file(&dir.join("missing"), "image file", 4).unwrap_err();
-        assert!(e.to_string().starts_with("image file ") && e.to_string().contains("does not exist"), "{e}");
+        assert!(
+            e.to_string().starts_with("image file ") && e.to_string().contains("does not exist"),
+            "{e}"
+        );
         let e = read_regular_file(&dir, "batch file", 4).unwrap_err();
         assert!(matches!(e, InputError::Directory { .. }), "{e}");
     }
@@ -127,7 +145,16 @@ mod tests {
     fn devices_are_refused_before_reading() {
         for device in ["/dev/zero", "/dev/urandom", "/dev/null"] {
             let e = read_regular_file(Path::new(device), "image file", 1 << 30).unwrap_err();
-            assert!(matches!(e, InputError::NotRegular { kind: "character device", .. }), "{device}: {e}");
+            assert!(
+                matches!(
+                    e,
+                    InputError::NotRegular {
+                        kind: "character device",
+                        ..
+                    }
+                ),
+                "{device}: {e}"
+            );
         }
     }
 }

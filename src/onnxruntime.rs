@@ -81,18 +81,12 @@ pub enum OrtLibError {
     #[error("no ONNX Runtime library found; searched: {}. To fix: {INSTALL_HINT}", searched.join("; "))]
     NotFound { searched: Vec<String> },
     #[error("ONNX Runtime library {path} (from {origin}) could not be loaded: {reason}. To fix: {INSTALL_HINT}")]
-    NotLoadable {
-        path: PathBuf,
-        origin: LibSource,
-        reason: String,
-    },
+    NotLoadable { path: PathBuf, origin: LibSource, reason: String },
     #[error("ONNX Runtime at {path} (from {origin}) is version {found}; this program needs >= {}.{}. To fix: {INSTALL_HINT}", MIN_VERSION.0, MIN_VERSION.1)]
-    TooOld {
-        path: PathBuf,
-        origin: LibSource,
-        found: String,
-    },
-    #[error("ONNX Runtime is already loaded from {loaded} in this process; it cannot also load {requested}. Pass the same library everywhere")]
+    TooOld { path: PathBuf, origin: LibSource, found: String },
+    #[error(
+        "ONNX Runtime is already loaded from {loaded} in this process; it cannot also load {requested}. Pass the same library everywhere"
+    )]
     AlreadyLoaded { loaded: PathBuf, requested: PathBuf },
     #[error("ONNX Runtime loaded from {path} but its environment could not be created: {message}")]
     Environment { path: PathBuf, message: String },
@@ -110,19 +104,13 @@ impl OrtVersion {
     /// Parses `1.31.1` (a missing patch reads as 0; any suffix after a non-digit is ignored: `1.32.0-dev`).
     pub fn parse(text: &str) -> Option<OrtVersion> {
         let mut parts = text.trim().split('.').map(|part| {
-            let digits: &str = &part[..part
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(part.len())];
+            let digits: &str = &part[..part.find(|c: char| !c.is_ascii_digit()).unwrap_or(part.len())];
             digits.parse::<u32>().ok()
         });
         let major = parts.next()??;
         let minor = parts.next()??;
         let patch = parts.next().flatten().unwrap_or(0);
-        Some(OrtVersion {
-            major,
-            minor,
-            patch,
-        })
+        Some(OrtVersion { major, minor, patch })
     }
 
     pub fn is_supported(&self) -> bool {
@@ -148,10 +136,9 @@ pub fn is_ort_library_name(name: &str) -> bool {
 
 /// The version carried by a library file name (`libonnxruntime.so.1.31.1` -> 1.31.1), if any.
 pub fn version_from_file_name(name: &str) -> Option<OrtVersion> {
-    let rest = name.strip_prefix("libonnxruntime.so.").or_else(|| {
-        name.strip_prefix("libonnxruntime.")
-            .and_then(|r| r.strip_suffix(".dylib"))
-    })?;
+    let rest = name
+        .strip_prefix("libonnxruntime.so.")
+        .or_else(|| name.strip_prefix("libonnxruntime.").and_then(|r| r.strip_suffix(".dylib")))?;
     OrtVersion::parse(rest)
 }
 
@@ -183,12 +170,8 @@ impl LibSearch {
     pub fn from_process(explicit: Option<&Path>) -> LibSearch {
         LibSearch {
             explicit: explicit.map(Path::to_path_buf),
-            env_path: std::env::var_os(ENV_DYLIB_PATH)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
-            exe_dir: std::env::current_exe()
-                .ok()
-                .and_then(|exe| exe.parent().map(Path::to_path_buf)),
+            env_path: std::env::var_os(ENV_DYLIB_PATH).filter(|v| !v.is_empty()).map(PathBuf::from),
+            exe_dir: std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)),
             build_root: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
         }
     }
@@ -197,10 +180,7 @@ impl LibSearch {
     /// once rather than a reason to look elsewhere: silently loading another library would hide
     /// the typo.
     pub fn locate(&self) -> Result<(PathBuf, LibSource), OrtLibError> {
-        for (given, source) in [
-            (&self.explicit, LibSource::Explicit),
-            (&self.env_path, LibSource::EnvVar),
-        ] {
+        for (given, source) in [(&self.explicit, LibSource::Explicit), (&self.env_path, LibSource::EnvVar)] {
             if let Some(path) = given {
                 return if path.is_file() {
                     Ok((absolute(path), source))
@@ -213,10 +193,7 @@ impl LibSearch {
             }
         }
 
-        let mut searched = vec![
-            "--ort-lib (not given)".to_string(),
-            format!("{ENV_DYLIB_PATH} (not set)"),
-        ];
+        let mut searched = vec!["--ort-lib (not given)".to_string(), format!("{ENV_DYLIB_PATH} (not set)")];
         if let Some(dir) = &self.exe_dir {
             if let Some(found) = library_in_dir(dir) {
                 return Ok((found, LibSource::NextToExecutable));
@@ -224,11 +201,7 @@ impl LibSearch {
             searched.push(format!("{}/libonnxruntime.so*", dir.display()));
         }
 
-        let mut roots: Vec<&Path> = self
-            .exe_dir
-            .iter()
-            .flat_map(|dir| dir.ancestors())
-            .collect();
+        let mut roots: Vec<&Path> = self.exe_dir.iter().flat_map(|dir| dir.ancestors()).collect();
         roots.extend(self.build_root.as_deref());
         for root in &roots {
             if let Some(found) = library_in_venv(root) {
@@ -236,13 +209,13 @@ impl LibSearch {
             }
         }
         if let Some(dir) = &self.exe_dir {
-            searched.push(format!("{}/.venv/lib/python3*/site-packages/onnxruntime/capi/ and in every parent directory", dir.display()));
+            searched.push(format!(
+                "{}/.venv/lib/python3*/site-packages/onnxruntime/capi/ and in every parent directory",
+                dir.display()
+            ));
         }
         if let Some(root) = &self.build_root {
-            searched.push(format!(
-                "{}/.venv/lib/python3*/site-packages/onnxruntime/capi/",
-                root.display()
-            ));
+            searched.push(format!("{}/.venv/lib/python3*/site-packages/onnxruntime/capi/", root.display()));
         }
         Err(OrtLibError::NotFound { searched })
     }
@@ -271,14 +244,10 @@ fn library_in_venv(root: &Path) -> Option<PathBuf> {
         .map(|entry| entry.path())
         .collect();
     pythons.sort();
-    pythons.iter().rev().find_map(|python| {
-        library_in_dir(
-            &python
-                .join("site-packages")
-                .join("onnxruntime")
-                .join("capi"),
-        )
-    })
+    pythons
+        .iter()
+        .rev()
+        .find_map(|python| library_in_dir(&python.join("site-packages").join("onnxruntime").join("capi")))
 }
 
 /// Finds the ONNX Runtime library: `explicit` (`--ort-lib`), then `ORT_DYLIB_PATH`, then a
@@ -303,17 +272,13 @@ pub fn init(explicit: Option<&Path>) -> Result<OrtInfo, OrtLibError> {
 }
 
 fn init_with(search: &LibSearch) -> Result<OrtInfo, OrtLibError> {
-    let mut loaded = LOADED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut loaded = LOADED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(done) = loaded.as_ref() {
         return match &search.explicit {
-            Some(requested) if absolute(requested) != done.info.path => {
-                Err(OrtLibError::AlreadyLoaded {
-                    loaded: done.info.path.clone(),
-                    requested: requested.clone(),
-                })
-            }
+            Some(requested) if absolute(requested) != done.info.path => Err(OrtLibError::AlreadyLoaded {
+                loaded: done.info.path.clone(),
+                requested: requested.clone(),
+            }),
             _ => Ok(done.info.clone()),
         };
     }
@@ -335,8 +300,7 @@ fn init_with(search: &LibSearch) -> Result<OrtInfo, OrtLibError> {
         ort::LoadDynamicError::MissingApi { path } => OrtLibError::NotLoadable {
             path,
             origin: source,
-            reason: "it does not export `OrtGetApiBase`, so it is not an ONNX Runtime library"
-                .to_string(),
+            reason: "it does not export `OrtGetApiBase`, so it is not an ONNX Runtime library".to_string(),
         },
         other => OrtLibError::NotLoadable {
             path: path.clone(),
@@ -344,45 +308,32 @@ fn init_with(search: &LibSearch) -> Result<OrtInfo, OrtLibError> {
             reason: other.to_string(),
         },
     })?;
-    let environment =
-        builder
-            .with_name("paligemma")
-            // ONNX Runtime logs failures (a provider library that will not load) to stderr itself;
-            // the errors this module returns carry the same text in one line, so its log is kept
-            // quiet unless asked for with PALIGEMMA_ORT_LOG=1.
-            .with_logger(std::sync::Arc::new(|level, category, _id, location, message| {
-                if std::env::var_os("PALIGEMMA_ORT_LOG").is_some() {
-                    eprintln!("onnxruntime {level:?} [{category}] {location}: {message}");
-                }
-            }))
-            .build()
-            .map_err(|e| OrtLibError::Environment {
-                path: path.clone(),
-                message: one_line(&e.to_string()),
-            })?;
+    let environment = builder
+        .with_name("paligemma")
+        // ONNX Runtime logs failures (a provider library that will not load) to stderr itself;
+        // the errors this module returns carry the same text in one line, so its log is kept
+        // quiet unless asked for with PALIGEMMA_ORT_LOG=1.
+        .with_logger(std::sync::Arc::new(|level, category, _id, location, message| {
+            if std::env::var_os("PALIGEMMA_ORT_LOG").is_some() {
+                eprintln!("onnxruntime {level:?} [{category}] {location}: {message}");
+            }
+        }))
+        .build()
+        .map_err(|e| OrtLibError::Environment {
+            path: path.clone(),
+            message: one_line(&e.to_string()),
+        })?;
 
     let file_version = std::fs::canonicalize(&path)
         .ok()
-        .and_then(|real| {
-            real.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(version_from_file_name)
-        })
-        .or_else(|| {
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(version_from_file_name)
-        })
+        .and_then(|real| real.file_name().and_then(|n| n.to_str()).and_then(version_from_file_name))
+        .or_else(|| path.file_name().and_then(|n| n.to_str()).and_then(version_from_file_name))
         .filter(OrtVersion::is_supported);
     let version = match file_version {
         Some(v) => v.to_string(),
         None => format!(">={}.{}", MIN_VERSION.0, MIN_VERSION.1),
     };
-    let info = OrtInfo {
-        path,
-        version,
-        source,
-    };
+    let info = OrtInfo { path, version, source };
     *loaded = Some(Loaded {
         info: info.clone(),
         environment,
@@ -391,9 +342,7 @@ fn init_with(search: &LibSearch) -> Result<OrtInfo, OrtLibError> {
 }
 
 fn environment() -> Option<Environment> {
-    let loaded = LOADED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let loaded = LOADED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     loaded.as_ref().map(|done| done.environment.clone())
 }
 
@@ -437,9 +386,7 @@ impl FromStr for ExecutionProvider {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda),
             "tensorrt" => Ok(Self::TensorRt),
-            _ => Err(SessionError::UnknownProvider {
-                name: name.to_string(),
-            }),
+            _ => Err(SessionError::UnknownProvider { name: name.to_string() }),
         }
     }
 }
@@ -490,19 +437,13 @@ pub enum SessionError {
     #[error("unknown execution provider {name:?}; valid names: {PROVIDER_NAMES}")]
     UnknownProvider { name: String },
     #[error("execution provider {provider} appears twice in {list:?}; list each provider once, in priority order")]
-    DuplicateProvider {
-        list: String,
-        provider: ExecutionProvider,
-    },
+    DuplicateProvider { list: String, provider: ExecutionProvider },
     #[error("graph file {path} does not exist; check the model directory or re-run the export")]
     MissingGraph { path: PathBuf },
     #[error("graph file {path} is not a valid ONNX model ({message}); re-run the export or re-download the model")]
     CorruptGraph { path: PathBuf, message: String },
     #[error("no requested execution provider could start for {path}: {}. Install onnxruntime-gpu (CUDA 13, cuDNN 9, TensorRT 10) and point --ort-lib at its library, or add `cpu` to the provider list", failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    ProvidersFailed {
-        path: PathBuf,
-        failures: Vec<ProviderFailure>,
-    },
+    ProvidersFailed { path: PathBuf, failures: Vec<ProviderFailure> },
     #[error("ONNX Runtime could not build a session for {path}: {message}")]
     Ort { path: PathBuf, message: String },
 }
@@ -523,9 +464,7 @@ pub fn build_session(
 ) -> Result<(Session, SessionReport), SessionError> {
     let environment = environment().ok_or(SessionError::NotInitialized)?;
     if !path.is_file() {
-        return Err(SessionError::MissingGraph {
-            path: path.to_path_buf(),
-        });
+        return Err(SessionError::MissingGraph { path: path.to_path_buf() });
     }
     let ort_failure = |e: ort::Error| SessionError::Ort {
         path: path.to_path_buf(),
@@ -557,13 +496,7 @@ pub fn build_session(
             Ok(session) => {
                 let providers = assigned_providers(&session).map_err(ort_failure)?;
                 let warnings = fallback_warnings(&failures, &started);
-                return Ok((
-                    session,
-                    SessionReport {
-                        providers,
-                        warnings,
-                    },
-                ));
+                return Ok((session, SessionReport { providers, warnings }));
             }
             Err(e) if is_model_error(e.code()) => {
                 return Err(SessionError::CorruptGraph {
@@ -574,11 +507,7 @@ pub fn build_session(
             Err(e) => {
                 // A GPU provider registers lazily: a missing device or CUDA library only shows up
                 // here. Blame the highest-priority accelerator and retry without it.
-                let Some(culprit) = started
-                    .iter()
-                    .copied()
-                    .find(|p| *p != ExecutionProvider::Cpu)
-                else {
+                let Some(culprit) = started.iter().copied().find(|p| *p != ExecutionProvider::Cpu) else {
                     return Err(ort_failure(e));
                 };
                 failures.push(ProviderFailure {
@@ -597,11 +526,7 @@ pub fn build_session(
     }
 }
 
-fn new_builder(
-    environment: &Environment,
-    threads: Option<usize>,
-    config_entries: &[(&str, &str)],
-) -> Result<SessionBuilder, ort::Error> {
+fn new_builder(environment: &Environment, threads: Option<usize>, config_entries: &[(&str, &str)]) -> Result<SessionBuilder, ort::Error> {
     let mut builder = Session::builder(environment)?
         .with_config_entry(RECORD_ASSIGNMENT_KEY, "1")
         .map_err(ort::Error::<()>::from)?;
@@ -609,9 +534,7 @@ fn new_builder(
         builder = builder.with_config_entry(*key, *value).map_err(ort::Error::<()>::from)?;
     }
     match threads {
-        Some(n) => builder
-            .with_intra_threads(n)
-            .map_err(ort::Error::<()>::from),
+        Some(n) => builder.with_intra_threads(n).map_err(ort::Error::<()>::from),
         None => Ok(builder),
     }
 }
@@ -620,20 +543,13 @@ fn new_builder(
 fn is_model_error(code: ort::ErrorCode) -> bool {
     matches!(
         code,
-        ort::ErrorCode::InvalidProtobuf
-            | ort::ErrorCode::InvalidGraph
-            | ort::ErrorCode::NoModel
-            | ort::ErrorCode::NoSuchFile
+        ort::ErrorCode::InvalidProtobuf | ort::ErrorCode::InvalidGraph | ort::ErrorCode::NoModel | ort::ErrorCode::NoSuchFile
     )
 }
 
 /// The warning lines for providers that failed while at least one listed provider started.
 fn fallback_warnings(failures: &[ProviderFailure], started: &[ExecutionProvider]) -> Vec<String> {
-    let running = started
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
+    let running = started.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
     failures
         .iter()
         .map(|failure| {
@@ -681,17 +597,11 @@ fn assigned_providers(session: &Session) -> Result<Vec<String>, ort::Error> {
     // SAFETY: the session was built with `session.record_ep_graph_assignment_info=1`; the array
     // and the strings it leads to are owned by the session, which outlives this function.
     unsafe {
-        ort::Error::result_from_status((api.Session_GetEpGraphAssignmentInfo)(
-            session.ptr(),
-            &mut subgraphs,
-            &mut count,
-        ))?;
+        ort::Error::result_from_status((api.Session_GetEpGraphAssignmentInfo)(session.ptr(), &mut subgraphs, &mut count))?;
         for i in 0..count {
             let subgraph = *subgraphs.add(i);
             let mut name: *const std::ffi::c_char = ptr::null();
-            ort::Error::result_from_status((api.EpAssignedSubgraph_GetEpName)(
-                subgraph, &mut name,
-            ))?;
+            ort::Error::result_from_status((api.EpAssignedSubgraph_GetEpName)(subgraph, &mut name))?;
             if name.is_null() {
                 continue;
             }
@@ -703,7 +613,6 @@ fn assigned_providers(session: &Session) -> Result<Vec<String>, ort::Error> {
     }
     Ok(names)
 }
-
 
 /// ONNX Runtime messages carry newlines and a final period; error lines must stay one line and
 /// read well with text after them.
@@ -764,9 +673,7 @@ mod tests {
         assert!(is_ort_library_name("libonnxruntime.so"));
         assert!(is_ort_library_name("libonnxruntime.1.31.1.dylib"));
         assert!(!is_ort_library_name("libonnxruntime_providers_shared.so"));
-        assert!(!is_ort_library_name(
-            "onnxruntime_pybind11_state.cpython-311-x86_64-linux-gnu.so"
-        ));
+        assert!(!is_ort_library_name("onnxruntime_pybind11_state.cpython-311-x86_64-linux-gnu.so"));
     }
 
     #[test]
@@ -778,10 +685,7 @@ mod tests {
             "libonnxruntime_providers_shared.so",
         ];
         assert_eq!(pick_library(names), Some("libonnxruntime.so.1.31.1"));
-        assert_eq!(
-            pick_library(["libonnxruntime.so"]),
-            Some("libonnxruntime.so")
-        );
+        assert_eq!(pick_library(["libonnxruntime.so"]), Some("libonnxruntime.so"));
         assert_eq!(pick_library(["libonnxruntime_providers_cuda.so"]), None);
     }
 
@@ -790,32 +694,16 @@ mod tests {
         let list = parse_ep_list("tensorrt, CUDA ,cpu").ok();
         assert_eq!(
             list,
-            Some(vec![
-                ExecutionProvider::TensorRt,
-                ExecutionProvider::Cuda,
-                ExecutionProvider::Cpu
-            ])
+            Some(vec![ExecutionProvider::TensorRt, ExecutionProvider::Cuda, ExecutionProvider::Cpu])
         );
     }
 
     #[test]
     fn unknown_provider_lists_valid_names() {
-        let message = parse_ep_list("cuda,rocm")
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            message.contains("\"rocm\"") && message.contains(PROVIDER_NAMES),
-            "{message}"
-        );
-        assert!(matches!(
-            parse_ep_list(""),
-            Err(SessionError::UnknownProvider { .. })
-        ));
-        assert!(matches!(
-            parse_ep_list("cpu,cpu"),
-            Err(SessionError::DuplicateProvider { .. })
-        ));
+        let message = parse_ep_list("cuda,rocm").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("\"rocm\"") && message.contains(PROVIDER_NAMES), "{message}");
+        assert!(matches!(parse_ep_list(""), Err(SessionError::UnknownProvider { .. })));
+        assert!(matches!(parse_ep_list("cpu,cpu"), Err(SessionError::DuplicateProvider { .. })));
     }
 
     #[test]
@@ -824,21 +712,18 @@ mod tests {
             provider: ExecutionProvider::TensorRt,
             reason: "libnvinfer.so.10: cannot open shared object file".to_string(),
         }];
-        let warnings = fallback_warnings(
-            &failures,
-            &[ExecutionProvider::Cuda, ExecutionProvider::Cpu],
-        );
+        let warnings = fallback_warnings(&failures, &[ExecutionProvider::Cuda, ExecutionProvider::Cpu]);
         assert_eq!(
             warnings,
-            vec!["execution provider TensorRT could not start (libnvinfer.so.10: cannot open shared object file); falling back to CUDA, CPU".to_string()]
+            vec![
+                "execution provider TensorRT could not start (libnvinfer.so.10: cannot open shared object file); falling back to CUDA, CPU"
+                    .to_string()
+            ]
         );
     }
 
     #[test]
     fn ort_messages_collapse_to_one_line() {
-        assert_eq!(
-            one_line("Load model failed:\n  bad proto.\n"),
-            "Load model failed: bad proto"
-        );
+        assert_eq!(one_line("Load model failed:\n  bad proto.\n"), "Load model failed: bad proto");
     }
 }

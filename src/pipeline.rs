@@ -45,7 +45,9 @@ pub enum LoadError {
     Prompt(#[from] PromptError),
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
-    #[error("{path}: the image processor resizes to {found}x{found}, the manifest says {expected}; the files come from different conversions")]
+    #[error(
+        "{path}: the image processor resizes to {found}x{found}, the manifest says {expected}; the files come from different conversions"
+    )]
     ImageSize { path: PathBuf, expected: usize, found: u32 },
 }
 
@@ -270,7 +272,11 @@ impl Pipeline {
     /// Isolation: a request whose image, prompt or limits are wrong fails before anything runs;
     /// a batch whose run fails is run again request by request, so only the request that fails
     /// alone gets the error (the others' deltas are not sent twice).
-    pub fn run_until(&mut self, requests: &[Request], mut on_token: impl FnMut(usize, &str) -> bool) -> Vec<Result<Response, RequestError>> {
+    pub fn run_until(
+        &mut self,
+        requests: &[Request],
+        mut on_token: impl FnMut(usize, &str) -> bool,
+    ) -> Vec<Result<Response, RequestError>> {
         let mut results: Vec<Option<Result<Response, RequestError>>> = Vec::new();
         // The requests that prepared well: their request index and image, and, in the same
         // order, what the decoder takes.
@@ -294,7 +300,9 @@ impl Pipeline {
         };
         for group in groups.into_iter().filter(|g| !g.is_empty()) {
             let outcome = match self.generate_group(&ready[group.clone()], &prepared[group.clone()], &mut streams, &mut on_token) {
-                Err(_) if group.len() > 1 => group.map(|k| (k, self.generate_group(&ready[k..=k], &prepared[k..=k], &mut streams, &mut on_token))).collect(),
+                Err(_) if group.len() > 1 => group
+                    .map(|k| (k, self.generate_group(&ready[k..=k], &prepared[k..=k], &mut streams, &mut on_token)))
+                    .collect(),
                 outcome => vec![(group.start, outcome)],
             };
             for (first, generation) in outcome {
@@ -312,7 +320,14 @@ impl Pipeline {
         }
         results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(RequestError::Model(ModelError::Run { graph: "pipeline", message: "request was not run".into() }))))
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(RequestError::Model(ModelError::Run {
+                        graph: "pipeline",
+                        message: "request was not run".into(),
+                    }))
+                })
+            })
             .collect()
     }
 

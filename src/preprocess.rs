@@ -25,13 +25,13 @@ use std::io::{self, BufRead, Cursor};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+use crate::input::{read_regular_file, InputError};
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage, RgbaImage};
 use mozjpeg::decompress::MarkerData;
 use mozjpeg::{ColorSpace, Decompress, Marker};
 use ndarray::Array3;
 use serde::Deserialize;
-use crate::input::{read_regular_file, InputError};
 
 /// Formats this module decodes, as named in error messages (the `image` features in Cargo.toml).
 const SUPPORTED_FORMATS: &str = "PNG, JPEG, GIF, WebP, BMP, TIFF";
@@ -55,9 +55,7 @@ pub enum PreprocessError {
         format: ImageFormat,
         detail: String,
     },
-    #[error(
-        "image {image} is truncated or corrupt ({format:?}: {detail}); re-download or re-export it"
-    )]
+    #[error("image {image} is truncated or corrupt ({format:?}: {detail}); re-download or re-export it")]
     Corrupt {
         image: String,
         format: ImageFormat,
@@ -161,10 +159,7 @@ struct RawSize {
 }
 
 fn default_size() -> RawSize {
-    RawSize {
-        height: 224,
-        width: 224,
-    }
+    RawSize { height: 224, width: 224 }
 }
 
 /// transformers' `IMAGENET_STANDARD_MEAN` and `IMAGENET_STANDARD_STD`.
@@ -259,20 +254,12 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<LoadedImage, P
     decode_named(bytes, "from the request", limits)
 }
 
-fn decode_named(
-    bytes: &[u8],
-    image: &str,
-    limits: &ImageLimits,
-) -> Result<LoadedImage, PreprocessError> {
+fn decode_named(bytes: &[u8], image: &str, limits: &ImageLimits) -> Result<LoadedImage, PreprocessError> {
     if bytes.is_empty() {
-        return Err(PreprocessError::Empty {
-            image: image.to_owned(),
-        });
+        return Err(PreprocessError::Empty { image: image.to_owned() });
     }
     // 1. Format from the magic bytes, like PIL's `Image.open`.
-    let format = image::guess_format(bytes).map_err(|_| PreprocessError::UnrecognizedFormat {
-        image: image.to_owned(),
-    })?;
+    let format = image::guess_format(bytes).map_err(|_| PreprocessError::UnrecognizedFormat { image: image.to_owned() })?;
     let decoded = match format {
         ImageFormat::Jpeg => decode_jpeg(bytes, image, limits)?,
         _ => decode_with_image_crate(bytes, format, image, limits)?,
@@ -295,12 +282,7 @@ struct Decoded {
 }
 
 /// Step 2 of decoding: PIL's decompression-bomb guard, from the header before any pixel.
-fn check_pixel_limit(
-    image: &str,
-    width: u32,
-    height: u32,
-    limits: &ImageLimits,
-) -> Result<(), PreprocessError> {
+fn check_pixel_limit(image: &str, width: u32, height: u32, limits: &ImageLimits) -> Result<(), PreprocessError> {
     let pixels = u64::from(width.max(1)) * u64::from(height.max(1));
     if pixels > limits.max_pixels {
         return Err(PreprocessError::TooManyPixels {
@@ -315,12 +297,7 @@ fn check_pixel_limit(
 }
 
 /// Every format but JPEG: the `image` crate's decoders, which match PIL's pixels on them.
-fn decode_with_image_crate(
-    bytes: &[u8],
-    format: ImageFormat,
-    image: &str,
-    limits: &ImageLimits,
-) -> Result<Decoded, PreprocessError> {
+fn decode_with_image_crate(bytes: &[u8], format: ImageFormat, image: &str, limits: &ImageLimits) -> Result<Decoded, PreprocessError> {
     let name = || image.to_owned();
     let decode_error = |e: image::ImageError| match e {
         image::ImageError::Unsupported(u) => PreprocessError::UnsupportedFeature {
@@ -354,12 +331,7 @@ fn decode_with_image_crate(
     let exif = decoder.exif_metadata().map_err(decode_error)?;
     let orientation = match exif.as_deref().and_then(Orientation::from_exif_chunk) {
         Some(o) => o,
-        None => match decoder
-            .xmp_metadata()
-            .map_err(decode_error)?
-            .as_deref()
-            .and_then(xmp_orientation)
-        {
+        None => match decoder.xmp_metadata().map_err(decode_error)?.as_deref().and_then(xmp_orientation) {
             Some(o) => o,
             // TIFF keeps its orientation in a tag of its own, not in an EXIF chunk.
             None => decoder.orientation().map_err(decode_error)?,
@@ -371,13 +343,11 @@ fn decode_with_image_crate(
     let pil = PilSource::scan(format, bytes);
     let rgb = match (&pil, decoded) {
         (PilSource::Gif(gif), DynamicImage::ImageRgba8(canvas)) => gif.first_frame_rgb(&canvas),
-        (_, decoded) => {
-            pil_rgb(decoded, pil.gray16()).ok_or_else(|| PreprocessError::UnsupportedFeature {
-                image: name(),
-                format,
-                detail: "floating-point pixels, which PIL does not open as RGB".to_owned(),
-            })?
-        }
+        (_, decoded) => pil_rgb(decoded, pil.gray16()).ok_or_else(|| PreprocessError::UnsupportedFeature {
+            image: name(),
+            format,
+            detail: "floating-point pixels, which PIL does not open as RGB".to_owned(),
+        })?,
     };
     Ok(Decoded {
         rgb,
@@ -391,11 +361,7 @@ fn decode_with_image_crate(
 /// colour space guessed from the JFIF/Adobe markers), output L, RGB or CMYK by the component
 /// count as `JpegImagePlugin.SOF` picks the mode. libjpeg reports fatal errors by unwinding
 /// (the `mozjpeg` crate's error handler); they are caught here and become errors.
-fn decode_jpeg(
-    bytes: &[u8],
-    image: &str,
-    limits: &ImageLimits,
-) -> Result<Decoded, PreprocessError> {
+fn decode_jpeg(bytes: &[u8], image: &str, limits: &ImageLimits) -> Result<Decoded, PreprocessError> {
     let ran_out = Cell::new(false);
     let source = EndWatch {
         rest: bytes,
@@ -410,9 +376,7 @@ fn decode_jpeg(
             detail
         },
     };
-    let unwound = panic::catch_unwind(AssertUnwindSafe(|| {
-        decode_jpeg_unwinding(source, &ran_out, image, limits)
-    }));
+    let unwound = panic::catch_unwind(AssertUnwindSafe(|| decode_jpeg_unwinding(source, &ran_out, image, limits)));
     match unwound {
         Ok(Ok(decoded)) => Ok(decoded),
         Ok(Err(JpegFailure::Io(e))) => Err(corrupt(e.to_string())),
@@ -452,16 +416,9 @@ impl From<io::Error> for JpegFailure {
 }
 
 /// The body of [`decode_jpeg`]; libjpeg's fatal errors unwind out of it.
-fn decode_jpeg_unwinding(
-    source: EndWatch<'_>,
-    ran_out: &Cell<bool>,
-    image: &str,
-    limits: &ImageLimits,
-) -> Result<Decoded, JpegFailure> {
+fn decode_jpeg_unwinding(source: EndWatch<'_>, ran_out: &Cell<bool>, image: &str, limits: &ImageLimits) -> Result<Decoded, JpegFailure> {
     let fail = |e: PreprocessError| JpegFailure::Preprocess(e);
-    let decompress = Decompress::builder()
-        .with_markers(&[Marker::APP(1)])
-        .from_reader(source)?;
+    let decompress = Decompress::builder().with_markers(&[Marker::APP(1)]).from_reader(source)?;
     let (width, height) = (decompress.width(), decompress.height());
     let to_u32 = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
     check_pixel_limit(image, to_u32(width), to_u32(height), limits).map_err(fail)?;
@@ -476,9 +433,7 @@ fn decode_jpeg_unwinding(
             return Err(fail(PreprocessError::UnsupportedFeature {
                 image: image.to_owned(),
                 format: ImageFormat::Jpeg,
-                detail: format!(
-                    "{n} colour components; PIL opens only 1 (L), 3 (RGB) and 4 (CMYK)"
-                ),
+                detail: format!("{n} colour components; PIL opens only 1 (L), 3 (RGB) and 4 (CMYK)"),
             }))
         }
     };
@@ -486,11 +441,7 @@ fn decode_jpeg_unwinding(
     let samples: Vec<u8> = started.read_scanlines()?;
     // PIL's decoder suspends at the end of the data: "truncated" unless every row is out.
     if ran_out.get() {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "libjpeg would fill the missing rows with grey",
-        )
-        .into());
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "libjpeg would fill the missing rows with grey").into());
     }
     // PIL then reads the markers up to EOI (`jpeg_finish_decompress`), where a fatal error (e.g.
     // a second SOI) still fails the load, but running out of data does not.
@@ -691,9 +642,7 @@ impl PngHeader {
 /// Pillow's `_simple_palette` regex `^\xff*\x00\xff*$`; Python's `$` also matches before a final
 /// b"\n", so one trailing 0x0a byte is tolerated.
 fn simple_palette_index(trns: &[u8]) -> Option<usize> {
-    let simple = |s: &[u8]| {
-        s.iter().filter(|&&b| b == 0).count() == 1 && s.iter().all(|&b| b == 0 || b == 0xff)
-    };
+    let simple = |s: &[u8]| s.iter().filter(|&&b| b == 0).count() == 1 && s.iter().all(|&b| b == 0 || b == 0xff);
     let body = if simple(trns) {
         trns
     } else {
@@ -713,11 +662,7 @@ struct GifFirstFrame {
 
 impl GifFirstFrame {
     fn scan(bytes: &[u8]) -> Option<Self> {
-        let u16_at = |i: usize| -> Option<u32> {
-            Some(u32::from(u16::from_le_bytes(
-                bytes.get(i..i + 2)?.try_into().ok()?,
-            )))
-        };
+        let u16_at = |i: usize| -> Option<u32> { Some(u32::from(u16::from_le_bytes(bytes.get(i..i + 2)?.try_into().ok()?))) };
         let table_len = |packed: u8| 3usize << ((packed & 7) + 1);
         let packed = *bytes.get(10)?;
         let mut pos = 13;
@@ -746,12 +691,7 @@ impl GifFirstFrame {
                     }
                 }
                 0x2c => {
-                    let frame = (
-                        u16_at(pos + 1)?,
-                        u16_at(pos + 3)?,
-                        u16_at(pos + 5)?,
-                        u16_at(pos + 7)?,
-                    );
+                    let frame = (u16_at(pos + 1)?, u16_at(pos + 3)?, u16_at(pos + 5)?, u16_at(pos + 7)?);
                     let packed = *bytes.get(pos + 9)?;
                     if packed & 0x80 != 0 {
                         let start = pos + 10;
@@ -808,19 +748,13 @@ fn pil_rgb(img: DynamicImage, gray16: bool) -> Option<RgbImage> {
             image::Rgb([p[0], p[1], p[2]])
         }),
         DynamicImage::ImageLuma8(i) => RgbImage::from_fn(w, h, |x, y| gray(i.get_pixel(x, y).0[0])),
-        DynamicImage::ImageLumaA8(i) => {
-            RgbImage::from_fn(w, h, |x, y| gray(i.get_pixel(x, y).0[0]))
-        }
-        DynamicImage::ImageLuma16(i) => {
-            RgbImage::from_fn(w, h, |x, y| gray(saturate(i.get_pixel(x, y).0[0])))
-        }
+        DynamicImage::ImageLumaA8(i) => RgbImage::from_fn(w, h, |x, y| gray(i.get_pixel(x, y).0[0])),
+        DynamicImage::ImageLuma16(i) => RgbImage::from_fn(w, h, |x, y| gray(saturate(i.get_pixel(x, y).0[0]))),
         DynamicImage::ImageLumaA16(i) => RgbImage::from_fn(w, h, |x, y| {
             let v = i.get_pixel(x, y).0[0];
             gray(if gray16 { saturate(v) } else { high(v) })
         }),
-        DynamicImage::ImageRgb16(i) => {
-            RgbImage::from_fn(w, h, |x, y| image::Rgb(i.get_pixel(x, y).0.map(high)))
-        }
+        DynamicImage::ImageRgb16(i) => RgbImage::from_fn(w, h, |x, y| image::Rgb(i.get_pixel(x, y).0.map(high))),
         DynamicImage::ImageRgba16(i) => RgbImage::from_fn(w, h, |x, y| {
             let p = i.get_pixel(x, y).0;
             image::Rgb([high(p[0]), high(p[1]), high(p[2])])
@@ -836,9 +770,7 @@ pub fn pixel_values(image: &LoadedImage, cfg: &ImageProcessorConfig) -> Array3<f
     let rgb = match image.transparent_color.filter(|_| cfg.do_convert_rgb) {
         Some(key) => {
             let mut rgb = image.rgb.clone();
-            rgb.pixels_mut()
-                .filter(|p| p.0 == key)
-                .for_each(|p| p.0 = [255; 3]);
+            rgb.pixels_mut().filter(|p| p.0 == key).for_each(|p| p.0 = [255; 3]);
             Cow::Owned(rgb)
         }
         None => Cow::Borrowed(&image.rgb),
@@ -854,9 +786,7 @@ pub fn pixel_values(image: &LoadedImage, cfg: &ImageProcessorConfig) -> Array3<f
         std::array::from_fn(|v| ((v as f64 * cfg.rescale_factor) as f32 - mean) / std)
     });
     let shape = (3, cfg.height as usize, cfg.width as usize);
-    Array3::from_shape_fn(shape, |(c, y, x)| {
-        table[c][usize::from(resized.get_pixel(x as u32, y as u32).0[c])]
-    })
+    Array3::from_shape_fn(shape, |(c, y, x)| table[c][usize::from(resized.get_pixel(x as u32, y as u32).0[c])])
 }
 
 /// Pillow's `Image.resize((width, height), Image.BICUBIC)` on an RGB image, bit for bit
@@ -871,12 +801,7 @@ pub fn resize_bicubic_pil(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     };
     // The intermediate is rounded to 8 bits, so the pass order shows up as differences of a few
     // levels: portrait downscales (9x640 -> 224x224) were 13 levels off with horizontal first.
-    let out = if pil_resizes_vertically_first(
-        in_w as usize,
-        in_h as usize,
-        width as usize,
-        height as usize,
-    ) {
+    let out = if pil_resizes_vertically_first(in_w as usize, in_h as usize, width as usize, height as usize) {
         src.resize_vertical(height).resize_horizontal(width)
     } else {
         src.resize_horizontal(width).resize_vertical(height)
@@ -889,12 +814,7 @@ pub fn resize_bicubic_pil(img: &RgbImage, width: u32, height: u32) -> RgbImage {
 /// loses pixels and more than twice as many as the width; horizontal first otherwise (always,
 /// in Pillow 12 and older). Compared with Pillow 13.0.0 over every output size up to 3x of
 /// several input shapes (tests/preprocess.rs); the same rule as `segment::resize_bilinear`.
-pub(crate) fn pil_resizes_vertically_first(
-    in_w: usize,
-    in_h: usize,
-    out_w: usize,
-    out_h: usize,
-) -> bool {
+pub(crate) fn pil_resizes_vertically_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
     let height_loss = in_h as i64 - out_h as i64;
     let width_loss = in_w as i64 - out_w as i64;
     height_loss > 0 && height_loss > 2 * width_loss
@@ -1012,19 +932,11 @@ impl PilTaps {
             for (kx, o) in k.iter().zip(out.iter_mut()).take(count) {
                 let v = if ww != 0.0 { kx / ww } else { *kx };
                 let fixed = v * f64::from(1u32 << PRECISION_BITS);
-                *o = if v < 0.0 {
-                    (-0.5 + fixed) as i32
-                } else {
-                    (0.5 + fixed) as i32
-                };
+                *o = if v < 0.0 { (-0.5 + fixed) as i32 } else { (0.5 + fixed) as i32 };
             }
             bounds.push((usize::try_from(xmin).unwrap_or(0), count));
         }
-        Self {
-            bounds,
-            weights,
-            ksize,
-        }
+        Self { bounds, weights, ksize }
     }
 
     fn taps(&self, out_index: usize) -> (usize, &[i32]) {
@@ -1053,11 +965,7 @@ mod tests {
 
     fn gradient(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb([
-                (x * 7 % 256) as u8,
-                (y * 13 % 256) as u8,
-                ((x + y) % 256) as u8,
-            ])
+            image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x + y) % 256) as u8])
         })
     }
 
@@ -1091,10 +999,7 @@ mod tests {
             let (first, k) = down.taps(xx);
             assert!(first + k.len() <= 1000);
             let sum: i64 = k.iter().map(|&w| i64::from(w)).sum();
-            assert!(
-                (sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64,
-                "taps of {xx} sum to {sum}"
-            );
+            assert!((sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "taps of {xx} sum to {sum}");
         }
         let up = PilTaps::bicubic(3, 224);
         assert_eq!(up.ksize, 5);
@@ -1112,10 +1017,7 @@ mod tests {
 
     #[test]
     fn xmp_orientation_reads_attribute_and_element_forms() {
-        assert_eq!(
-            xmp_orientation(br#"<x tiff:Orientation="6"/>"#),
-            Some(Orientation::Rotate90)
-        );
+        assert_eq!(xmp_orientation(br#"<x tiff:Orientation="6"/>"#), Some(Orientation::Rotate90));
         assert_eq!(
             xmp_orientation(b"<tiff:Orientation>3</tiff:Orientation>"),
             Some(Orientation::Rotate180)
@@ -1146,10 +1048,7 @@ mod tests {
         assert_eq!(jpeg_orientation(both.into_iter()), Orientation::Rotate90);
         let xmps = [app1(xmp3), app1(xmp8)];
         assert_eq!(jpeg_orientation(xmps.into_iter()), Orientation::Rotate270);
-        assert_eq!(
-            jpeg_orientation(std::iter::empty()),
-            Orientation::NoTransforms
-        );
+        assert_eq!(jpeg_orientation(std::iter::empty()), Orientation::NoTransforms);
     }
 
     #[test]
@@ -1179,10 +1078,7 @@ mod tests {
     #[test]
     fn config_rejects_non_bicubic_resample() {
         let err = ImageProcessorConfig::from_json(r#"{"resample": 2}"#, Path::new("p.json"));
-        assert!(matches!(
-            err,
-            Err(PreprocessError::UnsupportedResample { found: 2, .. })
-        ));
+        assert!(matches!(err, Err(PreprocessError::UnsupportedResample { found: 2, .. })));
     }
 
     #[test]
@@ -1197,11 +1093,7 @@ mod tests {
     #[test]
     fn null_do_convert_rgb_keeps_the_transparency_colour() {
         let path = Path::new("p.json");
-        let null = ImageProcessorConfig::from_json(
-            r#"{"do_convert_rgb": null, "size": {"height": 1, "width": 1}}"#,
-            path,
-        )
-        .unwrap();
+        let null = ImageProcessorConfig::from_json(r#"{"do_convert_rgb": null, "size": {"height": 1, "width": 1}}"#, path).unwrap();
         let set = ImageProcessorConfig {
             do_convert_rgb: true,
             ..null.clone()
@@ -1216,11 +1108,7 @@ mod tests {
 
     #[test]
     fn pixel_values_span_minus_one_to_one() {
-        let cfg = ImageProcessorConfig::from_json(
-            r#"{"size": {"height": 2, "width": 3}}"#,
-            Path::new("p.json"),
-        )
-        .unwrap();
+        let cfg = ImageProcessorConfig::from_json(r#"{"size": {"height": 2, "width": 3}}"#, Path::new("p.json")).unwrap();
         let flat = |v: u8| LoadedImage {
             rgb: RgbImage::from_pixel(5, 5, image::Rgb([v; 3])),
             transparent_color: None,

@@ -231,7 +231,12 @@ mod tests {
     }
 
     fn id(encoder: &PromptEncoder, token: &str) -> i64 {
-        i64::from(encoder.tokenizer.token_to_id(token).unwrap_or_else(|| panic!("{token} is not in the vocabulary")))
+        i64::from(
+            encoder
+                .tokenizer
+                .token_to_id(token)
+                .unwrap_or_else(|| panic!("{token} is not in the vocabulary")),
+        )
     }
 
     /// Deltas of `ids` streamed one by one, and the text decoded at once.
@@ -293,7 +298,11 @@ mod tests {
         assert!(matches!(e.encode("caption en", 0), Err(PromptError::NoNewTokens)));
         // 2,000 emoji: 8,000 byte-fallback tokens, refused by the cap before any position check.
         let emoji = "😀".repeat(2000);
-        assert!(matches!(e.encode(&emoji, 8), Err(PromptError::OverTokenLimit { limit: 512, .. })), "{:?}", e.encode(&emoji, 8).err());
+        assert!(
+            matches!(e.encode(&emoji, 8), Err(PromptError::OverTokenLimit { limit: 512, .. })),
+            "{:?}",
+            e.encode(&emoji, 8).err()
+        );
         let huge = "a".repeat(1 << 20);
         assert!(matches!(e.encode(&huge, 8), Err(PromptError::OverByteLimit { .. })));
         for empty in ["", "  ", "<image>", " <image>\n"] {

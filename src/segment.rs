@@ -54,10 +54,7 @@ pub enum SegmentError {
         source: image::ImageError,
     },
     #[error("could not write mask PNG to {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 /// A binary mask over the original image, row-major. Fields are private so that the data length
@@ -100,11 +97,7 @@ impl BinaryMask {
                 found: data.len(),
             });
         }
-        Ok(Self {
-            width,
-            height,
-            data,
-        })
+        Ok(Self { width, height, data })
     }
 
     pub fn width(&self) -> u32 {
@@ -127,9 +120,7 @@ impl BinaryMask {
 
     /// Whether pixel (`x`, `y`) is foreground; false outside the mask.
     pub fn get(&self, x: u32, y: u32) -> bool {
-        x < self.width
-            && y < self.height
-            && self.data[y as usize * self.width as usize + x as usize]
+        x < self.width && y < self.height && self.data[y as usize * self.width as usize + x as usize]
     }
 
     /// Column-major RLE, as pycocotools' `encode(np.asfortranarray(mask))` before compression.
@@ -160,11 +151,7 @@ impl BinaryMask {
     pub fn from_rle(rle: &Rle) -> Result<Self, SegmentError> {
         let [height, width] = rle.size;
         let expected = u64::from(width) * u64::from(height);
-        let found = rle
-            .counts
-            .iter()
-            .try_fold(0u64, |sum, &c| sum.checked_add(c))
-            .unwrap_or(u64::MAX);
+        let found = rle.counts.iter().try_fold(0u64, |sum, &c| sum.checked_add(c)).unwrap_or(u64::MAX);
         if found != expected {
             return Err(SegmentError::RleLength {
                 height,
@@ -192,20 +179,11 @@ impl BinaryMask {
     /// 8-bit grayscale PNG, foreground 255, background 0.
     pub fn to_png(&self) -> Result<Vec<u8>, SegmentError> {
         let (width, height) = (self.width, self.height);
-        let pixels = self
-            .data
-            .iter()
-            .map(|&on| if on { 255 } else { 0 })
-            .collect();
-        let gray = image::GrayImage::from_raw(width, height, pixels)
-            .ok_or(SegmentError::MaskTooLarge { width, height })?;
+        let pixels = self.data.iter().map(|&on| if on { 255 } else { 0 }).collect();
+        let gray = image::GrayImage::from_raw(width, height, pixels).ok_or(SegmentError::MaskTooLarge { width, height })?;
         let mut png = std::io::Cursor::new(Vec::new());
         gray.write_to(&mut png, image::ImageFormat::Png)
-            .map_err(|source| SegmentError::Png {
-                width,
-                height,
-                source,
-            })?;
+            .map_err(|source| SegmentError::Png { width, height, source })?;
         Ok(png.into_inner())
     }
 
@@ -242,20 +220,13 @@ pub struct Segment {
 
 /// The seg decoder's input: the codes of every object, i64[K, 16].
 pub fn decoder_input(objects: &[SegmentTokens]) -> Array2<i64> {
-    Array2::from_shape_fn((objects.len(), SEG_TOKENS), |(k, i)| {
-        i64::from(objects[k].codes[i])
-    })
+    Array2::from_shape_fn((objects.len(), SEG_TOKENS), |(k, i)| i64::from(objects[k].codes[i]))
 }
 
 /// Pairs each object with its decoded mask (f32[K, 64, 64], the seg decoder's output) and builds
 /// full-size masks for a `width` x `height` image. Objects whose box covers no whole pixel are
 /// dropped and counted in `malformed`, as big_vision counts them invalid.
-pub fn segments(
-    objects: &[SegmentTokens],
-    masks: ArrayView3<f32>,
-    width: u32,
-    height: u32,
-) -> Result<Parsed<Segment>, SegmentError> {
+pub fn segments(objects: &[SegmentTokens], masks: ArrayView3<f32>, width: u32, height: u32) -> Result<Parsed<Segment>, SegmentError> {
     if masks.shape() != [objects.len(), MASK_SIDE, MASK_SIDE] {
         return Err(SegmentError::MaskShape {
             objects: objects.len(),
@@ -292,12 +263,7 @@ pub fn pixel_box(bins: &BoxBins, width: u32, height: u32) -> Option<(u32, u32, u
 
 /// One decoded mask (f32[64, 64], about [-1, 1]) resized into its box and thresholded at 0, pasted
 /// into a `width` x `height` background; `None` when the box covers no whole pixel.
-pub fn paste_mask(
-    mask64: ArrayView2<f32>,
-    bins: &BoxBins,
-    width: u32,
-    height: u32,
-) -> Result<Option<BinaryMask>, SegmentError> {
+pub fn paste_mask(mask64: ArrayView2<f32>, bins: &BoxBins, width: u32, height: u32) -> Result<Option<BinaryMask>, SegmentError> {
     let Some((x_min, y_min, x_max, y_max)) = pixel_box(bins, width, height) else {
         return Ok(None);
     };
@@ -322,18 +288,14 @@ pub fn resize_bilinear(src: ArrayView2<f32>, out_width: usize, out_height: usize
             return img.to_owned();
         }
         let taps = bilinear_taps(in_width, out_width);
-        Array2::from_shape_fn((img.nrows(), out_width), |(y, x)| {
-            taps[x].apply(|i| img[[y, i]])
-        })
+        Array2::from_shape_fn((img.nrows(), out_width), |(y, x)| taps[x].apply(|i| img[[y, i]]))
     };
     let vertical = |img: ArrayView2<f32>| {
         if out_height == in_height {
             return img.to_owned();
         }
         let taps = bilinear_taps(in_height, out_height);
-        Array2::from_shape_fn((out_height, img.ncols()), |(y, x)| {
-            taps[y].apply(|i| img[[i, x]])
-        })
+        Array2::from_shape_fn((out_height, img.ncols()), |(y, x)| taps[y].apply(|i| img[[i, x]]))
     };
     // The f32 intermediate makes the pass order visible in the last bit. Pillow 13 (PR #9549, "If
     // height is scaled down significantly more than width, resize vertically first") runs the
@@ -360,9 +322,7 @@ impl Taps {
             .weights
             .iter()
             .enumerate()
-            .fold(0.0f64, |sum, (i, &w)| {
-                sum + f64::from(sample(self.first + i)) * w
-            });
+            .fold(0.0f64, |sum, (i, &w)| sum + f64::from(sample(self.first + i)) * w);
         sum as f32
     }
 }
@@ -380,9 +340,7 @@ fn bilinear_taps(in_size: usize, out_size: usize) -> Vec<Taps> {
             // C's (int) cast truncates toward zero; so does `as`.
             let first = ((center - support + 0.5) as i64).max(0);
             let end = ((center + support + 0.5) as i64).min(in_size as i64);
-            let mut weights: Vec<f64> = (first..end)
-                .map(|i| triangle((i as f64 - center + 0.5) * inverse))
-                .collect();
+            let mut weights: Vec<f64> = (first..end).map(|i| triangle((i as f64 - center + 0.5) * inverse)).collect();
             let total = weights.iter().fold(0.0f64, |sum, &w| sum + w);
             if total != 0.0 {
                 weights.iter_mut().for_each(|w| *w /= total);
@@ -412,10 +370,7 @@ mod tests {
     fn mask_from_rows(rows: &[&str]) -> BinaryMask {
         let height = rows.len() as u32;
         let width = rows[0].len() as u32;
-        let data = rows
-            .iter()
-            .flat_map(|r| r.bytes().map(|b| b == b'#'))
-            .collect();
+        let data = rows.iter().flat_map(|r| r.bytes().map(|b| b == b'#')).collect();
         BinaryMask::from_raw(width, height, data).unwrap()
     }
 
@@ -447,11 +402,7 @@ mod tests {
         };
         assert!(matches!(
             BinaryMask::from_rle(&rle),
-            Err(SegmentError::RleLength {
-                expected: 4,
-                found: 3,
-                ..
-            })
+            Err(SegmentError::RleLength { expected: 4, found: 3, .. })
         ));
         let overflow = Rle {
             size: [2, 2],

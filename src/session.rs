@@ -135,10 +135,7 @@ impl Graph {
         Ok(())
     }
 
-    fn run<'s>(
-        &'s mut self,
-        inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)>,
-    ) -> Result<ort::session::SessionOutputs<'s>, ModelError> {
+    fn run<'s>(&'s mut self, inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)>) -> Result<ort::session::SessionOutputs<'s>, ModelError> {
         let name = self.name;
         self.session.run(inputs).map_err(run_error(name))
     }
@@ -290,12 +287,23 @@ impl ModelSessions {
             position_ids: decoder.has_input("position_ids"),
         };
         // The vision input decides; check_graphs then holds every other float tensor to it.
-        let float = match vision.session.inputs().iter().find(|i| i.name() == "pixel_values").map(|i| i.dtype()) {
-            Some(ValueType::Tensor { ty: TensorElementType::Float16, .. }) => Float::F16,
+        let float = match vision
+            .session
+            .inputs()
+            .iter()
+            .find(|i| i.name() == "pixel_values")
+            .map(|i| i.dtype())
+        {
+            Some(ValueType::Tensor {
+                ty: TensorElementType::Float16,
+                ..
+            }) => Float::F16,
             _ => Float::F32,
         };
         let mut shrink_arena = RunOptions::new().map_err(run_error("decoder"))?;
-        shrink_arena.set("memory.enable_memory_arena_shrinkage", "cpu:0").map_err(run_error("decoder"))?;
+        shrink_arena
+            .set("memory.enable_memory_arena_shrinkage", "cpu:0")
+            .map_err(run_error("decoder"))?;
         let sessions = ModelSessions {
             shrink_arena,
             vision,
@@ -321,7 +329,8 @@ impl ModelSessions {
         let float = self.float.element_type();
         let (s, n, h) = (m.image_size, m.num_image_tokens, m.hidden_size);
         let (kvh, d) = (m.num_key_value_heads, m.head_dim);
-        self.vision.check(false, "pixel_values", float, &[None, Some(3), Some(s), Some(s)])?;
+        self.vision
+            .check(false, "pixel_values", float, &[None, Some(3), Some(s), Some(s)])?;
         self.vision.check(true, "image_features", float, &[None, Some(n), Some(h)])?;
         self.embed.check(false, "input_ids", Int64, &[None, None])?;
         self.embed.check(true, "inputs_embeds", float, &[None, None, Some(h)])?;
@@ -347,7 +356,11 @@ impl ModelSessions {
             .filter(|i| i.name().starts_with("past_key_values.") && i.name().ends_with(".key"))
             .count();
         if layers_in_graph != m.num_hidden_layers {
-            return Err(self.decoder.mismatch("number of layers (past_key_values.*.key inputs)", m.num_hidden_layers, layers_in_graph));
+            return Err(self.decoder.mismatch(
+                "number of layers (past_key_values.*.key inputs)",
+                m.num_hidden_layers,
+                layers_in_graph,
+            ));
         }
         if let Some(seg) = &self.seg {
             seg.check(false, "codes", Int64, &[None, Some(16)])?;
@@ -388,7 +401,11 @@ impl ModelSessions {
     pub fn release_arena(&mut self) -> Result<(), ModelError> {
         let mut cache = self.new_cache(1)?;
         let embeds = Array3::<f32>::zeros((1, 2, self.manifest.hidden_size));
-        let (mask, types, positions) = (Array2::<i64>::ones((1, 2)), Array2::<i64>::zeros((1, 2)), ndarray::arr2(&[[1i64, 2]]));
+        let (mask, types, positions) = (
+            Array2::<i64>::ones((1, 2)),
+            Array2::<i64>::zeros((1, 2)),
+            ndarray::arr2(&[[1i64, 2]]),
+        );
         self.decode(embeds.view(), mask.view(), types.view(), positions.view(), &mut cache)?;
         Ok(())
     }
@@ -404,7 +421,11 @@ impl ModelSessions {
     pub fn embed_tokens(&mut self, input_ids: ArrayView2<i64>) -> Result<Array3<f32>, ModelError> {
         let input = Tensor::from_array(input_ids.to_owned()).map_err(run_error("embed_tokens"))?;
         let inputs = vec![("input_ids".into(), input.into())];
-        let outputs = if input_ids.ncols() > 1 { self.embed.run_shrinking(inputs, &self.shrink_arena)? } else { self.embed.run(inputs)? };
+        let outputs = if input_ids.ncols() > 1 {
+            self.embed.run_shrinking(inputs, &self.shrink_arena)?
+        } else {
+            self.embed.run(inputs)?
+        };
         extract3(&outputs["inputs_embeds"], self.float, "embed_tokens")
     }
 
@@ -421,7 +442,10 @@ impl ModelSessions {
     ) -> Result<Array2<f32>, ModelError> {
         let err = run_error("decoder");
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
-        inputs.push(("inputs_embeds".into(), self.float.tensor(inputs_embeds.to_owned(), "decoder")?.into()));
+        inputs.push((
+            "inputs_embeds".into(),
+            self.float.tensor(inputs_embeds.to_owned(), "decoder")?.into(),
+        ));
         let optional = [
             ("attention_mask", self.decoder_inputs.attention_mask, attention_mask),
             ("token_type_ids", self.decoder_inputs.token_type_ids, token_type_ids),

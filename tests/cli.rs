@@ -16,7 +16,9 @@ fn model() -> PathBuf {
 /// A fresh directory under target/tmp: the next run replaces it instead of piling up copies.
 fn scratch(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli").join(format!("{tag}-{}", N.fetch_add(1, Ordering::SeqCst)));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("cli")
+        .join(format!("{tag}-{}", N.fetch_add(1, Ordering::SeqCst)));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -123,8 +125,28 @@ fn min_new_tokens_keeps_eos_out_until_reached() {
 
 #[test]
 fn bench_reports_forced_lengths_and_batch_rows_equal_to_single() {
-    let (m, a, b) = (model().display().to_string(), image("chelsea.png").display().to_string(), image("camera.png").display().to_string());
-    let out = paligemma(&["bench", "--model", &m, "--image", &a, "--image", &b, "--tokens", "5", "--long-tokens", "24", "--batch", "3", "--threads", "1"]);
+    let (m, a, b) = (
+        model().display().to_string(),
+        image("chelsea.png").display().to_string(),
+        image("camera.png").display().to_string(),
+    );
+    let out = paligemma(&[
+        "bench",
+        "--model",
+        &m,
+        "--image",
+        &a,
+        "--image",
+        &b,
+        "--tokens",
+        "5",
+        "--long-tokens",
+        "24",
+        "--batch",
+        "3",
+        "--threads",
+        "1",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids = |x: &serde_json::Value| -> Vec<i64> { x.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect() };
@@ -138,7 +160,16 @@ fn bench_reports_forced_lengths_and_batch_rows_equal_to_single() {
     assert_eq!(batch[0], single, "a batch row equals the same request alone");
     assert_eq!(batch[2], single, "the batch cycles through the images");
     assert_ne!(batch[1], single, "the second image gives its own answer");
-    for key in ["load_s", "vision_ms", "prefill_ms", "first_token_ms", "decode_ms_per_token", "long_early_ms", "long_late_ms", "batch_decode_tokens_per_s"] {
+    for key in [
+        "load_s",
+        "vision_ms",
+        "prefill_ms",
+        "first_token_ms",
+        "decode_ms_per_token",
+        "long_early_ms",
+        "long_late_ms",
+        "batch_decode_tokens_per_s",
+    ] {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
     }
     assert_eq!(v["dtype"], "fp32");
@@ -156,13 +187,21 @@ fn plain_output_streams_the_text_of_the_json_answer() {
     let plain = run_image(&model(), &image("camera.png"), "describe en", &[]);
     let json = run_image(&model(), &image("camera.png"), "describe en", &["--json"]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    assert_eq!(String::from_utf8_lossy(&plain.stdout).trim_end_matches('\n'), v["text"].as_str().unwrap());
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout).trim_end_matches('\n'),
+        v["text"].as_str().unwrap()
+    );
 }
 
 #[test]
 fn annotate_writes_a_png_of_the_original_size() {
     let out_png = scratch("annotate").join("out.png");
-    let out = run_image(&model(), &image("rocket.jpg"), "detect rocket", &["--annotate", out_png.to_str().unwrap()]);
+    let out = run_image(
+        &model(),
+        &image("rocket.jpg"),
+        "detect rocket",
+        &["--annotate", out_png.to_str().unwrap()],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let picture = image::open(&out_png).unwrap();
     assert_eq!((picture.width(), picture.height()), (640, 427));
@@ -181,7 +220,10 @@ fn batch_with_one_bad_request_fails_it_alone_in_order() {
     let m = model().display().to_string();
     let out = paligemma(&["--model", &m, "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", "8"]);
     assert_eq!(out.status.code(), Some(2));
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 3);
     assert!(rows[0].get("token_ids").is_some() && rows[2].get("token_ids").is_some());
     assert!(rows[1]["error"].as_str().unwrap().contains("missing.png"));
@@ -196,24 +238,39 @@ fn community_decoder_without_masks_runs_requests_one_by_one() {
     // declares no attention_mask/token_type_ids, as community exports do.
     let dir = scratch("nomask");
     let file = dir.join("requests.jsonl");
-    let requests = [(image("chelsea.png"), "caption en"), (image("text.png"), "answer en what is in the image ? how many people are there")];
-    let lines: String = requests.iter().map(|(i, p)| serde_json::json!({"image": i, "prompt": p}).to_string() + "\n").collect();
+    let requests = [
+        (image("chelsea.png"), "caption en"),
+        (image("text.png"), "answer en what is in the image ? how many people are there"),
+    ];
+    let lines: String = requests
+        .iter()
+        .map(|(i, p)| serde_json::json!({"image": i, "prompt": p}).to_string() + "\n")
+        .collect();
     std::fs::write(&file, lines).unwrap();
     let m = tiny_model("gqa1/onnx-nomask").display().to_string();
     let out = paligemma(&["--model", &m, "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", "8"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("one at a time"));
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     for ((img, prompt), row) in requests.iter().zip(&rows) {
         let full = run_image(&model(), img, prompt, &["--json"]);
         let full: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
-        assert_eq!(row["token_ids"], full["token_ids"], "{prompt}: the mask-less decoder differs from the full graph");
+        assert_eq!(
+            row["token_ids"], full["token_ids"],
+            "{prompt}: the mask-less decoder differs from the full graph"
+        );
     }
 }
 
 #[test]
 fn missing_image() {
-    assert_error(&run_image(&model(), Path::new("/nonexistent/cat.png"), "caption en", &[]), &["/nonexistent/cat.png"]);
+    assert_error(
+        &run_image(&model(), Path::new("/nonexistent/cat.png"), "caption en", &[]),
+        &["/nonexistent/cat.png"],
+    );
 }
 
 #[test]
@@ -260,14 +317,20 @@ fn prompt_that_does_not_fit_the_positions() {
 fn missing_graph() {
     let dir = model_copy("nograph");
     std::fs::remove_file(dir.join("onnx/decoder_model_merged.onnx")).unwrap();
-    assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &[]), &["decoder_model_merged.onnx"]);
+    assert_error(
+        &run_image(&dir, &image("chelsea.png"), "caption en", &[]),
+        &["decoder_model_merged.onnx"],
+    );
 }
 
 #[test]
 fn corrupt_onnx_file() {
     let dir = model_copy("corrupt");
     std::fs::write(dir.join("onnx/vision_encoder.onnx"), b"\x08\x07garbage that is not protobuf").unwrap();
-    assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &[]), &["vision_encoder.onnx", "not a valid ONNX model"]);
+    assert_error(
+        &run_image(&dir, &image("chelsea.png"), "caption en", &[]),
+        &["vision_encoder.onnx", "not a valid ONNX model"],
+    );
 }
 
 #[test]
@@ -284,23 +347,35 @@ fn vision_graph_of_another_image_size() {
         }
         std::fs::write(&path, v.to_string()).unwrap();
     }
-    assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &[]), &["vision_encoder", "pixel_values", "448"]);
+    assert_error(
+        &run_image(&dir, &image("chelsea.png"), "caption en", &[]),
+        &["vision_encoder", "pixel_values", "448"],
+    );
 }
 
 #[test]
 fn directory_without_manifest() {
     let dir = scratch("nomanifest");
-    assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &[]), &["manifest.json", "python -m export convert"]);
+    assert_error(
+        &run_image(&dir, &image("chelsea.png"), "caption en", &[]),
+        &["manifest.json", "python -m export convert"],
+    );
 }
 
 #[test]
 fn unknown_provider() {
-    assert_error(&run_image(&model(), &image("chelsea.png"), "caption en", &["--ep", "gpu"]), &["gpu", "cpu, cuda, tensorrt"]);
+    assert_error(
+        &run_image(&model(), &image("chelsea.png"), "caption en", &["--ep", "gpu"]),
+        &["gpu", "cpu, cuda, tensorrt"],
+    );
 }
 
 #[test]
 fn provider_that_cannot_start() {
-    assert_error(&run_image(&model(), &image("chelsea.png"), "caption en", &["--ep", "cuda"]), &["CUDA"]);
+    assert_error(
+        &run_image(&model(), &image("chelsea.png"), "caption en", &["--ep", "cuda"]),
+        &["CUDA"],
+    );
 }
 
 #[test]
@@ -313,7 +388,15 @@ fn fallback_to_a_later_provider_warns() {
 
 #[test]
 fn missing_onnxruntime_library() {
-    assert_error(&run_image(&model(), &image("chelsea.png"), "caption en", &["--ort-lib", "/nonexistent/libonnxruntime.so"]), &["/nonexistent/libonnxruntime.so"]);
+    assert_error(
+        &run_image(
+            &model(),
+            &image("chelsea.png"),
+            "caption en",
+            &["--ort-lib", "/nonexistent/libonnxruntime.so"],
+        ),
+        &["/nonexistent/libonnxruntime.so"],
+    );
 }
 
 /// Every test image with every prompt of the fixtures' search (export/fixtures.py SEARCH_PROMPTS),
@@ -326,13 +409,30 @@ fn search_rows(dtype: &str) -> Vec<serde_json::Value> {
     let file = scratch(&format!("search-{dtype}")).join("requests.jsonl");
     let lines: String = ["chelsea.png", "camera.png", "rocket.jpg", "text.png"]
         .iter()
-        .flat_map(|name| prompts.iter().map(move |prompt| serde_json::json!({"image": image(name), "prompt": prompt}).to_string() + "\n"))
+        .flat_map(|name| {
+            prompts
+                .iter()
+                .map(move |prompt| serde_json::json!({"image": image(name), "prompt": prompt}).to_string() + "\n")
+        })
         .collect();
     std::fs::write(&file, lines).unwrap();
     let m = model().display().to_string();
-    let out = paligemma(&["--model", &m, "--batch", file.to_str().unwrap(), "--dtype", dtype, "--max-new-tokens", "40", "--json"]);
+    let out = paligemma(&[
+        "--model",
+        &m,
+        "--batch",
+        file.to_str().unwrap(),
+        "--dtype",
+        dtype,
+        "--max-new-tokens",
+        "40",
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// int8 and q4 are lossy, so their answers are held to agreement with fp32 above a floor, never to
@@ -343,7 +443,10 @@ fn quantized_dtypes_run_their_own_decoders_and_agree_with_fp32_above_a_floor() {
     // on an AMD EPYC with avx512_vnni and under qemu-x86_64 -cpu EPYC-Milan (avx2, no avx512). The
     // floors are those export/tests/test_quantize.py holds against transformers on 63 rows.
     let fp32 = search_rows("fp32");
-    for (dtype, file, floor) in [("int8", "decoder_model_merged_int8.onnx", 0.45), ("q4", "decoder_model_merged_q4.onnx", 0.10)] {
+    for (dtype, file, floor) in [
+        ("int8", "decoder_model_merged_int8.onnx", 0.45),
+        ("q4", "decoder_model_merged_q4.onnx", 0.10),
+    ] {
         let rows = search_rows(dtype);
         assert_eq!(rows.len(), fp32.len());
         let same = rows.iter().zip(&fp32).filter(|(q, f)| q["token_ids"] == f["token_ids"]).count();
@@ -364,10 +467,18 @@ fn dtype_fp16_runs_the_fp16_graphs_and_refuses_an_fp32_decoder_among_them() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // A decoder from the fp32 conversion: float32 tensors where the fp16 vision graph has float16.
     let dir = copy_of(&fp16, "fp16-mixed");
-    std::fs::copy(model().join("onnx/decoder_model_merged.onnx"), dir.join("onnx/decoder_model_merged_fp16.onnx")).unwrap();
+    std::fs::copy(
+        model().join("onnx/decoder_model_merged.onnx"),
+        dir.join("onnx/decoder_model_merged_fp16.onnx"),
+    )
+    .unwrap();
     assert_error(
         &run_image(&dir, &image("chelsea.png"), "caption en", &["--dtype", "fp16"]),
-        &["decoder_model_merged_fp16.onnx", "element type of input inputs_embeds", "different conversions"],
+        &[
+            "decoder_model_merged_fp16.onnx",
+            "element type of input inputs_embeds",
+            "different conversions",
+        ],
     );
 }
 
@@ -386,13 +497,28 @@ fn batch_rows_stop_at_their_own_max_new_tokens_with_the_tokens_they_get_alone() 
     // min_new_tokens (capped at each row's max) keeps <eos> out, so both rows run to their cap.
     let out = paligemma(&["--model", &m, "--batch", file.to_str().unwrap(), "--json", "--min-new-tokens", "12"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows[0]["token_ids"].as_array().unwrap().len(), 3);
     assert_eq!(rows[1]["token_ids"].as_array().unwrap().len(), 12);
     assert_eq!(rows[1]["timings"]["decode_steps"], 11);
     for (row, (i, p, n)) in rows.iter().zip(&requests) {
         let (i, n) = (i.display().to_string(), n.to_string());
-        let alone = paligemma(&["--model", &m, "--image", &i, "--prompt", p, "--max-new-tokens", &n, "--min-new-tokens", "12", "--json"]);
+        let alone = paligemma(&[
+            "--model",
+            &m,
+            "--image",
+            &i,
+            "--prompt",
+            p,
+            "--max-new-tokens",
+            &n,
+            "--min-new-tokens",
+            "12",
+            "--json",
+        ]);
         let alone: serde_json::Value = serde_json::from_slice(&alone.stdout).unwrap();
         assert_eq!(row["token_ids"], alone["token_ids"], "{p}: batch row differs from its single run");
     }
@@ -416,7 +542,10 @@ fn default_model_captions_the_example_scene_and_boxes_its_shapes() {
         serde_json::from_slice(&out.stdout).unwrap()
     };
     assert_eq!(run("caption en")["text"], example["caption"]);
-    let detections = run(example["detect_prompt"].as_str().unwrap())["detections"].as_array().unwrap().clone();
+    let detections = run(example["detect_prompt"].as_str().unwrap())["detections"]
+        .as_array()
+        .unwrap()
+        .clone();
     // The placeholder form of transformers' docs lays out the same tokens: the same boxes.
     let placed = run(&format!("<image>{}", example["detect_prompt"].as_str().unwrap()));
     assert_eq!(placed["detections"].as_array(), Some(&detections));
@@ -436,7 +565,12 @@ fn default_model_captions_the_example_scene_and_boxes_its_shapes() {
 fn fixture_tokens(case: &str) -> (serde_json::Value, usize) {
     let text = std::fs::read_to_string(repo().join("tests/fixtures/expected_tokens.json")).unwrap();
     let fixtures: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let found = fixtures["cases"].as_array().unwrap().iter().find(|c| c["name"] == case).unwrap_or_else(|| panic!("no case {case}"));
+    let found = fixtures["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == case)
+        .unwrap_or_else(|| panic!("no case {case}"));
     (found["expected"][0].clone(), fixtures["max_new_tokens"].as_u64().unwrap() as usize)
 }
 
@@ -481,14 +615,26 @@ fn each_bad_batch_line_fails_alone_and_the_others_get_transformers_tokens() {
     let lines: Vec<(String, Option<&str>)> = vec![
         (ok(&chelsea, "caption en"), None),
         (ok(&chelsea, "<image>caption en"), None),
-        (serde_json::json!({"image": chelsea, "prompt": "caption en", "max_new_tokens": -1}).to_string(), Some("line 3")),
-        (serde_json::json!({"image": chelsea, "prompt": "caption en", "colour": "red"}).to_string(), Some("unknown field `colour`")),
+        (
+            serde_json::json!({"image": chelsea, "prompt": "caption en", "max_new_tokens": -1}).to_string(),
+            Some("line 3"),
+        ),
+        (
+            serde_json::json!({"image": chelsea, "prompt": "caption en", "colour": "red"}).to_string(),
+            Some("unknown field `colour`"),
+        ),
         ("{\"image\": \"broken".to_string(), Some("line 5")),
-        (ok(Path::new("/dev/zero"), "caption en"), Some("character device, not a regular file")),
+        (
+            ok(Path::new("/dev/zero"), "caption en"),
+            Some("character device, not a regular file"),
+        ),
         (ok(&pipe, "caption en"), Some("FIFO (named pipe), not a regular file")),
         (ok(&dir, "caption en"), Some("is a directory")),
         (ok(&chelsea, "<image><image>caption en"), Some("2 <image> placeholders")),
-        (serde_json::json!({"image": chelsea, "prompt": "caption en", "max_new_tokens": 0}).to_string(), Some("0 new tokens")),
+        (
+            serde_json::json!({"image": chelsea, "prompt": "caption en", "max_new_tokens": 0}).to_string(),
+            Some("0 new tokens"),
+        ),
         (ok(&chelsea, &"😀".repeat(2000)), Some("--max-prompt-tokens")),
         (ok(&camera, "caption en"), None),
     ];
@@ -497,9 +643,23 @@ fn each_bad_batch_line_fails_alone_and_the_others_get_transformers_tokens() {
     let body: String = lines.iter().map(|(l, _)| format!("{l}\r\n")).collect();
     std::fs::write(&file, [b"\xEF\xBB\xBF".as_slice(), body.as_bytes()].concat()).unwrap();
     let max = max_new.to_string();
-    let out = paligemma_within(&["--model", &model().display().to_string(), "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", &max], 120);
+    let out = paligemma_within(
+        &[
+            "--model",
+            &model().display().to_string(),
+            "--batch",
+            file.to_str().unwrap(),
+            "--json",
+            "--max-new-tokens",
+            &max,
+        ],
+        120,
+    );
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), lines.len());
     for (k, ((_, needle), row)) in lines.iter().zip(&rows).enumerate() {
         match needle {
@@ -516,9 +676,20 @@ fn each_bad_batch_line_fails_alone_and_the_others_get_transformers_tokens() {
     assert_eq!(rows[11]["token_ids"], expected_camera);
 
     // The same requests saved as UTF-16 (Windows' "Unicode") read the same.
-    let utf16: Vec<u8> = [0xFF, 0xFE].into_iter().chain(format!("{}\r\n", lines[11].0).encode_utf16().flat_map(u16::to_le_bytes)).collect();
+    let utf16: Vec<u8> = [0xFF, 0xFE]
+        .into_iter()
+        .chain(format!("{}\r\n", lines[11].0).encode_utf16().flat_map(u16::to_le_bytes))
+        .collect();
     std::fs::write(&file, utf16).unwrap();
-    let out = paligemma(&["--model", &model().display().to_string(), "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", &max]);
+    let out = paligemma(&[
+        "--model",
+        &model().display().to_string(),
+        "--batch",
+        file.to_str().unwrap(),
+        "--json",
+        "--max-new-tokens",
+        &max,
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(row["token_ids"], expected_camera);
@@ -554,14 +725,28 @@ fn zero_new_tokens_is_refused_like_transformers() {
 fn annotate_to_a_name_that_is_not_png_is_refused_before_loading_and_writes_nothing() {
     let dir = scratch("annotate-jpg");
     let target = dir.join("out.jpg");
-    let out = run_image(&model(), &image("chelsea.png"), "detect cat", &["--annotate", target.to_str().unwrap()]);
+    let out = run_image(
+        &model(),
+        &image("chelsea.png"),
+        "detect cat",
+        &["--annotate", target.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a file name ending in .png"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a file name ending in .png"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!target.exists(), "a failed --annotate left {}", target.display());
     // A directory where the file should go: the error, and still no file.
     let blocked = dir.join("sub.png");
     std::fs::create_dir(&blocked).unwrap();
-    let out = run_image(&model(), &image("chelsea.png"), "detect cat", &["--annotate", blocked.to_str().unwrap()]);
+    let out = run_image(
+        &model(),
+        &image("chelsea.png"),
+        "detect cat",
+        &["--annotate", blocked.to_str().unwrap()],
+    );
     assert_error(&out, &["cannot write", "sub.png"]);
 }
 
@@ -570,7 +755,18 @@ fn plain_output_of_byte_fallback_text_is_the_json_text() {
     // This tiny model answers `ocr` on chelsea with 33 byte tokens, most not valid UTF-8: the
     // streamed text must hold back a byte run until it is final, never cut a character.
     let (m, i) = (model().display().to_string(), image("chelsea.png").display().to_string());
-    let args = ["--model", &m, "--image", &i, "--prompt", "ocr", "--min-new-tokens", "40", "--max-new-tokens", "40"];
+    let args = [
+        "--model",
+        &m,
+        "--image",
+        &i,
+        "--prompt",
+        "ocr",
+        "--min-new-tokens",
+        "40",
+        "--max-new-tokens",
+        "40",
+    ];
     let json = paligemma(&[&args[..], &["--json"]].concat());
     assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
     let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
@@ -605,13 +801,28 @@ fn a_batch_line_that_is_not_text_fails_alone_and_errors_name_their_line() {
     body.extend_from_slice(b"{\"image\": \"x\xff\", \"prompt\": \"ocr\"}\n");
     body.extend_from_slice(format!("{missing}\n{good}\n").as_bytes());
     std::fs::write(&file, body).unwrap();
-    let out = paligemma(&["--model", &model().display().to_string(), "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", "4"]);
+    let out = paligemma(&[
+        "--model",
+        &model().display().to_string(),
+        "--batch",
+        file.to_str().unwrap(),
+        "--json",
+        "--max-new-tokens",
+        "4",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 4);
     assert!(rows[0].get("token_ids").is_some() && rows[3].get("token_ids").is_some(), "{rows:?}");
     assert_eq!((rows[1]["index"].as_u64(), rows[1]["line"].as_u64()), (Some(1), Some(3)));
-    assert!(rows[1]["error"].as_str().unwrap().contains("line 3: is not UTF-8 text"), "{}", rows[1]);
+    assert!(
+        rows[1]["error"].as_str().unwrap().contains("line 3: is not UTF-8 text"),
+        "{}",
+        rows[1]
+    );
     // An error found after parsing (the image is missing) names its line as well.
     assert_eq!(rows[2]["line"].as_u64(), Some(4));
     assert!(rows[2]["error"].as_str().unwrap().starts_with("line 4: "), "{}", rows[2]);

@@ -49,8 +49,7 @@ impl FakeHub {
     fn start(files: Vec<(&str, RepoFile)>) -> FakeHub {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
-        let files: Arc<HashMap<String, RepoFile>> =
-            Arc::new(files.into_iter().map(|(n, f)| (n.to_string(), f)).collect());
+        let files: Arc<HashMap<String, RepoFile>> = Arc::new(files.into_iter().map(|(n, f)| (n.to_string(), f)).collect());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (seen, stopping) = (requests.clone(), stop.clone());
@@ -96,22 +95,13 @@ impl Drop for FakeHub {
     }
 }
 
-fn serve(
-    stream: TcpStream,
-    addr: SocketAddr,
-    files: &HashMap<String, RepoFile>,
-    seen: &Mutex<Vec<Seen>>,
-) {
+fn serve(stream: TcpStream, addr: SocketAddr, files: &HashMap<String, RepoFile>, seen: &Mutex<Vec<Seen>>) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).is_err() {
         return;
     }
-    let path = request_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("")
-        .to_string();
+    let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
     let mut headers = HashMap::new();
     loop {
         let mut line = String::new();
@@ -122,15 +112,16 @@ fn serve(
             headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
         }
     }
-    seen.lock()
-        .expect("request log")
-        .push((path.clone(), headers.clone()));
+    seen.lock().expect("request log").push((path.clone(), headers.clone()));
 
     let resolve_prefix = format!("/{REPO}/resolve/main/");
     let response = if let Some(name) = path.strip_prefix(&resolve_prefix) {
         match files.get(name) {
             Some(file) if file.reply == Reply::BrokenRedirect => (
-                format!("HTTP/1.1 302 Found\r\nX-Linked-Etag: \"{}\"\r\nX-Repo-Commit: {COMMIT}\r\nContent-Length: 0\r\n", file.etag),
+                format!(
+                    "HTTP/1.1 302 Found\r\nX-Linked-Etag: \"{}\"\r\nX-Repo-Commit: {COMMIT}\r\nContent-Length: 0\r\n",
+                    file.etag
+                ),
                 Vec::new(),
             ),
             Some(file) if file.reply == Reply::Lfs => {
@@ -148,10 +139,7 @@ fn serve(
             None => not_found(),
         }
     } else if let Some(etag) = path.strip_prefix("/cdn/") {
-        match files
-            .values()
-            .find(|file| file.reply == Reply::Lfs && file.etag == etag)
-        {
+        match files.values().find(|file| file.reply == Reply::Lfs && file.etag == etag) {
             Some(file) => ranged(file, headers.get("range"), ""),
             None => not_found(),
         }
@@ -172,16 +160,15 @@ fn ranged(file: &RepoFile, range: Option<&String>, extra: &str) -> (String, Vec<
         .and_then(|r| r.split_once('-'))
         .and_then(|(a, b)| {
             let start: usize = a.parse().ok()?;
-            let end: usize = if b.is_empty() {
-                len.checked_sub(1)?
-            } else {
-                b.parse().ok()?
-            };
+            let end: usize = if b.is_empty() { len.checked_sub(1)? } else { b.parse().ok()? };
             (start <= end && end < len).then_some((start, end))
         });
     match bounds {
         Some((start, end)) => (
-            format!("HTTP/1.1 206 Partial Content\r\n{extra}Content-Range: bytes {start}-{end}/{len}\r\nContent-Length: {}\r\n", end + 1 - start),
+            format!(
+                "HTTP/1.1 206 Partial Content\r\n{extra}Content-Range: bytes {start}-{end}/{len}\r\nContent-Length: {}\r\n",
+                end + 1 - start
+            ),
             file.body[start..=end].to_vec(),
         ),
         None => (format!("HTTP/1.1 200 OK\r\n{extra}Content-Length: {len}\r\n"), file.body.clone()),
@@ -190,17 +177,16 @@ fn ranged(file: &RepoFile, range: Option<&String>, extra: &str) -> (String, Vec<
 
 fn not_found() -> (String, Vec<u8>) {
     (
-        "HTTP/1.1 404 Not Found\r\nX-Error-Code: EntryNotFound\r\nContent-Length: 0\r\n"
-            .to_string(),
+        "HTTP/1.1 404 Not Found\r\nX-Error-Code: EntryNotFound\r\nContent-Length: 0\r\n".to_string(),
         Vec::new(),
     )
 }
 
 /// Distinct etags per body, as the Hub's content hashes are.
 fn etag_of(body: &[u8]) -> String {
-    let hash = body.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = body
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
     format!("{hash:016x}")
 }
 
@@ -222,16 +208,10 @@ fn tiny_repo() -> Vec<(&'static str, RepoFile)> {
                 Reply::Direct,
             ),
         ),
-        (
-            "tokenizer.json",
-            file(br#"{"model": {"type": "BPE"}}"#, Reply::Direct),
-        ),
+        ("tokenizer.json", file(br#"{"model": {"type": "BPE"}}"#, Reply::Direct)),
         (
             "graphs/vision.onnx",
-            file(
-                &(0u8..=255).cycle().take(3000).collect::<Vec<u8>>(),
-                Reply::Lfs,
-            ),
+            file(&(0u8..=255).cycle().take(3000).collect::<Vec<u8>>(), Reply::Lfs),
         ),
     ]
 }
@@ -254,10 +234,7 @@ fn options(endpoint: String, cache_dir: &Path, offline: bool) -> HubOptions {
 }
 
 fn snapshot_dir(cache: &Path) -> PathBuf {
-    cache
-        .join("models--test-owner--tiny-paligemma")
-        .join("snapshots")
-        .join(COMMIT)
+    cache.join("models--test-owner--tiny-paligemma").join("snapshots").join(COMMIT)
 }
 
 #[test]
@@ -265,15 +242,10 @@ fn hub_repo_downloads_into_the_cache_then_loads_offline_after_the_server_stops()
     let cache = temp_dir("download");
     let mut server = FakeHub::start(tiny_repo());
 
-    let dir =
-        hub::resolve_model(REPO, &options(server.endpoint(), &cache, false)).expect("download");
+    let dir = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false)).expect("download");
     assert_eq!(dir, snapshot_dir(&cache));
     for (name, served) in tiny_repo() {
-        assert_eq!(
-            std::fs::read(dir.join(name)).expect("downloaded file"),
-            served.body,
-            "{name}"
-        );
+        assert_eq!(std::fs::read(dir.join(name)).expect("downloaded file"), served.body, "{name}");
     }
     assert_eq!(
         std::fs::read_to_string(cache.join("models--test-owner--tiny-paligemma/refs/main"))
@@ -303,13 +275,9 @@ fn hub_repo_downloads_into_the_cache_then_loads_offline_after_the_server_stops()
 fn offline_with_an_empty_cache_is_a_clear_error_without_requests() {
     let cache = temp_dir("offline-empty");
     let server = FakeHub::start(tiny_repo());
-    let error = hub::resolve_model(REPO, &options(server.endpoint(), &cache, true))
-        .expect_err("nothing cached");
+    let error = hub::resolve_model(REPO, &options(server.endpoint(), &cache, true)).expect_err("nothing cached");
     let message = error.to_string();
-    assert!(
-        matches!(error, HubError::OfflineNotCached { .. }),
-        "{message}"
-    );
+    assert!(matches!(error, HubError::OfflineNotCached { .. }), "{message}");
     assert!(
         message.contains("HF_HUB_OFFLINE") && message.contains(REPO) && message.contains(MANIFEST),
         "{message}"
@@ -326,10 +294,7 @@ fn token_is_sent_as_a_bearer_header() {
     opts.token = Some("hf_test_token".to_string());
     hub::resolve_model(REPO, &opts).expect("download");
     let requests = server.requests.lock().expect("request log").clone();
-    let to_hub: Vec<&Seen> = requests
-        .iter()
-        .filter(|(path, _)| path.contains("/resolve/"))
-        .collect();
+    let to_hub: Vec<&Seen> = requests.iter().filter(|(path, _)| path.contains("/resolve/")).collect();
     assert!(!to_hub.is_empty());
     for (path, headers) in to_hub {
         assert_eq!(
@@ -347,8 +312,7 @@ fn file_missing_on_the_hub_is_an_error_naming_it() {
     let mut repo = tiny_repo();
     repo.retain(|(name, _)| *name != "tokenizer.json");
     let server = FakeHub::start(repo);
-    let error =
-        hub::resolve_model(REPO, &options(server.endpoint(), &cache, false)).expect_err("404");
+    let error = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false)).expect_err("404");
     let message = error.to_string();
     assert!(
         matches!(error, HubError::Download { ref file, .. } if file == "tokenizer.json"),
@@ -366,8 +330,7 @@ fn malformed_hub_reply_is_an_error_not_a_panic() {
     repo.retain(|(name, _)| *name != "tokenizer.json");
     repo.push(("tokenizer.json", file(b"{}", Reply::BrokenRedirect)));
     let server = FakeHub::start(repo);
-    let error = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false))
-        .expect_err("broken reply");
+    let error = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false)).expect_err("broken reply");
     assert!(
         matches!(error, HubError::Download { ref file, .. } if file == "tokenizer.json"),
         "{error}"
@@ -384,8 +347,7 @@ fn unreachable_endpoint_is_a_download_error() {
         server.stop();
         server.endpoint()
     };
-    let error =
-        hub::resolve_model(REPO, &options(endpoint.clone(), &cache, false)).expect_err("refused");
+    let error = hub::resolve_model(REPO, &options(endpoint.clone(), &cache, false)).expect_err("refused");
     let message = error.to_string();
     assert!(
         matches!(error, HubError::Download { .. }) && message.contains(&endpoint),
@@ -401,42 +363,25 @@ fn local_directory_with_manifest_and_files_is_used_as_is() {
     for (name, served) in tiny_repo() {
         std::fs::write(dir.join(name), served.body).expect("write");
     }
-    let unused = options(
-        "http://127.0.0.1:9".to_string(),
-        &dir.join("no-cache"),
-        true,
-    );
+    let unused = options("http://127.0.0.1:9".to_string(), &dir.join("no-cache"), true);
     let spec = dir.to_str().expect("utf-8 temp path");
     assert_eq!(hub::resolve_model(spec, &unused).expect("local model"), dir);
 
     std::fs::remove_file(dir.join("graphs/vision.onnx")).expect("remove");
-    let message = hub::resolve_model(spec, &unused)
-        .expect_err("file gone")
-        .to_string();
-    assert!(
-        message.contains("graphs/vision.onnx") && message.contains(spec),
-        "{message}"
-    );
+    let message = hub::resolve_model(spec, &unused).expect_err("file gone").to_string();
+    assert!(message.contains("graphs/vision.onnx") && message.contains(spec), "{message}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn directory_without_manifest_is_an_error_with_the_convert_command() {
     let dir = temp_dir("no-manifest");
-    let unused = options(
-        "http://127.0.0.1:9".to_string(),
-        &dir.join("no-cache"),
-        true,
-    );
+    let unused = options("http://127.0.0.1:9".to_string(), &dir.join("no-cache"), true);
     let error = hub::resolve_model(dir.to_str().expect("utf-8"), &unused).expect_err("no manifest");
     let message = error.to_string();
+    assert!(matches!(error, HubError::MissingManifest { .. }), "{message}");
     assert!(
-        matches!(error, HubError::MissingManifest { .. }),
-        "{message}"
-    );
-    assert!(
-        message.contains(&dir.display().to_string())
-            && message.contains("python -m export convert MODEL OUT_DIR"),
+        message.contains(&dir.display().to_string()) && message.contains("python -m export convert MODEL OUT_DIR"),
         "{message}"
     );
     let _ = std::fs::remove_dir_all(dir);
@@ -444,25 +389,15 @@ fn directory_without_manifest_is_an_error_with_the_convert_command() {
 
 #[test]
 fn malformed_repo_id_is_an_error() {
-    let unused = options(
-        "http://127.0.0.1:9".to_string(),
-        Path::new("/nonexistent-cache"),
-        true,
-    );
+    let unused = options("http://127.0.0.1:9".to_string(), Path::new("/nonexistent-cache"), true);
     for spec in ["paligemma2", "owner/bad name", "owner/-x"] {
         let error = hub::resolve_model(spec, &unused).expect_err("malformed");
-        assert!(
-            matches!(error, HubError::BadRepoId { .. }),
-            "{spec}: {error}"
-        );
+        assert!(matches!(error, HubError::BadRepoId { .. }), "{spec}: {error}");
     }
     // Path-shaped arguments that do not exist are reported as missing directories.
     for spec in ["./models/nope", "/nonexistent/model", "models/pg2/int4"] {
         let error = hub::resolve_model(spec, &unused).expect_err("missing dir");
-        assert!(
-            matches!(error, HubError::NotADirectory { .. }),
-            "{spec}: {error}"
-        );
+        assert!(matches!(error, HubError::NotADirectory { .. }), "{spec}: {error}");
     }
 }
 
@@ -472,10 +407,7 @@ fn malformed_repo_id_is_an_error() {
 #[ignore = "child of from_env_reads_the_huggingface_variables"]
 fn from_env_child() {
     let options = HubOptions::from_env().expect("options from env");
-    assert_eq!(
-        Some(options.endpoint.clone()),
-        std::env::var("HF_ENDPOINT").ok()
-    );
+    assert_eq!(Some(options.endpoint.clone()), std::env::var("HF_ENDPOINT").ok());
     assert!(options.offline);
     let dir = hub::resolve_model(REPO, &options).expect("offline from the cache under HF_HOME");
     println!("RESOLVED {}", dir.display());
@@ -486,8 +418,7 @@ fn from_env_reads_the_huggingface_variables() {
     let home = temp_dir("from-env");
     let cache = home.join("hub");
     let mut server = FakeHub::start(tiny_repo());
-    hub::resolve_model(REPO, &options(server.endpoint(), &cache, false))
-        .expect("populate the cache");
+    hub::resolve_model(REPO, &options(server.endpoint(), &cache, false)).expect("populate the cache");
     let endpoint = server.endpoint();
     server.stop();
 
@@ -506,9 +437,6 @@ fn from_env_reads_the_huggingface_variables() {
         "child failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(
-        stdout.contains(&format!("RESOLVED {}", snapshot_dir(&cache).display())),
-        "{stdout}"
-    );
+    assert!(stdout.contains(&format!("RESOLVED {}", snapshot_dir(&cache).display())), "{stdout}");
     let _ = std::fs::remove_dir_all(home);
 }

@@ -33,10 +33,7 @@ fn zero_byte_library_is_a_load_error_not_a_panic() {
     std::fs::write(&path, b"").expect("zero-byte file");
     let error = onnxruntime::init(Some(&path)).expect_err("not an ELF file");
     let message = error.to_string();
-    assert!(
-        matches!(error, OrtLibError::NotLoadable { .. }),
-        "{message}"
-    );
+    assert!(matches!(error, OrtLibError::NotLoadable { .. }), "{message}");
     // The dlerror() text travels with the error, so the user sees why dlopen refused the file.
     assert!(
         message.contains(&path.display().to_string()) && message.contains("file too short"),
@@ -54,7 +51,11 @@ fn library_without_ort_entry_point_is_a_load_error() {
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
-        .map(|python| python.path().join("site-packages/onnxruntime/capi/libonnxruntime_providers_shared.so"))
+        .map(|python| {
+            python
+                .path()
+                .join("site-packages/onnxruntime/capi/libonnxruntime_providers_shared.so")
+        })
         .find(|path| path.is_file())
         .unwrap_or_else(|| {
             panic!(
@@ -102,9 +103,6 @@ fn too_old_library_reports_found_and_needed_versions() {
         matches!(error, OrtLibError::TooOld { ref found, .. } if found == "1.20.1"),
         "{message}"
     );
-    assert!(
-        message.contains("version 1.20.1") && message.contains(">= 1.31"),
-        "{message}"
-    );
+    assert!(message.contains("version 1.20.1") && message.contains(">= 1.31"), "{message}");
     let _ = std::fs::remove_dir_all(dir);
 }

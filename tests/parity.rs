@@ -101,11 +101,18 @@ fn batches_give_transformers_tokens_and_text() {
         let got = run(&mut pipeline, &requests(case, fixtures.max_new_tokens));
         let (ids, texts): (Vec<_>, Vec<_>) = got.into_iter().unzip();
         assert_eq!(ids, case.expected, "{}: token ids differ from {}", case.name, case.reference);
-        assert_eq!(texts, case.expected_text, "{}: decoded text differs from {}", case.name, case.reference);
+        assert_eq!(
+            texts, case.expected_text,
+            "{}: decoded text differs from {}",
+            case.name, case.reference
+        );
     }
     let fp16 = fixtures.cases.iter().filter(|c| c.dtype == "fp16").count();
     assert!(fp16 > 0, "no fp16 case: the fp16 runtime path is untested");
-    eprintln!("{} cases ({fp16} fp16), token ids identical to their reference", fixtures.cases.len());
+    eprintln!(
+        "{} cases ({fp16} fp16), token ids identical to their reference",
+        fixtures.cases.len()
+    );
 }
 
 #[test]
@@ -125,12 +132,21 @@ fn prompts_with_special_tokens_are_laid_out_as_transformers_processor_does() {
     let layouts = fixtures().prompt_layouts;
     let dir = tiny_model(&format!("{}/onnx", layouts.config));
     let encoder = PromptEncoder::load(&dir, &Manifest::load(&dir).unwrap(), DEFAULT_MAX_PROMPT_TOKENS).unwrap();
-    assert!(layouts.prompts.iter().any(|l| l.error.is_some()) && layouts.prompts.iter().any(|l| l.prompt.contains("<image>") && l.input_ids.is_some()));
+    assert!(
+        layouts.prompts.iter().any(|l| l.error.is_some())
+            && layouts
+                .prompts
+                .iter()
+                .any(|l| l.prompt.contains("<image>") && l.input_ids.is_some())
+    );
     for layout in &layouts.prompts {
         match (&layout.input_ids, encoder.encode(&layout.prompt, 1)) {
             (Some(expected), Ok(ids)) => assert_eq!(&ids, expected, "{:?}", layout.prompt),
             (None, Err(PromptError::ImagePlaceholders { .. })) => {}
-            (expected, got) => panic!("{:?}: transformers gives {expected:?} / {:?}, paligemma {got:?}", layout.prompt, layout.error),
+            (expected, got) => panic!(
+                "{:?}: transformers gives {expected:?} / {:?}, paligemma {got:?}",
+                layout.prompt, layout.error
+            ),
         }
     }
 }
@@ -139,9 +155,18 @@ fn prompts_with_special_tokens_are_laid_out_as_transformers_processor_does() {
 fn an_image_placeholder_in_the_prompt_gives_the_answer_of_the_prompt_without_it() {
     // Both from transformers: `<image>caption en` and `caption en` on the same image.
     let fixtures = fixtures();
-    let case = |name: &str| fixtures.cases.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"));
+    let case = |name: &str| {
+        fixtures
+            .cases
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no case {name}"))
+    };
     let (placed, plain) = (case("gqa1/prompt_layouts"), case("gqa1/single/chelsea"));
-    assert_eq!((placed.requests[0].prompt.as_str(), plain.requests[0].prompt.as_str()), ("<image>caption en", "caption en"));
+    assert_eq!(
+        (placed.requests[0].prompt.as_str(), plain.requests[0].prompt.as_str()),
+        ("<image>caption en", "caption en")
+    );
     assert_eq!(placed.requests[0].image, plain.requests[0].image);
     assert_eq!(placed.expected[0], plain.expected[0]);
 }

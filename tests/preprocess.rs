@@ -13,20 +13,14 @@ mod common;
 use common::python;
 use paligemma::input::InputError;
 use paligemma::preprocess::{
-    decode_image, load_image, pixel_values, resize_bicubic_pil, ImageLimits, ImageProcessorConfig,
-    PreprocessError,
+    decode_image, load_image, pixel_values, resize_bicubic_pil, ImageLimits, ImageProcessorConfig, PreprocessError,
 };
 
 const SIZES: [u32; 2] = [224, 448];
 
 fn shared_images() -> PathBuf {
-    let dir = std::env::var_os("PALIGEMMA_TEST_IMAGES")
-        .map_or_else(|| PathBuf::from("/work/shared/images"), PathBuf::from);
-    assert!(
-        dir.is_dir(),
-        "test images {} not found: set PALIGEMMA_TEST_IMAGES",
-        dir.display()
-    );
+    let dir = std::env::var_os("PALIGEMMA_TEST_IMAGES").map_or_else(|| PathBuf::from("/work/shared/images"), PathBuf::from);
+    assert!(dir.is_dir(), "test images {} not found: set PALIGEMMA_TEST_IMAGES", dir.display());
     dir
 }
 
@@ -35,8 +29,7 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(tag: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("paligemma-preprocess-{tag}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("paligemma-preprocess-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
@@ -60,11 +53,7 @@ fn reference_cases<T: serde::de::DeserializeOwned>(mode: &str) -> (Scratch, T) {
 
 fn run_reference_script(args: &[&std::ffi::OsStr]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/preprocess_reference.py");
-    let out = Command::new(python())
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(python()).arg(script).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "tests/preprocess_reference.py failed:\n{}",
@@ -96,12 +85,7 @@ impl Reference {
     fn compute(out: &Path, do_convert_rgb: bool, images: &[PathBuf]) -> Self {
         let sizes = SIZES.map(|s| s.to_string()).join(",");
         let convert = if do_convert_rgb { "true" } else { "null" };
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            "reference".as_ref(),
-            out.as_os_str(),
-            sizes.as_ref(),
-            convert.as_ref(),
-        ];
+        let mut args: Vec<&std::ffi::OsStr> = vec!["reference".as_ref(), out.as_os_str(), sizes.as_ref(), convert.as_ref()];
         args.extend(images.iter().map(|p| p.as_os_str()));
         run_reference_script(&args);
         let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
@@ -121,9 +105,7 @@ impl Reference {
 
     fn pixel_values(&self, name: &str, size: u32) -> Vec<f32> {
         let raw = std::fs::read(self.dir.join(format!("{name}.{size}.f32"))).unwrap();
-        raw.chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
+        raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
     }
 }
 
@@ -152,14 +134,9 @@ struct Difference {
 
 fn measure(path: &Path, reference: &Reference) -> Difference {
     let name = path.file_name().unwrap().to_str().unwrap();
-    let loaded =
-        load_image(path, &ImageLimits::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let loaded = load_image(path, &ImageLimits::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
     let expected = reference.rgb(name);
-    assert_eq!(
-        loaded.rgb.dimensions(),
-        expected.dimensions(),
-        "{name}: upright size"
-    );
+    assert_eq!(loaded.rgb.dimensions(), expected.dimensions(), "{name}: upright size");
     let transparency = reference.manifest[name].transparency.clone();
     let ours = loaded.transparent_color.map(|c| serde_json::json!(c));
     assert_eq!(ours, transparency, "{name}: transparency colour");
@@ -177,16 +154,8 @@ fn measure(path: &Path, reference: &Reference) -> Difference {
         let ours = pixel_values(&loaded, &config(size, reference.do_convert_rgb));
         assert_eq!(ours.shape(), &[3, size as usize, size as usize]);
         let theirs = reference.pixel_values(name, size);
-        assert_eq!(
-            ours.len(),
-            theirs.len(),
-            "{name}: pixel_values length at {size}"
-        );
-        let max = ours
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        assert_eq!(ours.len(), theirs.len(), "{name}: pixel_values length at {size}");
+        let max = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         eprintln!("{name:>28} S={size}: max |pixel_values diff| = {max:e}");
         max_pixel_value = max_pixel_value.max(max);
     }
@@ -205,16 +174,8 @@ fn files_with_extensions(dir: &Path, extensions: &[&str], exclude: &[&str]) -> V
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| extensions.contains(&e))
-        })
-        .filter(|p| {
-            !exclude
-                .iter()
-                .any(|x| p.file_name().is_some_and(|n| n == *x))
-        })
+        .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| extensions.contains(&e)))
+        .filter(|p| !exclude.iter().any(|x| p.file_name().is_some_and(|n| n == *x)))
         .collect();
     files.sort();
     files
@@ -230,12 +191,7 @@ fn assert_bit_identical(images: &[PathBuf], reference: &Reference) {
             path.display(),
             100.0 * d.differing
         );
-        assert_eq!(
-            d.max_pixel_value,
-            0.0,
-            "{}: pixel_values differ",
-            path.display()
-        );
+        assert_eq!(d.max_pixel_value, 0.0, "{}: pixel_values differ", path.display());
     }
 }
 
@@ -243,10 +199,7 @@ fn assert_bit_identical(images: &[PathBuf], reference: &Reference) {
 fn shared_png_and_gif_images_match_transformers_bit_for_bit() {
     let scratch = Scratch::new("shared");
     let images = files_with_extensions(&shared_images(), &["png", "gif"], &[]);
-    assert!(
-        images.len() >= 8,
-        "expected the shared PNG and GIF images, found {images:?}"
-    );
+    assert!(images.len() >= 8, "expected the shared PNG and GIF images, found {images:?}");
     let reference = Reference::compute(&scratch.0, false, &images);
     assert_bit_identical(&images, &reference);
 }
@@ -259,11 +212,7 @@ fn generated_lossless_edge_cases_match_transformers_bit_for_bit() {
     let scratch = Scratch::new("lossless");
     let inputs = scratch.0.join("in");
     generate(&inputs);
-    let images = files_with_extensions(
-        &inputs,
-        &["png", "gif", "bmp", "webp"],
-        &["bomb.png", "tall_9x640.png"],
-    );
+    let images = files_with_extensions(&inputs, &["png", "gif", "bmp", "webp"], &["bomb.png", "tall_9x640.png"]);
     let reference = Reference::compute(&scratch.0.join("ref"), false, &images);
     assert_bit_identical(&images, &reference);
 }
@@ -305,13 +254,7 @@ fn bicubic_resize_matches_pillow_13_at_every_size_in_either_pass_order() {
             at += theirs.len();
             let ours = resize_bicubic_pil(&input, out_w, out_h);
             assert_eq!(ours.dimensions(), (out_w, out_h));
-            let max_level = ours
-                .as_raw()
-                .iter()
-                .zip(theirs)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap_or(0);
+            let max_level = ours.as_raw().iter().zip(theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
             if max_level != 0 {
                 mismatches.push(format!("{w}x{h} -> {out_w}x{out_h}: {max_level} levels"));
             }
@@ -359,10 +302,7 @@ fn jpeg_matches_pillow_libjpeg_turbo_bit_for_bit() {
     let inputs = scratch.0.join("in");
     generate(&inputs);
     let mut images = files_with_extensions(&inputs, &["jpg"], &[]);
-    assert!(
-        images.len() >= 15,
-        "expected the generated JPEG variants, found {images:?}"
-    );
+    assert!(images.len() >= 15, "expected the generated JPEG variants, found {images:?}");
     let repo_images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/images");
     images.extend(files_with_extensions(&repo_images, &["jpg", "jpeg"], &[]));
     // The shared copies share names with tests/data/images; only new names are added.
@@ -388,11 +328,7 @@ fn damaged_jpeg_fails_where_pillow_fails_and_loads_identically_where_it_loads() 
     // with bytes after EOI; with corrupt entropy data. Where PIL raises, ours is an error (never
     // a panic or libjpeg's exit()); where PIL loads, the pixels are the same.
     let (scratch, cases): (Scratch, HashMap<String, DamagedCase>) = reference_cases("damaged");
-    assert!(
-        cases.len() >= 12,
-        "expected the damaged variants: {:?}",
-        cases.keys()
-    );
+    assert!(cases.len() >= 12, "expected the damaged variants: {:?}", cases.keys());
     let (mut failed, mut loaded) = (0, 0);
     for (name, case) in &cases {
         let path = scratch.0.join(format!("{name}.jpg"));
@@ -411,10 +347,7 @@ fn damaged_jpeg_fails_where_pillow_fails_and_loads_identically_where_it_loads() 
                     ),
                     "{name}: {err:?}"
                 );
-                assert!(
-                    err.to_string().contains("truncated or corrupt"),
-                    "{name}: {err}"
-                );
+                assert!(err.to_string().contains("truncated or corrupt"), "{name}: {err}");
                 failed += 1;
             }
             (None, Err(err)) => panic!("{name}: PIL loads it, ours fails: {err}"),
@@ -422,14 +355,7 @@ fn damaged_jpeg_fails_where_pillow_fails_and_loads_identically_where_it_loads() 
                 let (w, h) = case.size.unwrap();
                 let raw = std::fs::read(scratch.0.join(format!("{name}.rgb"))).unwrap();
                 assert_eq!(img.rgb.dimensions(), (w, h), "{name}: size");
-                let max_level = img
-                    .rgb
-                    .as_raw()
-                    .iter()
-                    .zip(&raw)
-                    .map(|(a, b)| a.abs_diff(*b))
-                    .max()
-                    .unwrap_or(0);
+                let max_level = img.rgb.as_raw().iter().zip(&raw).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
                 eprintln!("{name:>28}: PIL loads; ours max level diff {max_level}");
                 assert_eq!(max_level, 0, "{name}: decoded RGB differs from PIL");
                 loaded += 1;
@@ -456,8 +382,7 @@ fn truncated_jpeg_is_reported_as_corrupt() {
     );
     let message = err.to_string();
     assert!(
-        message.contains("truncated or corrupt")
-            && message.contains("data ends before the image does"),
+        message.contains("truncated or corrupt") && message.contains("data ends before the image does"),
         "{message}"
     );
 }
@@ -465,7 +390,10 @@ fn truncated_jpeg_is_reported_as_corrupt() {
 #[test]
 fn jpeg_over_the_pixel_limit_is_rejected_from_its_header() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/images/rocket.jpg");
-    let small = ImageLimits { max_pixels: 100, ..ImageLimits::default() };
+    let small = ImageLimits {
+        max_pixels: 100,
+        ..ImageLimits::default()
+    };
     let err = load_image(&path, &small).unwrap_err();
     assert!(
         matches!(
@@ -489,10 +417,7 @@ fn missing_file_is_reported_with_its_path() {
         matches!(&err, PreprocessError::File(InputError::NotFound { path: p, .. }) if p == path),
         "{err:?}"
     );
-    assert!(
-        err.to_string().contains("/nonexistent/dir/cat.png")
-            && err.to_string().contains("does not exist")
-    );
+    assert!(err.to_string().contains("/nonexistent/dir/cat.png") && err.to_string().contains("does not exist"));
 }
 
 #[test]
@@ -528,10 +453,7 @@ fn text_file_named_png_is_reported_as_unrecognized_format() {
     let path = scratch.0.join("notes.png");
     std::fs::write(&path, "just some text, not an image\n").unwrap();
     let err = load_image(&path, &ImageLimits::default()).unwrap_err();
-    assert!(
-        matches!(err, PreprocessError::UnrecognizedFormat { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, PreprocessError::UnrecognizedFormat { .. }), "{err:?}");
     let message = err.to_string();
     assert!(
         message.contains("notes.png") && message.contains("PNG, JPEG, GIF, WebP"),
@@ -559,12 +481,12 @@ fn header_over_the_pixel_limit_is_rejected_before_decoding() {
         "{err:?}"
     );
     let message = err.to_string();
-    assert!(
-        message.contains("10000000000") && message.contains("178956970"),
-        "{message}"
-    );
+    assert!(message.contains("10000000000") && message.contains("178956970"), "{message}");
     // A custom limit applies to ordinary images too.
-    let small = ImageLimits { max_pixels: 100, ..ImageLimits::default() };
+    let small = ImageLimits {
+        max_pixels: 100,
+        ..ImageLimits::default()
+    };
     let err = load_image(&shared_images().join("chelsea.png"), &small).unwrap_err();
     assert!(
         matches!(

@@ -1,21 +1,21 @@
 """Python reference for tests/preprocess.rs: PIL + transformers' SigLIP image processor.
 
-    preprocess_reference.py generate DIR
-        Writes the edge-case images (PNG modes, GIF, JPEG variants, WebP, BMP, a decompression bomb)
-        to DIR.
-    preprocess_reference.py reference OUT SIZES DO_CONVERT_RGB IMAGE...
-        For each IMAGE: OUT/<name>.rgb (uint8 [H, W, 3], `transformers.image_utils.load_image`) and
-        OUT/<name>.<S>.f32 (float32 little-endian pixel_values [3, S, S]) for each S in the
-        comma-separated SIZES, from a PaliGemma preprocessor_config.json whose "do_convert_rgb" is
-        DO_CONVERT_RGB ("null" as in the released checkpoints, or "true"); OUT/manifest.json maps
-        name -> {"size": [W, H], "transparency": the `info["transparency"]` load_image leaves}.
-    preprocess_reference.py resize OUT
-        Pillow's BICUBIC resize of generated RGB images: OUT/resize.json lists the cases
-        [{"name", "size": [W, H], "outputs": [[W', H'], ...]}]; OUT/<name>.rgb holds the input
-        (uint8 [H, W, 3]) and OUT/<name>.out.rgb every output in list order, concatenated.
-    preprocess_reference.py damaged OUT
-        Damaged JPEGs (cut short, trailing bytes, corrupt entropy data) as OUT/<name>.jpg, whether
-        transformers' load_image loads each (OUT/damaged.json) and its pixels (OUT/<name>.rgb).
+preprocess_reference.py generate DIR
+    Writes the edge-case images (PNG modes, GIF, JPEG variants, WebP, BMP, a decompression bomb)
+    to DIR.
+preprocess_reference.py reference OUT SIZES DO_CONVERT_RGB IMAGE...
+    For each IMAGE: OUT/<name>.rgb (uint8 [H, W, 3], `transformers.image_utils.load_image`) and
+    OUT/<name>.<S>.f32 (float32 little-endian pixel_values [3, S, S]) for each S in the
+    comma-separated SIZES, from a PaliGemma preprocessor_config.json whose "do_convert_rgb" is
+    DO_CONVERT_RGB ("null" as in the released checkpoints, or "true"); OUT/manifest.json maps
+    name -> {"size": [W, H], "transparency": the `info["transparency"]` load_image leaves}.
+preprocess_reference.py resize OUT
+    Pillow's BICUBIC resize of generated RGB images: OUT/resize.json lists the cases
+    [{"name", "size": [W, H], "outputs": [[W', H'], ...]}]; OUT/<name>.rgb holds the input
+    (uint8 [H, W, 3]) and OUT/<name>.out.rgb every output in list order, concatenated.
+preprocess_reference.py damaged OUT
+    Damaged JPEGs (cut short, trailing bytes, corrupt entropy data) as OUT/<name>.jpg, whether
+    transformers' load_image loads each (OUT/damaged.json) and its pixels (OUT/<name>.rgb).
 """
 
 import io
@@ -82,8 +82,7 @@ def generate(out: Path) -> None:
     Image.fromarray(scene(rng, 30, 40, 2), "LA").save(out / "la.png")
 
     # 16-bit grey opens as "I;16", which PIL's convert("RGB") saturates at 255.
-    gray16 = np.where(rng.random((21, 33)) < 0.5, rng.integers(0, 300, (21, 33)),
-                      rng.integers(0, 65536, (21, 33))).astype(">u2")
+    gray16 = np.where(rng.random((21, 33)) < 0.5, rng.integers(0, 300, (21, 33)), rng.integers(0, 65536, (21, 33))).astype(">u2")
     out.joinpath("gray16.png").write_bytes(raw_png(33, 21, 0, 16, [r.tobytes() for r in gray16]))
     rgb16 = rng.integers(0, 65536, (19, 23, 3)).astype(">u2")
     out.joinpath("rgb16.png").write_bytes(raw_png(23, 19, 2, 16, [r.tobytes() for r in rgb16]))
@@ -96,25 +95,58 @@ def generate(out: Path) -> None:
 
     # Palettes: index 1 and index 4 share a colour, so PIL's "transparency colour turns white"
     # also whitens index 4 when index 1 is the transparent one.
-    plte = bytes([10, 20, 30, 200, 100, 50, 0, 255, 0, 90, 90, 90, 200, 100, 50, 255, 255, 0,
-                  1, 2, 3, 250, 0, 250, 30, 60, 90, 120, 150, 180, 210, 240, 15, 45, 75, 105])
+    plte = bytes(
+        [
+            10,
+            20,
+            30,
+            200,
+            100,
+            50,
+            0,
+            255,
+            0,
+            90,
+            90,
+            90,
+            200,
+            100,
+            50,
+            255,
+            255,
+            0,
+            1,
+            2,
+            3,
+            250,
+            0,
+            250,
+            30,
+            60,
+            90,
+            120,
+            150,
+            180,
+            210,
+            240,
+            15,
+            45,
+            75,
+            105,
+        ]
+    )
     idx = rng.integers(0, 12, (27, 31)).astype(np.uint8)
     rows8 = [r.tobytes() for r in idx]
     out.joinpath("palette.png").write_bytes(raw_png(31, 27, 3, 8, rows8, plte))
-    out.joinpath("palette_trns_index.png").write_bytes(
-        raw_png(31, 27, 3, 8, rows8, plte, trns=b"\xff\x00\xff"))
-    out.joinpath("palette_trns_alpha.png").write_bytes(
-        raw_png(31, 27, 3, 8, rows8, plte, trns=b"\xff\x00\x80\x40"))
-    out.joinpath("palette4_trns.png").write_bytes(
-        raw_png(31, 27, 3, 4, [pack_bits(r, 4) for r in idx], plte, trns=b"\xff\xff\x00"))
+    out.joinpath("palette_trns_index.png").write_bytes(raw_png(31, 27, 3, 8, rows8, plte, trns=b"\xff\x00\xff"))
+    out.joinpath("palette_trns_alpha.png").write_bytes(raw_png(31, 27, 3, 8, rows8, plte, trns=b"\xff\x00\x80\x40"))
+    out.joinpath("palette4_trns.png").write_bytes(raw_png(31, 27, 3, 4, [pack_bits(r, 4) for r in idx], plte, trns=b"\xff\xff\x00"))
     gray8 = rng.integers(0, 256, (26, 24)).astype(np.uint8)
     gray8[::3, ::2] = 77
-    out.joinpath("gray_trns.png").write_bytes(
-        raw_png(24, 26, 0, 8, [r.tobytes() for r in gray8], trns=struct.pack(">H", 77)))
+    out.joinpath("gray_trns.png").write_bytes(raw_png(24, 26, 0, 8, [r.tobytes() for r in gray8], trns=struct.pack(">H", 77)))
     rgb8 = scene(rng, 26, 24)
     rgb8[::4, ::3] = (5, 6, 7)
-    out.joinpath("rgb_trns.png").write_bytes(
-        raw_png(24, 26, 2, 8, [r.tobytes() for r in rgb8], trns=struct.pack(">HHH", 5, 6, 7)))
+    out.joinpath("rgb_trns.png").write_bytes(raw_png(24, 26, 2, 8, [r.tobytes() for r in rgb8], trns=struct.pack(">HHH", 5, 6, 7)))
 
     p = Image.fromarray(idx, "P")
     p.putpalette(plte)
@@ -158,8 +190,7 @@ def generate(out: Path) -> None:
     out.joinpath("odd_ycck.jpg").write_bytes(bytes(ycck))
 
     # Header says 100000 x 100000 (1e10 pixels); the data is a few bytes.
-    out.joinpath("bomb.png").write_bytes(
-        raw_png(100000, 100000, 0, 8, [], idat=zlib.compress(b"\x00" * 64)))
+    out.joinpath("bomb.png").write_bytes(raw_png(100000, 100000, 0, 8, [], idat=zlib.compress(b"\x00" * 64)))
 
 
 def damaged(out: Path) -> None:
@@ -210,18 +241,31 @@ def reference(out: Path, sizes: list[int], do_convert_rgb: bool | None, images: 
         cfg_dir = out / f"config_{size}"
         cfg_dir.mkdir(exist_ok=True)
         # The keys of google/paligemma2-*-{224,448} preprocessor_config.json.
-        (cfg_dir / "preprocessor_config.json").write_text(json.dumps({
-            "do_convert_rgb": do_convert_rgb, "do_normalize": True, "do_rescale": True, "do_resize": True,
-            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-            "image_processor_type": "SiglipImageProcessor", "image_seq_length": (size // 14) ** 2,
-            "processor_class": "PaliGemmaProcessor", "resample": 3,
-            "rescale_factor": 0.00392156862745098, "size": {"height": size, "width": size},
-        }))
+        (cfg_dir / "preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "do_convert_rgb": do_convert_rgb,
+                    "do_normalize": True,
+                    "do_rescale": True,
+                    "do_resize": True,
+                    "image_mean": [0.5, 0.5, 0.5],
+                    "image_std": [0.5, 0.5, 0.5],
+                    "image_processor_type": "SiglipImageProcessor",
+                    "image_seq_length": (size // 14) ** 2,
+                    "processor_class": "PaliGemmaProcessor",
+                    "resample": 3,
+                    "rescale_factor": 0.00392156862745098,
+                    "size": {"height": size, "width": size},
+                }
+            )
+        )
         proc = AutoImageProcessor.from_pretrained(cfg_dir)
         if type(proc).__name__ != "SiglipImageProcessorPil":
-            sys.exit(f"AutoImageProcessor picked {type(proc).__name__}, not SiglipImageProcessorPil: "
-                     "torchvision is installed, so transformers now resizes with torchvision, not PIL. "
-                     "The Rust port follows the PIL backend; uninstall torchvision from .venv.")
+            sys.exit(
+                f"AutoImageProcessor picked {type(proc).__name__}, not SiglipImageProcessorPil: "
+                "torchvision is installed, so transformers now resizes with torchvision, not PIL. "
+                "The Rust port follows the PIL backend; uninstall torchvision from .venv."
+            )
         processors[size] = proc
 
     manifest = {}

@@ -41,15 +41,7 @@ struct Case {
 
 /// Odd image sizes, boxes that up- and downscale the 64x64 mask, full and one-pixel-thin boxes.
 fn cases(rng: &mut Rng) -> Vec<Case> {
-    let sizes = [
-        (451, 300),
-        (37, 23),
-        (1001, 777),
-        (14, 25),
-        (641, 427),
-        (3, 5),
-        (97, 1203),
-    ];
+    let sizes = [(451, 300), (37, 23), (1001, 777), (14, 25), (641, 427), (3, 5), (97, 1203)];
     let mut cases = Vec::new();
     for &(width, height) in &sizes {
         let full = BoxBins {
@@ -58,11 +50,7 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
             y_max: 1023,
             x_max: 1023,
         };
-        cases.push(Case {
-            bins: full,
-            width,
-            height,
-        });
+        cases.push(Case { bins: full, width, height });
         for _ in 0..4 {
             let pair = |rng: &mut Rng| {
                 let a = rng.below(1023) as u16;
@@ -117,8 +105,7 @@ fn masks_match_big_vision_pil_post_processing_pixel_for_pixel() {
     let cases = cases(&mut rng);
     let masks = masks(&mut rng, cases.len());
 
-    let work = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("segment_parity_{}", std::process::id()));
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("segment_parity_{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     let spec: Vec<_> = cases
         .iter()
@@ -127,11 +114,7 @@ fn masks_match_big_vision_pil_post_processing_pixel_for_pixel() {
             serde_json::json!({"bins": [b.y_min, b.x_min, b.y_max, b.x_max], "width": c.width, "height": c.height})
         })
         .collect();
-    std::fs::write(
-        work.join("cases.json"),
-        serde_json::to_string(&spec).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(work.join("cases.json"), serde_json::to_string(&spec).unwrap()).unwrap();
     // Plain resizes on both sides of Pillow 13's pass-order switch, up- and downscaling.
     let sizes: Vec<[usize; 2]> = vec![
         [1, 1],
@@ -152,11 +135,7 @@ fn masks_match_big_vision_pil_post_processing_pixel_for_pixel() {
         [200, 65],
         [1000, 7],
     ];
-    std::fs::write(
-        work.join("sizes.json"),
-        serde_json::to_string(&sizes).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(work.join("sizes.json"), serde_json::to_string(&sizes).unwrap()).unwrap();
     let raw: Vec<u8> = masks.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(work.join("masks.f32"), raw).unwrap();
 
@@ -166,12 +145,7 @@ fn masks_match_big_vision_pil_post_processing_pixel_for_pixel() {
         .arg(&script)
         .arg(&work)
         .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "could not run {}: {e}; run the project's set-up script",
-                python.display()
-            )
-        });
+        .unwrap_or_else(|e| panic!("could not run {}: {e}; run the project's set-up script", python.display()));
     assert!(
         output.status.success(),
         "reference failed: {}",
@@ -180,17 +154,12 @@ fn masks_match_big_vision_pil_post_processing_pixel_for_pixel() {
     let boxes: Vec<Option<[u32; 4]>> = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(boxes.len(), cases.len());
 
-    let (mut compared, mut floats, mut exact, mut pixels, mut differing) =
-        (0, 0usize, 0usize, 0usize, 0usize);
+    let (mut compared, mut floats, mut exact, mut pixels, mut differing) = (0, 0usize, 0usize, 0usize, 0usize);
     let mut max_float_diff = 0.0f32;
     for (k, (case, expected_box)) in cases.iter().zip(&boxes).enumerate() {
         let mask64 = masks.index_axis(ndarray::Axis(0), k);
         let pixel = pixel_box(&case.bins, case.width, case.height);
-        assert_eq!(
-            pixel.map(|(a, b, c, d)| [a, b, c, d]),
-            *expected_box,
-            "case {k}: pixel box"
-        );
+        assert_eq!(pixel.map(|(a, b, c, d)| [a, b, c, d]), *expected_box, "case {k}: pixel box");
         let ours = paste_mask(mask64, &case.bins, case.width, case.height).unwrap();
         let Some([x_min, y_min, x_max, y_max]) = *expected_box else {
             assert!(ours.is_none(), "case {k}: big_vision drops this box");
@@ -210,12 +179,7 @@ fn masks_match_big_vision_pil_post_processing_pixel_for_pixel() {
         let ours = ours.unwrap_or_else(|| panic!("case {k}: Rust dropped a box big_vision keeps"));
         let reference = std::fs::read(work.join(format!("mask_{k}.u8"))).unwrap();
         assert_eq!(ours.data().len(), reference.len(), "case {k}: mask size");
-        differing += ours
-            .data()
-            .iter()
-            .zip(&reference)
-            .filter(|(&a, &b)| a != (b == 1))
-            .count();
+        differing += ours.data().iter().zip(&reference).filter(|(&a, &b)| a != (b == 1)).count();
         pixels += reference.len();
     }
     for (i, &[w, h]) in sizes.iter().enumerate() {
@@ -236,21 +200,12 @@ fn masks_match_big_vision_pil_post_processing_pixel_for_pixel() {
         cases.len(),
         sizes.len()
     );
-    assert!(
-        compared >= cases.len() / 2,
-        "too few non-empty boxes to be a test"
-    );
-    assert!(
-        max_float_diff <= 1e-5,
-        "resize differs from PIL by {max_float_diff}"
-    );
+    assert!(compared >= cases.len() / 2, "too few non-empty boxes to be a test");
+    assert!(max_float_diff <= 1e-5, "resize differs from PIL by {max_float_diff}");
     // Pillow 13 (pinned in export/requirements.txt) is matched bit for bit, pass order included.
     assert_eq!(
         exact, floats,
         "resize is not bit-identical to PIL: is the reference Python's Pillow 13?"
     );
-    assert_eq!(
-        differing, 0,
-        "{differing} mask pixels differ from big_vision"
-    );
+    assert_eq!(differing, 0, "{differing} mask pixels differ from big_vision");
 }

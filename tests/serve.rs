@@ -202,7 +202,12 @@ fn assert_error(got: (u16, Headers, String), status: u16, code: &str, needle: &s
 }
 
 fn post_error(url: &str, body: &Value, status: u16, code: &str, needle: &str) {
-    assert_error(post(url, &[("content-type", "application/json")], body.to_string()), status, code, needle);
+    assert_error(
+        post(url, &[("content-type", "application/json")], body.to_string()),
+        status,
+        code,
+        needle,
+    );
 }
 
 /// One server-sent event.
@@ -219,7 +224,11 @@ struct SseReader {
 
 impl SseReader {
     fn open(url: &str, body: &Value) -> SseReader {
-        let response = agent().post(url).header("content-type", "application/json").send(body.to_string()).unwrap();
+        let response = agent()
+            .post(url)
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .unwrap();
         assert_eq!(response.status().as_u16(), 200);
         let kind = response.headers().get("content-type").unwrap().to_str().unwrap().to_string();
         assert_eq!(kind, "text/event-stream");
@@ -266,19 +275,45 @@ fn hold(server: &Server) -> SseReader {
 fn raw_post(server: &Server, path: &str, body: &Value) -> TcpStream {
     let mut socket = TcpStream::connect(server.address()).unwrap();
     let body = body.to_string();
-    write!(socket, "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(
+        socket,
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     socket
 }
 
 fn token_ids(v: &Value) -> Vec<i64> {
-    v["token_ids"].as_array().unwrap_or_else(|| panic!("no token_ids in {v}")).iter().map(|t| t.as_i64().unwrap()).collect()
+    v["token_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no token_ids in {v}"))
+        .iter()
+        .map(|t| t.as_i64().unwrap())
+        .collect()
 }
 
 /// `paligemma --json` for one request.
 fn cli_json(image: &Path, prompt: &str, max_new_tokens: usize) -> Value {
-    let (m, i, n) = (model().display().to_string(), image.display().to_string(), max_new_tokens.to_string());
+    let (m, i, n) = (
+        model().display().to_string(),
+        image.display().to_string(),
+        max_new_tokens.to_string(),
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_paligemma"))
-        .args(["--model", &m, "--image", &i, "--prompt", prompt, "--max-new-tokens", &n, "--json", "--threads", "1"])
+        .args([
+            "--model",
+            &m,
+            "--image",
+            &i,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            &n,
+            "--json",
+            "--threads",
+            "1",
+        ])
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
@@ -317,7 +352,10 @@ fn health_page_and_metrics_answer() {
 
     let (status, headers, body) = get(&server.url("/"), &[]);
     assert_eq!(status, 200);
-    assert!(header(&headers, "content-type").is_some_and(|t| t.starts_with("text/html")), "{headers:?}");
+    assert!(
+        header(&headers, "content-type").is_some_and(|t| t.starts_with("text/html")),
+        "{headers:?}"
+    );
     assert!(body.to_ascii_lowercase().starts_with("<!doctype html"), "{body}");
 
     let (status, headers, text) = get(&server.url("/metrics"), &[]);
@@ -335,8 +373,14 @@ fn health_page_and_metrics_answer() {
     ] {
         assert!(text.contains(&format!("# TYPE {family}\n")), "{family} missing:\n{text}");
     }
-    assert!(text.contains("paligemma_requests_total{endpoint=\"/health\",code=\"200\"} 1\n"), "{text}");
-    assert!(text.contains("paligemma_batch_size_bucket{le=\"4\"} 0\n"), "buckets 1..max_batch:\n{text}");
+    assert!(
+        text.contains("paligemma_requests_total{endpoint=\"/health\",code=\"200\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("paligemma_batch_size_bucket{le=\"4\"} 0\n"),
+        "buckets 1..max_batch:\n{text}"
+    );
 }
 
 #[test]
@@ -347,7 +391,16 @@ fn generate_answers_the_cli_json_object() {
     let expected = cli_json(&image_path("chelsea.png"), "caption en", 8);
     let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&got), keys(&expected));
-    for key in ["text", "token_ids", "detections", "segments", "malformed_objects", "finished", "image_size", "providers"] {
+    for key in [
+        "text",
+        "token_ids",
+        "detections",
+        "segments",
+        "malformed_objects",
+        "finished",
+        "image_size",
+        "providers",
+    ] {
         assert_eq!(got[key], expected[key], "{key}");
     }
     assert_eq!(got["timings"]["decode_steps"], expected["timings"]["decode_steps"]);
@@ -365,13 +418,18 @@ fn multipart_and_data_url_bodies_give_the_plain_base64_answer() {
     let server = Server::start(&[]);
     let url = server.url("/v1/generate");
     let (_, _, plain) = post_json(&url, &generate_body("rocket.jpg", "describe en", 6));
-    let data_url = json!({ "image": format!("data:image/jpeg;base64,{}", image_base64("rocket.jpg")), "prompt": "describe en", "max_new_tokens": 6 });
+    let data_url =
+        json!({ "image": format!("data:image/jpeg;base64,{}", image_base64("rocket.jpg")), "prompt": "describe en", "max_new_tokens": 6 });
     let (status, _, from_url) = post_json(&url, &data_url);
     assert_eq!(status, 200, "{from_url}");
     assert_eq!(token_ids(&from_url), token_ids(&plain));
 
     let file = std::fs::read(image_path("rocket.jpg")).unwrap();
-    let (kind, body) = multipart(&[("image", Some("rocket.jpg"), &file), ("prompt", None, b"describe en"), ("max_new_tokens", None, b"6")]);
+    let (kind, body) = multipart(&[
+        ("image", Some("rocket.jpg"), &file),
+        ("prompt", None, b"describe en"),
+        ("max_new_tokens", None, b"6"),
+    ]);
     let (status, _, text) = post(&url, &[("content-type", &kind)], body);
     assert_eq!(status, 200, "{text}");
     let from_form: Value = serde_json::from_str(&text).unwrap();
@@ -380,8 +438,17 @@ fn multipart_and_data_url_bodies_give_the_plain_base64_answer() {
 
     let (kind, body) = multipart(&[("image", Some("rocket.jpg"), &file)]);
     assert_error(post(&url, &[("content-type", &kind)], body), 400, "empty_prompt", "\"prompt\"");
-    let (kind, body) = multipart(&[("image", Some("rocket.jpg"), &file), ("prompt", None, b"ocr"), ("temperature", None, b"1")]);
-    assert_error(post(&url, &[("content-type", &kind)], body), 400, "unknown_field", "\"temperature\"");
+    let (kind, body) = multipart(&[
+        ("image", Some("rocket.jpg"), &file),
+        ("prompt", None, b"ocr"),
+        ("temperature", None, b"1"),
+    ]);
+    assert_error(
+        post(&url, &[("content-type", &kind)], body),
+        400,
+        "unknown_field",
+        "\"temperature\"",
+    );
 }
 
 #[test]
@@ -398,7 +465,12 @@ fn streamed_tokens_add_up_to_the_done_answer() {
     assert_eq!(token_ids(&done), token_ids(&whole));
     assert_eq!(done["providers"], whole["providers"]);
     // At most one event per token: a token that leaves its text open (a byte run) sends none.
-    assert!(!tokens.is_empty() && tokens.len() <= token_ids(&whole).len(), "{} events for {} tokens", tokens.len(), token_ids(&whole).len());
+    assert!(
+        !tokens.is_empty() && tokens.len() <= token_ids(&whole).len(),
+        "{} events for {} tokens",
+        tokens.len(),
+        token_ids(&whole).len()
+    );
     let mut text = String::new();
     for event in tokens {
         assert_eq!(event.event.as_deref(), Some("token"));
@@ -414,7 +486,13 @@ fn chat_completions_answer_in_openai_shape_with_the_generate_text() {
     let (_, _, generated) = post_json(&server.url("/v1/generate"), &generate_body("chelsea.png", "detect cat", 8));
     let mut body = chat_body("chelsea.png", "detect cat", 8);
     // Sampling options OpenAI clients send are accepted (decoding stays greedy).
-    for (key, value) in [("temperature", json!(0.7)), ("top_p", json!(0.9)), ("seed", json!(3)), ("user", json!("u")), ("n", json!(1))] {
+    for (key, value) in [
+        ("temperature", json!(0.7)),
+        ("top_p", json!(0.9)),
+        ("seed", json!(3)),
+        ("user", json!("u")),
+        ("n", json!(1)),
+    ] {
         body[key] = value;
     }
     let (status, _, v) = post_json(&server.url("/v1/chat/completions"), &body);
@@ -434,7 +512,10 @@ fn chat_completions_answer_in_openai_shape_with_the_generate_text() {
     assert_eq!(usage["completion_tokens"], n);
     let manifest: Value = serde_json::from_str(&std::fs::read_to_string(model().join("manifest.json")).unwrap()).unwrap();
     let prompt_tokens = usage["prompt_tokens"].as_u64().unwrap();
-    assert!(prompt_tokens > manifest["num_image_tokens"].as_u64().unwrap(), "image tokens are counted: {usage}");
+    assert!(
+        prompt_tokens > manifest["num_image_tokens"].as_u64().unwrap(),
+        "image tokens are counted: {usage}"
+    );
     assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt_tokens + n as u64);
     assert_eq!(v["paligemma"]["detections"], generated["detections"]);
     assert_eq!(v["paligemma"]["segments"], generated["segments"]);
@@ -459,7 +540,10 @@ fn chat_completion_stream_sends_role_tokens_finish_usage_and_done() {
     let events = SseReader::open(&server.url("/v1/chat/completions"), &body).all();
     assert!(events.iter().all(|e| e.event.is_none()), "OpenAI streams carry data lines only");
     assert_eq!(events.last().unwrap().data, "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(&e.data).unwrap()).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
     let id = &chunks[0]["id"];
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && &c["id"] == id));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
@@ -467,7 +551,10 @@ fn chat_completion_stream_sends_role_tokens_finish_usage_and_done() {
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["completion_tokens"], token_ids(&generated).len());
     let finish = &chunks[chunks.len() - 2];
-    assert_eq!(finish["choices"][0]["finish_reason"], if generated["finished"] == true { "stop" } else { "length" });
+    assert_eq!(
+        finish["choices"][0]["finish_reason"],
+        if generated["finished"] == true { "stop" } else { "length" }
+    );
     let content: String = chunks[..chunks.len() - 2]
         .iter()
         .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap_or("").to_string())
@@ -487,12 +574,21 @@ fn chat_completions_refuse_what_this_model_cannot_do() {
     let server = Server::start(&[]);
     let url = server.url("/v1/chat/completions");
     let mut system = chat_body("chelsea.png", "caption en", 4);
-    system["messages"].as_array_mut().unwrap().insert(0, json!({ "role": "system", "content": "be brief" }));
+    system["messages"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, json!({ "role": "system", "content": "be brief" }));
     post_error(&url, &system, 400, "unsupported_message", "system messages are not supported");
 
     let mut web = chat_body("chelsea.png", "caption en", 4);
     web["messages"][0]["content"][0]["image_url"]["url"] = json!("https://example.com/cat.png");
-    post_error(&url, &web, 400, "unsupported_image_url", "only data: URLs, the server fetches nothing");
+    post_error(
+        &url,
+        &web,
+        400,
+        "unsupported_image_url",
+        "only data: URLs, the server fetches nothing",
+    );
 
     let mut n = chat_body("chelsea.png", "caption en", 4);
     n["n"] = json!(2);
@@ -518,9 +614,20 @@ fn chat_completions_refuse_what_this_model_cannot_do() {
     assistant["messages"][0]["role"] = json!("assistant");
     post_error(&url, &assistant, 400, "unsupported_message", "\"user\"");
 
-    post_error(&url, &chat_body("chelsea.png", "caption en", 100_000), 400, "invalid_max_new_tokens", "--max-new-tokens-cap");
+    post_error(
+        &url,
+        &chat_body("chelsea.png", "caption en", 100_000),
+        400,
+        "invalid_max_new_tokens",
+        "--max-new-tokens-cap",
+    );
     let body = chat_body("chelsea.png", "caption en", 4).to_string();
-    assert_error(post(&url, &[("content-type", "text/plain")], &body), 415, "unsupported_media_type", "application/json");
+    assert_error(
+        post(&url, &[("content-type", "text/plain")], &body),
+        415,
+        "unsupported_media_type",
+        "application/json",
+    );
 }
 
 #[test]
@@ -537,36 +644,81 @@ fn limits_and_bad_requests_are_json_errors_that_name_the_problem() {
     ]);
     let url = server.url("/v1/generate");
     // chelsea.png is 240 kB: over the body limit as JSON and as a form.
-    post_error(&url, &generate_body("chelsea.png", "ocr", 4), 413, "body_too_large", "--max-body-bytes");
+    post_error(
+        &url,
+        &generate_body("chelsea.png", "ocr", 4),
+        413,
+        "body_too_large",
+        "--max-body-bytes",
+    );
     let big = std::fs::read(image_path("chelsea.png")).unwrap();
     let (kind, body) = multipart(&[("image", Some("chelsea.png"), &big), ("prompt", None, b"ocr")]);
-    assert_error(post(&url, &[("content-type", &kind)], body), 413, "body_too_large", "--max-body-bytes");
+    assert_error(
+        post(&url, &[("content-type", &kind)], body),
+        413,
+        "body_too_large",
+        "--max-body-bytes",
+    );
     // A body declared far over the limit is refused before it is sent.
     let mut socket = TcpStream::connect(server.address()).unwrap();
-    write!(socket, "POST /v1/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n").unwrap();
+    write!(
+        socket,
+        "POST /v1/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n"
+    )
+    .unwrap();
     let mut answer = String::new();
     socket.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("\"code\":\"body_too_large\""), "{answer}");
     // text.png (448x172) is under the pixel limit, rocket.jpg (640x427) over it.
-    post_error(&url, &generate_body("rocket.jpg", "ocr", 4), 413, "image_too_large", "--max-image-pixels");
+    post_error(
+        &url,
+        &generate_body("rocket.jpg", "ocr", 4),
+        413,
+        "image_too_large",
+        "--max-image-pixels",
+    );
 
     let not_an_image = json!({ "image": STANDARD.encode(b"hello, not an image"), "prompt": "ocr" });
     post_error(&url, &not_an_image, 400, "invalid_image", "not in a supported format");
     let text_png = std::fs::read(image_path("text.png")).unwrap();
     let truncated = json!({ "image": STANDARD.encode(&text_png[..text_png.len() / 2]), "prompt": "ocr" });
     post_error(&url, &truncated, 400, "invalid_image", "truncated or corrupt");
-    post_error(&url, &json!({ "image": "not base64!", "prompt": "ocr" }), 400, "invalid_base64", "base64");
+    post_error(
+        &url,
+        &json!({ "image": "not base64!", "prompt": "ocr" }),
+        400,
+        "invalid_base64",
+        "base64",
+    );
     post_error(&url, &json!({ "image": "", "prompt": "ocr" }), 400, "missing_image", "image");
 
     post_error(&url, &generate_body("text.png", " ", 4), 400, "empty_prompt", "prompt is empty");
     // 30,000 emoji are 120,000 byte-fallback tokens: the cost is counted in tokens.
-    post_error(&url, &generate_body("text.png", &"😀".repeat(30_000), 4), 400, "prompt_too_long", "--max-prompt-tokens");
+    post_error(
+        &url,
+        &generate_body("text.png", &"😀".repeat(30_000), 4),
+        400,
+        "prompt_too_long",
+        "--max-prompt-tokens",
+    );
     // Under the token limit but over the model's 8192 positions.
     let words: String = (0..6000).map(|i| format!("w{i} ")).collect();
     post_error(&url, &generate_body("text.png", &words, 4), 400, "prompt_too_long", "positions");
-    post_error(&url, &generate_body("text.png", "ocr", 0), 400, "invalid_max_new_tokens", "at least 1");
-    post_error(&url, &generate_body("text.png", "ocr", 17), 400, "invalid_max_new_tokens", "--max-new-tokens-cap");
+    post_error(
+        &url,
+        &generate_body("text.png", "ocr", 0),
+        400,
+        "invalid_max_new_tokens",
+        "at least 1",
+    );
+    post_error(
+        &url,
+        &generate_body("text.png", "ocr", 17),
+        400,
+        "invalid_max_new_tokens",
+        "--max-new-tokens-cap",
+    );
 
     let mut unknown = generate_body("text.png", "ocr", 4);
     unknown["temperature"] = json!(0.5);
@@ -576,7 +728,12 @@ fn limits_and_bad_requests_are_json_errors_that_name_the_problem() {
     assert_error(syntax, 400, "invalid_json", "EOF");
     let body = generate_body("text.png", "ocr", 4).to_string();
     assert_error(post(&url, &[], &body), 415, "unsupported_media_type", "no Content-Type");
-    assert_error(post(&url, &[("content-type", "text/plain")], &body), 415, "unsupported_media_type", "text/plain");
+    assert_error(
+        post(&url, &[("content-type", "text/plain")], &body),
+        415,
+        "unsupported_media_type",
+        "text/plain",
+    );
 
     assert_error(get(&server.url("/v2/nothing"), &[]), 404, "not_found", "/v2/nothing");
     assert_error(get(&url, &[]), 405, "method_not_allowed", "use POST");
@@ -620,12 +777,23 @@ fn concurrent_requests_run_batched_and_get_the_answers_they_get_alone() {
         })
         .collect();
     let metrics = server.metrics();
-    for line in ["paligemma_batch_size_bucket{le=\"1\"} 1\n", "paligemma_batch_size_bucket{le=\"2\"} 2\n", "paligemma_batch_size_count 3\n"] {
-        assert!(metrics.contains(line), "{line:?}: batches of 1 (the holder), 4 and 2 expected:\n{metrics}");
+    for line in [
+        "paligemma_batch_size_bucket{le=\"1\"} 1\n",
+        "paligemma_batch_size_bucket{le=\"2\"} 2\n",
+        "paligemma_batch_size_count 3\n",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "{line:?}: batches of 1 (the holder), 4 and 2 expected:\n{metrics}"
+        );
     }
     for ((image, prompt, n), batched) in requests.iter().zip(&batched) {
         let (_, _, alone) = post_json(&url, &generate_body(image, prompt, *n));
-        assert_eq!(token_ids(batched), token_ids(&alone), "{image} {prompt:?}: batched differs from alone");
+        assert_eq!(
+            token_ids(batched),
+            token_ids(&alone),
+            "{image} {prompt:?}: batched differs from alone"
+        );
         assert_eq!(batched["text"], alone["text"]);
         assert_eq!(batched["detections"], alone["detections"]);
         assert_eq!(batched["segments"], alone["segments"]);
@@ -650,7 +818,11 @@ fn a_client_that_leaves_frees_its_slot_queued_or_running() {
     let (status, _, v) = post_json(&server.url("/v1/generate"), &generate_body("chelsea.png", "caption en", 4));
     assert_eq!(status, 200, "{v}");
     assert_eq!(server.metric("paligemma_batch_size_count"), 2.0);
-    assert_eq!(server.metric("paligemma_generated_tokens_total"), 4.0, "the stopped rows' tokens are not counted");
+    assert_eq!(
+        server.metric("paligemma_generated_tokens_total"),
+        4.0,
+        "the stopped rows' tokens are not counted"
+    );
 }
 
 #[test]
@@ -675,7 +847,11 @@ fn a_row_stopped_inside_a_batch_leaves_the_other_rows_unchanged() {
     assert_eq!(status, 200, "{batched}");
     // The holder and the leaver.
     server.wait_metric("paligemma_cancelled_total{stage=\"running\"}", 2.0);
-    assert_eq!(server.metric("paligemma_batch_size_bucket{le=\"1\"}"), 1.0, "the holder alone, then a batch of two");
+    assert_eq!(
+        server.metric("paligemma_batch_size_bucket{le=\"1\"}"),
+        1.0,
+        "the holder alone, then a batch of two"
+    );
     let (_, _, alone) = post_json(&url, &other);
     assert_eq!(token_ids(&batched).len(), 300);
     assert_eq!(token_ids(&batched), token_ids(&alone));
@@ -691,7 +867,11 @@ fn a_full_queue_answers_503_with_retry_after() {
         std::thread::spawn(move || post_json(&url, &body))
     };
     server.wait_metric("paligemma_queue_depth", 1.0);
-    let refused = post(&url, &[("content-type", "application/json")], generate_body("text.png", "ocr", 4).to_string());
+    let refused = post(
+        &url,
+        &[("content-type", "application/json")],
+        generate_body("text.png", "ocr", 4).to_string(),
+    );
     assert_eq!(header(&refused.1, "retry-after"), Some("1"));
     assert_error(refused, 503, "queue_full", "--max-queue");
     drop(holder);
@@ -716,12 +896,20 @@ fn sigterm_finishes_running_and_queued_requests_then_exits_0() {
 
     let events = running.all();
     let done = events.last().unwrap();
-    assert_eq!(done.event.as_deref(), Some("done"), "{:?}", &events[events.len().saturating_sub(3)..]);
+    assert_eq!(
+        done.event.as_deref(),
+        Some("done"),
+        "{:?}",
+        &events[events.len().saturating_sub(3)..]
+    );
     let done: Value = serde_json::from_str(&done.data).unwrap();
     assert_eq!(token_ids(&done).len(), 2500);
     let (status, _, v) = queued.join().unwrap();
     assert_eq!(status, 200, "{v}");
-    assert_eq!(token_ids(&v).len(), token_ids(&cli_json(&image_path("chelsea.png"), "caption en", 6)).len());
+    assert_eq!(
+        token_ids(&v).len(),
+        token_ids(&cli_json(&image_path("chelsea.png"), "caption en", 6)).len()
+    );
 
     let started = Instant::now();
     let status = loop {
@@ -746,12 +934,21 @@ fn api_key_guards_every_route_but_health_and_the_page() {
         assert_eq!(header(&answer.1, "www-authenticate"), Some("Bearer"), "{auth:?}");
         assert_error(answer, 401, "invalid_api_key", "Authorization: Bearer");
     }
-    let ok = post(&url, &[("content-type", "application/json"), ("authorization", "Bearer s3cret")], &body);
+    let ok = post(
+        &url,
+        &[("content-type", "application/json"), ("authorization", "Bearer s3cret")],
+        &body,
+    );
     assert_eq!(ok.0, 200, "{}", ok.2);
     assert_error(get(&server.url("/metrics"), &[]), 401, "invalid_api_key", "API key");
     assert_eq!(get(&server.url("/metrics"), &[("authorization", "Bearer s3cret")]).0, 200);
     let chat = chat_body("text.png", "ocr", 4).to_string();
-    assert_error(post(&server.url("/v1/chat/completions"), &[("content-type", "application/json")], &chat), 401, "invalid_api_key", "API key");
+    assert_error(
+        post(&server.url("/v1/chat/completions"), &[("content-type", "application/json")], &chat),
+        401,
+        "invalid_api_key",
+        "API key",
+    );
     assert_eq!(get(&server.url("/health"), &[]).0, 200);
     assert_eq!(get(&server.url("/"), &[]).0, 200);
 }
@@ -791,7 +988,11 @@ fn cors_headers_only_with_cors_origin() {
     }
     let (status, headers, _) = get(&open.url("/metrics"), &[("origin", "https://app.example")]);
     assert_eq!(status, 401);
-    assert_eq!(header(&headers, "access-control-allow-origin"), Some("https://app.example"), "a browser must be able to read the 401");
+    assert_eq!(
+        header(&headers, "access-control-allow-origin"),
+        Some("https://app.example"),
+        "a browser must be able to read the 401"
+    );
     let (status, headers, _) = get(&open.url("/health"), &[("origin", "https://app.example")]);
     assert_eq!(status, 200);
     assert_eq!(header(&headers, "access-control-allow-origin"), Some("https://app.example"));
@@ -817,7 +1018,15 @@ fn streamed_generate(url: &str, body: &Value) -> (String, Value) {
     let events = SseReader::open(url, &body).all();
     let (last, tokens) = events.split_last().unwrap();
     assert_eq!(last.event.as_deref(), Some("done"), "{events:?}");
-    let text = tokens.iter().map(|e| serde_json::from_str::<Value>(&e.data).unwrap()["text"].as_str().unwrap().to_string()).collect();
+    let text = tokens
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.data).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
     (text, serde_json::from_str(&last.data).unwrap())
 }
 
@@ -852,7 +1061,11 @@ fn streams_of_byte_fallback_text_add_up_to_the_answer() {
         let chat = chat_body(image, prompt, 40);
         let (_, _, answer) = post_json(&server.url("/v1/chat/completions"), &chat);
         let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
-        assert_eq!(streamed_chat(&server.url("/v1/chat/completions"), &chat), content, "{image} {prompt}: OpenAI stream");
+        assert_eq!(
+            streamed_chat(&server.url("/v1/chat/completions"), &chat),
+            content,
+            "{image} {prompt}: OpenAI stream"
+        );
     }
 }
 
@@ -910,7 +1123,11 @@ fn the_bearer_scheme_is_accepted_in_any_case() {
     let body = generate_body("text.png", "ocr", 2).to_string();
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let auth = format!("{scheme} sekrit");
-        let (status, _, text) = post(&server.url("/v1/generate"), &[("content-type", "application/json"), ("authorization", &auth)], &body);
+        let (status, _, text) = post(
+            &server.url("/v1/generate"),
+            &[("content-type", "application/json"), ("authorization", &auth)],
+            &body,
+        );
         assert_eq!(status, 200, "{scheme}: {text}");
     }
 }
@@ -934,13 +1151,28 @@ fn soak_with_bad_requests_mixed_in_fails_only_the_bad_ones() {
         (generate_body("chelsea.png", "<image>", 6), 400, "empty_prompt"),
         (generate_body("chelsea.png", &"😀".repeat(2000), 6), 400, "prompt_too_long"),
         (generate_body("chelsea.png", "caption en", 0), 400, "invalid_max_new_tokens"),
-        (json!({ "image": STANDARD.encode(b"not an image"), "prompt": "ocr", "max_new_tokens": 4 }), 400, "invalid_image"),
-        (json!({ "image": image_base64("text.png"), "prompt": "ocr", "max_new_tokens": -1 }), 400, "invalid_json"),
+        (
+            json!({ "image": STANDARD.encode(b"not an image"), "prompt": "ocr", "max_new_tokens": 4 }),
+            400,
+            "invalid_image",
+        ),
+        (
+            json!({ "image": image_base64("text.png"), "prompt": "ocr", "max_new_tokens": -1 }),
+            400,
+            "invalid_json",
+        ),
     ];
     let expected: Vec<Value> = valid.iter().map(|&(i, p, n)| post_json(&url, &generate_body(i, p, n)).2).collect();
-    assert_eq!(token_ids(&expected[0]), token_ids(&expected[1]), "<image>caption en differs from caption en");
+    assert_eq!(
+        token_ids(&expected[0]),
+        token_ids(&expected[1]),
+        "<image>caption en differs from caption en"
+    );
     // The task is read after the placeholder: `<image>detect cat` answers boxes as `detect cat`.
-    assert_eq!((token_ids(&expected[6]), &expected[6]["detections"]), (token_ids(&expected[4]), &expected[4]["detections"]));
+    assert_eq!(
+        (token_ids(&expected[6]), &expected[6]["detections"]),
+        (token_ids(&expected[4]), &expected[4]["detections"])
+    );
     // 8 clients, 24 requests each, every fourth one bad, all at once.
     let clients: Vec<_> = (0..8)
         .map(|client| {
@@ -959,7 +1191,11 @@ fn soak_with_bad_requests_mixed_in_fails_only_the_bad_ones() {
                         let (status, _, v) = post_json(&url, &generate_body(image, prompt, n));
                         assert_eq!(status, 200, "{image} {prompt:?}: {v}");
                         let want = &expected[pick % valid.len()];
-                        assert_eq!((token_ids(&v), &v["text"]), (token_ids(want), &want["text"]), "{image} {prompt:?}: wrong answer");
+                        assert_eq!(
+                            (token_ids(&v), &v["text"]),
+                            (token_ids(want), &want["text"]),
+                            "{image} {prompt:?}: wrong answer"
+                        );
                         ok += 1;
                     }
                 }
@@ -974,7 +1210,10 @@ fn soak_with_bad_requests_mixed_in_fails_only_the_bad_ones() {
         refused += r;
     }
     assert_eq!((ok, refused), (8 * 18, 8 * 6));
-    assert!(server.metric("paligemma_batch_size_count") < (8 * 18 + valid.len()) as f64, "requests were never batched");
+    assert!(
+        server.metric("paligemma_batch_size_count") < (8 * 18 + valid.len()) as f64,
+        "requests were never batched"
+    );
     assert!(!server.stderr.lock().unwrap().contains("panicked"));
 }
 
@@ -987,7 +1226,11 @@ fn terminate(server: &mut Server, bound: Duration) -> std::process::ExitStatus {
         if let Some(status) = server.child.try_wait().unwrap() {
             return status;
         }
-        assert!(started.elapsed() < bound, "the server did not exit within {bound:?} of SIGTERM:\n{}", server.stderr.lock().unwrap());
+        assert!(
+            started.elapsed() < bound,
+            "the server did not exit within {bound:?} of SIGTERM:\n{}",
+            server.stderr.lock().unwrap()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -1006,7 +1249,11 @@ fn raw_exchange(server: &Server, request: &[u8]) -> String {
 /// The status and the error code of a raw HTTP answer with a JSON body.
 fn raw_error(answer: &str) -> (u16, String) {
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head: {answer:?}"));
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{head}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{head}"));
     assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{head}");
     let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
     assert!(v["error"]["message"].as_str().is_some_and(|m| m.len() > 20), "{body}");
@@ -1021,12 +1268,21 @@ fn errors_of_the_http_layer_have_the_json_error_body() {
     let bad_header = raw_exchange(&server, b"GET /health HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n");
     assert_eq!(raw_error(&bad_header), (400, "bad_request".to_string()));
     let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
-    assert_eq!(raw_error(&raw_exchange(&server, long_uri.as_bytes())), (414, "uri_too_long".to_string()));
+    assert_eq!(
+        raw_error(&raw_exchange(&server, long_uri.as_bytes())),
+        (414, "uri_too_long".to_string())
+    );
     let big_header = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(140_000));
-    assert_eq!(raw_error(&raw_exchange(&server, big_header.as_bytes())), (431, "headers_too_large".to_string()));
+    assert_eq!(
+        raw_error(&raw_exchange(&server, big_header.as_bytes())),
+        (431, "headers_too_large".to_string())
+    );
     let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
     let many_headers = format!("GET /health HTTP/1.1\r\nHost: x\r\n{many}\r\n");
-    assert_eq!(raw_error(&raw_exchange(&server, many_headers.as_bytes())), (431, "headers_too_large".to_string()));
+    assert_eq!(
+        raw_error(&raw_exchange(&server, many_headers.as_bytes())),
+        (431, "headers_too_large".to_string())
+    );
     // The server is unharmed, and a good request on a raw socket still gets its usual answer.
     let health = raw_exchange(&server, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
@@ -1034,15 +1290,28 @@ fn errors_of_the_http_layer_have_the_json_error_body() {
 
 #[test]
 fn slow_clients_cannot_hold_the_server_and_sigterm_ends_it_within_the_bound() {
-    let mut server = Server::start(&["--max-connections", "64", "--header-timeout", "2", "--body-timeout", "2", "--shutdown-timeout", "20"]);
+    let mut server = Server::start(&[
+        "--max-connections",
+        "64",
+        "--header-timeout",
+        "2",
+        "--body-timeout",
+        "2",
+        "--shutdown-timeout",
+        "20",
+    ]);
     // 2,000 connections that never finish their request: most send half a head, some nothing,
     // some a whole head and part of the body.
     let mut slow = Vec::new();
     for k in 0..2000 {
-        let Ok(mut socket) = TcpStream::connect(server.address()) else { continue };
+        let Ok(mut socket) = TcpStream::connect(server.address()) else {
+            continue;
+        };
         let _ = match k % 4 {
             0 => Ok(()),
-            3 => socket.write_all(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"image\": "),
+            3 => socket.write_all(
+                b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"image\": ",
+            ),
             _ => socket.write_all(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Len"),
         };
         slow.push(socket);
@@ -1054,7 +1323,10 @@ fn slow_clients_cannot_hold_the_server_and_sigterm_ends_it_within_the_bound() {
     let (status, _, answer) = post_json(&server.url("/v1/generate"), &generate_body("chelsea.png", "caption en", 4));
     assert_eq!(status, 200, "{answer}");
     // A stalled body gets its 408 once the body timeout passes.
-    let stalled = raw_exchange(&server, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"image\"");
+    let stalled = raw_exchange(
+        &server,
+        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"image\"",
+    );
     assert_eq!(raw_error(&stalled), (408, "body_timeout".to_string()));
     // An idle keep-alive connection, and one that never sends a byte, are closed by the header
     // timeout: reading them ends.
@@ -1078,7 +1350,11 @@ fn slow_clients_cannot_hold_the_server_and_sigterm_ends_it_within_the_bound() {
 /// A connection that sent a whole head and the start of a `Content-Length: 1000` body.
 fn partial_body(server: &Server, extra_headers: &str) -> TcpStream {
     let mut socket = TcpStream::connect(server.address()).unwrap();
-    write!(socket, "POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra_headers}Content-Length: 1000\r\n\r\n{{\"im").unwrap();
+    write!(
+        socket,
+        "POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra_headers}Content-Length: 1000\r\n\r\n{{\"im"
+    )
+    .unwrap();
     socket
 }
 
@@ -1104,7 +1380,10 @@ fn clients_stuck_in_their_body_neither_lock_others_out_nor_hold_the_shutdown() {
 fn a_request_without_the_key_or_over_the_body_limit_is_answered_before_its_body() {
     let server = Server::start(&["--api-key", "sekrit", "--max-body-bytes", "5000", "--body-timeout", "60"]);
     // Neither sends the body it declares: the answer comes from the head alone.
-    let unauthorized = raw_exchange(&server, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n");
+    let unauthorized = raw_exchange(
+        &server,
+        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n",
+    );
     assert_eq!(raw_error(&unauthorized), (401, "invalid_api_key".to_string()));
     let too_big = raw_exchange(
         &server,

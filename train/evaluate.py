@@ -55,15 +55,18 @@ def transformers_answers(model, proc, reqs: list[dict]) -> list[dict]:
     import torch
     from PIL import Image
 
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id])
+    eos = set(
+        model.generation_config.eos_token_id
+        if isinstance(model.generation_config.eos_token_id, list)
+        else [model.generation_config.eos_token_id]
+    )
     answers = []
     with torch.no_grad():
         for r in reqs:
             inputs = proc(images=[Image.open(r["image"]).convert("RGB")], text=[r["prompt"]], return_tensors="pt")
             out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-            ids = out[0, inputs["input_ids"].shape[1]:].tolist()
-            ids = ids[:next((k for k, t in enumerate(ids) if t in eos), len(ids))]
+            ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+            ids = ids[: next((k for k, t in enumerate(ids) if t in eos), len(ids))]
             answers.append(dict(token_ids=ids, text=proc.tokenizer.decode(ids, skip_special_tokens=True).strip()))
     return answers
 
@@ -72,10 +75,15 @@ def run_binary(binary: Path, model: Path, dtype: str, reqs: list[dict], work: Pa
     answers = []
     for start in range(0, len(reqs), CHUNK):
         batch_file = work / f"batch-{dtype}.jsonl"
-        batch_file.write_text("".join(json.dumps(dict(image=r["image"], prompt=r["prompt"], max_new_tokens=MAX_NEW_TOKENS)) + "\n"
-                                      for r in reqs[start:start + CHUNK]))
-        proc = subprocess.run([str(binary), "--model", str(model), "--dtype", dtype, "--batch", str(batch_file), "--json"],
-                              capture_output=True, text=True)
+        batch_file.write_text(
+            "".join(
+                json.dumps(dict(image=r["image"], prompt=r["prompt"], max_new_tokens=MAX_NEW_TOKENS)) + "\n"
+                for r in reqs[start : start + CHUNK]
+            )
+        )
+        proc = subprocess.run(
+            [str(binary), "--model", str(model), "--dtype", dtype, "--batch", str(batch_file), "--json"], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise SystemExit(f"error: {binary} failed ({proc.returncode}) on {batch_file}:\n{proc.stderr.strip()}")
         answers += [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
@@ -88,8 +96,7 @@ def rust_boxes(answer: dict):
     return [(tuple(d["box"]), d["label"]) for d in answer.get("detections", [])]
 
 
-def evaluate(model: Path, reference: Path | None, count: int, dtypes: list[str], work: Path, binary: Path = BINARY,
-             first: int = 0) -> dict:
+def evaluate(model: Path, reference: Path | None, count: int, dtypes: list[str], work: Path, binary: Path = BINARY, first: int = 0) -> dict:
     manifest = json.loads((model / "manifest.json").read_text())
     reqs = requests(count, manifest["image_size"], work / "scenes", first)
     report: dict = dict(scenes=count, first_scene=first, requests=len(reqs), seed_base=EVAL_SEED_BASE, results={}, answers=[])
@@ -124,8 +131,15 @@ def evaluate(model: Path, reference: Path | None, count: int, dtypes: list[str],
 
 
 def table(report: dict) -> str:
-    cols = ["detect_recall@0.5", "detect_mean_iou", "ocr_exact", "count_exact", "colour_exact", "caption_exact",
-            "same_tokens_as_transformers"]
+    cols = [
+        "detect_recall@0.5",
+        "detect_mean_iou",
+        "ocr_exact",
+        "count_exact",
+        "colour_exact",
+        "caption_exact",
+        "same_tokens_as_transformers",
+    ]
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, s in report["results"].items():
         lines.append(f"| {name} | " + " | ".join(str(s.get(c, "")) for c in cols) + " |")
@@ -135,8 +149,12 @@ def table(report: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description="Score the scenes model on held-out scenes through the Rust binary and transformers.")
     ap.add_argument("--model", type=Path, default=REPO / "models" / "scenes", help="converted model directory")
-    ap.add_argument("--reference", type=Path, default=REPO / "models" / "scenes-hf",
-                    help="the transformers checkpoint it was converted from ('none' to skip transformers)")
+    ap.add_argument(
+        "--reference",
+        type=Path,
+        default=REPO / "models" / "scenes-hf",
+        help="the transformers checkpoint it was converted from ('none' to skip transformers)",
+    )
     ap.add_argument("--scenes", type=int, default=300)
     ap.add_argument("--first", type=int, default=0, help="index of the first held-out scene")
     ap.add_argument("--dtypes", default="fp32,int8,q4", help="comma list of manifest dtypes to run through the binary")
@@ -145,8 +163,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="write the full report (figures and every answer) as JSON")
     args = ap.parse_args()
     reference = None if str(args.reference) == "none" else args.reference
-    report = evaluate(args.model, reference, args.scenes, [d for d in args.dtypes.split(",") if d], args.work,
-                      args.binary, args.first)
+    report = evaluate(args.model, reference, args.scenes, [d for d in args.dtypes.split(",") if d], args.work, args.binary, args.first)
     print(table(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

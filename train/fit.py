@@ -14,7 +14,7 @@ import json
 import random
 import tempfile
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -134,21 +134,32 @@ def train(cfg: ModelConfig, tc: TrainConfig, seed: int, out: Path, eval_scenes: 
     losses = []
     for step in range(tc.steps):
         batch = [sample(rng, step * tc.batch + j, cfg.image_size, weights) for j in range(tc.batch)]
-        inputs = proc(images=[s.image for s, _, _ in batch], text=[p for _, p, _ in batch],
-                      suffix=[t for _, _, t in batch], return_tensors="pt", padding="longest")
+        inputs = proc(
+            images=[s.image for s, _, _ in batch],
+            text=[p for _, p, _ in batch],
+            suffix=[t for _, _, t in batch],
+            return_tensors="pt",
+            padding="longest",
+        )
         result = model(**inputs)
         aux = head.loss(captured.pop("features"), torch.stack([head.labels(s) for s, _, _ in batch]))
         (result.loss + tc.patch_loss_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
         losses.append(result.loss.item())
         running.setdefault("patches", []).append(aux.item())
         for k, v in per_task_loss(result.logits.detach(), inputs["labels"], [task_name(p) for _, p, _ in batch]).items():
             running.setdefault(k, []).append(v)
         if (step + 1) % log_every == 0 or step + 1 == tc.steps:
             el = time.time() - start
-            entry = dict(step=step + 1, seconds=round(el, 1), loss=round(sum(losses) / len(losses), 4),
-                         tasks={k: round(sum(v) / len(v), 3) for k, v in sorted(running.items())})
+            entry = dict(
+                step=step + 1,
+                seconds=round(el, 1),
+                loss=round(sum(losses) / len(losses), 4),
+                tasks={k: round(sum(v) / len(v), 3) for k, v in sorted(running.items())},
+            )
             log.append(entry)
             print(json.dumps(entry), flush=True)
             losses, running = [], {}
@@ -156,8 +167,15 @@ def train(cfg: ModelConfig, tc: TrainConfig, seed: int, out: Path, eval_scenes: 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     proc.save_pretrained(out)
-    report = dict(model=cfg.to_dict(), train=asdict(tc), seed=seed, threads=torch.get_num_threads(),
-                  parameters=sum(p.numel() for p in model.parameters()), train_seconds=round(train_s, 1), log=log)
+    report = dict(
+        model=cfg.to_dict(),
+        train=asdict(tc),
+        seed=seed,
+        threads=torch.get_num_threads(),
+        parameters=sum(p.numel() for p in model.parameters()),
+        train_seconds=round(train_s, 1),
+        log=log,
+    )
     if eval_scenes:
         t0 = time.time()
         report["quick_eval"] = quick_eval(model, proc, cfg, eval_scenes)
@@ -181,8 +199,15 @@ def main() -> None:
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(ModelConfig, f))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = ModelConfig(image_size=args.image_size, patch_size=args.patch_size, hidden=args.hidden, layers=args.layers, kv_heads=args.kv_heads,
-                      vision_layers=args.vision_layers, text_vocab=args.text_vocab)
+    cfg = ModelConfig(
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        hidden=args.hidden,
+        layers=args.layers,
+        kv_heads=args.kv_heads,
+        vision_layers=args.vision_layers,
+        text_vocab=args.text_vocab,
+    )
     tc = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr)
     train(cfg, tc, args.seed, args.out, args.eval_scenes)
 

@@ -19,11 +19,37 @@ import torch
 from . import scenes
 
 # Every word a prompt or target uses, so each is one token (see export.tiny.build_tokenizer).
-WORDS = tuple(dict.fromkeys(
-    list(scenes.KINDS) + list(scenes.COLOURS) + list(scenes.BACKGROUNDS) + list(scenes.WORDS)
-    + ["a", "and", "on", "background", "how", "many", "shapes", "are", "there?", "what", "color", "is", "the",
-       "circle?", "caption", "en", "answer", "ocr", "detect", ";", ","]
-))
+WORDS = tuple(
+    dict.fromkeys(
+        list(scenes.KINDS)
+        + list(scenes.COLOURS)
+        + list(scenes.BACKGROUNDS)
+        + list(scenes.WORDS)
+        + [
+            "a",
+            "and",
+            "on",
+            "background",
+            "how",
+            "many",
+            "shapes",
+            "are",
+            "there?",
+            "what",
+            "color",
+            "is",
+            "the",
+            "circle?",
+            "caption",
+            "en",
+            "answer",
+            "ocr",
+            "detect",
+            ";",
+            ",",
+        ]
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -60,8 +86,7 @@ def sincos(positions: torch.Tensor, dim: int, max_period: float) -> torch.Tensor
 
 def build(cfg: ModelConfig, seed: int):
     """(model, processor) with fresh weights for `seed`."""
-    from transformers import (Gemma2Config, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
-                              PaliGemmaProcessor, SiglipVisionConfig)
+    from transformers import Gemma2Config, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipVisionConfig
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     from export.tiny import build_tokenizer
@@ -69,15 +94,35 @@ def build(cfg: ModelConfig, seed: int):
     tok = build_tokenizer(cfg.text_vocab, words=WORDS)
     image_token_id = tok.convert_tokens_to_ids("<image>")
     vocab_size = -(-(image_token_id + 1) // 64) * 64
-    text = Gemma2Config(vocab_size=vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-                        query_pre_attn_scalar=cfg.head_dim, sliding_window=4096, max_position_embeddings=8192)
-    vision = SiglipVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
-                                num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-                                image_size=cfg.image_size, patch_size=cfg.patch_size, vision_use_head=False)
-    config = PaliGemmaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
-                             projection_dim=cfg.hidden, hidden_size=cfg.hidden, vocab_size=vocab_size)
+    text = Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        query_pre_attn_scalar=cfg.head_dim,
+        sliding_window=4096,
+        max_position_embeddings=8192,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=cfg.vision_intermediate,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        vision_use_head=False,
+    )
+    config = PaliGemmaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=image_token_id,
+        projection_dim=cfg.hidden,
+        hidden_size=cfg.hidden,
+        vocab_size=vocab_size,
+    )
     config.text_config.model_type = "gemma2"
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config)
@@ -85,8 +130,13 @@ def build(cfg: ModelConfig, seed: int):
     model.generation_config.pad_token_id = 0
     model.generation_config.bos_token_id = 2
     _init_positions(model, cfg, tok)
-    ip = SiglipImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size},
-                                 image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3, rescale_factor=1 / 255)
+    ip = SiglipImageProcessorPil(
+        size={"height": cfg.image_size, "width": cfg.image_size},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        resample=3,
+        rescale_factor=1 / 255,
+    )
     ip.image_seq_length = cfg.image_tokens
     return model, PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
 
@@ -104,4 +154,4 @@ def _init_positions(model, cfg: ModelConfig, tok) -> None:
     emb = model.model.language_model.embed_tokens.weight  # (vocab, D), tied to lm_head
     first = tok.convert_tokens_to_ids("<loc0000>")
     feats = sincos(torch.arange(1024), cfg.hidden, 4096.0)
-    emb[first:first + 1024] = feats * emb.std() / feats.std()
+    emb[first : first + 1024] = feats * emb.std() / feats.std()

@@ -19,8 +19,15 @@ from pathlib import Path
 from . import scenes, tasks
 from .evaluate import EVAL_SEED_BASE, REPO, evaluate, table
 
-HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-            "tokenizer_config.json", "training.json")
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "training.json",
+)
 # The example scene is the first held-out scene past the evaluated ones on which the fp32 model
 # gets both the caption and every box right, so the README's command shows a correct answer.
 EXAMPLE_SEARCH = 200
@@ -34,8 +41,13 @@ def pick_example(model: Path, first: int, work: Path) -> dict:
         answers = {a["prompt"].split(" ")[0]: a for a in report["answers"]}
         if answers["caption"]["fp32_right"] and answers["detect"]["fp32_right"]:
             scene = scenes.generate(EVAL_SEED_BASE + i, json.loads((model / "manifest.json").read_text())["image_size"])
-            return dict(seed=EVAL_SEED_BASE + i, caption=tasks.caption(scene), detect_prompt=tasks.detect_prompt(scene),
-                        objects=[dict(label=o.label, box=list(o.box)) for o in scene.objects], image=scene.image)
+            return dict(
+                seed=EVAL_SEED_BASE + i,
+                caption=tasks.caption(scene),
+                detect_prompt=tasks.detect_prompt(scene),
+                objects=[dict(label=o.label, box=list(o.box)) for o in scene.objects],
+                image=scene.image,
+            )
     raise SystemExit(f"error: none of {EXAMPLE_SEARCH} scenes is fully right; the model is not fit to ship")
 
 
@@ -53,8 +65,11 @@ def main() -> int:
             shutil.copy2(args.checkpoint / name, hf / name)
     # The conversion replaces the directory; the model card is written by hand and stays.
     card = (onnx / "README.md").read_text() if (onnx / "README.md").is_file() else None
-    subprocess.run([sys.executable, "-m", "export", "convert", str(hf.relative_to(REPO)), str(onnx), "--quantize", "int8,int4",
-                    "--force"], check=True, cwd=REPO)
+    subprocess.run(
+        [sys.executable, "-m", "export", "convert", str(hf.relative_to(REPO)), str(onnx), "--quantize", "int8,int4", "--force"],
+        check=True,
+        cwd=REPO,
+    )
     if card is not None:
         (onnx / "README.md").write_text(card)
     work = REPO / "target" / "release-eval"
@@ -67,6 +82,7 @@ def main() -> int:
     print(table(report))
     print(f"example scene: seed {example['seed']}; {example['caption']}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

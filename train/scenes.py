@@ -88,8 +88,7 @@ class Scene:
 def load_font(size: int) -> ImageFont.FreeTypeFont:
     if not FONT_PATH.exists():
         raise FileNotFoundError(
-            f"font {FONT_PATH} is missing; install the Debian package {FONT_PACKAGE} "
-            f"(apt-get install {FONT_PACKAGE}, done by .ci/setup)"
+            f"font {FONT_PATH} is missing; install the Debian package {FONT_PACKAGE} (apt-get install {FONT_PACKAGE}, done by .ci/setup)"
         )
     return ImageFont.truetype(str(FONT_PATH), size)
 
@@ -143,7 +142,7 @@ def _draw_text(rng: random.Random, size: int, background: np.ndarray) -> tuple[s
     ImageDraw.Draw(layer).text((x, y), text, font=font, fill=255)
     alpha = np.array(layer)
     box = mask_box(alpha > 0)
-    chars = tuple((c, x + font.getlength(text[:i]), x + font.getlength(text[:i + 1])) for i, c in enumerate(text))
+    chars = tuple((c, x + font.getlength(text[:i]), x + font.getlength(text[: i + 1])) for i, c in enumerate(text))
     return text, (alpha, fill), box, chars
 
 
@@ -165,7 +164,7 @@ def generate(seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> Scene:
         pixels = (pixels * (1 - a) + np.array(fill, np.float32) * a).round().astype(np.uint8)
         margin = max(2, size // 50)
         x0, y0, x1, y1 = text_box
-        blocked[max(0, y0 - margin):y1 + margin, max(0, x0 - margin):x1 + margin] = True
+        blocked[max(0, y0 - margin) : y1 + margin, max(0, x0 - margin) : x1 + margin] = True
 
     count = rng.randint(1, 4)
     full: list[np.ndarray] = []  # full masks, in drawing order
@@ -189,7 +188,7 @@ def generate(seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> Scene:
                 ok = True
                 for i, m in enumerate(full):
                     visible = m.copy()
-                    for later in full[i + 1:] + [mask]:
+                    for later in full[i + 1 :] + [mask]:
                         visible &= ~later
                     if visible.sum() < MIN_VISIBLE * m.sum():
                         ok = False
@@ -199,8 +198,10 @@ def generate(seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> Scene:
             else:
                 # Apart: keep a one-pixel gap so touching shapes do not merge into one blob.
                 grown = np.zeros_like(covered)
-                grown[1:] |= covered[:-1]; grown[:-1] |= covered[1:]
-                grown[:, 1:] |= covered[:, :-1]; grown[:, :-1] |= covered[:, 1:]
+                grown[1:] |= covered[:-1]
+                grown[:-1] |= covered[1:]
+                grown[:, 1:] |= covered[:, :-1]
+                grown[:, :-1] |= covered[:, 1:]
                 if (mask & grown).any():
                     continue
             full.append(mask)
@@ -211,13 +212,21 @@ def generate(seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> Scene:
     objects = []
     for i, (m, p) in enumerate(zip(full, placed)):
         visible = m.copy()
-        for later in full[i + 1:]:
+        for later in full[i + 1 :]:
             visible &= ~later
         pixels[m] = COLOURS[p["colour"]]  # later shapes overwrite, in drawing order
         objects.append(SceneObject(kind=p["kind"], colour=p["colour"], size=p["size"], box=mask_box(visible), mask=visible))
     objects.sort(key=lambda o: ((o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2))
-    return Scene(seed=seed, image=Image.fromarray(pixels, "RGB"), objects=objects, background=background,
-                 background_style=style, text=text, text_box=text_box, text_chars=text_chars)
+    return Scene(
+        seed=seed,
+        image=Image.fromarray(pixels, "RGB"),
+        objects=objects,
+        background=background,
+        background_style=style,
+        text=text,
+        text_box=text_box,
+        text_chars=text_chars,
+    )
 
 
 def sample_sheet(seed: int, count: int = 8, image_size: int = DEFAULT_IMAGE_SIZE, columns: int = 4) -> Image.Image:
@@ -238,7 +247,9 @@ def sample_sheet(seed: int, count: int = 8, image_size: int = DEFAULT_IMAGE_SIZE
             draw.rectangle((x + bx0, y + by0, x + bx1 - 1, y + by1 - 1), outline=(255, 0, 255))
         words = caption(scene).split(" on ")
         draw.text((x + 2, y + image_size + 2), words[0][:44], font=font, fill=(0, 0, 0))
-        draw.text((x + 2, y + image_size + 13), f"on {words[1]}" + (f"  text={scene.text!r}" if scene.text else ""), font=font, fill=(0, 0, 0))
+        draw.text(
+            (x + 2, y + image_size + 13), f"on {words[1]}" + (f"  text={scene.text!r}" if scene.text else ""), font=font, fill=(0, 0, 0)
+        )
     return sheet
 
 

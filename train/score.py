@@ -14,8 +14,7 @@ LOC = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})> ?([^;<]*)")
 def task_name(prompt: str) -> str:
     if prompt.startswith("detect "):
         return "detect"
-    return {tasks.CAPTION_PROMPT: "caption", tasks.OCR_PROMPT: "ocr", tasks.COUNT_PROMPT: "count",
-            tasks.COLOUR_PROMPT: "colour"}[prompt]
+    return {tasks.CAPTION_PROMPT: "caption", tasks.OCR_PROMPT: "ocr", tasks.COUNT_PROMPT: "count", tasks.COLOUR_PROMPT: "colour"}[prompt]
 
 
 def iou(a, b) -> float:
@@ -28,9 +27,18 @@ def iou(a, b) -> float:
 
 def parse_boxes(text: str, width: int, height: int) -> list[tuple[tuple[float, float, float, float], str]]:
     """`<loc>`x4 + label answers as ((x_min, y_min, x_max, y_max) pixels, label), as src/detect.rs reads them."""
-    return [((tasks.from_bin(int(x0), width), tasks.from_bin(int(y0), height),
-              tasks.from_bin(int(x1), width), tasks.from_bin(int(y1), height)), label.strip())
-            for y0, x0, y1, x1, label in LOC.findall(text)]
+    return [
+        (
+            (
+                tasks.from_bin(int(x0), width),
+                tasks.from_bin(int(y0), height),
+                tasks.from_bin(int(x1), width),
+                tasks.from_bin(int(y1), height),
+            ),
+            label.strip(),
+        )
+        for y0, x0, y1, x1, label in LOC.findall(text)
+    ]
 
 
 def match_boxes(scene: Scene, predicted) -> list[float]:

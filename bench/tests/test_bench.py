@@ -27,8 +27,23 @@ def results(tmp_path_factory):
     # The baseline is the very conversion the benchmark makes (built here first, then found in its
     # cache), so its rows must repeat the main rows' tokens.
     _, converted = checkpoint.build(work, "tiny", 2, 2, QUANTIZED)
-    cmd = [sys.executable, "-m", "bench", "--preset", "tiny", "--work", str(work), "--tokens", str(TOKENS),
-           "--long-tokens", str(LONG), "--batch", str(BATCH), "--baseline", f"same={converted}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--preset",
+        "tiny",
+        "--work",
+        str(work),
+        "--tokens",
+        str(TOKENS),
+        "--long-tokens",
+        str(LONG),
+        "--batch",
+        str(BATCH),
+        "--baseline",
+        f"same={converted}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = work / "tiny-L2-V2-results"
@@ -38,7 +53,10 @@ def results(tmp_path_factory):
 def test_every_runtime_and_dtype_is_measured_with_the_asked_lengths(results):
     summary, markdown, stdout = results
     rows = [(r["runtime"], r["dtype"]) for r in summary["results"]]
-    assert rows == [("transformers", "fp32"), *((runtime, d) for runtime in ("paligemma", "paligemma (same)") for d in ("fp32", "int8", "q4"))]
+    assert rows == [
+        ("transformers", "fp32"),
+        *((runtime, d) for runtime in ("paligemma", "paligemma (same)") for d in ("fp32", "int8", "q4")),
+    ]
     for r in summary["results"]:
         ids = r["token_ids"]
         assert len(ids["single"]) == TOKENS and len(ids["long"]) == LONG, r["runtime"]
@@ -67,16 +85,26 @@ def test_a_baseline_of_another_model_is_refused_before_anything_runs(results, tm
     work = Path(summary["settings"]["work"])
     m = json.loads((work / "tiny-L2-V2" / "onnx" / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps({**m, "num_hidden_layers": m["num_hidden_layers"] + 1}))
-    proc = subprocess.run([sys.executable, "-m", "bench", "--preset", "tiny", "--work", str(work), "--baseline", f"other={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--preset", "tiny", "--work", str(work), "--baseline", f"other={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert f"--baseline other={tmp_path} is another model (num_hidden_layers 3 against 2)" in proc.stderr, proc.stderr[-2000:]
     assert "transformers fp32 ..." not in proc.stderr
 
 
 def test_a_baseline_that_is_not_a_conversion_is_refused(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench", "--preset", "tiny", "--work", str(tmp_path), "--baseline", f"old={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--preset", "tiny", "--work", str(tmp_path), "--baseline", f"old={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert f"--baseline old={tmp_path}: give LABEL=DIR, DIR a converted model directory with manifest.json" in proc.stderr
 
@@ -106,9 +134,25 @@ def test_agreement_of_the_fp32_graphs_is_exact(results):
     out = Path(summary["settings"]["work"]) / "tiny-L2-V2-results"
     model = Path(summary["settings"]["work"]) / "tiny-L2-V2"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.agreement", "--model", str(model / "onnx"), "--source", str(model / "source"),
-         "--dtype", "fp32", "--threads", "1", "--reference", str(out / "reference.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "bench.agreement",
+            "--model",
+            str(model / "onnx"),
+            "--source",
+            str(model / "source"),
+            "--dtype",
+            "fp32",
+            "--threads",
+            "1",
+            "--reference",
+            str(out / "reference.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     control = json.loads(proc.stdout)
@@ -125,9 +169,18 @@ def test_greedy_agreement_counts_rows_and_prefixes():
 def test_tables_give_ratios_against_the_first_row():
     def row(runtime, dtype, decode, prefill, batch_tps):
         return {
-            "runtime": runtime, "dtype": dtype, "load_s": 1.0, "vision_ms": 100.0, "prefill_ms": prefill,
-            "first_token_ms": 300.0, "decode_ms_per_token": decode, "floor_ms": 10.0, "long_early_ms": 20.0,
-            "long_late_ms": 22.0, "batch_decode_tokens_per_s": batch_tps, "single_decode_tokens_per_s": 1000 / decode,
+            "runtime": runtime,
+            "dtype": dtype,
+            "load_s": 1.0,
+            "vision_ms": 100.0,
+            "prefill_ms": prefill,
+            "first_token_ms": 300.0,
+            "decode_ms_per_token": decode,
+            "floor_ms": 10.0,
+            "long_early_ms": 20.0,
+            "long_late_ms": 22.0,
+            "batch_decode_tokens_per_s": batch_tps,
+            "single_decode_tokens_per_s": 1000 / decode,
             "memory": {"peak_rss_gb": 2.0, "peak_anon_gb": 1.0},
         }
 

@@ -30,7 +30,7 @@ def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedPr
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str):
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     for needle in needles:

@@ -67,7 +67,9 @@ def test_batch_rows_equal_their_single_runs(converted, reference, onnx_model):
 def test_row_that_emits_eos_early_keeps_batch_aligned(converted, reference, onnx_model):
     """One row finishes while the other goes on: it is fed <pad> and the other is unaffected."""
     model, processor = reference
-    found, batch = fixtures.find_early_eos({converted.name: fixtures.Model(converted.name, converted.onnx_dir, model, processor, onnx_model)})
+    found, batch = fixtures.find_early_eos(
+        {converted.name: fixtures.Model(converted.name, converted.onnx_dir, model, processor, onnx_model)}
+    )
     images = [load(fixtures.REPO_ROOT / r.image) for r in batch]
     rows = compare(model, processor, onnx_model, images, [r.prompt for r in batch], fixtures.MAX_NEW_TOKENS)
     eos = set(onnx_model.m["eos_token_id"])
@@ -82,7 +84,9 @@ def test_prompt_and_generation_cross_the_sliding_window(name, tiny_root):
     request = fixtures.find_beyond_window(model)  # decodes past the window, or raises
     window = conv.spec.sliding_window
     prompt_len = fixtures.prompt_length(model, request)
-    rows = compare(model.hf, model.processor, model.onnx, [load(fixtures.REPO_ROOT / request.image)], [request.prompt], fixtures.MAX_NEW_TOKENS)
+    rows = compare(
+        model.hf, model.processor, model.onnx, [load(fixtures.REPO_ROOT / request.image)], [request.prompt], fixtures.MAX_NEW_TOKENS
+    )
     where = "prompt longer than window" if prompt_len > window else "decoding past the window"
     assert_exact(rows, f"{name} {where} (prompt {prompt_len}, window {window})")
 

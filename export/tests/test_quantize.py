@@ -23,7 +23,6 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from export import cpu, fixtures, manifest, quantize
-from export.convert import convert
 from export.runtime import OnnxPaliGemma
 from export.validate import Agreement, agreement, greedy_references
 
@@ -124,7 +123,6 @@ def test_external_data_quantizes_to_the_same_graph(quantized, dtype, tmp_path, m
     """The streaming path (weights read and written one at a time through .onnx.data, page-aligned)
     gives the graph the in-memory path gives."""
     import numpy as np
-    import onnxruntime as ort
 
     _, _, out = quantized
     src = out / manifest.graph_path("decoder", "fp32")
@@ -133,7 +131,12 @@ def test_external_data_quantizes_to_the_same_graph(quantized, dtype, tmp_path, m
     external = quantize.quantize_graph(src, tmp_path / "external" / "d.onnx", dtype)
     data = external.with_name("d.onnx.data")
     assert data.is_file() and not inline.with_name("d.onnx.data").exists()
-    offsets = [int(e.value) for t in onnx.load(str(external), load_external_data=False).graph.initializer for e in t.external_data if e.key == "offset"]
+    offsets = [
+        int(e.value)
+        for t in onnx.load(str(external), load_external_data=False).graph.initializer
+        for e in t.external_data
+        if e.key == "offset"
+    ]
     assert offsets and all(o % quantize.ALIGN == 0 for o in offsets)
     m = manifest.read_manifest(out)
     rng = np.random.default_rng(0)
@@ -145,7 +148,10 @@ def test_external_data_quantizes_to_the_same_graph(quantized, dtype, tmp_path, m
         "position_ids": np.arange(1, 6)[None],
         **{f"past_key_values.{i}.{k}": np.zeros(kv, np.float32) for i in range(m["num_hidden_layers"]) for k in ("key", "value")},
     }
-    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    def run(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
     np.testing.assert_array_equal(run(inline), run(external))
 
 
@@ -178,9 +184,11 @@ def test_the_same_agreement_on_an_avx2_cpu_without_vnni(quantized, references, d
 def matmul_graph(path: Path, k: int, n: int, weight: np.ndarray) -> Path:
     """An fp32 graph Y = A @ W with W [k, n] constant, as the exporter writes MatMuls."""
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "W"], ["Y"], name="matmul")], "g",
+        [helper.make_node("MatMul", ["A", "W"], ["Y"], name="matmul")],
+        "g",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], [numpy_helper.from_array(weight, "W")],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(weight, "W")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
     return path
@@ -191,8 +199,13 @@ def int8_weight_rewrite(node, weight_name: str, w: np.ndarray, dtype: str):
     weights per output column in DynamicQuantizeMatMul. Kept here to test how the binary runs it."""
     scale = np.where(np.abs(w).max(axis=0) > 0, np.abs(w).max(axis=0) / 127.0, 1.0).astype(np.float32)
     tensors = [(f"{weight_name}_quantized", np.clip(np.rint(w / scale), -127, 127).astype(np.int8)), (f"{weight_name}_scale", scale)]
-    op = helper.make_node("DynamicQuantizeMatMul", [node.input[0], *(name for name, _ in tensors)], list(node.output),
-                          name=f"{node.name}_int8", domain="com.microsoft")
+    op = helper.make_node(
+        "DynamicQuantizeMatMul",
+        [node.input[0], *(name for name, _ in tensors)],
+        list(node.output),
+        name=f"{node.name}_int8",
+        domain="com.microsoft",
+    )
     return op, [(TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=list(a.shape)), a) for name, a in tensors]
 
 
@@ -200,7 +213,6 @@ def saturating_case(work: str) -> dict[str, float]:
     """A row of ones (uint8 255 after DynamicQuantizeMatMul's quantization, int8 127 after
     MatMulNBits') against weights all equal to the largest: 64 products whose pairs, summed in 16
     bits, pass 32767. The exact answer is 63 (the first input is 0)."""
-    import onnxruntime as ort
 
     work = Path(work)
     a = np.ones((1, 64), np.float32)
@@ -260,8 +272,11 @@ def version1_copies(out: Path, dst: Path, monkeypatch) -> tuple[Path, Path]:
             model.graph.initializer.append(zero_point)
             node.input.append(zero_point.name)
     onnx.save(model, str(twin / manifest.graph_path("decoder", "int8")))
-    m = {**m, "format_version": manifest.FORMAT_VERSION,
-         "quantization": {**recorded, "int8": {"op": "DynamicQuantizeMatMul", "weight_type": "uint8", "graphs": ["decoder"]}}}
+    m = {
+        **m,
+        "format_version": manifest.FORMAT_VERSION,
+        "quantization": {**recorded, "int8": {"op": "DynamicQuantizeMatMul", "weight_type": "uint8", "graphs": ["decoder"]}},
+    }
     (twin / "manifest.json").write_text(json.dumps(m, indent=2))
     return version1, twin
 
@@ -279,8 +294,22 @@ def test_version1_int8_conversions_run_exactly_on_a_cpu_without_vnni(quantized, 
     image = str(shared_images()[0])
 
     def caption(model, emulated: bool):
-        argv = [str(binary), "--model", str(model), "--image", image, "--prompt", "caption en", "--dtype", "int8",
-                "--max-new-tokens", str(MAX_NEW_TOKENS), "--min-new-tokens", str(MAX_NEW_TOKENS), "--json"]
+        argv = [
+            str(binary),
+            "--model",
+            str(model),
+            "--image",
+            image,
+            "--prompt",
+            "caption en",
+            "--dtype",
+            "int8",
+            "--max-new-tokens",
+            str(MAX_NEW_TOKENS),
+            "--min-new-tokens",
+            str(MAX_NEW_TOKENS),
+            "--json",
+        ]
         done = avx2.run(argv) if emulated else subprocess.run(argv, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)["token_ids"], [line for line in done.stderr.splitlines() if line.startswith("warning:")]
@@ -291,14 +320,37 @@ def test_version1_int8_conversions_run_exactly_on_a_cpu_without_vnni(quantized, 
     tokens, warnings_emulated = caption(version1, emulated=True)
     assert tokens == expected
     assert len(warnings_emulated) == 1, warnings_emulated
-    for needle in ("decoder_model_merged_int8.onnx", "avx512_vnni", "avx_vnni", "session.x64quantprecision", "--quantize int8", "--dtype fp32"):
+    for needle in (
+        "decoder_model_merged_int8.onnx",
+        "avx512_vnni",
+        "avx_vnni",
+        "session.x64quantprecision",
+        "--quantize int8",
+        "--dtype fp32",
+    ):
         assert needle in warnings_emulated[0], (needle, warnings_emulated[0])
     tokens, warnings = caption(version1, emulated=False)
     assert tokens == expected
     assert len(warnings) == int(cpu.int8_weight_kernels_saturate()), (cpu.describe(), warnings)
     # `paligemma bench` times that path, and its report says so.
-    done = avx2.run([str(binary), "bench", "--model", str(version1), "--image", image, "--dtype", "int8", "--tokens", "2",
-                     "--long-tokens", "24", "--batch", "1"])
+    done = avx2.run(
+        [
+            str(binary),
+            "bench",
+            "--model",
+            str(version1),
+            "--image",
+            image,
+            "--dtype",
+            "int8",
+            "--tokens",
+            "2",
+            "--long-tokens",
+            "24",
+            "--batch",
+            "1",
+        ]
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["warnings"] == [warnings_emulated[0].removeprefix("warning: ")]
 
@@ -313,8 +365,22 @@ def test_int8_tokens_are_the_same_on_an_avx2_cpu(quantized):
     """This converter's int8 through the binary, here and on the emulated CPU."""
     binary = REPO / "target" / "release" / "paligemma"
     _, _, out = quantized
-    argv = [str(binary), "--model", str(out), "--image", str(shared_images()[0]), "--prompt", "caption en", "--dtype", "int8",
-            "--max-new-tokens", str(MAX_NEW_TOKENS), "--min-new-tokens", str(MAX_NEW_TOKENS), "--json"]
+    argv = [
+        str(binary),
+        "--model",
+        str(out),
+        "--image",
+        str(shared_images()[0]),
+        "--prompt",
+        "caption en",
+        "--dtype",
+        "int8",
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+        "--min-new-tokens",
+        str(MAX_NEW_TOKENS),
+        "--json",
+    ]
     here = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     emulated = avx2.run(argv)
     assert here.returncode == 0 and emulated.returncode == 0, here.stderr + emulated.stderr

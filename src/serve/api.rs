@@ -183,7 +183,10 @@ impl Limits {
         min_new_tokens: Option<usize>,
     ) -> Result<Request, ApiError> {
         if image.is_empty() {
-            return Err(ApiError::invalid("missing_image", "the image is empty; send the image file's bytes"));
+            return Err(ApiError::invalid(
+                "missing_image",
+                "the image is empty; send the image file's bytes",
+            ));
         }
         let max_new_tokens = max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS.min(self.max_new_tokens_cap));
         if max_new_tokens > self.max_new_tokens_cap {
@@ -271,7 +274,10 @@ pub async fn read_limited(body: Body, limit: usize, timeout: std::time::Duration
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
             "body_timeout",
-            format!("the request body did not arrive within {} s (--body-timeout); send it at once", timeout.as_secs()),
+            format!(
+                "the request body did not arrive within {} s (--body-timeout); send it at once",
+                timeout.as_secs()
+            ),
         )
     })??;
     if total > limit {
@@ -292,7 +298,8 @@ pub async fn read_body(request: axum::extract::Request) -> Result<Bytes, ApiErro
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, ApiError> {
     // A UTF-8 byte-order mark, as Windows tools write before JSON, is not part of the text.
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid("invalid_json", format!("the body is not a valid request: {e}; expected {expected}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("invalid_json", format!("the body is not a valid request: {e}; expected {expected}")))
 }
 
 const GENERATE_SHAPE: &str =
@@ -319,13 +326,18 @@ async fn parse_multipart(request: axum::extract::Request, limits: &Limits, promp
     let mut form = Multipart::from_request(request, &())
         .await
         .map_err(|e| ApiError::invalid("invalid_multipart", format!("cannot read the multipart form: {e}")))?;
-    let bad_part = |e: axum::extract::multipart::MultipartError| ApiError::invalid("invalid_multipart", format!("cannot read the multipart form: {e}"));
+    let bad_part = |e: axum::extract::multipart::MultipartError| {
+        ApiError::invalid("invalid_multipart", format!("cannot read the multipart form: {e}"))
+    };
     let (mut image, mut prompt, mut max_new, mut min_new, mut stream) = (None, None, None, None, false);
     let mut seen = std::collections::HashSet::new();
     while let Some(field) = form.next_field().await.map_err(bad_part)? {
         let name = field.name().unwrap_or("").to_string();
         if !seen.insert(name.clone()) {
-            return Err(ApiError::invalid("duplicate_field", format!("the form has two {name:?} parts; send each part once")));
+            return Err(ApiError::invalid(
+                "duplicate_field",
+                format!("the form has two {name:?} parts; send each part once"),
+            ));
         }
         if name == "image" {
             image = Some(field.bytes().await.map_err(bad_part)?.to_vec());
@@ -353,8 +365,14 @@ async fn parse_multipart(request: axum::extract::Request, limits: &Limits, promp
             }
         }
     }
-    let image = image.ok_or_else(|| ApiError::invalid("missing_image", "the form has no \"image\" part; attach the image file as \"image\""))?;
-    let prompt = prompt.ok_or_else(|| ApiError::invalid("empty_prompt", "the form has no \"prompt\" part; add the task, e.g. \"caption en\""))?;
+    let image = image.ok_or_else(|| {
+        ApiError::invalid(
+            "missing_image",
+            "the form has no \"image\" part; attach the image file as \"image\"",
+        )
+    })?;
+    let prompt =
+        prompt.ok_or_else(|| ApiError::invalid("empty_prompt", "the form has no \"prompt\" part; add the task, e.g. \"caption en\""))?;
     Ok(Checked {
         request: limits.check(prompts, image, prompt, max_new, min_new)?,
         stream,
@@ -379,7 +397,9 @@ pub async fn generate(State(state): State<Arc<AppState>>, request: axum::extract
         let (mut ticket, state) = current?;
         let event = match ticket.next().await {
             Event::Token(delta) => {
-                let event = SseEvent::default().event("token").data(serde_json::json!({ "text": delta }).to_string());
+                let event = SseEvent::default()
+                    .event("token")
+                    .data(serde_json::json!({ "text": delta }).to_string());
                 return Some((event, Some((ticket, state))));
             }
             Event::Done(result) => match *result {
@@ -388,7 +408,9 @@ pub async fn generate(State(state): State<Arc<AppState>>, request: axum::extract
                         response: &response,
                         providers: &state.info.providers,
                     };
-                    SseEvent::default().event("done").data(serde_json::to_string(&json).unwrap_or_default())
+                    SseEvent::default()
+                        .event("done")
+                        .data(serde_json::to_string(&json).unwrap_or_default())
                 }
                 Err(e) => SseEvent::default().event("error").data(ApiError::from(e).json().to_string()),
             },
@@ -400,7 +422,9 @@ pub async fn generate(State(state): State<Arc<AppState>>, request: axum::extract
 
 /// An SSE answer; the keep-alive comments also let a queued stream notice a client that left.
 pub fn sse(events: impl Stream<Item = SseEvent> + Send + 'static) -> HttpResponse {
-    Sse::new(events.map(Ok::<_, std::convert::Infallible>)).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(events.map(Ok::<_, std::convert::Infallible>))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 #[cfg(test)]
@@ -430,7 +454,10 @@ mod tests {
         assert_eq!(url, b"hello");
         // Spellings other clients use: scheme and `;base64` in capitals, parameters, URL-safe.
         assert_eq!(decode_base64_image("image", "DATA:image/PNG;BASE64,aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(decode_base64_image("image", "data:image/png;name=a.png;base64,aGVsbG8").unwrap(), b"hello");
+        assert_eq!(
+            decode_base64_image("image", "data:image/png;name=a.png;base64,aGVsbG8").unwrap(),
+            b"hello"
+        );
         assert_eq!(decode_base64_image("image", "-_8=").unwrap(), [0xfb, 0xff]);
         assert_eq!(decode_base64_image("image", "+/8=").unwrap(), [0xfb, 0xff]);
         let e = decode_base64_image("image", "data:image/png,hello").unwrap_err();
@@ -445,7 +472,12 @@ mod tests {
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
             media_type(&headers)
         };
-        for value in ["application/json", "Application/JSON; charset=UTF-8", "text/json", "application/vnd.api+json"] {
+        for value in [
+            "application/json",
+            "Application/JSON; charset=UTF-8",
+            "text/json",
+            "application/vnd.api+json",
+        ] {
             assert_eq!(kind(value).as_deref(), Some("application/json"), "{value}");
         }
         assert_eq!(kind("text/plain").as_deref(), Some("text/plain"));
@@ -487,6 +519,9 @@ mod tests {
         assert_eq!(status(big.into()), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(status(PreprocessError::Empty { image: "x".into() }.into()), StatusCode::BAD_REQUEST);
         assert_eq!(status(RequestError::Stopped), StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(ApiError::from(JobError::Panicked("boom".into())).status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            ApiError::from(JobError::Panicked("boom".into())).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

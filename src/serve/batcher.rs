@@ -136,7 +136,11 @@ impl Queue {
 impl Ticket {
     /// The next event; a worker that went away without answering reads as a failed job.
     pub async fn next(&mut self) -> Event {
-        let event = self.events.recv().await.unwrap_or_else(|| Event::Done(Box::new(Err(JobError::WorkerGone))));
+        let event = self
+            .events
+            .recv()
+            .await
+            .unwrap_or_else(|| Event::Done(Box::new(Err(JobError::WorkerGone))));
         if matches!(event, Event::Done(_)) {
             self.done = true;
         }
@@ -223,7 +227,10 @@ fn run_batch(runner: &mut impl Runner, batch: Vec<Job>, metrics: &Metrics, stopp
     }
     metrics.in_flight.store(0, Ordering::Relaxed);
     let generated: usize = results.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.token_ids.len()).sum();
-    let rate = results.iter().find_map(|r| r.as_ref().ok()).and_then(|r| r.timings.decode_tokens_per_s(jobs.len()));
+    let rate = results
+        .iter()
+        .find_map(|r| r.as_ref().ok())
+        .and_then(|r| r.timings.decode_tokens_per_s(jobs.len()));
     metrics.record_batch(jobs.len(), generated, rate);
     for (job, mut result) in jobs.iter().zip(results) {
         if matches!(result, Err(JobError::Request(RequestError::Stopped))) {
@@ -269,7 +276,9 @@ fn run_catching(
     match panic::catch_unwind(AssertUnwindSafe(|| runner.run(requests, &mut on_token))) {
         Ok(results) => {
             let mut results: Vec<_> = results.into_iter().map(|r| r.map_err(JobError::from)).collect();
-            results.resize_with(requests.len(), || Err(JobError::Panicked("the runner returned fewer results than requests".into())));
+            results.resize_with(requests.len(), || {
+                Err(JobError::Panicked("the runner returned fewer results than requests".into()))
+            });
             results
         }
         Err(payload) => {
@@ -377,16 +386,28 @@ mod tests {
         // The worker takes "hold" and waits; the next three are queued and run together.
         let hold = queue.submit(request("hold"), false).unwrap();
         wait_until_queue_is_empty(&metrics);
-        let tickets: Vec<Ticket> = ["ab", "panic", "cd"].iter().map(|p| queue.submit(request(p), true).unwrap()).collect();
+        let tickets: Vec<Ticket> = ["ab", "panic", "cd"]
+            .iter()
+            .map(|p| queue.submit(request(p), true).unwrap())
+            .collect();
         release.send(()).unwrap();
         assert_eq!(block_on(hold.wait()).unwrap().text, "hold");
         let mut outcomes: Vec<_> = tickets.into_iter().map(collect).collect();
         let (cd_deltas, cd) = outcomes.pop().unwrap();
         let (_, panicked) = outcomes.pop().unwrap();
         let (ab_deltas, ab) = outcomes.pop().unwrap();
-        assert!(matches!(&panicked, Err(JobError::Panicked(m)) if m.contains("asked to panic")), "{panicked:?}");
-        assert_eq!((ab.unwrap().text, ab_deltas), ("ab".to_string(), vec!["a".to_string(), "b".to_string()]));
-        assert_eq!((cd.unwrap().text, cd_deltas), ("cd".to_string(), vec!["c".to_string(), "d".to_string()]));
+        assert!(
+            matches!(&panicked, Err(JobError::Panicked(m)) if m.contains("asked to panic")),
+            "{panicked:?}"
+        );
+        assert_eq!(
+            (ab.unwrap().text, ab_deltas),
+            ("ab".to_string(), vec!["a".to_string(), "b".to_string()])
+        );
+        assert_eq!(
+            (cd.unwrap().text, cd_deltas),
+            ("cd".to_string(), vec!["c".to_string(), "d".to_string()])
+        );
         drop(queue);
         worker.join().unwrap();
         // The batch of three, then each of them alone.
@@ -400,7 +421,10 @@ mod tests {
         // Hold the worker until three jobs wait: a runner that blocks on its first call.
         let (runner, release) = gated(echo(Arc::clone(&sizes)));
         let (queue, worker) = start(runner, 2, 8, Arc::clone(&metrics)).unwrap();
-        let tickets: Vec<Ticket> = ["a", "bb", "ccc", "dddd"].iter().map(|p| queue.submit(request(p), false).unwrap()).collect();
+        let tickets: Vec<Ticket> = ["a", "bb", "ccc", "dddd"]
+            .iter()
+            .map(|p| queue.submit(request(p), false).unwrap())
+            .collect();
         release.send(()).unwrap();
         let texts: Vec<String> = tickets.into_iter().map(|t| block_on(t.wait()).unwrap().text).collect();
         assert_eq!(texts, ["a", "bb", "ccc", "dddd"]);
@@ -417,7 +441,10 @@ mod tests {
         let metrics = Arc::new(Metrics::new(1));
         let (queue, worker) = start(echo(Arc::default()), 1, 8, metrics).unwrap();
         let failed = block_on(queue.submit(request("panic"), false).unwrap().wait());
-        assert!(matches!(&failed, Err(JobError::Panicked(m)) if m.contains("asked to panic")), "{failed:?}");
+        assert!(
+            matches!(&failed, Err(JobError::Panicked(m)) if m.contains("asked to panic")),
+            "{failed:?}"
+        );
         let ok = block_on(queue.submit(request("fine"), false).unwrap().wait()).unwrap();
         assert_eq!(ok.text, "fine");
         drop(queue);

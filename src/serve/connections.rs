@@ -115,7 +115,10 @@ impl Registry {
     /// Asks the connection idle the longest to close; false when every one runs a request.
     fn close_longest_idle(&self) -> bool {
         let open = self.lock();
-        let victim = open.values().filter(|e| e.busy.load(Ordering::Relaxed) == 0).min_by_key(|e| e.idle_since);
+        let victim = open
+            .values()
+            .filter(|e| e.busy.load(Ordering::Relaxed) == 0)
+            .min_by_key(|e| e.idle_since);
         victim.map(|e| e.close.notify_one()).is_some()
     }
 
@@ -133,7 +136,13 @@ const CANCELLED_ANSWER_GRACE: Duration = Duration::from_secs(5);
 /// Serves `router` on `listener` until `shutdown` resolves, then drains as the module says;
 /// `cancel_running` is called when `shutdown_timeout` passes with requests still running (they
 /// then answer 503, or an error event on a stream).
-pub async fn serve(listener: TcpListener, router: Router, limits: ConnectionLimits, shutdown: impl Future<Output = ()>, cancel_running: impl FnOnce()) {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+    cancel_running: impl FnOnce(),
+) {
     let registry = Arc::new(Registry::default());
     let (stop, stopping) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -380,8 +389,18 @@ fn replace_protocol_error(buf: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let (code, reason, error, message) = match status {
-        b"400" => (400, "Bad Request", "bad_request", "the request is not valid HTTP/1.1: its request line or a header could not be parsed; send a well-formed request"),
-        b"414" => (414, "URI Too Long", "uri_too_long", "the request URI is over 64 KiB; the routes are short paths, send data in the body"),
+        b"400" => (
+            400,
+            "Bad Request",
+            "bad_request",
+            "the request is not valid HTTP/1.1: its request line or a header could not be parsed; send a well-formed request",
+        ),
+        b"414" => (
+            414,
+            "URI Too Long",
+            "uri_too_long",
+            "the request URI is over 64 KiB; the routes are short paths, send data in the body",
+        ),
         b"431" => (
             431,
             "Request Header Fields Too Large",
@@ -452,7 +471,10 @@ mod tests {
         let answer = replace_protocol_error(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n").unwrap();
         let text = String::from_utf8(answer).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 431 ") && head.contains("content-type: application/json"), "{head}");
+        assert!(
+            head.starts_with("HTTP/1.1 431 ") && head.contains("content-type: application/json"),
+            "{head}"
+        );
         assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["error"]["code"], "headers_too_large");

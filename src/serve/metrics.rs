@@ -74,7 +74,11 @@ impl Histogram {
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
         }
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
         let _ = writeln!(out, "{name}_count{braces} {}", self.count);
     }
@@ -142,14 +146,34 @@ impl Metrics {
         let header = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
-        header(&mut out, "paligemma_requests_total", "counter", "HTTP requests answered, by endpoint and status code.");
+        header(
+            &mut out,
+            "paligemma_requests_total",
+            "counter",
+            "HTTP requests answered, by endpoint and status code.",
+        );
         for ((endpoint, code), n) in &c.requests {
             let _ = writeln!(out, "paligemma_requests_total{{endpoint=\"{endpoint}\",code=\"{code}\"}} {n}");
         }
         let single = [
-            ("paligemma_queue_depth", "gauge", "Requests waiting for the model.", self.queue_depth.load(Ordering::Relaxed).to_string()),
-            ("paligemma_in_flight", "gauge", "Requests in the batch the model is running.", self.in_flight.load(Ordering::Relaxed).to_string()),
-            ("paligemma_generated_tokens_total", "counter", "Tokens generated for answered requests.", c.generated_tokens.to_string()),
+            (
+                "paligemma_queue_depth",
+                "gauge",
+                "Requests waiting for the model.",
+                self.queue_depth.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "paligemma_in_flight",
+                "gauge",
+                "Requests in the batch the model is running.",
+                self.in_flight.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "paligemma_generated_tokens_total",
+                "counter",
+                "Tokens generated for answered requests.",
+                c.generated_tokens.to_string(),
+            ),
             (
                 "paligemma_decode_tokens_per_second",
                 "gauge",
@@ -221,8 +245,17 @@ mod tests {
         m.record_request("/health", 200, Duration::from_millis(3));
         m.record_request("/v1/generate", 400, Duration::from_millis(1));
         let text = m.render();
-        assert!(text.contains("paligemma_requests_total{endpoint=\"/health\",code=\"200\"} 2\n"), "{text}");
-        assert!(text.contains("paligemma_requests_total{endpoint=\"/v1/generate\",code=\"400\"} 1\n"), "{text}");
-        assert!(text.contains("paligemma_request_duration_seconds_count{endpoint=\"/health\"} 2\n"), "{text}");
+        assert!(
+            text.contains("paligemma_requests_total{endpoint=\"/health\",code=\"200\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("paligemma_requests_total{endpoint=\"/v1/generate\",code=\"400\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("paligemma_request_duration_seconds_count{endpoint=\"/health\"} 2\n"),
+            "{text}"
+        );
     }
 }

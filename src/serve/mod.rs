@@ -105,7 +105,8 @@ pub fn run(options: ServeOptions) -> Result<()> {
     let prompts = pipeline.prompt_encoder();
     let metrics = Arc::new(Metrics::new(options.max_batch));
     let runner = move |requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool| pipeline.run_until(requests, on_token);
-    let (queue, worker) = batcher::start(runner, options.max_batch, options.max_queue, Arc::clone(&metrics)).context("cannot start the model worker thread")?;
+    let (queue, worker) = batcher::start(runner, options.max_batch, options.max_queue, Arc::clone(&metrics))
+        .context("cannot start the model worker thread")?;
     let state = Arc::new(AppState {
         queue,
         metrics,
@@ -129,7 +130,10 @@ pub fn run(options: ServeOptions) -> Result<()> {
         // Tests and scripts wait for this line (with --port 0 it names the port).
         eprintln!("listening on http://{address}");
         let queue = state.queue.clone();
-        connections::serve(listener, router(state), options.connections, shutdown_signal(), move || queue.cancel_all()).await;
+        connections::serve(listener, router(state), options.connections, shutdown_signal(), move || {
+            queue.cancel_all()
+        })
+        .await;
         anyhow::Ok(())
     })?;
     // The router, and with it every queue handle, is gone: the worker finishes what is queued.
@@ -201,7 +205,10 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
         StatusCode::NOT_FOUND,
         "invalid_request_error",
         "not_found",
-        format!("no route {}; the routes are POST /v1/generate, POST /v1/chat/completions, GET /health, GET /metrics, GET /", uri.path()),
+        format!(
+            "no route {}; the routes are POST /v1/generate, POST /v1/chat/completions, GET /health, GET /metrics, GET /",
+            uri.path()
+        ),
     )
 }
 
@@ -238,7 +245,10 @@ async fn track(State(state): State<Arc<AppState>>, request: axum::extract::Reque
 
 /// The `Content-Length` a request declares.
 fn declared_length(request: &axum::extract::Request) -> Option<u64> {
-    request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
 }
 
 /// Reads the whole body (up to `--max-body-bytes`, within `--body-timeout`) before the handler
@@ -255,7 +265,8 @@ async fn read_body(State(state): State<Arc<AppState>>, request: axum::extract::R
             if let Some(running) = parts.extensions.get::<Running>() {
                 running.start();
             }
-            next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+            next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
         }
         Err(e) => e.into_response(),
     }
@@ -280,7 +291,10 @@ async fn cors(State(state): State<Arc<AppState>>, request: axum::extract::Reques
     let headers = response.headers_mut();
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
-    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type"),
+    );
     headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
     headers.insert(header::VARY, HeaderValue::from_static("origin"));
     response
@@ -296,7 +310,11 @@ async fn auth(State(state): State<Arc<AppState>>, request: axum::extract::Reques
     if matches!(request.uri().path(), "/health" | "/") {
         return next.run(request).await;
     }
-    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token);
     let refusal = match given {
         Some(token) if same_secret(token.as_bytes(), key.as_bytes()) => return next.run(request).await,
         Some(_) => unauthorized("the API key is wrong; send Authorization: Bearer KEY with the server's --api-key"),

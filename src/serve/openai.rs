@@ -86,7 +86,11 @@ const NEUTRAL: &[Neutral] = &[
     ("logprobs", is_false, "false (log probabilities are not returned)"),
     ("top_logprobs", zero, "0 (log probabilities are not returned)"),
     ("stop", empty, "null (no stop sequences; the answer ends at <eos> or max_tokens)"),
-    ("response_format", |v| v.get("type").and_then(Value::as_str) == Some("text") && v.as_object().is_some_and(|o| o.len() == 1), "{\"type\": \"text\"}"),
+    (
+        "response_format",
+        |v| v.get("type").and_then(Value::as_str) == Some("text") && v.as_object().is_some_and(|o| o.len() == 1),
+        "{\"type\": \"text\"}",
+    ),
     ("tools", empty, "[] (no tool calls)"),
     ("tool_choice", |v| v.as_str() == Some("none"), "\"none\" (no tool calls)"),
     ("functions", empty, "[] (no function calls)"),
@@ -122,11 +126,14 @@ fn take_neutral_fields(body: &mut serde_json::Map<String, Value>) -> Result<(), 
 fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
     let mut object: serde_json::Map<String, Value> = api::parse_json(body, CHAT_SHAPE)?;
     take_neutral_fields(&mut object)?;
-    let chat: ChatRequest = serde_json::from_value(Value::Object(object))
-        .map_err(|e| ApiError::invalid("invalid_json", format!("the body is not a valid request: {e}; expected {CHAT_SHAPE}")))?;
-    let out_of_range = |name: &str, value: f64, range: &str| {
-        ApiError::invalid("invalid_value", format!("{name} is {value}; OpenAI's range is {range}"))
-    };
+    let chat: ChatRequest = serde_json::from_value(Value::Object(object)).map_err(|e| {
+        ApiError::invalid(
+            "invalid_json",
+            format!("the body is not a valid request: {e}; expected {CHAT_SHAPE}"),
+        )
+    })?;
+    let out_of_range =
+        |name: &str, value: f64, range: &str| ApiError::invalid("invalid_value", format!("{name} is {value}; OpenAI's range is {range}"));
     if let Some(t) = chat.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
         return Err(out_of_range("temperature", t, "0 to 2"));
     }
@@ -204,7 +211,12 @@ fn parse_messages(messages: Vec<Message>) -> Result<(Vec<u8>, String), ApiError>
 }
 
 fn parse_content(content: Value) -> Result<(Vec<u8>, String), ApiError> {
-    let wrong = |what: String| ApiError::invalid("invalid_content", format!("{what}; the user message's content must be {CONTENT_SHAPE}"));
+    let wrong = |what: String| {
+        ApiError::invalid(
+            "invalid_content",
+            format!("{what}; the user message's content must be {CONTENT_SHAPE}"),
+        )
+    };
     if !content.is_array() {
         return Err(wrong("the content is not an array of parts (this model needs an image)".into()));
     }
@@ -219,7 +231,11 @@ fn parse_content(content: Value) -> Result<(Vec<u8>, String), ApiError> {
         }
     }
     if images.len() != 1 || texts.len() != 1 {
-        return Err(wrong(format!("the content has {} image_url and {} text parts, not one of each", images.len(), texts.len())));
+        return Err(wrong(format!(
+            "the content has {} image_url and {} text parts, not one of each",
+            images.len(),
+            texts.len()
+        )));
     }
     let (url, prompt) = (images.remove(0), texts.remove(0));
     if api::data_url(&url).is_none() {
@@ -311,7 +327,9 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, request: axum:
     let body = api::read_body(request).await?;
     let chat = parse_chat(&body)?;
     let (image, prompt) = parse_messages(chat.messages)?;
-    let request = state.limits.check(&state.prompts, image, prompt, chat.max_completion_tokens.or(chat.max_tokens), None)?;
+    let request = state
+        .limits
+        .check(&state.prompts, image, prompt, chat.max_completion_tokens.or(chat.max_tokens), None)?;
     let stream = chat.stream.unwrap_or(false);
     let include_usage = chat.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     let ticket = state.queue.submit(request, stream)?;
@@ -394,7 +412,11 @@ mod tests {
         let system = parse_messages(vec![message("system", json!("be brief")), message("user", parts("data:,"))]).unwrap_err();
         assert!(system.message.contains("system messages"), "{}", system.message);
         let web = parse_messages(vec![message("user", parts("https://example.com/cat.png"))]).unwrap_err();
-        assert!(web.message.contains("only data: URLs, the server fetches nothing"), "{}", web.message);
+        assert!(
+            web.message.contains("only data: URLs, the server fetches nothing"),
+            "{}",
+            web.message
+        );
         let text = parse_messages(vec![message("user", json!("caption en"))]).unwrap_err();
         assert_eq!(text.code, "invalid_content");
         let two = parse_messages(vec![message("user", parts("data:,")), message("user", parts("data:,"))]).unwrap_err();
@@ -439,7 +461,11 @@ mod tests {
         ] {
             let e = chat(json!({"messages": [], name: value})).unwrap_err();
             assert_eq!(e.code, "unsupported_parameter", "{name}");
-            assert!(e.message.starts_with(&format!("{name} is ")) && e.message.contains("send "), "{}", e.message);
+            assert!(
+                e.message.starts_with(&format!("{name} is ")) && e.message.contains("send "),
+                "{}",
+                e.message
+            );
         }
     }
 

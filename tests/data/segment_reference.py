@@ -33,11 +33,7 @@ def main(work: pathlib.Path) -> None:
         if x2 <= x1 or y2 <= y1:
             boxes.append(None)
             continue
-        mi = np.asarray(
-            PIL.Image.fromarray(np.ascontiguousarray(m64)).resize(
-                [x2 - x1, y2 - y1], resample=PIL.Image.BILINEAR
-            )
-        )
+        mi = np.asarray(PIL.Image.fromarray(np.ascontiguousarray(m64)).resize([x2 - x1, y2 - y1], resample=PIL.Image.BILINEAR))
         assert mi.dtype == np.float32, mi.dtype
         mi.astype("<f4").tofile(work / f"resized_{k}.f32")
         full = np.zeros([h, w], np.uint8)

@@ -96,7 +96,9 @@ def start_server(*extra: str) -> Server:
             line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             stop(process)
-            pytest.fail(f"`{' '.join(command)}` printed no `{prefix}` line in {STARTUP_TIMEOUT_S} s; stderr:\n" + "\n".join(log), pytrace=False)
+            pytest.fail(
+                f"`{' '.join(command)}` printed no `{prefix}` line in {STARTUP_TIMEOUT_S} s; stderr:\n" + "\n".join(log), pytrace=False
+            )
         if line is None:
             code = process.wait()
             pytest.fail(
@@ -105,7 +107,7 @@ def start_server(*extra: str) -> Server:
                 pytrace=False,
             )
         if line.startswith(prefix):
-            return Server(url=line[len(prefix):].strip().rstrip("/"), api_key=API_KEY, process=process, log=log)
+            return Server(url=line[len(prefix) :].strip().rstrip("/"), api_key=API_KEY, process=process, log=log)
 
 
 def stop(process: subprocess.Popen) -> None:

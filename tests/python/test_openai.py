@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO, data_url
 
 IMAGE = REPO / "tests" / "data" / "images" / "chelsea.png"
@@ -50,9 +49,7 @@ def test_chat_completion_answers_as_generate_does(server):
 def test_streamed_chat_completion_adds_up_to_the_same_text(server):
     expected = server.generate(IMAGE, PROMPT, MAX_TOKENS)
 
-    stream = client(server).chat.completions.create(
-        model="paligemma", messages=user_message(), max_tokens=MAX_TOKENS, stream=True
-    )
+    stream = client(server).chat.completions.create(model="paligemma", messages=user_message(), max_tokens=MAX_TOKENS, stream=True)
     chunks = list(stream)
 
     assert chunks and all(chunk.object == "chat.completion.chunk" for chunk in chunks)
@@ -68,9 +65,7 @@ def test_wrong_api_key_is_an_authentication_error(server):
     import openai
 
     with pytest.raises(openai.AuthenticationError) as raised:
-        client(server, api_key="not-the-key").chat.completions.create(
-            model="paligemma", messages=user_message(), max_tokens=MAX_TOKENS
-        )
+        client(server, api_key="not-the-key").chat.completions.create(model="paligemma", messages=user_message(), max_tokens=MAX_TOKENS)
     assert raised.value.status_code == 401
 
 

@@ -37,9 +37,7 @@ def on_line(edge: int, side: int) -> int:
 
 
 def canvas_pixel(page, x: int, y: int) -> list[int]:
-    return page.evaluate(
-        "([x, y]) => Array.from(document.getElementById('canvas').getContext('2d').getImageData(x, y, 1, 1).data)", [x, y]
-    )
+    return page.evaluate("([x, y]) => Array.from(document.getElementById('canvas').getContext('2d').getImageData(x, y, 1, 1).data)", [x, y])
 
 
 def test_detect_draws_the_servers_boxes_on_the_image(page, server):
@@ -102,9 +100,9 @@ def test_missing_api_key_is_reported(page, server):
 
 
 def test_each_task_fills_the_prompt(page):
-    def prompt_for(task: str, fields: dict[str, str] = {}) -> str:
+    def prompt_for(task: str, fields: dict[str, str] | None = None) -> str:
         page.select_option("#task", task)
-        for selector, value in fields.items():
+        for selector, value in (fields or {}).items():
             page.fill(selector, value)
         return page.input_value("#prompt")
 
@@ -129,4 +127,3 @@ def test_rle_decodes_column_major_starting_with_background(page):
     assert page.evaluate("() => Array.from(decodeRle({size: [2, 3], counts: [1, 2, 3]}))") == [0, 1, 0, 1, 0, 0]
     # A mask whose first pixel is foreground starts with an empty background run.
     assert page.evaluate("() => Array.from(decodeRle({size: [2, 2], counts: [0, 2, 1, 1]}))") == [1, 0, 1, 1]
-

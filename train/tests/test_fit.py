@@ -7,8 +7,20 @@ from train import scenes
 from train.fit import PatchHead, TrainConfig, lr_at, train
 from train.model import ModelConfig, build
 
-SMALL = ModelConfig(image_size=56, patch_size=14, hidden=32, layers=1, heads=2, head_dim=16, kv_heads=2, intermediate=64,
-                    vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64)
+SMALL = ModelConfig(
+    image_size=56,
+    patch_size=14,
+    hidden=32,
+    layers=1,
+    heads=2,
+    head_dim=16,
+    kv_heads=2,
+    intermediate=64,
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_intermediate=64,
+)
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
@@ -33,13 +45,24 @@ def test_lr_warms_up_then_decays_to_the_final_fraction():
 def test_position_and_loc_embeddings_start_smooth():
     model, proc = build(SMALL, 0)
     first = proc.tokenizer.convert_tokens_to_ids("<loc0000>")
-    loc = model.model.language_model.embed_tokens.weight[first:first + 1024]
+    loc = model.model.language_model.embed_tokens.weight[first : first + 1024]
     cos = torch.nn.functional.cosine_similarity
     # Neighbouring bins are nearly the same row; far bins are not.
     assert cos(loc[500], loc[501], dim=0) > 0.8 > 0.3 > cos(loc[100], loc[900], dim=0)
     # Every scene word is one token.
     assert proc.tokenizer.tokenize("a red circle and a white triangle on a teal background") == [
-        "a", "▁red", "▁circle", "▁and", "▁a", "▁white", "▁triangle", "▁on", "▁a", "▁teal", "▁background"]
+        "a",
+        "▁red",
+        "▁circle",
+        "▁and",
+        "▁a",
+        "▁white",
+        "▁triangle",
+        "▁on",
+        "▁a",
+        "▁teal",
+        "▁background",
+    ]
 
 
 def test_patch_labels_name_shapes_and_characters():

@@ -129,7 +129,7 @@ def test_detect_target_parses_back_to_the_boxes_within_half_a_bin(generated):
         prompt, target = next((p, t) for p, t in tasks.tasks_for(s) if p.startswith("detect "))
         parsed = parse_detect(target, width, height)
         assert [label for label, _ in parsed] == [o.label for o in s.objects]
-        assert set(prompt[len("detect "):].split(" ; ")) == {o.label for o in s.objects}
+        assert set(prompt[len("detect ") :].split(" ; ")) == {o.label for o in s.objects}
         for (_, box), o in zip(parsed, s.objects):
             for got, want, side in zip(box, o.box, (width, height, width, height)):
                 assert abs(got - want) <= side / 1023 / 2 + 1e-9
