@@ -6,22 +6,16 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use anyhow::{bail, Context, Result};
-use clap::Parser;
-use serde::{Deserialize, Serialize};
 
 use crate::annotate::annotate;
+use crate::api::{Answer, BatchLine, Failure, BATCH_LINE_SHAPE};
+use crate::args::RuntimeArgs;
 use crate::bench::BenchOptions;
 use crate::input::read_regular_file;
-use crate::onnxruntime::parse_ep_list;
-use crate::pipeline::{ImageInput, Pipeline, PipelineOptions, Request, Response};
+use crate::pipeline::{ImageInput, Pipeline, Request, Response};
 use crate::preprocess::ImageLimits;
-use crate::prompt::DEFAULT_MAX_PROMPT_TOKENS;
-use crate::serve::api::Limits;
-use crate::serve::connections::ConnectionLimits;
-use crate::serve::ServeOptions;
+use anyhow::{bail, Context, Result};
+use clap::Parser;
 
 /// Run PaliGemma 2 (ONNX) on images: captions, OCR, answers, detection boxes, segmentation masks.
 #[derive(Debug, Parser)]
@@ -64,76 +58,6 @@ pub struct Args {
     pub max_image_pixels: u64,
 }
 
-/// The model and how ONNX Runtime runs it: shared by `paligemma` and `paligemma bench`.
-#[derive(Debug, clap::Args)]
-pub struct RuntimeArgs {
-    /// Converted model directory (with manifest.json) or a Hugging Face repo id holding one.
-    /// Default: the repository's committed scenes model, models/scenes (see models/README.md).
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Execution providers in priority order: cpu, cuda, tensorrt (e.g. "tensorrt,cuda,cpu").
-    #[arg(long, default_value = "cpu")]
-    pub ep: String,
-    /// Intra-op threads per graph (default: ONNX Runtime's choice).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Which of the model's graphs to run.
-    #[arg(long, default_value = "fp32")]
-    pub dtype: String,
-    /// Most text tokens a prompt may hold (`<bos>`, the task, `\n`; the image tokens are not
-    /// counted): what a request costs grows with its tokens, not its characters.
-    #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize))]
-    pub max_prompt_tokens: usize,
-    /// ONNX Runtime library to load (else $ORT_DYLIB_PATH, next to this binary, the repo's .venv).
-    #[arg(long)]
-    pub ort_lib: Option<PathBuf>,
-}
-
-impl RuntimeArgs {
-    fn pipeline_options(&self) -> Result<PipelineOptions> {
-        let model = match &self.model {
-            Some(model) => model.clone(),
-            None => default_model()?.display().to_string(),
-        };
-        let mut options = PipelineOptions::new(model);
-        options.dtype = self.dtype.clone();
-        options.providers = parse_ep_list(&self.ep)?;
-        options.threads = self.threads;
-        options.ort_lib = self.ort_lib.clone();
-        options.max_prompt_tokens = self.max_prompt_tokens;
-        Ok(options)
-    }
-}
-
-/// Where the default model lives, relative to a repository checkout.
-const DEFAULT_MODEL: &str = "models/scenes";
-
-/// `models/scenes` under the current directory, else under an ancestor of the executable (a
-/// `target/release/paligemma` in a checkout), else under the crate root recorded at build time.
-fn default_model() -> Result<PathBuf> {
-    let mut roots = vec![std::env::current_dir().ok()];
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().skip(1).map(|dir| Some(dir.to_path_buf())));
-    }
-    roots.push(Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))));
-    let mut searched = Vec::new();
-    for root in roots.into_iter().flatten() {
-        let dir = root.join(DEFAULT_MODEL);
-        if dir.join("manifest.json").is_file() {
-            return Ok(dir);
-        }
-        let shown = dir.display().to_string();
-        if !searched.contains(&shown) {
-            searched.push(shown);
-        }
-    }
-    bail!(
-        "no --model given and the default model ({DEFAULT_MODEL}, committed in this repository) is not in {}; \
-         pass --model with a converted directory or a Hugging Face repo id",
-        searched.join(", ")
-    )
-}
-
 /// Measure load, vision, prefill, first-token and decode times, long-run and batch decoding of one
 /// model and dtype; prints one JSON object (`python -m bench` compares it with transformers).
 #[derive(Debug, Parser)]
@@ -157,106 +81,6 @@ pub struct BenchArgs {
     pub batch: usize,
 }
 
-/// Serve the model over HTTP: `POST /v1/generate`, `POST /v1/chat/completions` (OpenAI shape),
-/// `GET /health`, `GET /metrics` (Prometheus) and a test page at `/`. Concurrent requests run as
-/// one batch; SIGTERM stops accepting, finishes the queue and exits 0.
-#[derive(Debug, Parser)]
-#[command(name = "paligemma serve", bin_name = "paligemma serve")]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub runtime: RuntimeArgs,
-    /// Address to listen on; the default takes no connection from other machines.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port to listen on (0: any free port; the `listening on` line on stderr names it).
-    #[arg(long, default_value_t = 8080)]
-    pub port: u16,
-    /// Most requests run together as one batch.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
-    pub max_batch: u16,
-    /// Most requests waiting for the model; more are answered 503 with Retry-After.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_queue: u32,
-    /// Largest request body in bytes (a base64 image is 4/3 of the file).
-    #[arg(long, default_value_t = 20 * 1024 * 1024)]
-    pub max_body_bytes: usize,
-    /// Seconds a request body may take to arrive (408 after).
-    #[arg(long, default_value_t = 60)]
-    pub body_timeout: u64,
-    /// Seconds a connection may take to send a request head; also how long an idle keep-alive
-    /// connection stays open.
-    #[arg(long, default_value_t = ConnectionLimits::default().header_timeout.as_secs())]
-    pub header_timeout: u64,
-    /// Seconds a client may take none of its answer before it is dropped (its request cancelled).
-    #[arg(long, default_value_t = ConnectionLimits::default().write_timeout.as_secs())]
-    pub write_timeout: u64,
-    /// Most open connections (keep under `ulimit -n`); at the cap the longest-idle connection is
-    /// closed for a new one, or the new one answered 503 when all run requests.
-    #[arg(long, default_value_t = ConnectionLimits::default().max_connections, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize))]
-    pub max_connections: usize,
-    /// Seconds SIGTERM waits for running and queued requests before cancelling them and exiting.
-    #[arg(long, default_value_t = ConnectionLimits::default().shutdown_timeout.as_secs())]
-    pub shutdown_timeout: u64,
-    /// Largest image accepted, in pixels (decompression-bomb guard).
-    #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
-    pub max_image_pixels: u64,
-    /// Most new tokens one request may ask for.
-    #[arg(long, default_value_t = 512)]
-    pub max_new_tokens_cap: usize,
-    /// Require `Authorization: Bearer KEY` on every route but /health and /.
-    #[arg(long, env = "PALIGEMMA_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    /// Allow browsers on this origin (or `*`) to call the API: answers CORS preflights.
-    #[arg(long)]
-    pub cors_origin: Option<String>,
-}
-
-/// What the command line asks for.
-pub enum Command {
-    Run(Args),
-    Bench(BenchArgs),
-    Serve(ServeArgs),
-}
-
-/// Parses the process arguments: `paligemma bench ...`, `paligemma serve ...` or the plain run.
-pub fn parse() -> Command {
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    match argv.get(1).and_then(|a| a.to_str()) {
-        Some("bench") => Command::Bench(BenchArgs::parse_from(&argv[1..])),
-        Some("serve") => Command::Serve(ServeArgs::parse_from(&argv[1..])),
-        _ => Command::Run(Args::parse_from(argv)),
-    }
-}
-
-pub fn serve(args: ServeArgs) -> Result<i32> {
-    let mut pipeline = args.runtime.pipeline_options()?;
-    pipeline.image_limits = ImageLimits {
-        max_pixels: args.max_image_pixels,
-        ..ImageLimits::default()
-    };
-    crate::serve::run(ServeOptions {
-        pipeline,
-        host: args.host,
-        port: args.port,
-        max_batch: usize::from(args.max_batch),
-        max_queue: args.max_queue as usize,
-        limits: Limits {
-            max_body_bytes: args.max_body_bytes,
-            body_timeout: Duration::from_secs(args.body_timeout),
-            max_new_tokens_cap: args.max_new_tokens_cap,
-        },
-        connections: ConnectionLimits {
-            max_connections: args.max_connections,
-            header_timeout: Duration::from_secs(args.header_timeout),
-            write_timeout: Duration::from_secs(args.write_timeout),
-            shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
-        },
-        api_key: args.api_key.filter(|k| !k.is_empty()),
-        cors_origin: args.cors_origin,
-    })?;
-    Ok(0)
-}
-
 pub fn bench(args: BenchArgs) -> Result<i32> {
     let report = crate::bench::run(BenchOptions {
         pipeline: args.runtime.pipeline_options()?,
@@ -271,22 +95,6 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
     }
     print_line(&serde_json::to_string(&report)?)?;
     Ok(0)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchLine {
-    image: PathBuf,
-    prompt: String,
-    max_new_tokens: Option<usize>,
-}
-
-/// One request's `--json` object; `paligemma serve` answers the same.
-#[derive(Serialize)]
-pub(crate) struct JsonResult<'a> {
-    #[serde(flatten)]
-    pub(crate) response: &'a Response,
-    pub(crate) providers: &'a BTreeMap<String, Vec<String>>,
 }
 
 /// The lines of a text file as editors on any system write it: UTF-8 with or without a
@@ -336,8 +144,7 @@ struct Entry {
 fn read_batch(path: &Path, default_max: usize, min_new_tokens: usize) -> Result<Vec<Entry>> {
     let bytes = read_regular_file(path, "batch file", MAX_BATCH_FILE_BYTES)?;
     let parse = |line: Result<String, String>| -> Result<Request, String> {
-        let line: BatchLine = serde_json::from_str(&line?)
-            .map_err(|e| format!("{e}; expected {{\"image\": PATH, \"prompt\": TEXT, \"max_new_tokens\": N (optional)}}"))?;
+        let line: BatchLine = serde_json::from_str(&line?).map_err(|e| format!("{e}; expected {BATCH_LINE_SHAPE}"))?;
         Ok(Request {
             image: ImageInput::Path(line.image),
             prompt: line.prompt,
@@ -388,6 +195,7 @@ pub fn run(args: Args) -> Result<i32> {
         max_pixels: args.max_image_pixels,
         ..ImageLimits::default()
     };
+    options.keep_images = args.annotate.is_some();
     let mut pipeline = Pipeline::load(options)?;
     for warning in pipeline.warnings() {
         eprintln!("warning: {warning}");
@@ -435,10 +243,7 @@ pub fn run(args: Args) -> Result<i32> {
         match result {
             Ok(response) => {
                 if args.json {
-                    print_line(&serde_json::to_string(&JsonResult {
-                        response,
-                        providers: &providers,
-                    })?)?;
+                    print_line(&serde_json::to_string(&Answer::new(response, &providers))?)?;
                 } else if stream {
                     print_line("")?;
                 } else {
@@ -454,7 +259,7 @@ pub fn run(args: Args) -> Result<i32> {
                     _ => e.clone(),
                 };
                 if args.json {
-                    print_line(&serde_json::json!({ "index": index, "line": line, "error": e }).to_string())?;
+                    print_line(&serde_json::to_string(&Failure { index, line, error: &e })?)?;
                 }
                 eprintln!("error: request {index}: {e}");
             }
@@ -476,7 +281,8 @@ fn png_path(value: &str) -> Result<PathBuf, String> {
 
 fn write_outputs(args: &Args, index: usize, response: &Response) -> Result<()> {
     if let Some(path) = &args.annotate {
-        let picture = annotate(&response.image, &response.detections, &response.segments)?;
+        let image = response.image.as_ref().context("the pipeline kept no image to annotate")?;
+        let picture = annotate(image, &response.detections, &response.segments)?;
         // Encoded in memory, written beside the target and renamed over it: a failed run leaves
         // neither an empty or truncated file nor a damaged earlier one.
         let mut png = Vec::new();

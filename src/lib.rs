@@ -2,6 +2,8 @@
 //! `manifest.json`. Start at [`pipeline::Pipeline`].
 
 pub mod annotate;
+pub mod api;
+pub mod args;
 pub mod bench;
 pub mod cli;
 pub mod config;

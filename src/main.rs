@@ -1,12 +1,16 @@
 //! `paligemma`: parse the arguments, run, print one-line errors with exit code 2.
 
-use paligemma::cli::{self, Command};
+use clap::Parser;
+use paligemma::cli::{self, Args, BenchArgs};
+use paligemma::serve::command::{self as serve, ServeArgs};
 
 fn main() {
-    let outcome = match cli::parse() {
-        Command::Run(args) => cli::run(args),
-        Command::Bench(args) => cli::bench(args),
-        Command::Serve(args) => cli::serve(args),
+    // `paligemma bench ...`, `paligemma serve ...`, or the plain run.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let outcome = match argv.get(1).and_then(|a| a.to_str()) {
+        Some("bench") => cli::bench(BenchArgs::parse_from(&argv[1..])),
+        Some("serve") => serve::command(ServeArgs::parse_from(&argv[1..])),
+        _ => cli::run(Args::parse_from(argv)),
     };
     let code = match outcome {
         Ok(code) => code,

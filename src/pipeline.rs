@@ -13,11 +13,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use image::RgbImage;
-use serde::Serialize;
 
 use crate::config::{ConfigError, Manifest};
 use crate::detect::{parse_detections, parse_segmentation, Detection};
-use crate::generate::{generate, mean_ms, ms, Generated, Generation, Prepared, Timings};
+use crate::generate::{generate, Generated, Generation, Prepared, Timings};
 use crate::hub::{resolve_model, HubError, HubOptions};
 use crate::onnxruntime::{init, ExecutionProvider, OrtInfo, OrtLibError};
 use crate::preprocess::{decode_image, load_image, pixel_values, ImageLimits, ImageProcessorConfig, LoadedImage, PreprocessError};
@@ -79,6 +78,8 @@ pub struct PipelineOptions {
     pub image_limits: ImageLimits,
     /// Most text tokens a prompt may hold (`<bos>`, the task and `\n`; not the image tokens).
     pub max_prompt_tokens: usize,
+    /// Return each request's decoded image in its [`Response`] (to draw on it).
+    pub keep_images: bool,
 }
 
 impl PipelineOptions {
@@ -91,6 +92,7 @@ impl PipelineOptions {
             ort_lib: None,
             image_limits: ImageLimits::default(),
             max_prompt_tokens: DEFAULT_MAX_PROMPT_TOKENS,
+            keep_images: false,
         }
     }
 }
@@ -121,8 +123,8 @@ impl Request {
     }
 }
 
-/// What one request produced; serialises to the CLI's `--json` object.
-#[derive(Debug, Clone, Serialize)]
+/// What one request produced (`api::Answer` is its wire form).
+#[derive(Debug, Clone)]
 pub struct Response {
     pub text: String,
     /// Generated ids, up to and without `<eos>`.
@@ -136,24 +138,12 @@ pub struct Response {
     /// Original image size `[width, height]`: the pixel space of boxes and masks.
     pub image_size: [u32; 2],
     /// Prompt length in tokens, image tokens included (what an OpenAI `usage` counts).
-    #[serde(skip)]
     pub prompt_tokens: usize,
     /// Where the time went, for the batch this request ran in.
-    #[serde(serialize_with = "timing_summary")]
     pub timings: Timings,
-    #[serde(skip)]
-    pub image: RgbImage,
-}
-
-/// Timings in `--json`: milliseconds, the steps as their mean.
-fn timing_summary<S: serde::Serializer>(t: &Timings, serializer: S) -> Result<S::Ok, S::Error> {
-    serde_json::json!({
-        "vision_ms": ms(t.vision),
-        "prefill_ms": ms(t.prefill),
-        "decode_steps": t.steps.len(),
-        "decode_ms_per_token": mean_ms(&t.steps),
-    })
-    .serialize(serializer)
+    /// The decoded image (upright, RGB), for drawing on it; only with
+    /// [`PipelineOptions::keep_images`].
+    pub image: Option<RgbImage>,
 }
 
 /// The task a prompt asks for, by its PaliGemma prefix.
@@ -184,6 +174,7 @@ pub struct Pipeline {
     prompts: Arc<PromptEncoder>,
     image_config: ImageProcessorConfig,
     limits: ImageLimits,
+    keep_images: bool,
 }
 
 impl Pipeline {
@@ -211,6 +202,7 @@ impl Pipeline {
             prompts,
             image_config,
             limits: options.image_limits,
+            keep_images: options.keep_images,
         })
     }
 
@@ -386,7 +378,7 @@ impl Pipeline {
             image_size: [width, height],
             prompt_tokens,
             timings,
-            image: image.rgb.clone(),
+            image: self.keep_images.then(|| image.rgb.clone()),
         };
         let tagged = || self.prompts.decode_with_special_tokens(&response.token_ids);
         match Task::of(&request.prompt) {

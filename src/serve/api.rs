@@ -19,9 +19,8 @@ use axum::Json;
 use base64::engine::general_purpose::{STANDARD_PAD_INDIFFERENT, URL_SAFE_PAD_INDIFFERENT};
 use base64::Engine;
 use futures_util::stream::{self, Stream, StreamExt};
-use serde::Deserialize;
 
-use crate::cli::JsonResult;
+use crate::api::{Answer, ErrorBody, ErrorCode, ErrorDetail, ErrorType, GenerateBody, GENERATE_SHAPE};
 use crate::error_chain;
 use crate::pipeline::{ImageInput, Request, RequestError};
 use crate::preprocess::PreprocessError;
@@ -47,17 +46,17 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub kind: &'static str,
-    pub code: &'static str,
+    pub kind: ErrorType,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+    pub fn invalid(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, ErrorType::InvalidRequestError, code, message)
     }
 
-    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn new(status: StatusCode, kind: ErrorType, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             kind,
@@ -69,8 +68,8 @@ impl ApiError {
     pub fn body_too_large(limit: usize) -> ApiError {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "body_too_large",
+            ErrorType::InvalidRequestError,
+            ErrorCode::BodyTooLarge,
             format!("the request body is over this server's limit of {limit} bytes (--max-body-bytes); send a smaller image"),
         )
     }
@@ -79,15 +78,22 @@ impl ApiError {
         let found = found.map_or_else(|| "no Content-Type header".to_string(), |t| format!("Content-Type {t:?}"));
         ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "invalid_request_error",
-            "unsupported_media_type",
+            ErrorType::InvalidRequestError,
+            ErrorCode::UnsupportedMediaType,
             format!("the request has {found}; send {expected}"),
         )
     }
 
     /// The error JSON as an SSE `data` payload, for failures after a stream started.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({ "error": { "message": self.message, "type": self.kind, "code": self.code } })
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: &self.message,
+                kind: self.kind,
+                code: self.code,
+            },
+        };
+        serde_json::to_value(body).unwrap_or_default()
     }
 }
 
@@ -111,10 +117,13 @@ impl IntoResponse for ApiError {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> ApiError {
         let (code, message) = match e {
-            SubmitError::Full => ("queue_full", "the server's queue is full (--max-queue); retry after a second"),
-            SubmitError::Stopped => ("shutting_down", "the model worker has stopped; retry on another server"),
+            SubmitError::Full => (
+                ErrorCode::QueueFull,
+                "the server's queue is full (--max-queue); retry after a second",
+            ),
+            SubmitError::Stopped => (ErrorCode::ShuttingDown, "the model worker has stopped; retry on another server"),
         };
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", code, message)
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorType::ServerError, code, message)
     }
 }
 
@@ -124,15 +133,15 @@ impl From<JobError> for ApiError {
         match e {
             JobError::Request(RequestError::Image(PreprocessError::TooManyPixels { width, height, pixels, limit, .. })) => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "image_too_large",
+                ErrorType::InvalidRequestError,
+                ErrorCode::ImageTooLarge,
                 format!("the image is {width}x{height} = {pixels} pixels, over this server's limit of {limit} (--max-image-pixels); downscale it"),
             ),
-            JobError::Request(RequestError::Image(_)) => ApiError::invalid("invalid_image", message),
+            JobError::Request(RequestError::Image(_)) => ApiError::invalid(ErrorCode::InvalidImage, message),
             JobError::Request(RequestError::Prompt(e)) => e.into(),
-            JobError::WorkerGone | JobError::ShutDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting_down", message),
+            JobError::WorkerGone | JobError::ShutDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorType::ServerError, ErrorCode::ShuttingDown, message),
             JobError::Request(_) | JobError::Panicked(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "model_error", message)
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorType::ServerError, ErrorCode::ModelError, message)
             }
         }
     }
@@ -141,27 +150,15 @@ impl From<JobError> for ApiError {
 impl From<PromptError> for ApiError {
     fn from(e: PromptError) -> ApiError {
         let code = match e {
-            PromptError::Empty => "empty_prompt",
-            PromptError::TooLong { .. } | PromptError::OverTokenLimit { .. } | PromptError::OverByteLimit { .. } => "prompt_too_long",
-            PromptError::NoNewTokens => "invalid_max_new_tokens",
-            PromptError::ImagePlaceholders { .. } | PromptError::Encode(_) | PromptError::Tokenizer { .. } => "invalid_prompt",
+            PromptError::Empty => ErrorCode::EmptyPrompt,
+            PromptError::TooLong { .. } | PromptError::OverTokenLimit { .. } | PromptError::OverByteLimit { .. } => {
+                ErrorCode::PromptTooLong
+            }
+            PromptError::NoNewTokens => ErrorCode::InvalidMaxNewTokens,
+            PromptError::ImagePlaceholders { .. } | PromptError::Encode(_) | PromptError::Tokenizer { .. } => ErrorCode::InvalidPrompt,
         };
         ApiError::invalid(code, e.to_string())
     }
-}
-
-/// The `/v1/generate` JSON body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GenerateBody {
-    /// Base64 of the image file, or a `data:image/...;base64,` URL.
-    image: String,
-    prompt: String,
-    max_new_tokens: Option<usize>,
-    /// `<eos>` is not chosen before this many tokens (capped at max_new_tokens), as the CLI's
-    /// `--min-new-tokens`.
-    min_new_tokens: Option<usize>,
-    stream: Option<bool>,
 }
 
 /// A checked request, ready to queue.
@@ -184,14 +181,14 @@ impl Limits {
     ) -> Result<Request, ApiError> {
         if image.is_empty() {
             return Err(ApiError::invalid(
-                "missing_image",
+                ErrorCode::MissingImage,
                 "the image is empty; send the image file's bytes",
             ));
         }
         let max_new_tokens = max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS.min(self.max_new_tokens_cap));
         if max_new_tokens > self.max_new_tokens_cap {
             return Err(ApiError::invalid(
-                "invalid_max_new_tokens",
+                ErrorCode::InvalidMaxNewTokens,
                 format!(
                     "{max_new_tokens} new tokens are asked for; this server takes 1 to {} (--max-new-tokens-cap)",
                     self.max_new_tokens_cap
@@ -223,7 +220,7 @@ pub fn decode_base64_image(field: &str, text: &str) -> Result<Vec<u8>, ApiError>
             Some((meta, data)) if meta.rsplit(';').next().is_some_and(|p| p.trim().eq_ignore_ascii_case("base64")) => data,
             _ => {
                 return Err(ApiError::invalid(
-                    "invalid_image",
+                    ErrorCode::InvalidImage,
                     format!("{field} is a data: URL without base64 data; send data:image/png;base64,..."),
                 ))
             }
@@ -236,7 +233,7 @@ pub fn decode_base64_image(field: &str, text: &str) -> Result<Vec<u8>, ApiError>
         .or_else(|e| URL_SAFE_PAD_INDIFFERENT.decode(compact.as_bytes()).map_err(|_| e))
         .map_err(|e| {
             ApiError::invalid(
-                "invalid_base64",
+                ErrorCode::InvalidBase64,
                 format!("{field} is not valid base64 ({e}); send the file's bytes base64-encoded, or a data:image/...;base64,... URL"),
             )
         })
@@ -259,7 +256,7 @@ pub async fn read_limited(body: Body, limit: usize, timeout: std::time::Duration
     let (mut kept, mut total) = (Vec::new(), 0usize);
     let read = async {
         while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(|e| ApiError::invalid("unreadable_body", format!("cannot read the request body: {e}")))?;
+            let chunk = chunk.map_err(|e| ApiError::invalid(ErrorCode::UnreadableBody, format!("cannot read the request body: {e}")))?;
             total = total.saturating_add(chunk.len());
             if total <= limit {
                 kept.extend_from_slice(&chunk);
@@ -272,8 +269,8 @@ pub async fn read_limited(body: Body, limit: usize, timeout: std::time::Duration
     tokio::time::timeout(timeout, read).await.map_err(|_| {
         ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            "body_timeout",
+            ErrorType::InvalidRequestError,
+            ErrorCode::BodyTimeout,
             format!(
                 "the request body did not arrive within {} s (--body-timeout); send it at once",
                 timeout.as_secs()
@@ -290,7 +287,7 @@ pub async fn read_limited(body: Body, limit: usize, timeout: std::time::Duration
 pub async fn read_body(request: axum::extract::Request) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(request.into_body(), usize::MAX)
         .await
-        .map_err(|e| ApiError::invalid("unreadable_body", format!("cannot read the request body: {e}")))
+        .map_err(|e| ApiError::invalid(ErrorCode::UnreadableBody, format!("cannot read the request body: {e}")))
 }
 
 /// Parses a JSON body into `T`, every serde error (syntax, unknown or missing field) a 400 that
@@ -298,12 +295,13 @@ pub async fn read_body(request: axum::extract::Request) -> Result<Bytes, ApiErro
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, ApiError> {
     // A UTF-8 byte-order mark, as Windows tools write before JSON, is not part of the text.
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid("invalid_json", format!("the body is not a valid request: {e}; expected {expected}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(
+            ErrorCode::InvalidJson,
+            format!("the body is not a valid request: {e}; expected {expected}"),
+        )
+    })
 }
-
-const GENERATE_SHAPE: &str =
-    "{\"image\": BASE64, \"prompt\": TEXT, \"max_new_tokens\": N, \"min_new_tokens\": N, \"stream\": BOOL} (image and prompt required)";
 
 async fn parse_generate(request: axum::extract::Request, limits: &Limits, prompts: &PromptEncoder) -> Result<Checked, ApiError> {
     let kind = media_type(request.headers());
@@ -325,9 +323,9 @@ async fn parse_generate(request: axum::extract::Request, limits: &Limits, prompt
 async fn parse_multipart(request: axum::extract::Request, limits: &Limits, prompts: &PromptEncoder) -> Result<Checked, ApiError> {
     let mut form = Multipart::from_request(request, &())
         .await
-        .map_err(|e| ApiError::invalid("invalid_multipart", format!("cannot read the multipart form: {e}")))?;
+        .map_err(|e| ApiError::invalid(ErrorCode::InvalidMultipart, format!("cannot read the multipart form: {e}")))?;
     let bad_part = |e: axum::extract::multipart::MultipartError| {
-        ApiError::invalid("invalid_multipart", format!("cannot read the multipart form: {e}"))
+        ApiError::invalid(ErrorCode::InvalidMultipart, format!("cannot read the multipart form: {e}"))
     };
     let (mut image, mut prompt, mut max_new, mut min_new, mut stream) = (None, None, None, None, false);
     let mut seen = std::collections::HashSet::new();
@@ -335,7 +333,7 @@ async fn parse_multipart(request: axum::extract::Request, limits: &Limits, promp
         let name = field.name().unwrap_or("").to_string();
         if !seen.insert(name.clone()) {
             return Err(ApiError::invalid(
-                "duplicate_field",
+                ErrorCode::DuplicateField,
                 format!("the form has two {name:?} parts; send each part once"),
             ));
         }
@@ -344,7 +342,7 @@ async fn parse_multipart(request: axum::extract::Request, limits: &Limits, promp
             continue;
         }
         let text = field.text().await.map_err(bad_part)?;
-        let invalid = |what: &str| ApiError::invalid("invalid_field", format!("form part {name:?} is {text:?}, not {what}"));
+        let invalid = |what: &str| ApiError::invalid(ErrorCode::InvalidField, format!("form part {name:?} is {text:?}, not {what}"));
         let number = || text.trim().parse::<usize>().map_err(|_| invalid("a whole number"));
         match name.as_str() {
             "prompt" => prompt = Some(text.clone()),
@@ -359,7 +357,7 @@ async fn parse_multipart(request: axum::extract::Request, limits: &Limits, promp
             }
             _ => {
                 return Err(ApiError::invalid(
-                    "unknown_field",
+                    ErrorCode::UnknownField,
                     format!("unknown form part {name:?}; the parts are image (file), prompt, max_new_tokens, min_new_tokens, stream"),
                 ))
             }
@@ -367,12 +365,16 @@ async fn parse_multipart(request: axum::extract::Request, limits: &Limits, promp
     }
     let image = image.ok_or_else(|| {
         ApiError::invalid(
-            "missing_image",
+            ErrorCode::MissingImage,
             "the form has no \"image\" part; attach the image file as \"image\"",
         )
     })?;
-    let prompt =
-        prompt.ok_or_else(|| ApiError::invalid("empty_prompt", "the form has no \"prompt\" part; add the task, e.g. \"caption en\""))?;
+    let prompt = prompt.ok_or_else(|| {
+        ApiError::invalid(
+            ErrorCode::EmptyPrompt,
+            "the form has no \"prompt\" part; add the task, e.g. \"caption en\"",
+        )
+    })?;
     Ok(Checked {
         request: limits.check(prompts, image, prompt, max_new, min_new)?,
         stream,
@@ -386,11 +388,7 @@ pub async fn generate(State(state): State<Arc<AppState>>, request: axum::extract
     let ticket = state.queue.submit(checked.request, checked.stream)?;
     if !checked.stream {
         let response = ticket.wait().await?;
-        return Ok(Json(JsonResult {
-            response: &response,
-            providers: &state.info.providers,
-        })
-        .into_response());
+        return Ok(Json(Answer::new(&response, &state.info.providers)).into_response());
     }
     // The stream owns the ticket: hyper dropping the body of a client that left cancels the job.
     let events = stream::unfold(Some((ticket, state)), |current| async move {
@@ -404,10 +402,7 @@ pub async fn generate(State(state): State<Arc<AppState>>, request: axum::extract
             }
             Event::Done(result) => match *result {
                 Ok(response) => {
-                    let json = JsonResult {
-                        response: &response,
-                        providers: &state.info.providers,
-                    };
+                    let json = Answer::new(&response, &state.info.providers);
                     SseEvent::default()
                         .event("done")
                         .data(serde_json::to_string(&json).unwrap_or_default())

@@ -297,8 +297,6 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
-    use image::RgbImage;
-
     use super::*;
     use crate::generate::Timings;
     use crate::pipeline::ImageInput;
@@ -318,7 +316,7 @@ mod tests {
             image_size: [1, 1],
             prompt_tokens: 1,
             timings: Timings::default(),
-            image: RgbImage::new(1, 1),
+            image: None,
         }
     }
 

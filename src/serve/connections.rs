@@ -38,6 +38,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tower_service::Service;
 
+use crate::api::{ErrorCode, ErrorType};
 use crate::serve::api::ApiError;
 
 /// Largest request head (start line and headers), and the most header fields.
@@ -195,8 +196,8 @@ pub async fn serve(
 async fn refuse(mut stream: TcpStream, write_timeout: Duration) {
     let error = ApiError::new(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        "server_error",
-        "too_many_connections",
+        ErrorType::ServerError,
+        ErrorCode::TooManyConnections,
         "the server has as many connections as it takes (--max-connections), all running requests; retry in a second",
     );
     let answer = raw_answer(503, "Service Unavailable", &error.json().to_string(), &[("retry-after", "1")]);
@@ -392,25 +393,27 @@ fn replace_protocol_error(buf: &[u8]) -> Option<Vec<u8>> {
         b"400" => (
             400,
             "Bad Request",
-            "bad_request",
+            ErrorCode::BadRequest,
             "the request is not valid HTTP/1.1: its request line or a header could not be parsed; send a well-formed request",
         ),
         b"414" => (
             414,
             "URI Too Long",
-            "uri_too_long",
+            ErrorCode::UriTooLong,
             "the request URI is over 64 KiB; the routes are short paths, send data in the body",
         ),
         b"431" => (
             431,
             "Request Header Fields Too Large",
-            "headers_too_large",
+            ErrorCode::HeadersTooLarge,
             "the request's headers are over 128 KiB or 100 fields; send fewer or smaller headers",
         ),
         _ => return None,
     };
     let status = axum::http::StatusCode::from_u16(code).ok()?;
-    let json = ApiError::new(status, "invalid_request_error", error, message).json().to_string();
+    let json = ApiError::new(status, ErrorType::InvalidRequestError, error, message)
+        .json()
+        .to_string();
     Some(raw_answer(code, reason, &json, &[]))
 }
 

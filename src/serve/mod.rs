@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod batcher;
+pub mod command;
 pub mod connections;
 pub mod metrics;
 pub mod openai;
@@ -36,6 +37,7 @@ use axum::response::{Html, IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use crate::api::{ErrorCode, ErrorType};
 use crate::pipeline::{Pipeline, PipelineOptions, Request};
 use crate::prompt::PromptEncoder;
 use crate::serve::api::{ApiError, Limits};
@@ -203,8 +205,8 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        "not_found",
+        ErrorType::InvalidRequestError,
+        ErrorCode::NotFound,
         format!(
             "no route {}; the routes are POST /v1/generate, POST /v1/chat/completions, GET /health, GET /metrics, GET /",
             uri.path()
@@ -216,8 +218,8 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
     let allowed = if uri.path().starts_with("/v1/") { "POST" } else { "GET" };
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "invalid_request_error",
-        "method_not_allowed",
+        ErrorType::InvalidRequestError,
+        ErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {}; use {allowed}", uri.path()),
     )
 }
@@ -253,10 +255,12 @@ fn declared_length(request: &axum::extract::Request) -> Option<u64> {
 
 /// Reads the whole body (up to `--max-body-bytes`, within `--body-timeout`) before the handler
 /// runs; from then on the request counts as running on its connection (see
-/// `connections::Running`). A body declared over the limit is answered 413 at once.
+/// `connections::Running`). A body over the limit is read on, and dropped, up to twice the limit
+/// before the 413, so that a client still sending reads its answer instead of a reset
+/// connection; one declared over twice the limit is answered at once.
 async fn read_body(State(state): State<Arc<AppState>>, request: axum::extract::Request, next: Next) -> HttpResponse {
     let limit = state.limits.max_body_bytes;
-    if declared_length(&request).is_some_and(|n| n > limit as u64) {
+    if declared_length(&request).is_some_and(|n| n > 2 * limit as u64) {
         return ApiError::body_too_large(limit).into_response();
     }
     let (parts, body) = request.into_parts();
@@ -321,7 +325,7 @@ async fn auth(State(state): State<Arc<AppState>>, request: axum::extract::Reques
         None => unauthorized("this server needs an API key; send Authorization: Bearer KEY (the server's --api-key)"),
     };
     let limit = state.limits.max_body_bytes;
-    if declared_length(&request).is_none_or(|n| n <= limit as u64) {
+    if declared_length(&request).is_none_or(|n| n <= 2 * limit as u64) {
         let _ = api::read_limited(request.into_body(), limit, REFUSED_BODY_GRACE).await;
     }
     refusal.into_response()
@@ -335,7 +339,12 @@ fn bearer_token(value: &str) -> Option<&str> {
 }
 
 fn unauthorized(message: &str) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        ErrorType::AuthenticationError,
+        ErrorCode::InvalidApiKey,
+        message,
+    )
 }
 
 /// Equality in time that depends only on the lengths: every byte pair is compared and the

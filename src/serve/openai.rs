@@ -28,27 +28,16 @@ use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use crate::api::{
+    AssistantMessage, ChatChunk, ChatCompletion, ChatRequest, ChunkChoice, CompletionChoice, Delta, ErrorCode, Extras, ImageUrl, Message,
+    Part, Usage,
+};
 use crate::pipeline::Response;
 use crate::serve::api::{self, decode_base64_image, ApiError};
 use crate::serve::batcher::{Event, Ticket};
 use crate::serve::AppState;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ChatRequest {
-    /// Any name; echoed back.
-    model: Option<String>,
-    messages: Vec<Message>,
-    max_tokens: Option<usize>,
-    max_completion_tokens: Option<usize>,
-    stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-}
 
 /// Accepted with any value: they only shape sampling, which greedy decoding does not do, or
 /// are bookkeeping this server has no use for.
@@ -113,7 +102,7 @@ fn take_neutral_fields(body: &mut serde_json::Map<String, Value>) -> Result<(), 
         if let Some(value) = body.remove(*name) {
             if !value.is_null() && !is_neutral(&value) {
                 return Err(ApiError::invalid(
-                    "unsupported_parameter",
+                    ErrorCode::UnsupportedParameter,
                     format!("{name} is {value}, which this server does not support; send {neutral} or leave {name} out"),
                 ));
             }
@@ -128,12 +117,13 @@ fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
     take_neutral_fields(&mut object)?;
     let chat: ChatRequest = serde_json::from_value(Value::Object(object)).map_err(|e| {
         ApiError::invalid(
-            "invalid_json",
+            ErrorCode::InvalidJson,
             format!("the body is not a valid request: {e}; expected {CHAT_SHAPE}"),
         )
     })?;
-    let out_of_range =
-        |name: &str, value: f64, range: &str| ApiError::invalid("invalid_value", format!("{name} is {value}; OpenAI's range is {range}"));
+    let out_of_range = |name: &str, value: f64, range: &str| {
+        ApiError::invalid(ErrorCode::InvalidValue, format!("{name} is {value}; OpenAI's range is {range}"))
+    };
     if let Some(t) = chat.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
         return Err(out_of_range("temperature", t, "0 to 2"));
     }
@@ -141,41 +131,6 @@ fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
         return Err(out_of_range("top_p", p, "0 to 1"));
     }
     Ok(chat)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StreamOptions {
-    include_usage: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Message {
-    role: String,
-    /// Parsed by [`parse_content`], whose errors say what the array must hold.
-    content: Value,
-    #[allow(dead_code)]
-    name: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum Part {
-    Text { text: String },
-    ImageUrl { image_url: ImageUrl },
-}
-
-/// `{"url": ..., "detail": ...}`, or the bare URL string some clients send.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum ImageUrl {
-    Object {
-        url: String,
-        #[allow(dead_code)]
-        detail: Option<String>,
-    },
-    Url(String),
 }
 
 const CONTENT_SHAPE: &str =
@@ -187,7 +142,7 @@ const CHAT_SHAPE: &str = "{\"model\": NAME, \"messages\": [{\"role\": \"user\", 
 fn parse_messages(messages: Vec<Message>) -> Result<(Vec<u8>, String), ApiError> {
     if let Some(m) = messages.iter().find(|m| m.role == "system" || m.role == "developer") {
         return Err(ApiError::invalid(
-            "unsupported_message",
+            ErrorCode::UnsupportedMessage,
             format!(
                 "{} messages are not supported: PaliGemma takes no instructions, only a task prompt such as \"caption en\"; send one user message",
                 m.role
@@ -197,13 +152,13 @@ fn parse_messages(messages: Vec<Message>) -> Result<(Vec<u8>, String), ApiError>
     let mut messages = messages.into_iter();
     let (Some(message), None) = (messages.next(), messages.next()) else {
         return Err(ApiError::invalid(
-            "unsupported_message",
+            ErrorCode::UnsupportedMessage,
             "send exactly one user message: this model answers one image and one prompt, not a conversation",
         ));
     };
     if message.role != "user" {
         return Err(ApiError::invalid(
-            "unsupported_message",
+            ErrorCode::UnsupportedMessage,
             format!("the message's role is {:?}; send one message with role \"user\"", message.role),
         ));
     }
@@ -213,7 +168,7 @@ fn parse_messages(messages: Vec<Message>) -> Result<(Vec<u8>, String), ApiError>
 fn parse_content(content: Value) -> Result<(Vec<u8>, String), ApiError> {
     let wrong = |what: String| {
         ApiError::invalid(
-            "invalid_content",
+            ErrorCode::InvalidContent,
             format!("{what}; the user message's content must be {CONTENT_SHAPE}"),
         )
     };
@@ -240,7 +195,7 @@ fn parse_content(content: Value) -> Result<(Vec<u8>, String), ApiError> {
     let (url, prompt) = (images.remove(0), texts.remove(0));
     if api::data_url(&url).is_none() {
         return Err(ApiError::invalid(
-            "unsupported_image_url",
+            ErrorCode::UnsupportedImageUrl,
             "only data: URLs, the server fetches nothing: send the image as data:image/png;base64,...",
         ));
     }
@@ -274,47 +229,60 @@ impl Reply {
         }
     }
 
-    fn usage(response: &Response) -> Value {
+    fn usage(response: &Response) -> Usage {
         let completion = response.token_ids.len();
-        json!({
-            "prompt_tokens": response.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": response.prompt_tokens + completion,
-        })
+        Usage {
+            prompt_tokens: response.prompt_tokens,
+            completion_tokens: completion,
+            total_tokens: response.prompt_tokens + completion,
+        }
     }
 
-    fn extras(response: &Response) -> Value {
-        json!({
-            "detections": response.detections,
-            "segments": response.segments,
-            "image_size": response.image_size,
-        })
+    fn extras(response: &Response) -> Extras<'_> {
+        Extras {
+            detections: &response.detections,
+            segments: &response.segments,
+            image_size: response.image_size,
+        }
     }
 
-    fn completion(&self, response: &Response) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{
-                "index": 0,
-                "message": { "role": "assistant", "content": response.text },
-                "finish_reason": Reply::finish_reason(response),
+    fn completion<'a>(&'a self, response: &'a Response) -> ChatCompletion<'a> {
+        ChatCompletion {
+            id: &self.id,
+            object: "chat.completion",
+            created: self.created,
+            model: &self.model,
+            choices: [CompletionChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: &response.text,
+                },
+                finish_reason: Reply::finish_reason(response),
             }],
-            "usage": Reply::usage(response),
-            "paligemma": Reply::extras(response),
-        })
+            usage: Reply::usage(response),
+            paligemma: Reply::extras(response),
+        }
     }
 
-    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason }],
-        })
+    /// A chunk of one choice; no choice when `delta` is `None` (the usage chunk).
+    fn chunk<'a>(&'a self, delta: Option<Delta<'a>>, finish_reason: Option<&'static str>) -> ChatChunk<'a> {
+        ChatChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: delta
+                .map(|delta| ChunkChoice {
+                    index: 0,
+                    delta,
+                    finish_reason,
+                })
+                .into_iter()
+                .collect(),
+            usage: None,
+            paligemma: None,
+        }
     }
 }
 
@@ -345,48 +313,65 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, request: axum:
     Ok(api::sse(chunks(ticket, reply, include_usage)))
 }
 
+/// An SSE event whose data is `value` as JSON.
+fn data(value: &impl serde::Serialize) -> SseEvent {
+    SseEvent::default().data(serde_json::to_string(value).unwrap_or_default())
+}
+
 /// The SSE data of a streamed completion.
 fn chunks(ticket: Ticket, reply: Reply, include_usage: bool) -> impl futures_util::Stream<Item = SseEvent> + Send + 'static {
     struct Progress {
         ticket: Ticket,
         reply: Reply,
     }
-    let first = reply.chunk(json!({ "role": "assistant", "content": "" }), None);
+    let first = data(&reply.chunk(
+        Some(Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        }),
+        None,
+    ));
     let progress = Progress { ticket, reply };
-    let data = |v: Value| SseEvent::default().data(v.to_string());
     let rest = stream::unfold(Some(progress), move |current| async move {
         let mut p = current?;
         let events = match p.ticket.next().await {
             Event::Token(delta) => {
-                let chunk = p.reply.chunk(json!({ "content": delta }), None);
-                return Some((vec![data(chunk)], Some(p)));
+                let chunk = data(&p.reply.chunk(
+                    Some(Delta {
+                        content: Some(&delta),
+                        ..Delta::default()
+                    }),
+                    None,
+                ));
+                return Some((vec![chunk], Some(p)));
             }
             Event::Done(result) => match *result {
                 Ok(response) => {
                     // The token deltas already hold the whole text (the pipeline's TextStream).
                     let mut events = Vec::new();
-                    let mut last = p.reply.chunk(json!({}), Some(Reply::finish_reason(&response)));
-                    last["paligemma"] = Reply::extras(&response);
-                    events.push(data(last));
+                    let mut last = p.reply.chunk(Some(Delta::default()), Some(Reply::finish_reason(&response)));
+                    last.paligemma = Some(Reply::extras(&response));
+                    events.push(data(&last));
                     if include_usage {
-                        let mut usage = p.reply.chunk(json!({}), None);
-                        usage["choices"] = json!([]);
-                        usage["usage"] = Reply::usage(&response);
-                        events.push(data(usage));
+                        let mut usage = p.reply.chunk(None, None);
+                        usage.usage = Some(Reply::usage(&response));
+                        events.push(data(&usage));
                     }
                     events.push(SseEvent::default().data("[DONE]"));
                     events
                 }
-                Err(e) => vec![data(ApiError::from(e).json())],
+                Err(e) => vec![data(&ApiError::from(e).json())],
             },
         };
         Some((events, None))
     });
-    stream::once(async move { data(first) }).chain(rest.flat_map(stream::iter))
+    stream::once(async move { first }).chain(rest.flat_map(stream::iter))
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn message(role: &str, content: Value) -> Message {
