@@ -36,6 +36,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use subtle::ConstantTimeEq;
 
 use crate::api::{ErrorCode, ErrorType};
 use crate::pipeline::{Pipeline, PipelineOptions, Request};
@@ -347,16 +348,10 @@ fn unauthorized(message: &str) -> ApiError {
     )
 }
 
-/// Equality in time that depends only on the lengths: every byte pair is compared and the
-/// differences folded, so a wrong key's matching prefix cannot be timed.
+/// Equality in time that does not depend on where the bytes differ (`subtle`, as rustls uses), so
+/// a wrong key's matching prefix cannot be timed.
 fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    let mut difference = u8::from(given.len() != expected.len());
-    for i in 0..given.len().max(expected.len()) {
-        let a = given.get(i).copied().unwrap_or(0);
-        let b = expected.get(i).copied().unwrap_or(0);
-        difference |= a ^ b;
-    }
-    difference == 0
+    bool::from(given.ct_eq(expected))
 }
 
 #[cfg(test)]
