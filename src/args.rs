@@ -23,9 +23,9 @@ pub struct RuntimeArgs {
     /// Intra-op threads per graph (default: ONNX Runtime's choice).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Which of the model's graphs to run.
-    #[arg(long, default_value = "fp32")]
-    pub dtype: String,
+    /// Which of the model's graphs to run (the manifest's dtype keys).
+    #[arg(long, value_enum, default_value_t = Dtype::Fp32)]
+    pub dtype: Dtype,
     /// Most text tokens a prompt may hold (`<bos>`, the task, `\n`; the image tokens are not
     /// counted): what a request costs grows with its tokens, not its characters.
     #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize))]
@@ -43,7 +43,7 @@ impl RuntimeArgs {
             None => default_model()?.display().to_string(),
         };
         let mut options = PipelineOptions::new(model);
-        options.dtype = self.dtype.clone();
+        options.dtype = self.dtype.as_str().into();
         options.providers = parse_ep_list(&self.ep)?;
         options.threads = self.threads;
         options.ort_lib = self.ort_lib.clone();
@@ -79,4 +79,27 @@ fn default_model() -> Result<PathBuf> {
          pass --model with a converted directory or a Hugging Face repo id",
         searched.join(", ")
     )
+}
+
+/// The dtypes a conversion can hold, by their manifest keys (transformers.js' file suffixes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    Fp32,
+    Fp16,
+    Int8,
+    /// 4-bit weights (`--quantize int4` writes them; `int4` is accepted here as well).
+    #[value(alias = "int4")]
+    Q4,
+}
+
+impl Dtype {
+    /// The manifest key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::Fp32 => "fp32",
+            Dtype::Fp16 => "fp16",
+            Dtype::Int8 => "int8",
+            Dtype::Q4 => "q4",
+        }
+    }
 }
