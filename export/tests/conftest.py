@@ -1,12 +1,16 @@
-"""Tiny checkpoints built once per session, each converted to ONNX once."""
+"""Tiny checkpoints built once per session, each converted to ONNX once: the conversions
+`python -m export fixtures` keeps in the shared cache are reused when they were made by this code
+(their stamps current), so a CI run converts each tiny model once for every suite."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from export import fixtures as fx
 from export.convert import convert
 from export.tiny import TEST_CONFIGS, TEST_SEEDS, TinySpec, write_random_vae, write_tiny
 
@@ -32,7 +36,33 @@ def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")
 
 
+def shared_models_root() -> Path:
+    """Where `python -m export fixtures` keeps its checkpoints and conversions (the Rust tests' cache)."""
+    return Path(os.environ.get("PALIGEMMA_TEST_MODELS", fx.REPO_ROOT / "target" / "tiny-models"))
+
+
+def shared_conversion(name: str, dtype: str, quantize_to: tuple[str, ...]) -> Converted | None:
+    """The shared cache's conversion of `name` when it is current and holds what is asked: the fp32
+    graphs (with the fixture's quantized decoders beside them, when `quantize_to` asks for exactly
+    those or none), or the fp16 graphs of a configuration the fixtures convert to fp16."""
+    root, want = shared_models_root() / name, fx.stamp(name)
+    fixture_quantized = tuple(fx.QUANTIZE.get(name, []))
+    if dtype == "fp32" and quantize_to in ((), fixture_quantized):
+        onnx_dir, stamp = root / "onnx", root / "onnx.stamp.json"
+    elif dtype == "fp16" and not quantize_to and name in fx.FP16_CONFIGS:
+        onnx_dir, stamp = root / "onnx-fp16", root / "onnx-fp16.stamp.json"
+    else:
+        return None
+    current = fx._read_json(root / "source.stamp.json") == want and fx._read_json(stamp) == want
+    if not current or not (onnx_dir / "manifest.json").is_file():
+        return None
+    return Converted(name, TEST_CONFIGS[name], root / "source", onnx_dir)
+
+
 def converted_dir(root: Path, name: str, dtype: str = "fp32", quantize_to: tuple[str, ...] = ()) -> Converted:
+    shared = shared_conversion(name, dtype, quantize_to)
+    if shared is not None:
+        return shared
     source = root / name
     if not (source / "config.json").exists():
         write_tiny(source, TEST_CONFIGS[name], seed=TEST_SEEDS[name])

@@ -1,7 +1,8 @@
 """tests/fixtures/expected_tokens.json is what a fresh `python -m export fixtures` run gives.
 
-One regeneration (fresh checkpoints and conversions in a temporary MODELS_ROOT, about a minute)
-serves every test here; the pure comparison is tested on altered copies of it.
+One regeneration in the shared cache (its conversions reused when their stamps are current: `.ci/run`
+makes them from scratch just before) serves every test here; the pure comparison is tested on
+altered copies of it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from export.__main__ import main
 
 
 @pytest.fixture(scope="module")
-def models_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("fixture-models")
+def models_root():
+    # The shared cache: `.ci/run` has just made it with `python -m export fixtures --check`, from
+    # scratch on a fresh machine, and a stamp that is not current reconverts here.
+    from .conftest import shared_models_root
+
+    return shared_models_root()
 
 
 @pytest.fixture(scope="module")
