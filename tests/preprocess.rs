@@ -1,8 +1,8 @@
 //! `paligemma::preprocess` against the Python reference: `transformers.image_utils.load_image`
 //! and `SiglipImageProcessorPil` (PIL backend), run at test time by tests/preprocess_reference.py.
 //!
-//! Needs the project venv (`.venv/bin/python`, or `PALIGEMMA_PYTHON`) and the shared test images
-//! (`/work/shared/images`, or `PALIGEMMA_TEST_IMAGES`).
+//! Needs the project venv (`.venv/bin/python`, or `PALIGEMMA_PYTHON`); the test images are the
+//! repository's (`tests/data/images`, or `PALIGEMMA_TEST_IMAGES`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,8 @@ use paligemma::preprocess::{
 const SIZES: [u32; 2] = [224, 448];
 
 fn shared_images() -> PathBuf {
-    let dir = std::env::var_os("PALIGEMMA_TEST_IMAGES").map_or_else(|| PathBuf::from("/work/shared/images"), PathBuf::from);
+    let repo_images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/images");
+    let dir = std::env::var_os("PALIGEMMA_TEST_IMAGES").map_or(repo_images, PathBuf::from);
     assert!(dir.is_dir(), "test images {} not found: set PALIGEMMA_TEST_IMAGES", dir.display());
     dir
 }
@@ -303,14 +304,7 @@ fn jpeg_matches_pillow_libjpeg_turbo_bit_for_bit() {
     generate(&inputs);
     let mut images = files_with_extensions(&inputs, &["jpg"], &[]);
     assert!(images.len() >= 15, "expected the generated JPEG variants, found {images:?}");
-    let repo_images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/images");
-    images.extend(files_with_extensions(&repo_images, &["jpg", "jpeg"], &[]));
-    // The shared copies share names with tests/data/images; only new names are added.
-    for path in files_with_extensions(&shared_images(), &["jpg", "jpeg"], &[]) {
-        if !images.iter().any(|p| p.file_name() == path.file_name()) {
-            images.push(path);
-        }
-    }
+    images.extend(files_with_extensions(&shared_images(), &["jpg", "jpeg"], &[]));
     let reference = Reference::compute(&scratch.0.join("ref"), false, &images);
     assert_bit_identical(&images, &reference);
 }

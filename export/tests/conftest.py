@@ -14,7 +14,8 @@ from export import fixtures as fx
 from export.convert import convert
 from export.tiny import TEST_CONFIGS, TEST_SEEDS, TinySpec, write_random_vae, write_tiny
 
-SHARED_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "images"
+# The repository's copies of the workplace's shared test images (tests/data/images/README.md).
+SHARED_IMAGES = Path(__file__).resolve().parents[2] / "tests" / "data" / "images"
 
 
 @dataclass
