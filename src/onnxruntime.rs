@@ -561,30 +561,16 @@ fn fallback_warnings(failures: &[ProviderFailure], started: &[ExecutionProvider]
         .collect()
 }
 
+/// Appends `provider` to the session options through ort's provider types (their `cuda` and
+/// `tensorrt` features compile the registration only; with `load-dynamic` nothing is downloaded):
+/// CUDA and TensorRT with their default options, an error when the library cannot start them.
 fn register(provider: ExecutionProvider, builder: &mut SessionBuilder) -> Result<(), ort::Error> {
-    let api = ort::api();
-    let options = builder.ptr_mut();
-    // SAFETY: `options` is the live OrtSessionOptions owned by `builder`; each provider-options
-    // struct is created, passed by pointer (ONNX Runtime copies it) and released here.
-    unsafe {
-        match provider {
-            // The CPU provider is always present; appending it is a no-op in ONNX Runtime.
-            ExecutionProvider::Cpu => Ok(()),
-            ExecutionProvider::Cuda => {
-                let mut cuda: *mut ort::sys::OrtCUDAProviderOptionsV2 = ptr::null_mut();
-                ort::Error::result_from_status((api.CreateCUDAProviderOptions)(&mut cuda))?;
-                let status = (api.SessionOptionsAppendExecutionProvider_CUDA_V2)(options, cuda);
-                (api.ReleaseCUDAProviderOptions)(cuda);
-                ort::Error::result_from_status(status)
-            }
-            ExecutionProvider::TensorRt => {
-                let mut trt: *mut ort::sys::OrtTensorRTProviderOptionsV2 = ptr::null_mut();
-                ort::Error::result_from_status((api.CreateTensorRTProviderOptions)(&mut trt))?;
-                let status = (api.SessionOptionsAppendExecutionProvider_TensorRT_V2)(options, trt);
-                (api.ReleaseTensorRTProviderOptions)(trt);
-                ort::Error::result_from_status(status)
-            }
-        }
+    use ort::ep::ExecutionProvider as _;
+    match provider {
+        // The CPU provider is always present; appending it is a no-op in ONNX Runtime.
+        ExecutionProvider::Cpu => Ok(()),
+        ExecutionProvider::Cuda => ort::ep::CUDA::default().register(builder),
+        ExecutionProvider::TensorRt => ort::ep::TensorRT::default().register(builder),
     }
 }
 
