@@ -68,6 +68,28 @@ fn run_image(model: &Path, image: &Path, prompt: &str, extra: &[&str]) -> Output
     paligemma(&args)
 }
 
+/// `paligemma --batch FILE --json --max-new-tokens N` on the tiny model.
+fn batch_json(file: &Path, max_new_tokens: &str) -> Output {
+    let m = model().display().to_string();
+    paligemma(&[
+        "--model",
+        &m,
+        "--batch",
+        file.to_str().unwrap(),
+        "--json",
+        "--max-new-tokens",
+        max_new_tokens,
+    ])
+}
+
+/// The JSON objects `--json` printed, one per line.
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Exit code 2, exactly one `error:` line containing every needle, no panic.
 fn assert_error(out: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -217,13 +239,9 @@ fn batch_with_one_bad_request_fails_it_alone_in_order() {
         serde_json::json!({"image": image("text.png"), "prompt": "ocr"}),
     ];
     std::fs::write(&file, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
-    let m = model().display().to_string();
-    let out = paligemma(&["--model", &m, "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", "8"]);
+    let out = batch_json(&file, "8");
     assert_eq!(out.status.code(), Some(2));
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&out);
     assert_eq!(rows.len(), 3);
     assert!(rows[0].get("token_ids").is_some() && rows[2].get("token_ids").is_some());
     assert!(rows[1]["error"].as_str().unwrap().contains("missing.png"));
@@ -251,10 +269,7 @@ fn community_decoder_without_masks_runs_requests_one_by_one() {
     let out = paligemma(&["--model", &m, "--batch", file.to_str().unwrap(), "--json", "--max-new-tokens", "8"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("one at a time"));
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&out);
     for ((img, prompt), row) in requests.iter().zip(&rows) {
         let full = run_image(&model(), img, prompt, &["--json"]);
         let full: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
@@ -429,10 +444,7 @@ fn search_rows(dtype: &str) -> Vec<serde_json::Value> {
         "--json",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    json_lines(&out)
 }
 
 /// int8 and q4 are lossy, so their answers are held to agreement with fp32 above a floor, never to
@@ -497,10 +509,7 @@ fn batch_rows_stop_at_their_own_max_new_tokens_with_the_tokens_they_get_alone() 
     // min_new_tokens (capped at each row's max) keeps <eos> out, so both rows run to their cap.
     let out = paligemma(&["--model", &m, "--batch", file.to_str().unwrap(), "--json", "--min-new-tokens", "12"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&out);
     assert_eq!(rows[0]["token_ids"].as_array().unwrap().len(), 3);
     assert_eq!(rows[1]["token_ids"].as_array().unwrap().len(), 12);
     assert_eq!(rows[1]["timings"]["decode_steps"], 11);
@@ -656,10 +665,7 @@ fn each_bad_batch_line_fails_alone_and_the_others_get_transformers_tokens() {
         120,
     );
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&out);
     assert_eq!(rows.len(), lines.len());
     for (k, ((_, needle), row)) in lines.iter().zip(&rows).enumerate() {
         match needle {
@@ -681,15 +687,7 @@ fn each_bad_batch_line_fails_alone_and_the_others_get_transformers_tokens() {
         .chain(format!("{}\r\n", lines[11].0).encode_utf16().flat_map(u16::to_le_bytes))
         .collect();
     std::fs::write(&file, utf16).unwrap();
-    let out = paligemma(&[
-        "--model",
-        &model().display().to_string(),
-        "--batch",
-        file.to_str().unwrap(),
-        "--json",
-        "--max-new-tokens",
-        &max,
-    ]);
+    let out = batch_json(&file, &max);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(row["token_ids"], expected_camera);
@@ -801,20 +799,9 @@ fn a_batch_line_that_is_not_text_fails_alone_and_errors_name_their_line() {
     body.extend_from_slice(b"{\"image\": \"x\xff\", \"prompt\": \"ocr\"}\n");
     body.extend_from_slice(format!("{missing}\n{good}\n").as_bytes());
     std::fs::write(&file, body).unwrap();
-    let out = paligemma(&[
-        "--model",
-        &model().display().to_string(),
-        "--batch",
-        file.to_str().unwrap(),
-        "--json",
-        "--max-new-tokens",
-        "4",
-    ]);
+    let out = batch_json(&file, "4");
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&out);
     assert_eq!(rows.len(), 4);
     assert!(rows[0].get("token_ids").is_some() && rows[3].get("token_ids").is_some(), "{rows:?}");
     assert_eq!((rows[1]["index"].as_u64(), rows[1]["line"].as_u64()), (Some(1), Some(3)));

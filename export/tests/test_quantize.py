@@ -281,6 +281,13 @@ def version1_copies(out: Path, dst: Path, monkeypatch) -> tuple[Path, Path]:
     return version1, twin
 
 
+def int8_caption_argv(binary: Path, model: Path, image: str) -> list[str]:
+    """`paligemma` captioning `image` with the int8 graphs, MAX_NEW_TOKENS long, as JSON."""
+    tokens = str(MAX_NEW_TOKENS)
+    run = ["--model", str(model), "--image", image, "--prompt", "caption en", "--dtype", "int8"]
+    return [str(binary), *run, "--max-new-tokens", tokens, "--min-new-tokens", tokens, "--json"]
+
+
 def test_version1_int8_conversions_run_exactly_on_a_cpu_without_vnni(quantized, references, tmp_path, monkeypatch):
     """Conversions made before MatMulNBits (manifest version 1: int8 weights in DynamicQuantizeMatMul):
     on a CPU without VNNI the binary runs them with ONNX Runtime's exact kernels and warns once, and
@@ -294,22 +301,7 @@ def test_version1_int8_conversions_run_exactly_on_a_cpu_without_vnni(quantized, 
     image = str(shared_images()[0])
 
     def caption(model, emulated: bool):
-        argv = [
-            str(binary),
-            "--model",
-            str(model),
-            "--image",
-            image,
-            "--prompt",
-            "caption en",
-            "--dtype",
-            "int8",
-            "--max-new-tokens",
-            str(MAX_NEW_TOKENS),
-            "--min-new-tokens",
-            str(MAX_NEW_TOKENS),
-            "--json",
-        ]
+        argv = int8_caption_argv(binary, model, image)
         done = avx2.run(argv) if emulated else subprocess.run(argv, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)["token_ids"], [line for line in done.stderr.splitlines() if line.startswith("warning:")]
@@ -365,22 +357,7 @@ def test_int8_tokens_are_the_same_on_an_avx2_cpu(quantized):
     """This converter's int8 through the binary, here and on the emulated CPU."""
     binary = REPO / "target" / "release" / "paligemma"
     _, _, out = quantized
-    argv = [
-        str(binary),
-        "--model",
-        str(out),
-        "--image",
-        str(shared_images()[0]),
-        "--prompt",
-        "caption en",
-        "--dtype",
-        "int8",
-        "--max-new-tokens",
-        str(MAX_NEW_TOKENS),
-        "--min-new-tokens",
-        str(MAX_NEW_TOKENS),
-        "--json",
-    ]
+    argv = int8_caption_argv(binary, out, str(shared_images()[0]))
     here = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     emulated = avx2.run(argv)
     assert here.returncode == 0 and emulated.returncode == 0, here.stderr + emulated.stderr
