@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
-use crate::onnxruntime::parse_ep_list;
+use crate::onnxruntime::{check_unique, ExecutionProvider};
 use crate::pipeline::PipelineOptions;
 use crate::prompt::DEFAULT_MAX_PROMPT_TOKENS;
 
@@ -18,8 +18,8 @@ pub struct RuntimeArgs {
     #[arg(long)]
     pub model: Option<String>,
     /// Execution providers in priority order: cpu, cuda, tensorrt (e.g. "tensorrt,cuda,cpu").
-    #[arg(long, default_value = "cpu")]
-    pub ep: String,
+    #[arg(long, default_value = "cpu", value_delimiter = ',', value_parser = clap::value_parser!(ExecutionProvider))]
+    pub ep: Vec<ExecutionProvider>,
     /// Intra-op threads per graph (default: ONNX Runtime's choice).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -44,7 +44,8 @@ impl RuntimeArgs {
         };
         let mut options = PipelineOptions::new(model);
         options.dtype = self.dtype.as_str().into();
-        options.providers = parse_ep_list(&self.ep)?;
+        check_unique(&self.ep)?;
+        options.providers = self.ep.clone();
         options.threads = self.threads;
         options.ort_lib = self.ort_lib.clone();
         options.max_prompt_tokens = self.max_prompt_tokens;

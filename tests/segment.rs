@@ -9,7 +9,8 @@ mod common;
 use common::python;
 use ndarray::Array3;
 use paligemma::detect::BoxBins;
-use paligemma::segment::{paste_mask, pixel_box, resize_bilinear, MASK_SIDE};
+use paligemma::resample::resize_bilinear;
+use paligemma::segment::{paste_mask, pixel_box, MASK_SIDE};
 
 /// SplitMix64: deterministic cases without a dev-dependency.
 struct Rng(u64);
