@@ -234,15 +234,24 @@ def saturating_case(work: str) -> dict[str, float]:
 def test_the_emulated_cpu_saturates_int8_weight_kernels_where_this_int8_format_is_exact(tmp_path):
     """The control for the tests under emulation: there, ONNX Runtime really runs the kernel that
     saturates (the version 1 int8 format turns 63 into about 32), and ONNX Runtime's rewrite to
-    uint8 (session.x64quantprecision) repairs it. This converter's int8 is exact on both CPUs."""
-    script = f"from export.tests.test_quantize import saturating_case; import json; print(json.dumps(saturating_case({str(tmp_path)!r})))"
+    uint8 (session.x64quantprecision) repairs it. This converter's int8 is exact on both CPUs. On
+    both, export.cpu predicts what ONNX Runtime does (under qemu-user /proc/cpuinfo is the host's,
+    so the probe must read CPUID)."""
+    script = (
+        f"from export.tests.test_quantize import saturating_case; from export import cpu; import json; "
+        f"print(json.dumps({{**saturating_case({str(tmp_path)!r}), 'predicted': cpu.int8_weight_kernels_saturate()}}))"
+    )
     done = avx2.run([sys.executable, "-c", script])
     assert done.returncode == 0, done.stderr
     emulated = json.loads(done.stdout.splitlines()[-1])
     assert emulated["version 1 int8"] == pytest.approx(32.37, abs=0.01), emulated
     assert emulated["version 1 int8, session.x64quantprecision"] == pytest.approx(63, rel=1e-3), emulated
     assert emulated["int8"] == pytest.approx(63, rel=1e-3), emulated
-    assert saturating_case(str(tmp_path))["int8"] == pytest.approx(63, rel=1e-3)
+    assert emulated["predicted"] is True, emulated
+    native = saturating_case(str(tmp_path))
+    assert native["int8"] == pytest.approx(63, rel=1e-3)
+    saturates = native["version 1 int8"] != pytest.approx(63, rel=1e-3)
+    assert cpu.int8_weight_kernels_saturate() == saturates, (cpu.describe(), native)
 
 
 def version1_copies(out: Path, dst: Path, monkeypatch) -> tuple[Path, Path]:
