@@ -1,4 +1,4 @@
-"""big_vision's mask post-processing, run by tests/segment.rs as the reference for src/segment.rs.
+"""big_vision's mask post-processing, run by tests/segment.rs as the reference for src/segment.rs and src/resample.rs.
 
 Follows google-research/big_vision
 big_vision/evaluators/proj/paligemma/transfers/segmentation.py (Evaluator.run) line for line:
