@@ -11,16 +11,23 @@ use image::{Rgb, RgbImage};
 use crate::detect::{BoundingBox, Detection};
 use crate::segment::Segment;
 
+/// Why [`annotate`] cannot draw the objects onto an image.
 #[derive(Debug, thiserror::Error)]
 pub enum AnnotateError {
+    /// A segment's mask is not the size of the image it is drawn onto.
     #[error(
         "mask of {label:?} is {mask_width}x{mask_height} but the image is {width}x{height}; build masks for the image being annotated"
     )]
     MaskSize {
+        /// The segment's label.
         label: String,
+        /// The mask's width in pixels.
         mask_width: u32,
+        /// The mask's height in pixels.
         mask_height: u32,
+        /// The image's width in pixels.
         width: u32,
+        /// The image's height in pixels.
         height: u32,
     },
 }

@@ -21,6 +21,7 @@ use crate::segment::Segment;
 /// its stream's `done` event.
 #[derive(Debug, Serialize)]
 pub struct Answer<'a> {
+    /// The answer, as transformers' `decode(ids, skip_special_tokens=True)` gives it.
     pub text: &'a str,
     /// Generated ids, up to and without `<eos>`.
     pub token_ids: &'a [i64],
@@ -34,12 +35,14 @@ pub struct Answer<'a> {
     pub finished: bool,
     /// Original image size `[width, height]`: the pixel space of boxes and masks.
     pub image_size: [u32; 2],
+    /// Where the time of the batch this request ran in went.
     pub timings: TimingSummary,
     /// Per graph, the execution providers ONNX Runtime assigned its nodes to.
     pub providers: &'a BTreeMap<String, Vec<String>>,
 }
 
 impl<'a> Answer<'a> {
+    /// The answer to `response`, with the pipeline's `providers` per graph.
     pub fn new(response: &'a Response, providers: &'a BTreeMap<String, Vec<String>>) -> Answer<'a> {
         Answer {
             text: &response.text,
@@ -58,9 +61,13 @@ impl<'a> Answer<'a> {
 /// Where the time of the batch a request ran in went, in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct TimingSummary {
+    /// The vision encoder run, ms.
     pub vision_ms: f64,
+    /// Embedding, image splice and the prefill decoder run, up to the first token, ms.
     pub prefill_ms: f64,
+    /// Decode steps after the first token, of the batch (its longest row), not of this request.
     pub decode_steps: usize,
+    /// Mean time of one of those steps (all rows of the batch at once), ms; 0 without any.
     pub decode_ms_per_token: f64,
 }
 
@@ -82,6 +89,7 @@ pub struct Failure<'a> {
     pub index: usize,
     /// Its line in the `--batch` file (`null` for `--image`/`--prompt`).
     pub line: Option<usize>,
+    /// The error message, as on stderr after `error: request N: `.
     pub error: &'a str,
 }
 
@@ -91,7 +99,9 @@ pub struct Failure<'a> {
 pub struct BatchLine {
     /// Relative paths are taken from the current directory.
     pub image: PathBuf,
+    /// The PaliGemma prompt (`caption en`, `detect cat`, ...).
     pub prompt: String,
+    /// Most new tokens, `<eos>` included; `--max-new-tokens` when absent.
     pub max_new_tokens: Option<usize>,
 }
 
@@ -104,11 +114,16 @@ pub const BATCH_LINE_SHAPE: &str = "{\"image\": PATH, \"prompt\": TEXT, \"max_ne
 pub struct GenerateBody {
     /// Base64 of the image file, or a `data:image/...;base64,` URL.
     pub image: String,
+    /// The PaliGemma prompt (`caption en`, `detect cat`, ...).
     pub prompt: String,
+    /// Most new tokens, `<eos>` included: 1 to `--max-new-tokens-cap`; 64 (or the cap if lower)
+    /// when absent.
     pub max_new_tokens: Option<usize>,
     /// `<eos>` is not chosen before this many tokens (capped at max_new_tokens), as the CLI's
     /// `--min-new-tokens`.
     pub min_new_tokens: Option<usize>,
+    /// Answer with SSE events `token` (`{"text": DELTA}`), then `done` (the [`Answer`]) or
+    /// `error`; `false` when absent.
     pub stream: Option<bool>,
 }
 
@@ -120,8 +135,11 @@ pub const GENERATE_SHAPE: &str =
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorType {
+    /// `invalid_request_error`: the request is at fault (4xx but 401).
     InvalidRequestError,
+    /// `authentication_error`: the API key is missing or wrong (401).
     AuthenticationError,
+    /// `server_error`: the server cannot take the request now (503) or the model failed (500).
     ServerError,
 }
 
@@ -129,41 +147,73 @@ pub enum ErrorType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     // The HTTP layer.
+    /// 400: the request line or a header is not valid HTTP/1.1.
     BadRequest,
+    /// 414: the request URI is over 64 KiB.
     UriTooLong,
+    /// 431: the headers are over 128 KiB or 100 fields.
     HeadersTooLarge,
+    /// 404: no route has the path.
     NotFound,
+    /// 405: the route takes another method (POST for `/v1/...`, GET for the others).
     MethodNotAllowed,
+    /// 415: the Content-Type is not JSON (nor multipart/form-data, for `/v1/generate`).
     UnsupportedMediaType,
+    /// 400: the body could not be read from the connection.
     UnreadableBody,
+    /// 413: the body is over `--max-body-bytes`.
     BodyTooLarge,
+    /// 408: the body did not arrive within `--body-timeout`.
     BodyTimeout,
+    /// 401: `--api-key` is set and `Authorization: Bearer KEY` is missing or holds another key.
     InvalidApiKey,
     // The body.
+    /// 400: the body is not JSON of the endpoint's shape (syntax, or a missing, unknown or mistyped field).
     InvalidJson,
+    /// 400: the multipart form cannot be read.
     InvalidMultipart,
+    /// 400: a form part's value is not of its type (a whole number, true or false).
     InvalidField,
+    /// 400: the form has a part that is none of image, prompt, max_new_tokens, min_new_tokens, stream.
     UnknownField,
+    /// 400: the form has a part twice.
     DuplicateField,
     // The request.
+    /// 400: the image is empty, or the form has no image part.
     MissingImage,
+    /// 400: the image is not valid base64.
     InvalidBase64,
+    /// 400: the image cannot be decoded, or a `data:` URL holds no base64.
     InvalidImage,
+    /// 413: the image is over `--max-image-pixels`.
     ImageTooLarge,
+    /// 400: the prompt is empty, or the form has no prompt part.
     EmptyPrompt,
+    /// 400: the prompt has more than one `<image>`, or cannot be tokenized.
     InvalidPrompt,
+    /// 400: the prompt is over `--max-prompt-tokens`, or with its new tokens over the model's positions.
     PromptTooLong,
+    /// 400: max_new_tokens is 0 or over `--max-new-tokens-cap`.
     InvalidMaxNewTokens,
     // OpenAI's chat shape.
+    /// 400: the user message's content is not one `image_url` part and one `text` part.
     InvalidContent,
+    /// 400: the messages are not exactly one, of role `user` (system and developer messages are refused).
     UnsupportedMessage,
+    /// 400: the image URL is not a `data:` URL (the server fetches nothing).
     UnsupportedImageUrl,
+    /// 400: a field that would change the answer (`n`, `stop`, `logprobs`, tools, ...) is not at its neutral value.
     UnsupportedParameter,
+    /// 400: `temperature` or `top_p` is outside OpenAI's range.
     InvalidValue,
     // The server.
+    /// 503: the queue is full (`--max-queue`).
     QueueFull,
+    /// 503: `--max-connections` connections are open, all running requests.
     TooManyConnections,
+    /// 503: the server is shutting down, or its model worker stopped.
     ShuttingDown,
+    /// 500: the model failed on the request.
     ModelError,
 }
 
@@ -223,14 +273,19 @@ impl PartialEq<&str> for ErrorCode {
 /// stream's error event.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody<'a> {
+    /// OpenAI's `error` object.
     pub error: ErrorDetail<'a>,
 }
 
+/// The `error` object of an [`ErrorBody`].
 #[derive(Debug, Serialize)]
 pub struct ErrorDetail<'a> {
+    /// OpenAI's `message`: what is wrong and how to fix it, for people.
     pub message: &'a str,
+    /// OpenAI's `type`: the class of error.
     #[serde(rename = "type")]
     pub kind: ErrorType,
+    /// OpenAI's `code`: this server's stable code, for clients to branch on.
     pub code: ErrorCode,
 }
 
@@ -241,28 +296,41 @@ pub struct ErrorDetail<'a> {
 pub struct ChatRequest {
     /// Any name; echoed back.
     pub model: Option<String>,
+    /// OpenAI's `messages`: here exactly one `user` message, with one `image_url` and one `text` part.
     pub messages: Vec<Message>,
+    /// OpenAI's older name of `max_completion_tokens`; read when that is absent.
     pub max_tokens: Option<usize>,
+    /// OpenAI's `max_completion_tokens`: the request's max_new_tokens (`<eos>` included), 1 to
+    /// `--max-new-tokens-cap`; 64 (or the cap if lower) when both are absent.
     pub max_completion_tokens: Option<usize>,
+    /// OpenAI's `stream`: answer with `chat.completion.chunk` SSE events, then `data: [DONE]`.
     pub stream: Option<bool>,
+    /// OpenAI's `stream_options`; only `include_usage` is read.
     pub stream_options: Option<StreamOptions>,
+    /// OpenAI's `temperature`: checked to be 0 to 2, then ignored (decoding is greedy).
     pub temperature: Option<f64>,
+    /// OpenAI's `top_p`: checked to be 0 to 1, then ignored (decoding is greedy).
     pub top_p: Option<f64>,
 }
 
+/// OpenAI's `stream_options`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamOptions {
+    /// OpenAI's `include_usage`: a last chunk with `usage` and no choices before `data: [DONE]`.
     pub include_usage: Option<bool>,
 }
 
+/// One of OpenAI's `messages`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
+    /// OpenAI's `role`: only `user` is taken.
     pub role: String,
     /// A string or an array of [`Part`]s; `serve::openai` parses it, so its errors can say what
     /// the array must hold.
     pub content: Value,
+    /// OpenAI's participant `name`: accepted and ignored.
     #[allow(dead_code)]
     pub name: Option<String>,
 }
@@ -271,90 +339,135 @@ pub struct Message {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Part {
-    Text { text: String },
-    ImageUrl { image_url: ImageUrl },
+    /// A `text` part: the PaliGemma prompt.
+    Text {
+        /// The prompt (`caption en`, `detect cat`, ...).
+        text: String,
+    },
+    /// An `image_url` part: the image.
+    ImageUrl {
+        /// Where the image is; only `data:` URLs are taken.
+        image_url: ImageUrl,
+    },
 }
 
 /// `{"url": ..., "detail": ...}`, or the bare URL string some clients send.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum ImageUrl {
+    /// OpenAI's shape.
     Object {
+        /// OpenAI's `url`: a `data:image/...;base64,` URL (the server fetches nothing).
         url: String,
+        /// OpenAI's `detail` (`low`, `high`, `auto`): ignored, the image is resized to the model's size.
         #[allow(dead_code)]
         detail: Option<String>,
     },
+    /// The URL alone.
     Url(String),
 }
 
 /// `usage` of a chat completion; `prompt_tokens` counts the image tokens.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Usage {
+    /// OpenAI's `prompt_tokens`: the prompt's tokens, its image tokens included.
     pub prompt_tokens: usize,
+    /// OpenAI's `completion_tokens`: the generated tokens, `<eos>` not counted.
     pub completion_tokens: usize,
+    /// OpenAI's `total_tokens`: the sum of both.
     pub total_tokens: usize,
 }
 
 /// What a chat answer adds to OpenAI's shape (OpenAI clients ignore it).
 #[derive(Debug, Serialize)]
 pub struct Extras<'a> {
+    /// Boxes of a `detect` prompt, in original-image pixels.
     pub detections: &'a [Detection],
+    /// Boxes and masks (COCO RLE) of a `segment` prompt.
     pub segments: &'a [Segment],
+    /// Original image size `[width, height]`: the pixel space of boxes and masks.
     pub image_size: [u32; 2],
 }
 
 /// A `chat.completion`.
 #[derive(Debug, Serialize)]
 pub struct ChatCompletion<'a> {
+    /// OpenAI's `id`: `chatcmpl-` and a hex time and counter, unique per answer.
     pub id: &'a str,
+    /// OpenAI's `object`: `chat.completion`.
     pub object: &'static str,
+    /// OpenAI's `created`: Unix time in seconds, when the request was queued.
     pub created: u64,
+    /// OpenAI's `model`: the request's `model`, else `--model` as given.
     pub model: &'a str,
+    /// OpenAI's `choices`: one, as greedy decoding gives one answer.
     pub choices: [CompletionChoice<'a>; 1],
+    /// OpenAI's `usage`.
     pub usage: Usage,
+    /// Boxes, masks and the image size, which OpenAI's shape has no place for.
     pub paligemma: Extras<'a>,
 }
 
+/// The one choice of a [`ChatCompletion`].
 #[derive(Debug, Serialize)]
 pub struct CompletionChoice<'a> {
+    /// OpenAI's `index`: 0.
     pub index: usize,
+    /// OpenAI's `message`: the answer.
     pub message: AssistantMessage<'a>,
+    /// OpenAI's `finish_reason`: `stop` when `<eos>` ended the answer, `length` when the token limit did.
     pub finish_reason: &'static str,
 }
 
+/// The answer as OpenAI's assistant message.
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage<'a> {
+    /// OpenAI's `role`: `assistant`.
     pub role: &'static str,
+    /// OpenAI's `content`: the answer text, as `/v1/generate`'s `text`.
     pub content: &'a str,
 }
 
 /// A `chat.completion.chunk` of a stream.
 #[derive(Debug, Serialize)]
 pub struct ChatChunk<'a> {
+    /// OpenAI's `id`: the completion's, the same in every chunk of the stream.
     pub id: &'a str,
+    /// OpenAI's `object`: `chat.completion.chunk`.
     pub object: &'static str,
+    /// OpenAI's `created`: Unix time in seconds, when the request was queued; the same in every chunk.
     pub created: u64,
+    /// OpenAI's `model`: the request's `model`, else `--model` as given.
     pub model: &'a str,
     /// One choice, or none in the usage chunk.
     pub choices: Vec<ChunkChoice<'a>>,
+    /// OpenAI's `usage`: only in the usage chunk (`stream_options.include_usage`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// Boxes, masks and the image size: only in the chunk with the finish reason.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub paligemma: Option<Extras<'a>>,
 }
 
+/// The one choice of a [`ChatChunk`].
 #[derive(Debug, Serialize)]
 pub struct ChunkChoice<'a> {
+    /// OpenAI's `index`: 0.
     pub index: usize,
+    /// OpenAI's `delta`: what this chunk adds to the message.
     pub delta: Delta<'a>,
+    /// OpenAI's `finish_reason`: `stop` or `length` in the last choice chunk, `null` before it.
     pub finish_reason: Option<&'static str>,
 }
 
 /// What a chunk adds: the role first, then text.
 #[derive(Debug, Default, Serialize)]
 pub struct Delta<'a> {
+    /// OpenAI's `role`: `assistant`, in the first chunk only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
+    /// OpenAI's `content`: `""` in the first chunk, then the text the tokens made final; absent
+    /// in the last.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
 }

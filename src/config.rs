@@ -6,35 +6,82 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The manifest's file name in a model directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 const FORMAT: &str = "paligemma-onnx";
 /// Version 2 adds `quantization`; version 1 manifests still load (their int8 graphs hold int8
 /// weights, see [`Manifest::weight_format`]).
 const FORMAT_VERSIONS: std::ops::RangeInclusive<u32> = 1..=2;
 
+/// Why a model directory's `manifest.json` cannot be used. Every variant names the manifest's path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The manifest cannot be read: no `manifest.json` (not a converted model), or an I/O error.
     #[error("{path}: cannot read the manifest ({source}); convert the model with `python -m export convert MODEL OUT_DIR`")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The manifest's path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The manifest is not JSON of [`Manifest`]'s shape (a missing, mistyped or unknown key).
     #[error("{path}: not a valid manifest: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The manifest's path.
+        path: PathBuf,
+        /// serde_json's error, with its line and column.
+        message: String,
+    },
+    /// `format` is not `"paligemma-onnx"`, or `format_version` is not one this runtime reads (1 to 2).
     #[error("{path}: format {found:?} version {version}, this runtime reads {FORMAT:?} versions {}-{}; a newer manifest needs a newer paligemma, anything else a re-export with this repository's `python -m export convert`", FORMAT_VERSIONS.start(), FORMAT_VERSIONS.end())]
-    Format { path: PathBuf, found: String, version: u32 },
+    Format {
+        /// The manifest's path.
+        path: PathBuf,
+        /// The manifest's `format`.
+        found: String,
+        /// The manifest's `format_version`.
+        version: u32,
+    },
+    /// `quantization` misses a quantized dtype, has an entry for a float or unlisted dtype, or
+    /// names a graph that does not exist.
     #[error("{path}: `quantization` does not match the model: {problem}; the manifest was edited or comes from another converter, re-run `python -m export convert`")]
-    Quantization { path: PathBuf, problem: String },
+    Quantization {
+        /// The manifest's path.
+        path: PathBuf,
+        /// The first mismatch found, e.g. `dtype int8 has no entry`.
+        problem: String,
+    },
+    /// A graph has no file for the dtype asked for (`--dtype`).
     #[error("{path}: the model has no {dtype} graphs (it has: {available}); pick one with --dtype, or convert with --dtype fp32|fp16 or --quantize int8|int4 (dtypes int8, q4)")]
-    MissingDtype { path: PathBuf, dtype: String, available: String },
+    MissingDtype {
+        /// The manifest's path.
+        path: PathBuf,
+        /// The dtype asked for.
+        dtype: String,
+        /// The dtypes the graph has, comma-separated.
+        available: String,
+    },
 }
 
 /// Graph files per dtype, e.g. `{"fp32": "onnx/decoder_model_merged.onnx"}`.
 pub type GraphFiles = BTreeMap<String, String>;
 
+/// `graphs` in manifest.json: each graph's file per dtype (transformers.js names, e.g.
+/// `onnx/decoder_model_merged_q4.onnx`). A quantized dtype maps the graphs it leaves in float to
+/// the float files.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Graphs {
+    /// SigLIP and the projector: `pixel_values f32[B,3,S,S] -> image_features f32[B,N,H]`, divided by sqrt(H).
     pub vision_encoder: GraphFiles,
+    /// The token embedding: `input_ids i64[B,T] -> inputs_embeds f32[B,T,H]`, raw rows (the decoder
+    /// scales them by sqrt(H)).
     pub embed_tokens: GraphFiles,
+    /// The Gemma 2 decoder with KV cache, prefill and steps in one graph: `inputs_embeds f32[B,T,H]`
+    /// and `past_key_values.*` -> `logits` and `present.*`.
     pub decoder: GraphFiles,
+    /// big_vision's VQ-VAE mask decoder (`vae-oid.npz`), `codes i64[K,16] -> masks f32[K,64,64]`; one
+    /// float32 file for every dtype; absent unless converted with `--seg-vae`.
     pub seg_decoder: Option<GraphFiles>,
 }
 
@@ -55,7 +102,7 @@ pub struct WeightFormat {
 
 impl WeightFormat {
     /// int8 weights in ONNX Runtime's dynamic-quantization ops: the `U8S8` kernels, which saturate
-    /// on x86 CPUs without VNNI (see [`crate::cpu`]).
+    /// on x86 CPUs without VNNI (see `cpu.rs`).
     pub fn has_int8_weights_in_integer_matmul(&self) -> bool {
         self.weight_type == "int8" && matches!(self.op.as_str(), "DynamicQuantizeMatMul" | "MatMulInteger")
     }
@@ -66,40 +113,69 @@ impl WeightFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// Always `"paligemma-onnx"`.
     pub format: String,
+    /// 1 or 2; 2 adds `quantization`.
     pub format_version: u32,
+    /// The model as given to `python -m export convert`: a Hub repo id or a local path.
     pub source: String,
+    /// Side S of the square model input in pixels (the processor's `size["height"]`; 224, 448 or 896 for PaliGemma 2).
     pub image_size: usize,
+    /// Side of a SigLIP patch in pixels (vision_config's `patch_size`).
     pub patch_size: usize,
+    /// Image tokens N per prompt, `(S / patch_size)^2` (the processor's `image_seq_length`).
     pub num_image_tokens: usize,
+    /// Width H of the decoder's embeddings and of the image features (text_config).
     pub hidden_size: usize,
+    /// Logits per position V (text_config).
     pub vocab_size: usize,
+    /// Decoder layers: one past/present key and value pair each (text_config).
     pub num_hidden_layers: usize,
+    /// Query heads (text_config).
     pub num_attention_heads: usize,
+    /// Key/value heads KVH of the cache tensors (text_config).
     pub num_key_value_heads: usize,
+    /// Size D of one head in the cache tensors (text_config).
     pub head_dim: usize,
+    /// Tokens a sliding-attention layer sees (text_config); the decoder graph builds the window.
     pub sliding_window: Option<usize>,
+    /// `sliding_attention` or `full_attention` per layer (text_config).
     pub layer_types: Vec<String>,
+    /// Positions of the model (text_config): a prompt, its image tokens included, and its new tokens must fit.
     pub max_position_embeddings: usize,
+    /// Gemma 2's tanh cap of the logits, applied in the decoder graph (text_config).
     pub final_logit_softcapping: Option<f64>,
+    /// Gemma 2's tanh cap of the attention scores, applied in the decoder graph (text_config).
     pub attn_logit_softcapping: Option<f64>,
+    /// Id of `<image>`, whose embedding rows are replaced by the image features (config's `image_token_id`).
     pub image_token_id: i64,
+    /// Id of `<bos>`, which follows the image tokens in a prompt (the tokenizer's).
     pub bos_token_id: i64,
+    /// Id of `<pad>`: left padding, and the token fed to finished rows (the tokenizer's).
     pub pad_token_id: i64,
+    /// Ids that end generation (generation_config's `eos_token_id`, as a list).
     pub eos_token_id: Vec<i64>,
+    /// Id of `<loc0000>`, the first of the 1024 location tokens.
     pub loc_token_start: i64,
+    /// Id of `<seg000>`, the first of the 128 mask-code tokens.
     pub seg_token_start: i64,
+    /// The dtypes converted, the float one first (`fp32`, `fp16`, `int8`, `q4`): what `--dtype` takes.
     pub dtypes: Vec<String>,
+    /// Each graph's file per dtype.
     pub graphs: Graphs,
     /// Quantized dtype -> what its graphs hold; absent in version 1 manifests.
     #[serde(default)]
     pub quantization: BTreeMap<String, WeightFormat>,
+    /// Every file of the model directory but the manifest, relative to it: what a Hub download fetches.
     pub files: Vec<String>,
+    /// Size in bytes of each of `files`.
     pub file_sizes: BTreeMap<String, u64>,
+    /// Versions of the Python packages that converted the model (`transformers`, `torch`, `onnx`, ...).
     pub producer: BTreeMap<String, String>,
 }
 
 impl Manifest {
+    /// Reads `model_dir/manifest.json` and checks its format, version and `quantization`.
     pub fn load(model_dir: &Path) -> Result<Manifest, ConfigError> {
         let path = model_dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {

@@ -37,34 +37,80 @@ pub const SEG_TOKENS: usize = 16;
 /// `malformed`, `parse_detection` and `parse_segment_tokens` return them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ObjectError {
+    /// The object does not start with `<loc`, but holds one further on.
     #[error("object {text:?} has text before its <loc> tokens; each object must start with 4 <locNNNN> tokens")]
-    TextBeforeBox { text: String },
+    TextBeforeBox {
+        /// The object's text, trimmed.
+        text: String,
+    },
+    /// The object does not start with exactly 4 `<locNNNN>` tokens.
     #[error("object {text:?} has {found} <locNNNN> tokens; expected 4 (y_min, x_min, y_max, x_max)")]
-    LocCount { text: String, found: usize },
+    LocCount {
+        /// The object's text, trimmed.
+        text: String,
+        /// The `<locNNNN>` tokens at its start (0 when it has none).
+        found: usize,
+    },
+    /// A `<locNNNN>` bin is over 1023.
     #[error("object {text:?} has bin {found} in a <loc> token; bins run from 0 to {max}", max = LOC_BINS - 1)]
-    LocOutOfRange { text: String, found: u32 },
+    LocOutOfRange {
+        /// The object's text, trimmed.
+        text: String,
+        /// The first bin out of range.
+        found: u32,
+    },
+    /// The `<segNNN>` tokens after the box are not as many as the task takes.
     #[error("object {text:?} has {found} <segNNN> tokens; expected {expected}")]
-    SegCount { text: String, expected: usize, found: usize },
+    SegCount {
+        /// The object's text, trimmed.
+        text: String,
+        /// 16 for `segment`, 0 for `detect`.
+        expected: usize,
+        /// The `<segNNN>` tokens after the box.
+        found: usize,
+    },
+    /// A `<segNNN>` code is over 127.
     #[error("object {text:?} has code {found} in a <seg> token; codes run from 0 to {max}", max = SEG_CODES - 1)]
-    SegOutOfRange { text: String, found: u32 },
+    SegOutOfRange {
+        /// The object's text, trimmed.
+        text: String,
+        /// The first code out of range.
+        found: u32,
+    },
+    /// The box's max bin does not exceed its min bin on one axis or both.
     #[error("object {text:?} has an empty box: y_min {y_min} y_max {y_max}, x_min {x_min} x_max {x_max}; max must exceed min")]
     EmptyBox {
+        /// The object's text, trimmed.
         text: String,
+        /// The first `<loc>` bin.
         y_min: u16,
+        /// The second `<loc>` bin.
         x_min: u16,
+        /// The third `<loc>` bin.
         y_max: u16,
+        /// The fourth `<loc>` bin.
         x_max: u16,
     },
+    /// The label holds `<` or `>`: a token of another kind or digit count after the box's tokens.
     #[error("object {text:?} has a stray token or bracket in its label {label:?}")]
-    StrayToken { text: String, label: String },
+    StrayToken {
+        /// The object's text, trimmed.
+        text: String,
+        /// The text after the box's (and codes') tokens, trimmed.
+        label: String,
+    },
 }
 
 /// The four `<loc>` bins of one object, in the order the model emits them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BoxBins {
+    /// Top edge, in 1023ths of the height (`0..=1023`).
     pub y_min: u16,
+    /// Left edge, in 1023ths of the width.
     pub x_min: u16,
+    /// Bottom edge, in 1023ths of the height; above `y_min`.
     pub y_max: u16,
+    /// Right edge, in 1023ths of the width; above `x_min`.
     pub x_max: u16,
 }
 
@@ -90,9 +136,13 @@ pub fn bin_fraction(bin: u16) -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(into = "[f32; 4]")]
 pub struct BoundingBox {
+    /// Left edge, in pixels from the image's left side.
     pub x_min: f32,
+    /// Top edge, in pixels from the image's top.
     pub y_min: f32,
+    /// Right edge, in pixels from the image's left side.
     pub x_max: f32,
+    /// Bottom edge, in pixels from the image's top.
     pub y_max: f32,
 }
 
@@ -105,7 +155,9 @@ impl From<BoundingBox> for [f32; 4] {
 /// One detected object; serialises as `{"label": ..., "box": [x_min, y_min, x_max, y_max]}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Detection {
+    /// The text after the object's tokens, trimmed, as the model wrote it (`cat`); may be empty.
     pub label: String,
+    /// The box in original-image pixels; `box` in JSON.
     #[serde(rename = "box")]
     pub bbox: BoundingBox,
 }
@@ -113,7 +165,9 @@ pub struct Detection {
 /// One segmentation object before its codes are decoded into a mask.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentTokens {
+    /// The text after the object's tokens, trimmed.
     pub label: String,
+    /// The object's box, as its four `<loc>` tokens hold it.
     pub bins: BoxBins,
     /// The 4x4 grid of VQ-VAE codes in row-major order, each in `0..SEG_CODES`.
     pub codes: [u8; SEG_TOKENS],
@@ -122,7 +176,9 @@ pub struct SegmentTokens {
 /// The well-formed objects of one generated text and how many were dropped.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Parsed<T> {
+    /// The well-formed objects, in the order of the text.
     pub objects: Vec<T>,
+    /// Objects dropped for an [`ObjectError`].
     pub malformed: usize,
 }
 

@@ -44,7 +44,7 @@ impl Generated {
     }
 }
 
-/// Where the time of one [`generate`] call went. A batch shares one set.
+/// Where the time of one `generate` call went. A batch shares one set.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Timings {
     /// The vision encoder run.

@@ -12,10 +12,13 @@
 //! Which files make a model is the exporter's business: `manifest.json` carries
 //! `"files": ["relative/path", ...]`, and every listed file must sit beside it.
 
+#[cfg(feature = "hub")]
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "hub")]
 use hf_hub::api::sync::ApiBuilder;
+#[cfg(feature = "hub")]
 use hf_hub::{Cache, Repo};
 
 /// The file that marks a converted model directory.
@@ -31,40 +34,93 @@ const CONVERT_HINT: &str =
 /// Longest repo name the Hub accepts (huggingface_hub `validate_repo_id`).
 const MAX_REPO_NAME: usize = 96;
 
+/// Why a model argument does not resolve to a usable model directory.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
+    /// The argument is meant as a path (it starts with `/`, `.` or `~`, or has `\` or two `/`), or
+    /// names a file, and no directory is there.
     #[error("model directory {path} does not exist; {CONVERT_HINT}")]
-    NotADirectory { path: PathBuf },
-    #[error("{dir} has no {MANIFEST}, so it is not a converted model; {CONVERT_HINT}")]
-    MissingManifest { dir: PathBuf },
-    #[error("{spec:?} is neither an existing directory nor a Hub repo id of the form owner/name: {reason}")]
-    BadRepoId { spec: String, reason: String },
-    #[error("manifest {path} is unusable: {reason}; re-run `python -m export convert` or re-download the model")]
-    Manifest { path: PathBuf, reason: String },
-    #[error("{manifest} lists {file:?} but {dir} does not contain it; re-run `python -m export convert` or re-download the model")]
-    MissingFile { manifest: PathBuf, dir: PathBuf, file: String },
-    #[error("HF_HUB_OFFLINE is set and {repo} is not complete in the cache {cache_dir} (missing: {}); unset HF_HUB_OFFLINE to download it, or pass a local model directory", missing.join(", "))]
-    OfflineNotCached {
-        repo: String,
-        cache_dir: PathBuf,
-        missing: Vec<String>,
+    NotADirectory {
+        /// The argument as a path.
+        path: PathBuf,
     },
-    #[error("could not download {file} of {repo} from {endpoint}: {reason}; check the repo id, the network or HF_ENDPOINT, and HF_TOKEN for gated repos")]
-    Download {
-        repo: String,
-        file: String,
-        endpoint: String,
+    /// The directory has no `manifest.json`: it is not a converted model.
+    #[error("{dir} has no {MANIFEST}, so it is not a converted model; {CONVERT_HINT}")]
+    MissingManifest {
+        /// The directory, made absolute.
+        dir: PathBuf,
+    },
+    /// The argument is no directory and breaks a rule of Hub repo ids ([`validate_repo_id`]).
+    #[error("{spec:?} is neither an existing directory nor a Hub repo id of the form owner/name: {reason}")]
+    BadRepoId {
+        /// The argument as given.
+        spec: String,
+        /// The rule it breaks.
         reason: String,
     },
+    /// The manifest cannot be read, is not JSON, or its `files` list is missing or leaves the directory.
+    #[error("manifest {path} is unusable: {reason}; re-run `python -m export convert` or re-download the model")]
+    Manifest {
+        /// The manifest's path.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file the manifest lists is not in the local model directory.
+    #[error("{manifest} lists {file:?} but {dir} does not contain it; re-run `python -m export convert` or re-download the model")]
+    MissingFile {
+        /// The manifest's path.
+        manifest: PathBuf,
+        /// The model directory.
+        dir: PathBuf,
+        /// The missing file, relative to `dir`.
+        file: String,
+    },
+    /// `HF_HUB_OFFLINE` is set and the cache does not hold the repo's manifest and every file it lists.
+    #[error("HF_HUB_OFFLINE is set and {repo} is not complete in the cache {cache_dir} (missing: {}); unset HF_HUB_OFFLINE to download it, or pass a local model directory", missing.join(", "))]
+    OfflineNotCached {
+        /// The repo id.
+        repo: String,
+        /// The Hub cache directory searched.
+        cache_dir: PathBuf,
+        /// The files not in the cache (`manifest.json` alone when even it is absent).
+        missing: Vec<String>,
+    },
+    /// hf-hub could not fetch a file: HTTP status, network, auth, or a reply it failed on.
+    #[error("could not download {file} of {repo} from {endpoint}: {reason}; check the repo id, the network or HF_ENDPOINT, and HF_TOKEN for gated repos")]
+    Download {
+        /// The repo id.
+        repo: String,
+        /// The file, relative to the repo.
+        file: String,
+        /// The Hub base URL (`HF_ENDPOINT`, else the public Hub).
+        endpoint: String,
+        /// hf-hub's error and its causes on one line.
+        reason: String,
+    },
+    /// A listed file landed in another snapshot than the manifest's: the repo's `main` moved
+    /// during the download.
     #[error("{repo} changed on the Hub while its files were downloading ({file} landed in {found}, not beside the manifest in {expected}); run again")]
     CommitMoved {
+        /// The repo id.
         repo: String,
+        /// The file, relative to the repo.
         file: String,
+        /// Its path beside the manifest, in the manifest's snapshot.
         expected: PathBuf,
+        /// Where hf-hub put it.
         found: PathBuf,
     },
+    /// None of `HF_HOME`, `XDG_CACHE_HOME` and `HOME` is set, so there is no Hugging Face home
+    /// (for the cache and the token file).
     #[error("cannot locate the Hugging Face cache: HOME is not set; set HF_HOME or HF_HUB_CACHE")]
     NoCacheDir,
+    /// The argument is a valid repo id, not a directory, and this build lacks the cargo feature `hub`.
+    #[error("{repo} is not a directory, and this build has no Hub downloads (cargo feature `hub`); pass a converted model directory, or rebuild with default features")]
+    NoHubSupport {
+        /// The repo id.
+        repo: String,
+    },
 }
 
 /// Where and how to fetch Hub models. Build it with [`HubOptions::from_env`]; tests and callers
@@ -230,6 +286,7 @@ fn read_manifest_files(manifest: &Path) -> Result<Vec<String>, HubError> {
 }
 
 /// What the cache holds for a repo at its cached `main` ref.
+#[cfg(feature = "hub")]
 enum Cached {
     /// The snapshot directory, holding the manifest and every file it lists.
     Complete(PathBuf),
@@ -237,6 +294,7 @@ enum Cached {
     Missing(Vec<String>),
 }
 
+#[cfg(feature = "hub")]
 fn cached_snapshot(cache: &Cache, repo_id: &str) -> Result<Cached, HubError> {
     let cached_manifest = cache.model(repo_id.to_string()).get(MANIFEST);
     let Some((manifest, dir)) = cached_manifest.as_ref().and_then(|manifest| Some((manifest, manifest.parent()?))) else {
@@ -253,6 +311,12 @@ fn cached_snapshot(cache: &Cache, repo_id: &str) -> Result<Cached, HubError> {
     })
 }
 
+#[cfg(not(feature = "hub"))]
+fn hub_model(repo_id: &str, _options: &HubOptions) -> Result<PathBuf, HubError> {
+    Err(HubError::NoHubSupport { repo: repo_id.to_string() })
+}
+
+#[cfg(feature = "hub")]
 fn hub_model(repo_id: &str, options: &HubOptions) -> Result<PathBuf, HubError> {
     let cache = Cache::new(options.cache_dir.clone());
     let missing = match cached_snapshot(&cache, repo_id)? {

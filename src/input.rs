@@ -6,29 +6,55 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+/// Why a file a user named cannot be read. `what` names the kind of file ("image file", "batch file").
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
+    /// Nothing is at the path (or a symbolic link there is dangling).
     #[error("{what} {path} does not exist: check the path")]
-    NotFound { what: &'static str, path: PathBuf },
+    NotFound {
+        /// The kind of file.
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// The path is a directory.
     #[error("{what} {path} is a directory: name a file")]
-    Directory { what: &'static str, path: PathBuf },
+    Directory {
+        /// The kind of file.
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// The path is a device, FIFO or socket: refused before it is opened.
     #[error("{what} {path} is a {kind}, not a regular file (it could be read forever or block): save the data to a file and name that")]
     NotRegular {
+        /// The kind of file.
         what: &'static str,
+        /// The path as given.
         path: PathBuf,
+        /// What it is instead: `character device`, `block device`, `FIFO (named pipe)`, `socket`.
         kind: &'static str,
     },
+    /// The file is over the caller's limit, by its metadata or by what reading it gave.
     #[error("{what} {path} is {size} bytes, over the limit of {limit} bytes: use a smaller file")]
     TooLarge {
+        /// The kind of file.
         what: &'static str,
+        /// The path as given.
         path: PathBuf,
+        /// Its size in bytes (when read, the limit plus one: reading stops there).
         size: u64,
+        /// The limit in bytes.
         limit: u64,
     },
+    /// Any other I/O error in metadata, open or read (permissions, mostly).
     #[error("cannot read {what} {path}: {source}; check its permissions")]
     Read {
+        /// The kind of file.
         what: &'static str,
+        /// The path as given.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: io::Error,
     },

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use paligemma::cli::{self, Args, BenchArgs};
+#[cfg(feature = "serve")]
 use paligemma::serve::command::{self as serve, ServeArgs};
 
 fn main() {
@@ -9,7 +10,12 @@ fn main() {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let outcome = match argv.get(1).and_then(|a| a.to_str()) {
         Some("bench") => cli::bench(BenchArgs::parse_from(&argv[1..])),
+        #[cfg(feature = "serve")]
         Some("serve") => serve::command(ServeArgs::parse_from(&argv[1..])),
+        #[cfg(not(feature = "serve"))]
+        Some("serve") => Err(anyhow::anyhow!(
+            "this binary was built without the HTTP server (cargo feature `serve`); rebuild with default features"
+        )),
         _ => cli::run(Args::parse_from(argv)),
     };
     let code = match outcome {

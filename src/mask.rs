@@ -8,30 +8,56 @@ use serde::{Deserialize, Serialize, Serializer};
 /// Errors from building, encoding or writing a [`BinaryMask`].
 #[derive(Debug, thiserror::Error)]
 pub enum MaskError {
+    /// An RLE's counts do not add up to the pixels of its `size` ([`BinaryMask::from_rle`]).
     #[error("RLE of size [{height}, {width}] needs counts summing to {expected}, found {found}: the RLE is corrupt or for another image")]
     RleLength {
+        /// The RLE's `size[0]`, in pixels.
         height: u32,
+        /// The RLE's `size[1]`, in pixels.
         width: u32,
+        /// `width * height`.
         expected: u64,
+        /// The sum of its counts (`u64::MAX` when that overflows).
         found: u64,
     },
+    /// Pixel data is not `width * height` long ([`BinaryMask::from_raw`]).
     #[error("mask of {width}x{height} needs {expected} pixels, got {found}: pass row-major data of width * height")]
     DataLength {
+        /// The mask's width in pixels.
         width: u32,
+        /// The mask's height in pixels.
         height: u32,
+        /// `width * height`.
         expected: usize,
+        /// The pixels passed.
         found: usize,
     },
+    /// `width * height` pixels do not fit in this platform's `usize`, or in the PNG encoder's buffer.
     #[error("mask of {width}x{height} pixels is too large to store in memory on this platform")]
-    MaskTooLarge { width: u32, height: u32 },
+    MaskTooLarge {
+        /// The mask's width in pixels.
+        width: u32,
+        /// The mask's height in pixels.
+        height: u32,
+    },
+    /// The image crate failed to encode the mask as PNG.
     #[error("could not encode a {width}x{height} mask as PNG: {source}")]
     Png {
+        /// The mask's width in pixels.
         width: u32,
+        /// The mask's height in pixels.
         height: u32,
+        /// The image crate's error.
         source: image::ImageError,
     },
+    /// The PNG file cannot be written ([`BinaryMask::save_png`]).
     #[error("could not write mask PNG to {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        /// The PNG's path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// A binary mask over the original image, row-major. Fields are private so that the data length
@@ -48,7 +74,9 @@ pub struct BinaryMask {
 /// when the first pixel is set). `size` is `[height, width]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rle {
+    /// `[height, width]` in pixels, as pycocotools orders it.
     pub size: [u32; 2],
+    /// Run lengths in pixels, background first; they add up to `height * width`.
     pub counts: Vec<u64>,
 }
 
@@ -77,10 +105,12 @@ impl BinaryMask {
         Ok(Self { width, height, data })
     }
 
+    /// Width in pixels: the original image's, for a [`Segment`](crate::Segment)'s mask.
     pub fn width(&self) -> u32 {
         self.width
     }
 
+    /// Height in pixels: the original image's, for a [`Segment`](crate::Segment)'s mask.
     pub fn height(&self) -> u32 {
         self.height
     }

@@ -32,39 +32,60 @@ const LONG_PREFILL: usize = 4096 * 4096;
 /// Errors that stop the pipeline from loading.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// ONNX Runtime's library cannot be found, loaded or started.
     #[error(transparent)]
     OrtLib(#[from] OrtLibError),
+    /// The model argument gives no complete model directory, or the Hub settings in the
+    /// environment cannot be read.
     #[error(transparent)]
     Hub(#[from] HubError),
+    /// manifest.json cannot be used.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A graph's session cannot be built, or the graphs do not match the manifest.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// tokenizer.json cannot be loaded.
     #[error(transparent)]
     Prompt(#[from] PromptError),
+    /// preprocessor_config.json cannot be read or asks for what is not implemented.
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
+    /// preprocessor_config.json does not resize to the manifest's `image_size` square.
     #[error(
         "{path}: the image processor resizes to {found}x{found}, the manifest says {expected}; the files come from different conversions"
     )]
-    ImageSize { path: PathBuf, expected: usize, found: u32 },
+    ImageSize {
+        /// The preprocessor config's path.
+        path: PathBuf,
+        /// The manifest's `image_size`, in pixels.
+        expected: usize,
+        /// The config's `size.height`, in pixels (the check also fails when its width differs).
+        found: u32,
+    },
 }
 
 /// Errors of one request; the other requests of a batch are unaffected.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
+    /// The image cannot be read or decoded, or is over the [`ImageLimits`].
     #[error(transparent)]
     Image(#[from] PreprocessError),
+    /// The prompt is refused (empty, over a limit, two `<image>`s), or max_new_tokens is 0.
     #[error(transparent)]
     Prompt(#[from] PromptError),
+    /// A graph failed on this request, run alone after its batch failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The seg decoder's masks cannot be made into [`Segment`]s.
     #[error(transparent)]
     Segment(#[from] SegmentError),
+    /// The caller's `on_token` returned `false` for it ([`Pipeline::run_until`]).
     #[error("the request was stopped by its caller before it finished")]
     Stopped,
 }
 
+/// How to load a [`Pipeline`]; [`PipelineOptions::new`] fills in the defaults.
 pub struct PipelineOptions {
     /// A converted model directory (with manifest.json) or a Hub repo id.
     pub model: String,
@@ -72,9 +93,11 @@ pub struct PipelineOptions {
     pub dtype: String,
     /// Execution providers in priority order; empty means ONNX Runtime's default (CPU).
     pub providers: Vec<ExecutionProvider>,
+    /// ONNX Runtime intra-op threads per graph (`--threads`; `None`: ONNX Runtime's choice).
     pub threads: Option<usize>,
     /// An explicit ONNX Runtime library (`--ort-lib`); otherwise see `onnxruntime::locate`.
     pub ort_lib: Option<PathBuf>,
+    /// Pixel and file-size limits of request images, checked before their pixels are decoded.
     pub image_limits: ImageLimits,
     /// Most text tokens a prompt may hold (`<bos>`, the task and `\n`; not the image tokens).
     pub max_prompt_tokens: usize,
@@ -83,6 +106,9 @@ pub struct PipelineOptions {
 }
 
 impl PipelineOptions {
+    /// Options for `model`: fp32 graphs, ONNX Runtime's default provider (CPU) and threads, the
+    /// library search of `onnxruntime::locate`, [`ImageLimits::default`], 512 prompt tokens
+    /// ([`DEFAULT_MAX_PROMPT_TOKENS`]), images not kept.
     pub fn new(model: impl Into<String>) -> PipelineOptions {
         PipelineOptions {
             model: model.into(),
@@ -99,13 +125,20 @@ impl PipelineOptions {
 
 /// Where a request's image comes from.
 pub enum ImageInput {
+    /// An image file: a regular file of at most [`ImageLimits::max_bytes`].
     Path(PathBuf),
+    /// The bytes of an image file (an upload); named "from the request" in errors.
     Bytes(Vec<u8>),
 }
 
+/// One image and prompt to answer.
 pub struct Request {
+    /// The image, in any supported format (found from its bytes).
     pub image: ImageInput,
+    /// The PaliGemma prompt (`caption en`, `detect cat`, `segment car`), laid out as
+    /// PaliGemmaProcessor does; `detect` and `segment` as first word give boxes and masks.
     pub prompt: String,
+    /// Most new tokens, `<eos>` included (transformers' `max_new_tokens`); at least 1.
     pub max_new_tokens: usize,
     /// `<eos>` is not chosen before this many tokens (transformers' `min_new_tokens`).
     pub min_new_tokens: usize,
@@ -126,10 +159,13 @@ impl Request {
 /// What one request produced (`api::Answer` is its wire form).
 #[derive(Debug, Clone)]
 pub struct Response {
+    /// The answer, as transformers' `decode(ids, skip_special_tokens=True)` gives it.
     pub text: String,
     /// Generated ids, up to and without `<eos>`.
     pub token_ids: Vec<i64>,
+    /// Boxes of a `detect` prompt, in original-image pixels; empty for other prompts.
     pub detections: Vec<Detection>,
+    /// Boxes and masks of a `segment` prompt, in original-image pixels; empty for other prompts.
     pub segments: Vec<Segment>,
     /// Objects of a detect/segment answer that were malformed and dropped.
     pub malformed_objects: usize,
@@ -167,8 +203,12 @@ impl Task {
     }
 }
 
+/// A loaded model: its ONNX Runtime sessions, tokenizer and image processor. Load it once with
+/// [`Pipeline::load`], then [`run`](Pipeline::run) batches of requests.
 pub struct Pipeline {
+    /// The model directory: the one given (made absolute), or the Hub cache snapshot of a repo id.
     pub model_dir: PathBuf,
+    /// The ONNX Runtime library in use: its path, version and the rule that found it.
     pub ort: OrtInfo,
     sessions: ModelSessions,
     prompts: Arc<PromptEncoder>,
@@ -211,6 +251,7 @@ impl Pipeline {
         Arc::clone(&self.prompts)
     }
 
+    /// The model's manifest.json.
     pub fn manifest(&self) -> &Manifest {
         self.sessions.manifest()
     }

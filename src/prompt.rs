@@ -7,7 +7,7 @@
 //!   placeholder becomes the N image tokens and `<bos>` goes right after it, the text before it
 //!   stays before: `"caption <image> en"` is `caption ` + images + `<bos>` + ` en\n`;
 //! - more `<image>` placeholders than the request's one image: refused, as transformers refuses
-//!   them ("The total number of <image> tokens ... should be the same as the number of images").
+//!   them (`The total number of <image> tokens ... should be the same as the number of images`).
 //!
 //! Every other special token a user types (`<bos>`, `<eos>`, `<pad>`, `<loc0001>`, ...) is
 //! tokenized as the tokenizer's added token, as transformers does; the tokenizer adds no `<bos>`
@@ -30,28 +30,61 @@ pub const DEFAULT_MAX_PROMPT_TOKENS: usize = 512;
 /// a prompt longer than the cap times this cannot fit and is refused without tokenizing it.
 const MAX_BYTES_PER_TOKEN: usize = 64;
 
+/// Why a prompt cannot be run.
 #[derive(Debug, thiserror::Error)]
 pub enum PromptError {
+    /// The model directory's tokenizer.json is missing or not a tokenizer the tokenizers crate reads.
     #[error("{path}: cannot load the tokenizer ({message}); the model directory should hold the tokenizer.json the export copied")]
-    Tokenizer { path: String, message: String },
+    Tokenizer {
+        /// The tokenizer.json path.
+        path: String,
+        /// The tokenizers crate's error.
+        message: String,
+    },
+    /// The prompt is only whitespace, around one `<image>` or not.
     #[error("the prompt is empty; give a task such as \"caption en\", \"detect cat\" or a question")]
     Empty,
+    /// The prompt holds more than one `<image>` placeholder.
     #[error("the prompt holds {count} {IMAGE_TOKEN} placeholders and a request has one image; write {IMAGE_TOKEN} once (where the image goes) or not at all (the image then goes first), as transformers' processor requires")]
-    ImagePlaceholders { count: usize },
+    ImagePlaceholders {
+        /// The `<image>` placeholders found.
+        count: usize,
+    },
+    /// max_new_tokens is 0.
     #[error("0 new tokens are asked for; ask for at least 1 (max_new_tokens / --max-new-tokens), transformers refuses 0 as well")]
     NoNewTokens,
+    /// The prompt's text tokens are over `--max-prompt-tokens`.
     #[error("the prompt is {text_tokens} text tokens, over the limit of {limit} (--max-prompt-tokens); shorten it")]
-    OverTokenLimit { text_tokens: usize, limit: usize },
-    #[error("the prompt is {bytes} bytes, more than {limit} tokens (--max-prompt-tokens) can hold; shorten it")]
-    OverByteLimit { bytes: usize, limit: usize },
-    #[error("the prompt is {prompt_tokens} tokens ({image_tokens} image + {text_tokens} text) and {max_new_tokens} new tokens are asked for, over the model's {limit} positions; shorten the prompt or lower --max-new-tokens")]
-    TooLong {
-        prompt_tokens: usize,
-        image_tokens: usize,
+    OverTokenLimit {
+        /// `<bos>` and the prompt's text with its closing `\n`; not the image tokens.
         text_tokens: usize,
-        max_new_tokens: usize,
+        /// `--max-prompt-tokens`.
         limit: usize,
     },
+    /// The prompt is longer than `--max-prompt-tokens` tokens of 64 bytes, the longest a token
+    /// covers: refused without tokenizing it.
+    #[error("the prompt is {bytes} bytes, more than {limit} tokens (--max-prompt-tokens) can hold; shorten it")]
+    OverByteLimit {
+        /// The prompt's length in UTF-8 bytes.
+        bytes: usize,
+        /// `--max-prompt-tokens`.
+        limit: usize,
+    },
+    /// The prompt and max_new_tokens together are over the model's `max_position_embeddings`.
+    #[error("the prompt is {prompt_tokens} tokens ({image_tokens} image + {text_tokens} text) and {max_new_tokens} new tokens are asked for, over the model's {limit} positions; shorten the prompt or lower --max-new-tokens")]
+    TooLong {
+        /// Image and text tokens together.
+        prompt_tokens: usize,
+        /// The manifest's `num_image_tokens`.
+        image_tokens: usize,
+        /// `<bos>` and the prompt's text with its closing `\n`.
+        text_tokens: usize,
+        /// The request's max_new_tokens.
+        max_new_tokens: usize,
+        /// The manifest's `max_position_embeddings`.
+        limit: usize,
+    },
+    /// The tokenizer failed on the prompt text.
     #[error("tokenizing the prompt failed: {0}")]
     Encode(String),
 }

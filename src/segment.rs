@@ -30,8 +30,15 @@ pub const MASK_SIDE: usize = 64;
 /// Errors from turning decoded masks into [`Segment`]s.
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentError {
+    /// The seg decoder's output is not f32[K, 64, 64] for the K objects it was given.
     #[error("seg decoder returned masks of shape {found:?} for {objects} objects; expected [{objects}, {MASK_SIDE}, {MASK_SIDE}]: check seg_decoder.onnx's output")]
-    MaskShape { objects: usize, found: Vec<usize> },
+    MaskShape {
+        /// K, the objects whose codes were decoded.
+        objects: usize,
+        /// The output's shape.
+        found: Vec<usize>,
+    },
+    /// A full-size mask cannot be built for the image's size.
     #[error(transparent)]
     Mask(#[from] MaskError),
 }
@@ -39,9 +46,13 @@ pub enum SegmentError {
 /// One segmented object; serialises as `{"label", "box": [x_min, y_min, x_max, y_max], "mask": RLE}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Segment {
+    /// The text after the object's tokens, trimmed, as the model wrote it.
     pub label: String,
+    /// The box in original-image pixels (`bin / 1023` times the side, not truncated); `box` in JSON.
     #[serde(rename = "box")]
     pub bbox: BoundingBox,
+    /// The mask at the original image's size: the decoded 64x64 mask resized into the box (Pillow
+    /// BILINEAR), thresholded at 0; COCO RLE in JSON.
     pub mask: BinaryMask,
 }
 

@@ -17,29 +17,53 @@ use crate::config::{ConfigError, Manifest};
 use crate::cpu::{int8_weight_kernels_saturate, INT8_EXACT_FEATURES};
 use crate::onnxruntime::{build_session, ExecutionProvider, SessionError};
 
+/// Why the model's graphs cannot be opened or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// The manifest has no file of the dtype asked for.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// ONNX Runtime cannot be loaded, or a graph's session cannot be built.
     #[error(transparent)]
     Session(#[from] SessionError),
+    /// A graph's input or output names, element types, static sizes or layer count differ from
+    /// what the manifest says.
     #[error("{graph} ({path}) does not match manifest.json: {what}: expected {expected}, found {found}; the graph and the manifest come from different conversions — re-run `python -m export convert`")]
     Mismatch {
+        /// The graph: `vision_encoder`, `embed_tokens`, `decoder` or `seg_decoder`.
         graph: &'static str,
+        /// Its ONNX file.
         path: PathBuf,
+        /// What was compared, e.g. `shape of input pixel_values`.
         what: String,
+        /// What the manifest and this runtime expect, e.g. `[?,3,224,224]`.
         expected: String,
+        /// What the graph declares.
         found: String,
     },
+    /// A tensor read or fed as float32 is float16 or bfloat16 in the graph: a bfloat16
+    /// conversion, or graphs of different float types.
     #[error("{graph} ({path}) has {found} {what}; this runtime runs float32 and float16 graphs (convert with --dtype fp32 or fp16)")]
     ElementType {
+        /// The graph: `vision_encoder`, `embed_tokens`, `decoder` or `seg_decoder`.
         graph: &'static str,
+        /// Its ONNX file.
         path: PathBuf,
+        /// The tensor, e.g. `input inputs_embeds`.
         what: String,
+        /// Its element type in the graph.
         found: String,
     },
+    /// ONNX Runtime failed in a run, or a run's inputs or outputs are not what they must be (a
+    /// missing output, a wrong rank, image tokens and features that differ in number).
     #[error("running {graph} failed: {message}")]
-    Run { graph: &'static str, message: String },
+    Run {
+        /// The graph that was run.
+        graph: &'static str,
+        /// ONNX Runtime's error on one line, or what was wrong.
+        message: String,
+    },
+    /// Masks were asked of a model converted without `--seg-vae`.
     #[error("this model has no segmentation decoder; convert it with `--seg-vae vae-oid.npz` to get masks")]
     NoSegDecoder,
 }
@@ -375,10 +399,6 @@ impl ModelSessions {
 
     pub fn decoder_inputs(&self) -> DecoderInputs {
         self.decoder_inputs
-    }
-
-    pub fn has_seg_decoder(&self) -> bool {
-        self.seg.is_some()
     }
 
     /// An empty cache (`P = 0`) for `batch` rows.

@@ -52,32 +52,76 @@ pub struct OrtInfo {
     /// following symlinks); `>=1.31` when the name carries none. ort exposes no call for the exact
     /// version string of a library that loaded, only the guarantee that its minor level is high enough.
     pub version: String,
+    /// The search rule that found it.
     pub source: LibSource,
 }
 
+/// Why ONNX Runtime's library cannot be found, loaded or started.
 #[derive(Debug, thiserror::Error)]
 pub enum OrtLibError {
+    /// `--ort-lib` or `ORT_DYLIB_PATH` names no file; the search stops there.
     #[error("ONNX Runtime library {path} (from {origin}) does not exist or is not a file; fix the path, or {INSTALL_HINT}")]
-    NotAFile { path: PathBuf, origin: LibSource },
+    NotAFile {
+        /// The path as given.
+        path: PathBuf,
+        /// The setting that gave it.
+        origin: LibSource,
+    },
+    /// Neither setting is given and no library is beside the executable or in a `.venv` wheel.
     #[error("no ONNX Runtime library found; searched: {}. To fix: {INSTALL_HINT}", searched.join("; "))]
-    NotFound { searched: Vec<String> },
+    NotFound {
+        /// Every place searched, in order.
+        searched: Vec<String>,
+    },
+    /// `dlopen` failed (not a shared library, another architecture, a missing dependency), or
+    /// the library exports no `OrtGetApiBase`.
     #[error("ONNX Runtime library {path} (from {origin}) could not be loaded: {reason}. To fix: {INSTALL_HINT}")]
-    NotLoadable { path: PathBuf, origin: LibSource, reason: String },
+    NotLoadable {
+        /// The library file.
+        path: PathBuf,
+        /// The search rule that found it.
+        origin: LibSource,
+        /// `dlerror()`'s text with its causes, or what the library lacks.
+        reason: String,
+    },
+    /// The library's minor version is below the API level ort was built for ([`MIN_VERSION`]).
     #[error("ONNX Runtime at {path} (from {origin}) is version {found}; this program needs >= {}.{}. To fix: {INSTALL_HINT}", MIN_VERSION.0, MIN_VERSION.1)]
-    TooOld { path: PathBuf, origin: LibSource, found: String },
+    TooOld {
+        /// The library file.
+        path: PathBuf,
+        /// The search rule that found it.
+        origin: LibSource,
+        /// The version string the library reports.
+        found: String,
+    },
+    /// [`init`] is asked for another `--ort-lib` than the library this process already loaded.
     #[error(
         "ONNX Runtime is already loaded from {loaded} in this process; it cannot also load {requested}. Pass the same library everywhere"
     )]
-    AlreadyLoaded { loaded: PathBuf, requested: PathBuf },
+    AlreadyLoaded {
+        /// The library loaded first.
+        loaded: PathBuf,
+        /// The path asked for now.
+        requested: PathBuf,
+    },
+    /// The library loaded, but ONNX Runtime failed to create its environment.
     #[error("ONNX Runtime loaded from {path} but its environment could not be created: {message}")]
-    Environment { path: PathBuf, message: String },
+    Environment {
+        /// The library file.
+        path: PathBuf,
+        /// ONNX Runtime's error, on one line.
+        message: String,
+    },
 }
 
 /// A parsed `major.minor.patch` version, as found in library file names and in ort's version string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct OrtVersion {
+    /// Major version (1).
     pub major: u32,
+    /// Minor version: the C API level (31 for 1.31.x).
     pub minor: u32,
+    /// Patch version; 0 when the text has none.
     pub patch: u32,
 }
 
@@ -94,6 +138,7 @@ impl OrtVersion {
         Some(OrtVersion { major, minor, patch })
     }
 
+    /// Whether `(major, minor)` is at least [`MIN_VERSION`].
     pub fn is_supported(&self) -> bool {
         (self.major, self.minor) >= MIN_VERSION
     }

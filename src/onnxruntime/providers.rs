@@ -21,8 +21,11 @@ const RECORD_ASSIGNMENT_KEY: &str = "session.record_ep_graph_assignment_info";
 /// An execution provider this crate can ask ONNX Runtime for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExecutionProvider {
+    /// `cpu`: ONNX Runtime's CPU provider, always present.
     Cpu,
+    /// `cuda`: the CUDA provider of an onnxruntime-gpu library, with its default options.
     Cuda,
+    /// `tensorrt`: the TensorRT provider of an onnxruntime-gpu library, with its default options.
     TensorRt,
 }
 
@@ -67,10 +70,20 @@ impl FromStr for ExecutionProvider {
 /// A provider list that names no known provider, or one twice.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderListError {
+    /// A name is not one of [`PROVIDER_NAMES`] (an empty list or entry included).
     #[error("unknown execution provider {name:?}; valid names: {PROVIDER_NAMES}")]
-    Unknown { name: String },
+    Unknown {
+        /// The name as given.
+        name: String,
+    },
+    /// A provider is listed more than once.
     #[error("execution provider {provider} appears twice in {list:?}; list each provider once, in priority order")]
-    Duplicate { list: String, provider: ExecutionProvider },
+    Duplicate {
+        /// The whole list, lowercase and comma-separated.
+        list: String,
+        /// The provider listed twice.
+        provider: ExecutionProvider,
+    },
 }
 
 /// Parses a comma-separated provider list in priority order: `"tensorrt,cuda,cpu"`.
@@ -100,7 +113,9 @@ pub fn check_unique(providers: &[ExecutionProvider]) -> Result<(), ProviderListE
 /// One provider that did not start, and ONNX Runtime's reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderFailure {
+    /// The provider that did not start.
     pub provider: ExecutionProvider,
+    /// ONNX Runtime's error, on one line.
     pub reason: String,
 }
 
@@ -120,18 +135,42 @@ pub struct SessionReport {
     pub warnings: Vec<String>,
 }
 
+/// Why a graph's session cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    /// [`build_session`] ran before [`init`](super::init) loaded ONNX Runtime.
     #[error("ONNX Runtime is not loaded: call onnxruntime::init before building a session")]
     NotInitialized,
+    /// The graph's file is not there.
     #[error("graph file {path} does not exist; check the model directory or re-run the export")]
-    MissingGraph { path: PathBuf },
+    MissingGraph {
+        /// The graph file.
+        path: PathBuf,
+    },
+    /// ONNX Runtime rejects the file itself (bad protobuf, invalid graph), whatever the provider.
     #[error("graph file {path} is not a valid ONNX model ({message}); re-run the export or re-download the model")]
-    CorruptGraph { path: PathBuf, message: String },
+    CorruptGraph {
+        /// The graph file.
+        path: PathBuf,
+        /// ONNX Runtime's error, on one line.
+        message: String,
+    },
+    /// Every listed provider failed to register or to take the graph.
     #[error("no requested execution provider could start for {path}: {}. Install onnxruntime-gpu (CUDA 13, cuDNN 9, TensorRT 10) and point --ort-lib at its library, or add `cpu` to the provider list", failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    ProvidersFailed { path: PathBuf, failures: Vec<ProviderFailure> },
+    ProvidersFailed {
+        /// The graph file.
+        path: PathBuf,
+        /// Each provider's failure, in the order they happened.
+        failures: Vec<ProviderFailure>,
+    },
+    /// Any other ONNX Runtime error in building the session or reading its provider assignment.
     #[error("ONNX Runtime could not build a session for {path}: {message}")]
-    Ort { path: PathBuf, message: String },
+    Ort {
+        /// The graph file.
+        path: PathBuf,
+        /// ONNX Runtime's error, on one line.
+        message: String,
+    },
 }
 
 /// Builds a session for the graph at `path` with the providers in priority order (empty: ONNX

@@ -2,7 +2,7 @@
 //!
 //! Ports, in pipeline order:
 //! - transformers 5.23 `image_utils.load_image`: `PIL.ImageOps.exif_transpose`, then
-//!   `Image.convert("RGB")` (Pillow 13 semantics per source mode, see [`pil_rgb`]);
+//!   `Image.convert("RGB")` (Pillow 13 semantics per source mode, see `pil_mode`);
 //! - transformers 5.23 `image_transforms.convert_to_rgb`, which the processor runs again on the
 //!   RGB image when `do_convert_rgb` is true: a transparency colour that Pillow carried through
 //!   `convert` becomes white (PaliGemma's configs say `"do_convert_rgb": null`, which skips it);
@@ -46,43 +46,79 @@ pub enum PreprocessError {
     /// Missing, not a regular file, over [`ImageLimits::max_bytes`], unreadable.
     #[error(transparent)]
     File(#[from] InputError),
+    /// The image has no bytes.
     #[error("image {image} is empty (0 bytes): re-download or re-export it")]
-    Empty { image: String },
+    Empty {
+        /// The image as named in messages: its path, or "from the request".
+        image: String,
+    },
+    /// The first bytes match no supported format's magic number (PIL's `Image.open` test).
     #[error(
         "image {image} is not in a supported format: its first bytes match none of \
          {SUPPORTED_FORMATS}; convert it to PNG or JPEG"
     )]
-    UnrecognizedFormat { image: String },
+    UnrecognizedFormat {
+        /// The image as named in messages: its path, or "from the request".
+        image: String,
+    },
+    /// The decoder lacks a feature the file uses (12-bit JPEG, an odd component count, float
+    /// pixels PIL does not open as RGB, ...).
     #[error("image {image} uses a {format:?} feature this decoder lacks ({detail}); convert it to PNG or baseline JPEG")]
     UnsupportedFeature {
+        /// The image as named in messages: its path, or "from the request".
         image: String,
+        /// The format its first bytes name.
         format: ImageFormat,
+        /// The decoder's message.
         detail: String,
     },
+    /// The decoder failed on the data: truncated, corrupt, or a header of 0 pixels.
     #[error("image {image} is truncated or corrupt ({format:?}: {detail}); re-download or re-export it")]
     Corrupt {
+        /// The image as named in messages: its path, or "from the request".
         image: String,
+        /// The format its first bytes name.
         format: ImageFormat,
+        /// The decoder's message.
         detail: String,
     },
+    /// The header declares more than [`ImageLimits::max_pixels`]; no pixel was decoded.
     #[error(
         "image {image} is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels \
          (a decompression-bomb guard, PIL's default); downscale it or raise ImageLimits::max_pixels"
     )]
     TooManyPixels {
+        /// The image as named in messages: its path, or "from the request".
         image: String,
+        /// Width the header declares, in pixels.
         width: u32,
+        /// Height the header declares, in pixels.
         height: u32,
+        /// Pixels the header declares (each side counted as at least 1, like PIL).
         pixels: u64,
+        /// [`ImageLimits::max_pixels`].
         limit: u64,
     },
+    /// `preprocessor_config.json` cannot be read, is not of the expected shape, turns off a step
+    /// PaliGemma always takes, or has a zero size or std.
     #[error("preprocessor config {path} is invalid: {reason}")]
-    InvalidConfig { path: PathBuf, reason: String },
+    InvalidConfig {
+        /// The config's path.
+        path: PathBuf,
+        /// What is wrong, and the fix.
+        reason: String,
+    },
+    /// `preprocessor_config.json`'s `resample` is not 3 (PIL BICUBIC), the only filter ported.
     #[error(
         "preprocessor config {path} sets \"resample\": {found}, but only 3 (PIL BICUBIC, what \
          SigLIP uses) is implemented; set \"resample\": 3"
     )]
-    UnsupportedResample { path: PathBuf, found: u32 },
+    UnsupportedResample {
+        /// The config's path.
+        path: PathBuf,
+        /// The config's `resample`.
+        found: u32,
+    },
 }
 
 /// Decoding limits, checked from the header before any pixel is decoded.

@@ -47,6 +47,10 @@ impl PilSource {
 }
 
 /// The PNG chunks before the first IDAT that decide PIL's mode and transparency.
+///
+/// Read by hand, not through the `png` crate: png 0.18 keeps only the low byte of a grey or RGB
+/// tRNS sample in images under 16 bits (`parse_trns`), while Pillow compares the whole 16-bit
+/// sample, so a sample above 255 must never match.
 pub(super) struct PngHeader {
     color_type: u8,
     bit_depth: u8,
@@ -119,7 +123,7 @@ fn simple_palette_index(trns: &[u8]) -> Option<usize> {
     body.iter().position(|&b| b == 0)
 }
 
-/// The GIF blocks before the first image that decide PIL's first frame.
+/// What decides PIL's first frame of a GIF.
 pub(super) struct GifFirstFrame {
     /// left, top, width, height of the first frame on the logical screen.
     frame: (u32, u32, u32, u32),
@@ -129,51 +133,21 @@ pub(super) struct GifFirstFrame {
 }
 
 impl GifFirstFrame {
+    /// The screen's and the first frame's descriptors through the `gif` crate (the decoder the
+    /// `image` crate uses), without decoding any pixel: the graphic control extension before the
+    /// frame gives its transparency index, as in Pillow's `GifImagePlugin`.
     fn scan(bytes: &[u8]) -> Option<Self> {
-        let u16_at = |i: usize| -> Option<u32> { Some(u32::from(u16::from_le_bytes(bytes.get(i..i + 2)?.try_into().ok()?))) };
-        let table_len = |packed: u8| 3usize << ((packed & 7) + 1);
-        let packed = *bytes.get(10)?;
-        let mut pos = 13;
-        let mut palette = Vec::new();
-        if packed & 0x80 != 0 {
-            palette = bytes.get(pos..pos + table_len(packed))?.to_vec();
-            pos += table_len(packed);
-        }
-        let mut transparent = None;
-        loop {
-            match *bytes.get(pos)? {
-                0x21 => {
-                    let label = *bytes.get(pos + 1)?;
-                    pos += 2;
-                    if label == 0xf9 && *bytes.get(pos)? >= 4 {
-                        let flags = *bytes.get(pos + 1)?;
-                        transparent = (flags & 1 != 0).then_some(*bytes.get(pos + 4)?);
-                    }
-                    // Skip the data sub-blocks up to the zero-length terminator.
-                    loop {
-                        let n = usize::from(*bytes.get(pos)?);
-                        pos += 1 + n;
-                        if n == 0 {
-                            break;
-                        }
-                    }
-                }
-                0x2c => {
-                    let frame = (u16_at(pos + 1)?, u16_at(pos + 3)?, u16_at(pos + 5)?, u16_at(pos + 7)?);
-                    let packed = *bytes.get(pos + 9)?;
-                    if packed & 0x80 != 0 {
-                        let start = pos + 10;
-                        palette = bytes.get(start..start + table_len(packed))?.to_vec();
-                    }
-                    return Some(Self {
-                        frame,
-                        palette,
-                        transparent,
-                    });
-                }
-                _ => return None,
-            }
-        }
+        let mut options = gif::DecodeOptions::new();
+        options.set_color_output(gif::ColorOutput::Indexed);
+        options.skip_frame_decoding(true);
+        let mut decoder = options.read_info(bytes).ok()?;
+        let global = decoder.global_palette().map(<[u8]>::to_vec);
+        let frame = decoder.next_frame_info().ok()??;
+        Some(Self {
+            frame: (frame.left.into(), frame.top.into(), frame.width.into(), frame.height.into()),
+            palette: frame.palette.clone().or(global).unwrap_or_default(),
+            transparent: frame.transparent,
+        })
     }
 
     fn palette_color(&self, index: u8) -> [u8; 3] {
