@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
+use crate::config::Dtype;
 use crate::onnxruntime::{check_unique, ExecutionProvider};
 use crate::pipeline::PipelineOptions;
 use crate::prompt::DEFAULT_MAX_PROMPT_TOKENS;
@@ -43,7 +44,7 @@ impl RuntimeArgs {
             None => default_model()?.display().to_string(),
         };
         let mut options = PipelineOptions::new(model);
-        options.dtype = self.dtype.as_str().into();
+        options.dtype = self.dtype;
         check_unique(&self.ep)?;
         options.providers = self.ep.clone();
         options.threads = self.threads;
@@ -82,25 +83,18 @@ fn default_model() -> Result<PathBuf> {
     )
 }
 
-/// The dtypes a conversion can hold, by their manifest keys (transformers.js' file suffixes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Dtype {
-    Fp32,
-    Fp16,
-    Int8,
-    /// 4-bit weights (`--quantize int4` writes them; `int4` is accepted here as well).
-    #[value(alias = "int4")]
-    Q4,
-}
+/// `--dtype`'s values are the manifest keys, listed by `--help`; `int4`, the `--quantize` name,
+/// is accepted for q4.
+impl clap::ValueEnum for Dtype {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Dtype::ALL
+    }
 
-impl Dtype {
-    /// The manifest key.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Dtype::Fp32 => "fp32",
-            Dtype::Fp16 => "fp16",
-            Dtype::Int8 => "int8",
-            Dtype::Q4 => "q4",
-        }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let value = clap::builder::PossibleValue::new(self.as_str());
+        Some(match self {
+            Dtype::Q4 => value.alias("int4").help("4-bit weights (`--quantize int4` writes them)"),
+            _ => value,
+        })
     }
 }

@@ -92,7 +92,7 @@ pub fn run(options: BenchOptions) -> Result<BenchReport> {
     if options.tokens < 2 || options.long_tokens < 2 * WINDOW + 8 || options.batch == 0 {
         bail!("bench needs --tokens >= 2, --long-tokens >= {} and --batch >= 1", 2 * WINDOW + 8);
     }
-    let dtype = options.pipeline.dtype.clone();
+    let dtype = options.pipeline.dtype.to_string();
     let started = Instant::now();
     let mut pipeline = Pipeline::load(options.pipeline)?;
     let load_s = started.elapsed().as_secs_f64();

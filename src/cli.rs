@@ -234,7 +234,7 @@ pub fn run(args: Args) -> Result<i32> {
             Some(e) => Err(e),
             None => ran
                 .next()
-                .map_or_else(|| Err("the request was not run".into()), |r| r.map_err(|e| e.to_string())),
+                .map_or_else(|| Err("the request was not run".into()), |r| r.map_err(|e| crate::error_chain(&e))),
         })
         .collect();
 

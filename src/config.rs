@@ -6,6 +6,57 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The dtypes a conversion can hold, by their manifest keys (transformers.js' file suffixes:
+/// `decoder_model_merged.onnx`, `_fp16`, `_int8`, `_q4`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Dtype {
+    /// float32 graphs, the reference.
+    #[default]
+    Fp32,
+    /// float16 graphs with float16 inputs, outputs and KV cache (`--dtype fp16` conversions).
+    Fp16,
+    /// The fp32 graphs with an 8-bit MatMulNBits decoder (`--quantize int8`).
+    Int8,
+    /// The fp32 graphs with a 4-bit MatMulNBits decoder (`--quantize int4`).
+    Q4,
+}
+
+impl Dtype {
+    /// Every dtype, in the order `--help` lists them.
+    pub const ALL: [Dtype; 4] = [Dtype::Fp32, Dtype::Fp16, Dtype::Int8, Dtype::Q4];
+
+    /// The manifest key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::Fp32 => "fp32",
+            Dtype::Fp16 => "fp16",
+            Dtype::Int8 => "int8",
+            Dtype::Q4 => "q4",
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = ConfigError;
+
+    /// A manifest key; `int4` (the `--quantize` name) is read as `q4`.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "int4" => Ok(Dtype::Q4),
+            _ => Dtype::ALL
+                .into_iter()
+                .find(|d| d.as_str() == name)
+                .ok_or_else(|| ConfigError::UnknownDtype { name: name.to_string() }),
+        }
+    }
+}
+
 /// The manifest's file name in a model directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 const FORMAT: &str = "paligemma-onnx";
@@ -50,6 +101,12 @@ pub enum ConfigError {
         path: PathBuf,
         /// The first mismatch found, e.g. `dtype int8 has no entry`.
         problem: String,
+    },
+    /// A dtype name that is none of this runtime's (`fp32`, `fp16`, `int8`, `q4`).
+    #[error("unknown dtype {name:?}; valid: fp32, fp16, int8, q4 (int4 is read as q4)")]
+    UnknownDtype {
+        /// The name given.
+        name: String,
     },
     /// A graph has no file for the dtype asked for (`--dtype`).
     #[error("{path}: the model has no {dtype} graphs (it has: {available}); pick one with --dtype, or convert with --dtype fp32|fp16 or --quantize int8|int4 (dtypes int8, q4)")]

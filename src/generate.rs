@@ -225,18 +225,15 @@ pub fn generate(
         step_started = Instant::now();
         embeds = sessions.embed_tokens(next.view())?;
         let ones = Array2::<i64>::ones((rows, 1));
-        mask = concatenate(Axis(1), &[mask.view(), ones.view()]).map_err(shape_error)?;
-        token_types = concatenate(Axis(1), &[token_types.view(), ones.view()]).map_err(shape_error)?;
+        mask = concatenate(Axis(1), &[mask.view(), ones.view()]).map_err(shape_error("attention_mask"))?;
+        token_types = concatenate(Axis(1), &[token_types.view(), ones.view()]).map_err(shape_error("token_type_ids"))?;
         positions = positions.slice(s![.., -1..]).mapv(|p| p + 1);
     }
     Ok(Generation { rows: out, timings })
 }
 
-fn shape_error(e: ndarray::ShapeError) -> ModelError {
-    ModelError::Run {
-        graph: "decoder",
-        message: e.to_string(),
-    }
+fn shape_error(what: &'static str) -> impl Fn(ndarray::ShapeError) -> ModelError {
+    move |source| ModelError::Shape { what, source }
 }
 
 #[cfg(test)]

@@ -111,9 +111,11 @@ pub enum HubError {
         /// Where hf-hub put it.
         found: PathBuf,
     },
-    /// None of `HF_HOME`, `XDG_CACHE_HOME` and `HOME` is set, so there is no Hugging Face home
-    /// (for the cache and the token file).
-    #[error("cannot locate the Hugging Face cache: HOME is not set; set HF_HOME or HF_HUB_CACHE")]
+    /// None of `HF_HUB_CACHE`, `HF_HOME`, `XDG_CACHE_HOME` and `HOME` is set, so there is no
+    /// Hugging Face cache directory.
+    #[error(
+        "cannot locate the Hugging Face cache: none of HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME and HOME is set; set HF_HUB_CACHE or HF_HOME"
+    )]
     NoCacheDir,
     /// The argument is a valid repo id, not a directory, and this build lacks the cargo feature `hub`.
     #[error("{repo} is not a directory, and this build has no Hub downloads (cargo feature `hub`); pass a converted model directory, or rebuild with default features")]
@@ -148,19 +150,22 @@ impl HubOptions {
     /// [`HubOptions::from_env`] over any variable lookup; empty values count as unset.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<HubOptions, HubError> {
         let var = |name: &str| var(name).filter(|value| !value.trim().is_empty());
-        let hf_home = match var("HF_HOME") {
-            Some(home) => PathBuf::from(home),
-            None => match var("XDG_CACHE_HOME") {
-                Some(xdg) => PathBuf::from(xdg).join("huggingface"),
-                None => PathBuf::from(var("HOME").ok_or(HubError::NoCacheDir)?)
-                    .join(".cache")
-                    .join("huggingface"),
-            },
+        // huggingface_hub's HF_HOME: only the token file needs it when HF_HUB_CACHE is set.
+        let hf_home = var("HF_HOME").map(PathBuf::from).or_else(|| {
+            var("XDG_CACHE_HOME")
+                .map(|xdg| PathBuf::from(xdg).join("huggingface"))
+                .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".cache").join("huggingface")))
+        });
+        let cache_dir = match (var("HF_HUB_CACHE"), &hf_home) {
+            (Some(cache), _) => PathBuf::from(cache),
+            (None, Some(home)) => home.join("hub"),
+            (None, None) => return Err(HubError::NoCacheDir),
         };
-        let cache_dir = var("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| hf_home.join("hub"));
-        let token_file = var("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
+        let token_file = var("HF_TOKEN_PATH")
+            .map(PathBuf::from)
+            .or_else(|| hf_home.map(|home| home.join("token")));
         let token = var("HF_TOKEN")
-            .or_else(|| std::fs::read_to_string(token_file).ok())
+            .or_else(|| token_file.and_then(|file| std::fs::read_to_string(file).ok()))
             .map(|token| token.trim().to_string())
             .filter(|token| !token.is_empty());
         Ok(HubOptions {
@@ -448,6 +453,8 @@ mod tests {
         );
         assert_eq!(dir(&[("HF_HOME", "/hf"), ("HF_HUB_CACHE", "/c")]), Some(PathBuf::from("/c")));
         assert!(matches!(options_from(&[]), Err(HubError::NoCacheDir)));
+        // HF_HUB_CACHE alone is enough (no home: no token file either).
+        assert_eq!(dir(&[("HF_HUB_CACHE", "/c")]), Some(PathBuf::from("/c")));
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub mod cli;
 #[doc(hidden)]
 pub mod serve;
 
-pub use config::{ConfigError, Manifest};
+pub use config::{ConfigError, Dtype, Manifest};
 pub use detect::{BoundingBox, Detection};
 pub use generate::Timings;
 pub use mask::{BinaryMask, MaskError, Rle};
@@ -47,8 +47,9 @@ pub use prompt::PromptError;
 pub use segment::{Segment, SegmentError};
 pub use session::ModelError;
 
-/// An error and its causes on one line: hf-hub keeps the HTTP status and libloading the
-/// `dlerror()` text (`file too short`) in the source chain, not in the message.
+/// An error and its causes on one line: hf-hub keeps the HTTP status, libloading the `dlerror()`
+/// text (`file too short`) and a failed run ONNX Runtime's message (which may span lines) in the
+/// source chain, not in the message.
 pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
@@ -61,5 +62,28 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
         }
         cause = inner.source();
     }
-    text
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_keeps_each_cause_once_on_one_line() {
+        let shape = ndarray::ShapeError::from_kind(ndarray::ErrorKind::IncompatibleShape);
+        let error = RequestError::Model(ModelError::Shape {
+            what: "attention_mask",
+            source: shape,
+        });
+        let text = error_chain(&error);
+        assert!(text.starts_with("extending the decoder's attention_mask failed: "), "{text}");
+        assert!(text.contains("incompatible shapes"), "{text}");
+        // A cause's own lines (ONNX Runtime's messages have them) become one line.
+        let read = ConfigError::Read {
+            path: "m.json".into(),
+            source: std::io::Error::other("first\n  second"),
+        };
+        assert!(!error_chain(&read).contains('\n'), "{}", error_chain(&read));
+    }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use image::RgbImage;
 
-use crate::config::{ConfigError, Manifest};
+use crate::config::{ConfigError, Dtype, Manifest};
 use crate::detect::{parse_detections, parse_segmentation, Detection};
 use crate::generate::{generate, Generated, Generation, Prepared, Timings};
 use crate::hub::{resolve_model, HubError, HubOptions};
@@ -53,15 +53,17 @@ pub enum LoadError {
     Preprocess(#[from] PreprocessError),
     /// preprocessor_config.json does not resize to the manifest's `image_size` square.
     #[error(
-        "{path}: the image processor resizes to {found}x{found}, the manifest says {expected}; the files come from different conversions"
+        "{path}: the image processor resizes to {width}x{height}, the manifest says {expected}x{expected}; the files come from different conversions"
     )]
     ImageSize {
         /// The preprocessor config's path.
         path: PathBuf,
-        /// The manifest's `image_size`, in pixels.
+        /// The manifest's `image_size`, in pixels (the side of a square).
         expected: usize,
-        /// The config's `size.height`, in pixels (the check also fails when its width differs).
-        found: u32,
+        /// The config's `size.width`, in pixels.
+        width: u32,
+        /// The config's `size.height`, in pixels.
+        height: u32,
     },
 }
 
@@ -89,8 +91,8 @@ pub enum RequestError {
 pub struct PipelineOptions {
     /// A converted model directory (with manifest.json) or a Hub repo id.
     pub model: String,
-    /// Which graphs of the manifest to run ("fp32").
-    pub dtype: String,
+    /// Which graphs of the manifest to run ([`Dtype::Fp32`] by default).
+    pub dtype: Dtype,
     /// Execution providers in priority order; empty means ONNX Runtime's default (CPU).
     pub providers: Vec<ExecutionProvider>,
     /// ONNX Runtime intra-op threads per graph (`--threads`; `None`: ONNX Runtime's choice).
@@ -112,7 +114,7 @@ impl PipelineOptions {
     pub fn new(model: impl Into<String>) -> PipelineOptions {
         PipelineOptions {
             model: model.into(),
-            dtype: "fp32".into(),
+            dtype: Dtype::Fp32,
             providers: Vec::new(),
             threads: None,
             ort_lib: None,
@@ -230,11 +232,12 @@ impl Pipeline {
             return Err(LoadError::ImageSize {
                 path: config_path,
                 expected: manifest.image_size,
-                found: image_config.height,
+                width: image_config.width,
+                height: image_config.height,
             });
         }
         let prompts = Arc::new(PromptEncoder::load(&model_dir, &manifest, options.max_prompt_tokens)?);
-        let sessions = ModelSessions::open(&model_dir, manifest, &options.dtype, &options.providers, options.threads)?;
+        let sessions = ModelSessions::open(&model_dir, manifest, options.dtype.as_str(), &options.providers, options.threads)?;
         Ok(Pipeline {
             model_dir,
             ort,

@@ -1,7 +1,7 @@
 //! Pillow's resampling (`src/libImaging/Resample.c`), bit for bit: BICUBIC on 8-bit RGB for
 //! `pixel_values` (`SiglipImageProcessorPil`'s resize) and BILINEAR on "F" (f32) images for the
 //! segmentation masks (big_vision's `Image.fromarray(mask).resize(..., BILINEAR)`). Both are two
-//! separable passes in Pillow 13's pass order ([`pil_resizes_vertically_first`]) with the filter
+//! separable passes in Pillow 13's pass order (`pil_resizes_vertically_first`) with the filter
 //! widened by the scale on downscale (PIL's antialiasing); they differ in arithmetic: 22-bit fixed
 //! point rounded to 8 bits per pass for RGB, f64 sums rounded to f32 per pass for "F".
 

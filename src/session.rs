@@ -54,14 +54,32 @@ pub enum ModelError {
         /// Its element type in the graph.
         found: String,
     },
-    /// ONNX Runtime failed in a run, or a run's inputs or outputs are not what they must be (a
-    /// missing output, a wrong rank, image tokens and features that differ in number).
+    /// ONNX Runtime failed to run a graph or to make one of its tensors; its error is the source.
+    #[error("running {graph} failed")]
+    Ort {
+        /// The graph: `vision_encoder`, `embed_tokens`, `decoder` or `seg_decoder`.
+        graph: &'static str,
+        /// ONNX Runtime's error, with its code (`ort::Error::code`).
+        #[source]
+        source: ort::Error,
+    },
+    /// A run's inputs or outputs are not what they must be (a missing output, a wrong rank, image
+    /// tokens and features that differ in number).
     #[error("running {graph} failed: {message}")]
     Run {
         /// The graph that was run.
         graph: &'static str,
-        /// ONNX Runtime's error on one line, or what was wrong.
+        /// What was wrong, with both numbers.
         message: String,
+    },
+    /// Growing the decoder's attention mask or token types by one position failed.
+    #[error("extending the decoder's {what} failed")]
+    Shape {
+        /// `attention_mask` or `token_type_ids`.
+        what: &'static str,
+        /// ndarray's error.
+        #[source]
+        source: ndarray::ShapeError,
     },
     /// Masks were asked of a model converted without `--seg-vae`.
     #[error("this model has no segmentation decoder; convert it with `--seg-vae vae-oid.npz` to get masks")]
@@ -69,10 +87,7 @@ pub enum ModelError {
 }
 
 fn run_error(graph: &'static str) -> impl Fn(ort::Error) -> ModelError {
-    move |e| ModelError::Run {
-        graph,
-        message: e.to_string().replace('\n', " "),
-    }
+    move |source| ModelError::Ort { graph, source }
 }
 
 /// A session plus where it came from, for messages.

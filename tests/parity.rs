@@ -61,7 +61,7 @@ fn fixtures() -> Fixtures {
 fn load(case: &Case) -> Pipeline {
     let model_dir = tiny_model(&case.model_dir);
     let mut options = PipelineOptions::new(model_dir.display().to_string());
-    options.dtype = case.dtype.clone();
+    options.dtype = case.dtype.parse().unwrap();
     Pipeline::load(options).unwrap_or_else(|e| panic!("{}: {e}", case.name))
 }
 

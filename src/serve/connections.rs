@@ -13,7 +13,7 @@
 //!   connection runs a request, is answered 503 and closed.
 //! - **Errors of the HTTP layer** (a malformed request: 400, a URI over 64 KiB: 414, a head over
 //!   128 KiB or 100 header fields: 431) are answered in the API's JSON error shape: hyper writes these
-//!   with an empty body before any handler runs, so [`Io`] replaces them on the way out.
+//!   with an empty body before any handler runs, so `Io` replaces them on the way out.
 //! - **Shutdown**: stop accepting, close every connection that runs no request (idle, or still
 //!   sending its head or body), let running requests finish and close their connections; after
 //!   `shutdown_timeout` the requests still running are cancelled and answer 503 (an error event

@@ -91,7 +91,7 @@ pub fn run(options: ServeOptions) -> Result<()> {
         .context("--cors-origin is not a valid header value")?;
     let info = ModelInfo {
         model: options.pipeline.model.clone(),
-        dtype: options.pipeline.dtype.clone(),
+        dtype: options.pipeline.dtype.to_string(),
         providers: BTreeMap::new(),
     };
     let mut pipeline = Pipeline::load(options.pipeline)?;

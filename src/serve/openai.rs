@@ -8,7 +8,7 @@
 //!   clients send them by default, and greedy's answer is the one they converge to; `user`,
 //!   `metadata`, `store`, `service_tier`, `prompt_cache_key`, `safety_identifier` and
 //!   `parallel_tool_calls` are bookkeeping: accepted;
-//! - fields that would change the tokens or the answer's shape ([`NEUTRAL`]: penalties,
+//! - fields that would change the tokens or the answer's shape (`NEUTRAL`: penalties,
 //!   `logit_bias`, `logprobs`, `stop`, `n`, `response_format`, tools, audio, ...): accepted at the
 //!   value that changes nothing (`0`, `false`, `null`, `[]`, `{"type": "text"}`), otherwise a 400
 //!   `unsupported_parameter` naming the field and the value this server takes;
