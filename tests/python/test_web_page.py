@@ -8,13 +8,13 @@ from pathlib import Path
 
 from conftest import REPO, data_url
 
-SHARED_IMAGES = REPO.parent / "shared" / "images"
+IMAGES = REPO / "tests" / "data" / "images"
 ARTIFACTS = REPO / "target" / "artifacts"
 
 # The tiny model has random weights, so most `detect` answers hold no well-formed object. This
 # request is one that does, found by trying images x object names x lengths once: its 5 tokens are
 # `<loc0361><loc0097><loc0881><loc0242>aunch pad a`, one box with the label "aunch pad a".
-DETECT_IMAGE = SHARED_IMAGES / "coffee.png"
+DETECT_IMAGE = IMAGES / "coffee.png"
 DETECT_OBJECTS = "tail"
 DETECT_MAX_NEW_TOKENS = 5
 
@@ -93,7 +93,7 @@ def test_server_error_message_is_shown(page, server, tmp_path):
 
 
 def test_missing_api_key_is_reported(page, server):
-    run_on_page(page, REPO / "tests" / "data" / "images" / "chelsea.png", "caption", {}, 4, api_key="")
+    run_on_page(page, IMAGES / "chelsea.png", "caption", {}, 4, api_key="")
 
     assert page.get_attribute("body", "data-state") == "error"
     assert "401" in page.inner_text("#error")
