@@ -52,6 +52,9 @@ _CPUID_CODE = bytes.fromhex("53 89f8 89f1 4989d0 0fa2 418900 41895804 41894808 4
 
 @functools.cache
 def _cpuid_function():
+    # The code is x86-64: a 32-bit Python on a 64-bit kernel (machine() still says x86_64) must not run it.
+    if ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
     try:
         page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     except OSError:

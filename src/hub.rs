@@ -77,7 +77,7 @@ pub enum HubError {
         file: String,
     },
     /// `HF_HUB_OFFLINE` is set and the cache does not hold the repo's manifest and every file it lists.
-    #[error("HF_HUB_OFFLINE is set and {repo} is not complete in the cache {cache_dir} (missing: {}); unset HF_HUB_OFFLINE to download it, or pass a local model directory", missing.join(", "))]
+    #[error("no directory {repo} exists here, and as a Hub repo id: HF_HUB_OFFLINE is set and {repo} is not complete in the cache {cache_dir} (missing: {}); check the path, unset HF_HUB_OFFLINE to download it, or pass a local model directory", missing.join(", "))]
     OfflineNotCached {
         /// The repo id.
         repo: String,
@@ -87,7 +87,7 @@ pub enum HubError {
         missing: Vec<String>,
     },
     /// hf-hub could not fetch a file: HTTP status, network, auth, or a reply it failed on.
-    #[error("could not download {file} of {repo} from {endpoint}: {reason}; check the repo id, the network or HF_ENDPOINT, and HF_TOKEN for gated repos")]
+    #[error("no directory {repo} exists here, and as a Hub repo id: could not download {file} of {repo} from {endpoint}: {reason}; check the path or the repo id, the network or HF_ENDPOINT, and HF_TOKEN for gated repos")]
     Download {
         /// The repo id.
         repo: String,

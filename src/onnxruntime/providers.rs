@@ -62,6 +62,7 @@ impl FromStr for ExecutionProvider {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda),
             "tensorrt" => Ok(Self::TensorRt),
+            "" => Err(ProviderListError::Empty),
             _ => Err(ProviderListError::Unknown { name: name.to_string() }),
         }
     }
@@ -70,7 +71,10 @@ impl FromStr for ExecutionProvider {
 /// A provider list that names no known provider, or one twice.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderListError {
-    /// A name is not one of [`PROVIDER_NAMES`] (an empty list or entry included).
+    /// An empty entry: an empty list, or a stray comma (`cpu,`, `cpu,,cuda`).
+    #[error("an empty execution provider name (an empty list, or a stray comma); valid names: {PROVIDER_NAMES}, comma-separated")]
+    Empty,
+    /// A name is not one of [`PROVIDER_NAMES`].
     #[error("unknown execution provider {name:?}; valid names: {PROVIDER_NAMES}")]
     Unknown {
         /// The name as given.
@@ -341,7 +345,8 @@ mod tests {
     fn unknown_provider_lists_valid_names() {
         let message = parse_ep_list("cuda,rocm").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(message.contains("\"rocm\"") && message.contains(PROVIDER_NAMES), "{message}");
-        assert!(matches!(parse_ep_list(""), Err(ProviderListError::Unknown { .. })));
+        assert!(matches!(parse_ep_list(""), Err(ProviderListError::Empty)));
+        assert!(matches!(parse_ep_list("cpu,,cuda"), Err(ProviderListError::Empty)));
         assert!(matches!(parse_ep_list("cpu,cpu"), Err(ProviderListError::Duplicate { .. })));
     }
 
