@@ -18,6 +18,9 @@ from export import cpu
 REPO = Path(__file__).resolve().parents[2]
 BINARY = REPO / "target/release/paligemma"
 TOKENS, LONG, BATCH = 6, 24, 3
+# One worker runs them all under `pytest -n 2 --dist loadgroup` (.ci/run): the module fixture runs
+# the whole benchmark once.
+pytestmark = pytest.mark.xdist_group("bench")
 
 
 @pytest.fixture(scope="module")
