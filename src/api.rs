@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::detect::Detection;
-use crate::generate::{mean_ms, ms, Timings};
+use crate::engine::{mean_ms, ms, Timings};
 use crate::pipeline::Response;
 use crate::segment::Segment;
 
@@ -35,7 +35,7 @@ pub struct Answer<'a> {
     pub finished: bool,
     /// Original image size `[width, height]`: the pixel space of boxes and masks.
     pub image_size: [u32; 2],
-    /// Where the time of the batch this request ran in went.
+    /// Where this request's time went.
     pub timings: TimingSummary,
     /// Per graph, the execution providers ONNX Runtime assigned its nodes to.
     pub providers: &'a BTreeMap<String, Vec<String>>,
@@ -58,16 +58,17 @@ impl<'a> Answer<'a> {
     }
 }
 
-/// Where the time of the batch a request ran in went, in milliseconds.
+/// Where a request's time went, in milliseconds: its own vision and prefill runs, and the decode
+/// steps it took part in (each step decodes every running request at once).
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct TimingSummary {
     /// The vision encoder run, ms.
     pub vision_ms: f64,
     /// Embedding, image splice and the prefill decoder run, up to the first token, ms.
     pub prefill_ms: f64,
-    /// Decode steps after the first token, of the batch (its longest row), not of this request.
+    /// Decode steps after the first token that this request took part in.
     pub decode_steps: usize,
-    /// Mean time of one of those steps (all rows of the batch at once), ms; 0 without any.
+    /// Mean time of one of those steps (all rows decoding at the time at once), ms; 0 without any.
     pub decode_ms_per_token: f64,
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::generate::{mean_ms, ms};
+use crate::engine::{mean_ms, ms};
 use crate::pipeline::{ImageInput, Pipeline, PipelineOptions, Request, Response};
 
 pub struct BenchOptions {

@@ -22,7 +22,7 @@ pub mod segment;
 
 // How a pipeline runs its graphs; its error and timing types are re-exported below.
 mod cpu;
-mod generate;
+mod engine;
 mod session;
 
 // The `paligemma` binary's commands: public for src/main.rs and the tests, not the library's API.
@@ -38,10 +38,10 @@ pub mod serve;
 
 pub use config::{ConfigError, Dtype, Manifest};
 pub use detect::{BoundingBox, Detection};
-pub use generate::Timings;
+pub use engine::Timings;
 pub use mask::{BinaryMask, MaskError, Rle};
 pub use onnxruntime::{ExecutionProvider, OrtLibError, SessionError};
-pub use pipeline::{ImageInput, LoadError, Pipeline, PipelineOptions, Request, RequestError, Response};
+pub use pipeline::{ImageInput, LoadError, Pipeline, PipelineOptions, Request, RequestError, RequestId, Response, Update};
 pub use preprocess::{ImageLimits, LoadedImage, PreprocessError};
 pub use prompt::PromptError;
 pub use segment::{Segment, SegmentError};

@@ -1,22 +1,27 @@
 //! The public entry point: a [`Pipeline`] built once from a model directory or Hub repo, then
 //! [`Request`]s in and typed [`Response`]s out (text, token ids, boxes, masks).
 //!
-//! Steps of [`Pipeline::run`]:
-//! 1. per request: load the image and compute pixel values (`preprocess`), encode the prompt
-//!    (`prompt`); a request that fails here fails alone;
-//! 2. the valid requests run as one left-padded batch (`generate`), or one by one when the decoder
-//!    cannot batch (a community export without attention_mask/token_type_ids);
-//! 3. per request: decode the text; `detect ...` prompts give boxes, `segment ...` prompts boxes
-//!    and masks through seg_decoder.onnx (`detect`, `segment`).
+//! Two ways to run: [`Pipeline::run`] answers a list of requests; [`Pipeline::join`],
+//! [`Pipeline::step`] and [`Pipeline::cancel`] let requests join and leave a running batch at
+//! any step (what `paligemma serve` does). Either way, per request:
+//! 1. load the image and compute pixel values (`preprocess`), encode the prompt (`prompt`); a
+//!    request that fails here fails alone;
+//! 2. its vision encoder and prefill run alone, then it decodes with the other running requests
+//!    (`engine`), one at a time when the decoder cannot batch (a community export without
+//!    attention_mask/token_type_ids);
+//! 3. its text is decoded as it goes (`TextStream`); at its end, `detect ...` prompts give boxes,
+//!    `segment ...` prompts boxes and masks through seg_decoder.onnx (`detect`, `segment`).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use image::RgbImage;
 
 use crate::config::{ConfigError, Dtype, Manifest};
 use crate::detect::{parse_detections, parse_segmentation, Detection};
-use crate::generate::{generate, Generated, Generation, Prepared, Timings};
+use crate::engine::{Emitted, Engine, Generated, Prepared, SlotId, Timings};
 use crate::hub::{resolve_model, HubError, HubOptions};
 use crate::onnxruntime::{init, ExecutionProvider, OrtInfo, OrtLibError};
 use crate::preprocess::{decode_image, load_image, pixel_values, ImageLimits, ImageProcessorConfig, LoadedImage, PreprocessError};
@@ -24,9 +29,9 @@ use crate::prompt::{PromptEncoder, PromptError, TextStream, DEFAULT_MAX_PROMPT_T
 use crate::segment::{decoder_input, segments, Segment, SegmentError};
 use crate::session::{ModelError, ModelSessions};
 
-/// Batch rows x prompt positions squared above which a batch's prefill held enough memory
-/// (attention scores grow with the square) to hand the decoder's arena back after it: a
-/// 4,096-position prompt; default prompts (`--max-prompt-tokens` 512) stay far below.
+/// Prompt positions squared above which a prefill held enough memory (attention scores grow with
+/// the square) to hand the decoder's arena back once nothing runs: a 4,096-position prompt;
+/// default prompts (`--max-prompt-tokens` 512) stay far below.
 const LONG_PREFILL: usize = 4096 * 4096;
 
 /// Errors that stop the pipeline from loading.
@@ -67,7 +72,7 @@ pub enum LoadError {
     },
 }
 
-/// Errors of one request; the other requests of a batch are unaffected.
+/// Errors of one request; the other running requests are unaffected.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     /// The image cannot be read or decoded, or is over the [`ImageLimits`].
@@ -76,7 +81,7 @@ pub enum RequestError {
     /// The prompt is refused (empty, over a limit, two `<image>`s), or max_new_tokens is 0.
     #[error(transparent)]
     Prompt(#[from] PromptError),
-    /// A graph failed on this request, run alone after its batch failed.
+    /// A graph failed on this request, run alone after a step it shared failed.
     #[error(transparent)]
     Model(#[from] ModelError),
     /// The seg decoder's masks cannot be made into [`Segment`]s.
@@ -85,6 +90,9 @@ pub enum RequestError {
     /// The caller's `on_token` returned `false` for it ([`Pipeline::run_until`]).
     #[error("the request was stopped by its caller before it finished")]
     Stopped,
+    /// [`Pipeline::join`] while [`Pipeline::capacity`] requests run.
+    #[error("this model runs one request at a time (its decoder has no attention_mask/token_type_ids inputs) and one is running; join when it has ended")]
+    Busy,
 }
 
 /// How to load a [`Pipeline`]; [`PipelineOptions::new`] fills in the defaults.
@@ -177,11 +185,49 @@ pub struct Response {
     pub image_size: [u32; 2],
     /// Prompt length in tokens, image tokens included (what an OpenAI `usage` counts).
     pub prompt_tokens: usize,
-    /// Where the time went, for the batch this request ran in.
+    /// Where this request's time went: its vision and prefill, the decode steps it took part in.
     pub timings: Timings,
     /// The decoded image (upright, RGB), for drawing on it; only with
     /// [`PipelineOptions::keep_images`].
     pub image: Option<RgbImage>,
+}
+
+/// A request running in a [`Pipeline`], from [`Pipeline::join`] to its last [`Update`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub(crate) u64);
+
+/// What a running request produced in one [`Pipeline::join`] or [`Pipeline::step`].
+#[derive(Debug)]
+pub struct Update {
+    /// The request.
+    pub id: RequestId,
+    /// The text its new token made final (often empty; see [`TextStream`]); a request's deltas
+    /// concatenated are its answer's `text`.
+    pub delta: String,
+    /// Its answer or error, in the update of its last token.
+    pub done: Option<Result<Response, RequestError>>,
+}
+
+impl Update {
+    fn failed(id: RequestId, error: RequestError) -> Update {
+        Update {
+            id,
+            delta: String::new(),
+            done: Some(Err(error)),
+        }
+    }
+}
+
+/// A request between its join and its end.
+struct Live {
+    id: RequestId,
+    slot: SlotId,
+    task: Task,
+    image: LoadedImage,
+    /// Kept to run it again alone if a batch run fails.
+    prepared: Prepared,
+    stream: TextStream,
+    generated: Generated,
 }
 
 /// The task a prompt asks for, by its PaliGemma prefix.
@@ -206,7 +252,8 @@ impl Task {
 }
 
 /// A loaded model: its ONNX Runtime sessions, tokenizer and image processor. Load it once with
-/// [`Pipeline::load`], then [`run`](Pipeline::run) batches of requests.
+/// [`Pipeline::load`], then [`run`](Pipeline::run) requests, or [`join`](Pipeline::join) them to
+/// a running batch.
 pub struct Pipeline {
     /// The model directory: the one given (made absolute), or the Hub cache snapshot of a repo id.
     pub model_dir: PathBuf,
@@ -217,6 +264,12 @@ pub struct Pipeline {
     image_config: ImageProcessorConfig,
     limits: ImageLimits,
     keep_images: bool,
+    engine: Engine,
+    /// Running requests, in joining order.
+    live: Vec<Live>,
+    next_id: u64,
+    /// A prompt since the last arena release was long (see LONG_PREFILL).
+    long_prefill: bool,
 }
 
 impl Pipeline {
@@ -246,6 +299,10 @@ impl Pipeline {
             image_config,
             limits: options.image_limits,
             keep_images: options.keep_images,
+            engine: Engine::default(),
+            live: Vec::new(),
+            next_id: 0,
+            long_prefill: false,
         })
     }
 
@@ -305,52 +362,44 @@ impl Pipeline {
     /// went away): its row generates no more and its result is [`RequestError::Stopped`]; the
     /// other requests get the same tokens as without it.
     ///
+    /// A thin loop over [`join`](Self::join) and [`step`](Self::step): every request joins at
+    /// once (one at a time for a decoder that cannot batch), then steps run until all ended.
     /// Isolation: a request whose image, prompt or limits are wrong fails before anything runs;
-    /// a batch whose run fails is run again request by request, so only the request that fails
-    /// alone gets the error (the others' deltas are not sent twice).
+    /// see [`step`](Self::step) for a run that fails.
     pub fn run_until(
         &mut self,
         requests: &[Request],
         mut on_token: impl FnMut(usize, &str) -> bool,
     ) -> Vec<Result<Response, RequestError>> {
-        let mut results: Vec<Option<Result<Response, RequestError>>> = Vec::new();
-        // The requests that prepared well: their request index and image, and, in the same
-        // order, what the decoder takes.
-        let mut ready: Vec<(usize, LoadedImage)> = Vec::new();
-        let mut prepared: Vec<Prepared> = Vec::new();
-        for (index, request) in requests.iter().enumerate() {
-            match self.prepare(request) {
-                Ok((image, p)) => {
-                    ready.push((index, image));
-                    prepared.push(p);
-                    results.push(None);
-                }
-                Err(e) => results.push(Some(Err(e))),
+        let mut results: Vec<Option<Result<Response, RequestError>>> = (0..requests.len()).map(|_| None).collect();
+        let mut index_of: HashMap<RequestId, usize> = HashMap::new();
+        let mut deliver = |pipeline: &mut Pipeline, results: &mut [Option<_>], index: usize, update: Update| {
+            if !on_token(index, &update.delta) {
+                pipeline.cancel(update.id);
+                results[index] = Some(Err(RequestError::Stopped));
+            } else if let Some(done) = update.done {
+                results[index] = Some(done);
             }
-        }
-        let mut streams = vec![TextStream::default(); requests.len()];
-        let groups: Vec<std::ops::Range<usize>> = if self.supports_batching() {
-            std::iter::once(0..ready.len()).collect()
-        } else {
-            (0..ready.len()).map(|i| i..i + 1).collect()
         };
-        for group in groups.into_iter().filter(|g| !g.is_empty()) {
-            let outcome = match self.generate_group(&ready[group.clone()], &prepared[group.clone()], &mut streams, &mut on_token) {
-                Err(_) if group.len() > 1 => group
-                    .map(|k| (k, self.generate_group(&ready[k..=k], &prepared[k..=k], &mut streams, &mut on_token)))
-                    .collect(),
-                outcome => vec![(group.start, outcome)],
-            };
-            for (first, generation) in outcome {
-                match generation {
-                    Ok(generation) => {
-                        for (k, g) in generation.rows.into_iter().enumerate() {
-                            let (index, image) = &ready[first + k];
-                            let prompt_tokens = prepared[first + k].input_ids.len();
-                            results[*index] = Some(self.finish(&requests[*index], image, g, prompt_tokens, generation.timings.clone()));
-                        }
+        let capacity = self.capacity().unwrap_or(usize::MAX);
+        let mut pending = 0..requests.len();
+        loop {
+            while self.live() < capacity {
+                let Some(index) = pending.next() else { break };
+                match self.join(&requests[index]) {
+                    Ok(update) => {
+                        index_of.insert(update.id, index);
+                        deliver(self, &mut results, index, update);
                     }
-                    Err(e) => results[ready[first].0] = Some(Err(e.into())),
+                    Err(e) => results[index] = Some(Err(e)),
+                }
+            }
+            if self.live() == 0 && pending.is_empty() {
+                break;
+            }
+            for update in self.step() {
+                if let Some(&index) = index_of.get(&update.id) {
+                    deliver(self, &mut results, index, update);
                 }
             }
         }
@@ -367,49 +416,182 @@ impl Pipeline {
             .collect()
     }
 
-    /// One `generate` call over `rows`, streaming each row's final text through `on_token`, the
-    /// rest of it once the batch ends.
-    fn generate_group(
-        &mut self,
-        rows: &[(usize, LoadedImage)],
-        prepared: &[Prepared],
-        streams: &mut [TextStream],
-        on_token: &mut impl FnMut(usize, &str) -> bool,
-    ) -> Result<Generation, ModelError> {
-        for (index, _) in rows {
-            streams[*index].restart();
+    /// How many requests may run at once: `Some(1)` for a decoder without attention_mask /
+    /// token_type_ids (a community export), `None` (no limit of the model's own) otherwise. A
+    /// server bounds the rest with its `--max-batch`.
+    pub fn capacity(&self) -> Option<usize> {
+        (!self.supports_batching()).then_some(1)
+    }
+
+    /// Requests running now (joined and not yet ended).
+    pub fn live(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Prepares `request` (image, prompt, limits), runs its vision encoder and prefill alone and
+    /// returns its first [`Update`]; unless that ended it, it decodes with every other running
+    /// request at each [`step`](Self::step) from now on and gets exactly the tokens it gets
+    /// alone. Errors are this request's only; the running ones are unaffected.
+    pub fn join(&mut self, request: &Request) -> Result<Update, RequestError> {
+        if self.capacity().is_some_and(|c| self.live() >= c) {
+            return Err(RequestError::Busy);
         }
-        let prompts = &self.prompts;
-        let generation = generate(&mut self.sessions, prepared, |row, token| {
-            let index = rows[row].0;
-            let delta = streams[index].push(prompts, token);
-            on_token(index, &delta)
-        })?;
-        let longest = prepared.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
-        if prepared.len() * longest * longest > LONG_PREFILL {
-            self.sessions.release_arena()?;
+        let (image, prepared) = self.prepare(request)?;
+        let admitted = self.engine.admit(&mut self.sessions, &prepared)?;
+        self.next_id += 1;
+        let len = prepared.input_ids.len();
+        self.long_prefill |= len * len > LONG_PREFILL;
+        let mut live = Live {
+            id: RequestId(self.next_id),
+            slot: admitted.first.slot,
+            task: Task::of(&request.prompt),
+            image,
+            prepared,
+            stream: TextStream::default(),
+            generated: Generated::default(),
+        };
+        (live.generated.timings.vision, live.generated.timings.prefill) = (admitted.vision, admitted.prefill);
+        Ok(self.receive(live, admitted.first))
+    }
+
+    /// One token for every running request, in one decoder run; the [`Update`]s of those that
+    /// produced one, in joining order. A request that ends leaves at once.
+    ///
+    /// If the run fails, every running request is run again alone, so that only a request that
+    /// fails alone gets the error; their updates then carry only the text that goes past what
+    /// they had already given.
+    pub fn step(&mut self) -> Vec<Update> {
+        if self.live.is_empty() {
+            return Vec::new();
         }
-        for ((index, _), g) in rows.iter().zip(&generation.rows) {
-            let tail = streams[*index].finish(prompts);
-            if !g.stopped && !tail.is_empty() {
-                on_token(*index, &tail);
+        let started = Instant::now();
+        let updates = match self.engine.step(&mut self.sessions) {
+            Ok(emitted) => {
+                let took = started.elapsed();
+                for live in &mut self.live {
+                    live.generated.timings.steps.push(took);
+                }
+                emitted
+                    .into_iter()
+                    .filter_map(|e| {
+                        let k = self.live.iter().position(|l| l.slot == e.slot)?;
+                        let live = self.live.remove(k);
+                        let update = self.receive(live, e);
+                        Some(update)
+                    })
+                    .collect()
+            }
+            Err(_) => {
+                self.engine.clear();
+                std::mem::take(&mut self.live)
+                    .into_iter()
+                    .map(|live| self.run_alone(live))
+                    .collect()
+            }
+        };
+        self.release_memory();
+        updates
+    }
+
+    /// Stops request `id`: it generates no more and gets no further update; the others go on
+    /// unchanged. Unknown or ended ids are ignored.
+    pub fn cancel(&mut self, id: RequestId) {
+        if let Some(k) = self.live.iter().position(|l| l.id == id) {
+            let live = self.live.remove(k);
+            self.engine.release(live.slot);
+        }
+    }
+
+    /// Forgets every running request: they get no further update (a server whose worker
+    /// panicked mid-step starts them again).
+    pub fn cancel_all(&mut self) {
+        self.engine.clear();
+        self.live.clear();
+    }
+
+    /// After a failed run: `live`'s request alone from its prefill to its end. Its update carries
+    /// the text past what it had already given.
+    fn run_alone(&mut self, mut live: Live) -> Update {
+        live.stream.restart();
+        live.generated = Generated::default();
+        let alone = self.engine.admit(&mut self.sessions, &live.prepared).map_err(RequestError::from);
+        let mut update = match alone {
+            Ok(admitted) => {
+                live.slot = admitted.first.slot;
+                (live.generated.timings.vision, live.generated.timings.prefill) = (admitted.vision, admitted.prefill);
+                self.receive(live, admitted.first)
+            }
+            Err(e) => return Update::failed(live.id, e),
+        };
+        let mut delta = std::mem::take(&mut update.delta);
+        while update.done.is_none() {
+            let started = Instant::now();
+            let emitted = self.engine.step(&mut self.sessions);
+            let took = started.elapsed();
+            // The engine ran this request only, so it is the one emitted and the one live.
+            let outcome = match (emitted, self.live.pop()) {
+                (Ok(emitted), Some(live)) => emitted.into_iter().next().map(|e| (e, live)).ok_or_else(|| ModelError::Run {
+                    graph: "decoder",
+                    message: "the engine emitted no token for its one row".into(),
+                }),
+                (Err(e), _) => Err(e),
+                (Ok(_), None) => Err(ModelError::Run {
+                    graph: "decoder",
+                    message: "the request left the engine unfinished".into(),
+                }),
+            };
+            let (e, mut live) = match outcome {
+                Ok(pair) => pair,
+                Err(error) => {
+                    self.engine.clear();
+                    self.live.clear();
+                    return Update::failed(update.id, error.into());
+                }
+            };
+            live.generated.timings.steps.push(took);
+            update = self.receive(live, e);
+            delta.push_str(&update.delta);
+        }
+        update.delta = delta;
+        update
+    }
+
+    /// Records `emitted` for `live`: the text it made final, and when it ended, the answer;
+    /// otherwise `live` goes (back) among the running requests.
+    fn receive(&mut self, mut live: Live, emitted: Emitted) -> Update {
+        let mut delta = String::new();
+        match emitted.token {
+            None => live.generated.stopped_by_eos = true,
+            Some(token) => {
+                live.generated.token_ids.push(token);
+                delta = live.stream.push(&self.prompts, token);
             }
         }
-        Ok(generation)
+        let id = live.id;
+        if !emitted.done {
+            self.live.push(live);
+            return Update { id, delta, done: None };
+        }
+        delta.push_str(&live.stream.finish(&self.prompts));
+        let prompt_tokens = live.prepared.input_ids.len();
+        let done = self.finish(live.task, &live.image, live.generated, prompt_tokens);
+        Update {
+            id,
+            delta,
+            done: Some(done),
+        }
+    }
+
+    /// Hands the decoder's arena back once nothing runs after a long prompt (see LONG_PREFILL).
+    fn release_memory(&mut self) {
+        if self.live.is_empty() && std::mem::take(&mut self.long_prefill) {
+            // Only memory is at stake: a failure here leaves the arena as it was.
+            let _ = self.sessions.release_arena();
+        }
     }
 
     /// Text, boxes and masks of one generated row.
-    fn finish(
-        &mut self,
-        request: &Request,
-        image: &LoadedImage,
-        g: Generated,
-        prompt_tokens: usize,
-        timings: Timings,
-    ) -> Result<Response, RequestError> {
-        if g.stopped {
-            return Err(RequestError::Stopped);
-        }
+    fn finish(&mut self, task: Task, image: &LoadedImage, g: Generated, prompt_tokens: usize) -> Result<Response, RequestError> {
         let text = self.prompts.decode(&g.token_ids);
         let (width, height) = image.rgb.dimensions();
         let mut response = Response {
@@ -421,11 +603,11 @@ impl Pipeline {
             finished: g.stopped_by_eos,
             image_size: [width, height],
             prompt_tokens,
-            timings,
+            timings: g.timings,
             image: self.keep_images.then(|| image.rgb.clone()),
         };
         let tagged = || self.prompts.decode_with_special_tokens(&response.token_ids);
-        match Task::of(&request.prompt) {
+        match task {
             Task::Detect => {
                 let parsed = parse_detections(&tagged(), width, height);
                 response.detections = parsed.objects;

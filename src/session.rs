@@ -215,6 +215,14 @@ pub struct KvCache {
     values: Vec<DynValue>,
 }
 
+/// One row of an assembled cache: `cache`'s row `row`, positions `from..P`.
+#[derive(Clone, Copy)]
+pub struct CacheRow<'a> {
+    pub cache: &'a KvCache,
+    pub row: usize,
+    pub from: usize,
+}
+
 /// The element type of the float tensors at the boundary of the vision, embedding and decoder
 /// graphs: float32 (fp32 and the quantized dtypes) or float16 (`--dtype fp16` conversions, for GPU
 /// hosts). The pipeline works in f32 either way; f16 values are converted where they cross, which
@@ -226,6 +234,15 @@ enum Float {
 }
 
 impl Float {
+    /// See [`ModelSessions::assemble_cache`]; `rows` are (tensor, row, first position).
+    fn assemble(self, rows: &[(&DynValue, usize, usize)], len: usize, m: &Manifest) -> Result<DynValue, ModelError> {
+        let shape = (rows.len(), m.num_key_value_heads, len, m.head_dim);
+        match self {
+            Float::F32 => assemble_rows::<f32>(rows, shape),
+            Float::F16 => assemble_rows::<f16>(rows, shape),
+        }
+    }
+
     fn element_type(self) -> TensorElementType {
         match self {
             Float::F32 => TensorElementType::Float32,
@@ -430,6 +447,25 @@ impl ModelSessions {
         })
     }
 
+    /// A cache of `rows.len()` rows and `len` positions: row `r` holds `rows[r]`'s positions
+    /// right-aligned, the positions before them zero (left pads, which the attention mask hides).
+    /// This is how a request joins a running batch and how finished rows leave it: one copy of
+    /// the rows kept, at that moment only.
+    pub fn assemble_cache(&self, rows: &[CacheRow<'_>], len: usize) -> Result<KvCache, ModelError> {
+        let layers = self.manifest.num_hidden_layers;
+        let mut cache = KvCache {
+            keys: Vec::with_capacity(layers),
+            values: Vec::with_capacity(layers),
+        };
+        for layer in 0..layers {
+            let keys: Vec<(&DynValue, usize, usize)> = rows.iter().map(|r| (&r.cache.keys[layer], r.row, r.from)).collect();
+            let values: Vec<(&DynValue, usize, usize)> = rows.iter().map(|r| (&r.cache.values[layer], r.row, r.from)).collect();
+            cache.keys.push(self.float.assemble(&keys, len, &self.manifest)?);
+            cache.values.push(self.float.assemble(&values, len, &self.manifest)?);
+        }
+        Ok(cache)
+    }
+
     /// Hands the decoder's CPU arena back to the system after a long prompt. A prefill shrinks the
     /// arena as it ends, but not the region its own outputs (the KV cache) live in; once that cache
     /// is gone, this two-position prefill on an empty cache frees it (one decode step's cost).
@@ -521,6 +557,26 @@ impl ModelSessions {
         let outputs = seg.run(vec![("codes".into(), input.into())])?;
         extract3(&outputs["masks"], Float::F32, "seg_decoder")
     }
+}
+
+fn assemble_rows<T>(rows: &[(&DynValue, usize, usize)], shape: (usize, usize, usize, usize)) -> Result<DynValue, ModelError>
+where
+    T: ort::value::PrimitiveTensorElementType + Clone + Default + std::fmt::Debug + 'static,
+{
+    let err = run_error("decoder");
+    let mut out = Array4::<T>::default(shape);
+    let len = shape.2;
+    for (r, &(value, row, from)) in rows.iter().enumerate() {
+        let view = value.try_extract_array::<T>().map_err(&err)?;
+        let view = view.into_dimensionality::<ndarray::Ix4>().map_err(|e| ModelError::Run {
+            graph: "decoder",
+            message: format!("a KV cache tensor is not 4-D: {e}"),
+        })?;
+        let kept = view.shape()[2] - from;
+        out.slice_mut(s![r, .., len - kept.., ..])
+            .assign(&view.slice(s![row, .., from.., ..]));
+    }
+    Ok(Tensor::from_array(out).map_err(err)?.into_dyn())
 }
 
 fn as3<'a, T>(view: ndarray::ArrayViewD<'a, T>, graph: &'static str) -> Result<ArrayView3<'a, T>, ModelError> {

@@ -5,6 +5,8 @@
 //! transformers' fp32 tokens, but never from the same graphs run by another driver.
 
 use paligemma::config::Manifest;
+use std::collections::{BTreeMap, HashMap};
+
 use paligemma::pipeline::{ImageInput, Pipeline, PipelineOptions, Request};
 use paligemma::prompt::{PromptEncoder, PromptError, DEFAULT_MAX_PROMPT_TOKENS};
 use serde::Deserialize;
@@ -125,6 +127,78 @@ fn each_request_alone_gives_its_batch_tokens() {
             assert_eq!(&got[0], expected, "{}: a request alone differs from its batch row", case.name);
         }
     }
+}
+
+/// The engine's continuous batching: the requests of every case on one model and dtype join a
+/// running batch at seeded random steps (zero to two per step) while others are mid-answer and
+/// leave at their own ends; each still gets transformers' tokens, and its deltas add up to its
+/// text.
+#[test]
+fn requests_joining_at_random_steps_give_transformers_tokens() {
+    let fixtures = fixtures();
+    // (model directory, dtype) -> (case, request, its index in the case)
+    type Group<'a> = Vec<(&'a Case, Request, usize)>;
+    let mut groups: BTreeMap<(&str, &str), Group> = BTreeMap::new();
+    for case in &fixtures.cases {
+        for (k, request) in requests(case, fixtures.max_new_tokens).into_iter().enumerate() {
+            groups.entry((&case.model_dir, &case.dtype)).or_default().push((case, request, k));
+        }
+    }
+    // xorshift64: the same schedule on every run.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut random = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let (mut most_live, mut joined_mid_answer) = (0, 0);
+    for ((model_dir, dtype), entries) in &groups {
+        let mut pipeline = load(entries[0].0);
+        let mut pending = entries.iter();
+        let mut running: HashMap<_, (&Case, usize, String)> = HashMap::new();
+        let mut finished = 0;
+        let mut updates = Vec::new();
+        loop {
+            let fits = |p: &Pipeline| p.capacity().is_none_or(|c| p.live() < c);
+            let joins = if pipeline.live() == 0 { 1 } else { random(3) };
+            for _ in 0..joins {
+                if !fits(&pipeline) {
+                    break;
+                }
+                let Some((case, request, k)) = pending.next() else { break };
+                joined_mid_answer += usize::from(pipeline.live() > 0);
+                let update = pipeline.join(request).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+                running.insert(update.id, (*case, *k, String::new()));
+                updates.push(update);
+            }
+            most_live = most_live.max(pipeline.live());
+            updates.extend(pipeline.step());
+            for update in updates.drain(..) {
+                let (case, k, text) = running.get_mut(&update.id).expect("an update of a request that joined");
+                text.push_str(&update.delta);
+                if let Some(done) = update.done {
+                    let response = done.unwrap_or_else(|e| panic!("{}: {e}", case.name));
+                    assert_eq!(
+                        response.token_ids, case.expected[*k],
+                        "{} request {k} ({model_dir} {dtype}): joining a running batch changed its tokens from {}",
+                        case.name, case.reference
+                    );
+                    assert_eq!(response.text, case.expected_text[*k], "{}", case.name);
+                    assert_eq!(*text, response.text, "{}: the deltas do not add up to the text", case.name);
+                    finished += 1;
+                }
+            }
+            if pipeline.live() == 0 && pending.len() == 0 {
+                break;
+            }
+        }
+        assert_eq!(finished, entries.len(), "{model_dir} {dtype}: every request ends");
+    }
+    assert!(
+        most_live >= 3 && joined_mid_answer >= 10,
+        "too little overlap to test joining: {most_live} rows at most, {joined_mid_answer} joins mid-answer"
+    );
 }
 
 #[test]

@@ -364,8 +364,10 @@ fn health_page_and_metrics_answer() {
     for family in [
         "paligemma_requests_total counter",
         "paligemma_queue_depth gauge",
-        "paligemma_in_flight gauge",
+        "paligemma_slots gauge",
+        "paligemma_slots_in_use gauge",
         "paligemma_batch_size histogram",
+        "paligemma_queue_wait_seconds histogram",
         "paligemma_request_duration_seconds histogram",
         "paligemma_generated_tokens_total counter",
         "paligemma_decode_tokens_per_second gauge",
@@ -381,6 +383,7 @@ fn health_page_and_metrics_answer() {
         text.contains("paligemma_batch_size_bucket{le=\"4\"} 0\n"),
         "buckets 1..max_batch:\n{text}"
     );
+    assert!(text.contains("paligemma_slots 4\n"), "{text}");
 }
 
 #[test]
@@ -746,8 +749,8 @@ fn limits_and_bad_requests_are_json_errors_that_name_the_problem() {
 }
 
 #[test]
-fn concurrent_requests_run_batched_and_get_the_answers_they_get_alone() {
-    let server = Server::start(&["--max-batch", "4", "--max-new-tokens-cap", "8000"]);
+fn static_batches_run_together_and_get_the_answers_they_get_alone() {
+    let server = Server::start(&["--max-batch", "4", "--batching", "static", "--max-new-tokens-cap", "8000"]);
     let url = server.url("/v1/generate");
     let requests = [
         ("chelsea.png", "caption en", 8),
@@ -776,17 +779,14 @@ fn concurrent_requests_run_batched_and_get_the_answers_they_get_alone() {
             v
         })
         .collect();
-    let metrics = server.metrics();
-    for line in [
-        "paligemma_batch_size_bucket{le=\"1\"} 1\n",
-        "paligemma_batch_size_bucket{le=\"2\"} 2\n",
-        "paligemma_batch_size_count 3\n",
-    ] {
-        assert!(
-            metrics.contains(line),
-            "{line:?}: batches of 1 (the holder), 4 and 2 expected:\n{metrics}"
-        );
-    }
+    // The holder decoded alone; the six joined only after it had ended, four at once.
+    assert_eq!(server.metric("paligemma_queue_wait_seconds_count"), 7.0);
+    let steps = server.metric("paligemma_batch_size_count");
+    assert!(
+        server.metric("paligemma_batch_size_bucket{le=\"3\"}") < steps,
+        "no step of four rows:\n{}",
+        server.metrics()
+    );
     for ((image, prompt, n), batched) in requests.iter().zip(&batched) {
         let (_, _, alone) = post_json(&url, &generate_body(image, prompt, *n));
         assert_eq!(
@@ -800,9 +800,71 @@ fn concurrent_requests_run_batched_and_get_the_answers_they_get_alone() {
     }
 }
 
+/// Continuous batching over HTTP: requests arrive at seeded random moments while others are
+/// mid-answer, of lengths from 8 to 600 tokens; each joins the running batch and gets the answer
+/// it gets alone.
+#[test]
+fn requests_arriving_mid_answer_join_the_batch_and_get_the_answers_they_get_alone() {
+    let server = Server::start(&["--max-batch", "4", "--max-new-tokens-cap", "8000"]);
+    let url = server.url("/v1/generate");
+    let cases = [
+        ("chelsea.png", "caption en"),
+        ("camera.png", "detect person ; camera"),
+        ("rocket.jpg", "answer en what is this?"),
+        ("text.png", "ocr"),
+        ("camera.png", "segment person"),
+    ];
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut random = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let bodies: Vec<(Value, u64)> = (0..12)
+        .map(|i| {
+            let (image, prompt) = cases[i % cases.len()];
+            let tokens = 8 + random(593);
+            let mut body = generate_body(image, prompt, tokens as usize);
+            body["min_new_tokens"] = json!(tokens);
+            (body, random(600))
+        })
+        .collect();
+    let clients: Vec<_> = bodies
+        .iter()
+        .map(|(body, delay_ms)| {
+            let (url, body, delay) = (url.clone(), body.clone(), Duration::from_millis(*delay_ms));
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                post_json(&url, &body)
+            })
+        })
+        .collect();
+    let answers: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert!(
+        server.metric("paligemma_batch_size_bucket{le=\"2\"}") < server.metric("paligemma_batch_size_count"),
+        "no step decoded three or more requests:\n{}",
+        server.metrics()
+    );
+    for ((body, _), (status, _, batched)) in bodies.iter().zip(&answers) {
+        assert_eq!(*status, 200, "{batched}");
+        let (_, _, alone) = post_json(&url, body);
+        assert_eq!(token_ids(batched).len(), body["max_new_tokens"].as_u64().unwrap() as usize);
+        assert_eq!(
+            token_ids(batched),
+            token_ids(&alone),
+            "{}: joined mid-answer, it differs from alone",
+            body["prompt"]
+        );
+        assert_eq!(batched["text"], alone["text"]);
+        assert_eq!(batched["detections"], alone["detections"]);
+        assert_eq!(batched["segments"], alone["segments"]);
+    }
+}
+
 #[test]
 fn a_client_that_leaves_frees_its_slot_queued_or_running() {
-    let server = Server::start(&["--max-new-tokens-cap", "8000"]);
+    let server = Server::start(&["--max-new-tokens-cap", "8000", "--max-batch", "1"]);
     let holder = hold(&server);
     let leaver = raw_post(&server, "/v1/generate", &generate_body("chelsea.png", "caption en", 8));
     server.wait_metric("paligemma_queue_depth", 1.0);
@@ -813,11 +875,11 @@ fn a_client_that_leaves_frees_its_slot_queued_or_running() {
     server.wait_metric("paligemma_cancelled_total{stage=\"running\"}", 1.0);
     server.wait_metric("paligemma_cancelled_total{stage=\"queued\"}", 1.0);
     server.wait_metric("paligemma_queue_depth", 0.0);
-    // Only the holder's batch ran; the server goes on answering.
-    assert_eq!(server.metric("paligemma_batch_size_count"), 1.0);
+    // Only the holder took a slot; the server goes on answering.
+    assert_eq!(server.metric("paligemma_queue_wait_seconds_count"), 1.0);
     let (status, _, v) = post_json(&server.url("/v1/generate"), &generate_body("chelsea.png", "caption en", 4));
     assert_eq!(status, 200, "{v}");
-    assert_eq!(server.metric("paligemma_batch_size_count"), 2.0);
+    assert_eq!(server.metric("paligemma_queue_wait_seconds_count"), 2.0);
     assert_eq!(
         server.metric("paligemma_generated_tokens_total"),
         4.0,
@@ -829,37 +891,35 @@ fn a_client_that_leaves_frees_its_slot_queued_or_running() {
 fn a_row_stopped_inside_a_batch_leaves_the_other_rows_unchanged() {
     let server = Server::start(&["--max-new-tokens-cap", "8000"]);
     let url = server.url("/v1/generate");
-    let mut other = generate_body("camera.png", "describe en", 300);
-    other["min_new_tokens"] = json!(300);
-    let holder = hold(&server);
-    // Both queue behind the holder, so they run as one batch of two when it is released.
+    let mut staying_body = generate_body("camera.png", "describe en", 2000);
+    staying_body["min_new_tokens"] = json!(2000);
+    staying_body["stream"] = json!(true);
+    let mut staying = SseReader::open(&url, &staying_body);
+    assert_eq!(staying.next().unwrap().event.as_deref(), Some("token"));
+    // It joins the running request, decodes beside it, and its client leaves.
     let leaving_body = json!({ "image": image_base64("chelsea.png"), "prompt": "caption en", "max_new_tokens": 8000, "min_new_tokens": 8000, "stream": true });
     let mut leaving = SseReader::open(&url, &leaving_body);
-    let staying = {
-        let (url, body) = (url.clone(), other.clone());
-        std::thread::spawn(move || post_json(&url, &body))
-    };
-    server.wait_metric("paligemma_queue_depth", 2.0);
-    drop(holder);
+    assert_eq!(leaving.next().unwrap().event.as_deref(), Some("token"));
     assert_eq!(leaving.next().unwrap().event.as_deref(), Some("token"));
     drop(leaving);
-    let (status, _, batched) = staying.join().unwrap();
-    assert_eq!(status, 200, "{batched}");
-    // The holder and the leaver.
-    server.wait_metric("paligemma_cancelled_total{stage=\"running\"}", 2.0);
-    assert_eq!(
-        server.metric("paligemma_batch_size_bucket{le=\"1\"}"),
-        1.0,
-        "the holder alone, then a batch of two"
+    server.wait_metric("paligemma_cancelled_total{stage=\"running\"}", 1.0);
+    let done = staying.all().pop().unwrap();
+    assert_eq!(done.event.as_deref(), Some("done"), "{done:?}");
+    let batched: Value = serde_json::from_str(&done.data).unwrap();
+    assert!(
+        server.metric("paligemma_batch_size_bucket{le=\"1\"}") < server.metric("paligemma_batch_size_count"),
+        "the two never decoded in one step:\n{}",
+        server.metrics()
     );
-    let (_, _, alone) = post_json(&url, &other);
-    assert_eq!(token_ids(&batched).len(), 300);
+    staying_body["stream"] = json!(false);
+    let (_, _, alone) = post_json(&url, &staying_body);
+    assert_eq!(token_ids(&batched).len(), 2000);
     assert_eq!(token_ids(&batched), token_ids(&alone));
 }
 
 #[test]
 fn a_full_queue_answers_503_with_retry_after() {
-    let server = Server::start(&["--max-queue", "1", "--max-new-tokens-cap", "8000"]);
+    let server = Server::start(&["--max-queue", "1", "--max-new-tokens-cap", "8000", "--max-batch", "1"]);
     let url = server.url("/v1/generate");
     let holder = hold(&server);
     let queued = {
@@ -881,7 +941,7 @@ fn a_full_queue_answers_503_with_retry_after() {
 
 #[test]
 fn sigterm_finishes_running_and_queued_requests_then_exits_0() {
-    let mut server = Server::start(&["--max-new-tokens-cap", "8000"]);
+    let mut server = Server::start(&["--max-new-tokens-cap", "8000", "--max-batch", "1"]);
     let url = server.url("/v1/generate");
     let body = json!({ "image": image_base64("text.png"), "prompt": "caption en", "max_new_tokens": 2500, "min_new_tokens": 2500, "stream": true });
     let mut running = SseReader::open(&url, &body);
@@ -1401,7 +1461,8 @@ fn requests_still_running_after_the_shutdown_timeout_are_told_so() {
         body["min_new_tokens"] = json!(8000);
         std::thread::spawn(move || post_json(&url, &body))
     };
-    server.wait_metric("paligemma_queue_depth", 1.0);
+    // Both decode: the grace time is over before either ends.
+    server.wait_metric("paligemma_slots_in_use", 2.0);
     let status = terminate(&mut server, DEADLINE);
     assert_eq!(status.code(), Some(0), "{}", server.stderr.lock().unwrap());
     let (status, _, answer) = waiting.join().unwrap();

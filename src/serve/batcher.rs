@@ -1,35 +1,73 @@
-//! Dynamic batching: handlers put jobs on a bounded queue; one worker thread owns the model
-//! (`Pipeline::run` needs `&mut`), blocks for the first job, takes every job already waiting up to
-//! the batch size, and runs them as one batch. The pipeline left-pads, so a batched answer is the
-//! answer the request gets alone.
+//! Continuous batching: handlers put jobs on a bounded queue; one worker thread owns the model
+//! (the pipeline needs `&mut`) and runs a loop of decode steps over `--max-batch` slots. Before
+//! each step it moves queued jobs into free slots (each joins with its own vision and prefill
+//! run); each step gives every running job one token; a job leaves its slot the moment it ends,
+//! so a short answer never waits for a long one and a new request never waits for a batch. The
+//! pipeline keeps every row's positions and mask its own, so each answer is the one the request
+//! gets alone, whenever it joined.
+//!
+//! `--batching static` is the earlier policy, kept to compare with: jobs join only when no slot
+//! is busy (the worker blocks for one, takes every job already waiting up to the batch size),
+//! and the batch runs until its last row ends.
 //!
 //! A job carries a cancel flag that its [`Ticket`] sets when dropped, which is what happens when
 //! the client goes away (axum drops the handler future, hyper the SSE body). The worker skips
-//! cancelled jobs when forming a batch and stops their rows inside a running batch.
+//! cancelled jobs in the queue and stops their rows before the next step.
 
+use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::pipeline::{Request, RequestError, Response};
+use crate::pipeline::{Pipeline, Request, RequestError, RequestId, Response, Update};
 use crate::serve::metrics::{CancelledAt, Metrics};
 
-/// What the worker runs a batch with: `Pipeline::run_until` in the server, a stand-in in tests.
+/// What the worker drives: the [`Pipeline`] in the server, a stand-in in tests. See
+/// [`Pipeline::join`], [`Pipeline::step`] and [`Pipeline::cancel`].
 pub trait Runner: Send + 'static {
-    fn run(&mut self, requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool) -> Vec<Result<Response, RequestError>>;
+    /// Most jobs the model can run at once, if it has a limit of its own.
+    fn capacity(&self) -> Option<usize>;
+    fn join(&mut self, request: &Request) -> Result<Update, RequestError>;
+    fn step(&mut self) -> Vec<Update>;
+    fn cancel(&mut self, id: RequestId);
+    /// Forgets every running job (after a panic left their state unknown).
+    fn clear(&mut self);
 }
 
-impl<F> Runner for F
-where
-    F: FnMut(&[Request], &mut dyn FnMut(usize, &str) -> bool) -> Vec<Result<Response, RequestError>> + Send + 'static,
-{
-    fn run(&mut self, requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool) -> Vec<Result<Response, RequestError>> {
-        self(requests, on_token)
+impl Runner for Pipeline {
+    fn capacity(&self) -> Option<usize> {
+        Pipeline::capacity(self)
     }
+
+    fn join(&mut self, request: &Request) -> Result<Update, RequestError> {
+        Pipeline::join(self, request)
+    }
+
+    fn step(&mut self) -> Vec<Update> {
+        Pipeline::step(self)
+    }
+
+    fn cancel(&mut self, id: RequestId) {
+        Pipeline::cancel(self, id)
+    }
+
+    fn clear(&mut self) {
+        Pipeline::cancel_all(self)
+    }
+}
+
+/// When queued jobs may join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Batching {
+    /// Into any free slot, before every step.
+    Continuous,
+    /// Only when every slot is free; the batch then runs until its last row ends.
+    Static,
 }
 
 /// Why a job has no response.
@@ -37,8 +75,9 @@ where
 pub enum JobError {
     #[error(transparent)]
     Request(#[from] RequestError),
-    /// The batch panicked; every job of it gets this, the worker goes on with the next batch.
-    #[error("the model worker panicked while running this request's batch: {0}")]
+    /// The job panicked the worker while running alone (after a step with others panicked); the
+    /// worker goes on with the other jobs.
+    #[error("the model worker panicked while running this request: {0}")]
     Panicked(String),
     #[error("the model worker has stopped")]
     WorkerGone,
@@ -59,6 +98,7 @@ pub enum Event {
 struct Job {
     request: Request,
     reply: Reply,
+    queued: Instant,
 }
 
 /// Where a job's events go.
@@ -106,6 +146,7 @@ impl Queue {
                 cancelled: Arc::clone(&cancelled),
                 events: sender,
             },
+            queued: Instant::now(),
         };
         // Counted before sending so the worker's decrement never comes first.
         self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
@@ -123,10 +164,8 @@ impl Queue {
             done: false,
         })
     }
-}
 
-impl Queue {
-    /// Ends every job queued or running as [`JobError::ShutDown`] (rows stop at their next
+    /// Ends every job queued or running as [`JobError::ShutDown`] (rows stop before their next
     /// token), for a shutdown whose grace time is over.
     pub fn cancel_all(&self) {
         self.stopping.store(true, Ordering::Relaxed);
@@ -166,130 +205,212 @@ impl Drop for Ticket {
     }
 }
 
-/// Starts the worker thread. It runs until every [`Queue`] clone is dropped and the queue is
-/// drained, so joining it after the HTTP server stopped finishes the queued jobs.
-pub fn start(runner: impl Runner, max_batch: usize, max_queue: usize, metrics: Arc<Metrics>) -> std::io::Result<(Queue, JoinHandle<()>)> {
+/// Starts the worker thread with `slots` slots (at most the runner's capacity). It runs until every [`Queue`] clone is dropped
+/// and the queue is drained, so joining it after the HTTP server stopped finishes the queued jobs.
+pub fn start(
+    runner: impl Runner,
+    slots: usize,
+    batching: Batching,
+    max_queue: usize,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(Queue, JoinHandle<()>)> {
     let (jobs, queue) = mpsc::sync_channel(max_queue);
     let worker_metrics = Arc::clone(&metrics);
     let stopping = Arc::new(AtomicBool::new(false));
     let worker_stopping = Arc::clone(&stopping);
-    let handle = std::thread::Builder::new()
-        .name("paligemma-worker".into())
-        .spawn(move || work(runner, &queue, max_batch.max(1), &worker_metrics, &worker_stopping))?;
+    let slots = slots.max(1);
+    let handle = std::thread::Builder::new().name("paligemma-worker".into()).spawn(move || {
+        Worker {
+            runner,
+            queue,
+            slots,
+            batching,
+            metrics: worker_metrics,
+            stopping: worker_stopping,
+            running: Vec::new(),
+            alone: VecDeque::new(),
+        }
+        .work()
+    })?;
     Ok((Queue { jobs, metrics, stopping }, handle))
 }
 
-fn work(mut runner: impl Runner, queue: &Receiver<Job>, max_batch: usize, metrics: &Metrics, stopping: &AtomicBool) {
-    while let Ok(first) = queue.recv() {
-        let mut batch = Vec::with_capacity(max_batch);
-        take(first, &mut batch, metrics, stopping);
-        while batch.len() < max_batch {
-            match queue.try_recv() {
-                Ok(job) => take(job, &mut batch, metrics, stopping),
-                Err(_) => break,
+/// A job in a slot.
+struct Running {
+    id: RequestId,
+    job: Job,
+    /// Bytes of text the current run produced, and bytes sent: a job run again alone after a
+    /// panic sends only what goes past what it had sent.
+    produced: usize,
+    sent: usize,
+}
+
+struct Worker<R: Runner> {
+    runner: R,
+    queue: Receiver<Job>,
+    slots: usize,
+    batching: Batching,
+    metrics: Arc<Metrics>,
+    stopping: Arc<AtomicBool>,
+    running: Vec<Running>,
+    /// Jobs to run again one at a time, each alone, because a step they shared panicked; with
+    /// the bytes each had sent.
+    alone: VecDeque<(Job, usize)>,
+}
+
+impl<R: Runner> Worker<R> {
+    fn work(mut self) {
+        loop {
+            if !self.admit() {
+                return;
             }
-        }
-        if !batch.is_empty() {
-            run_batch(&mut runner, batch, metrics, stopping);
-        }
-    }
-}
-
-/// Moves `job` off the queue into `batch`, unless its client has gone or the server is past its
-/// shutdown grace time.
-fn take(job: Job, batch: &mut Vec<Job>, metrics: &Metrics, stopping: &AtomicBool) {
-    metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-    if job.reply.cancelled.load(Ordering::Relaxed) {
-        metrics.record_cancelled(CancelledAt::Queued);
-    } else if stopping.load(Ordering::Relaxed) {
-        let _ = job.reply.events.send(Event::Done(Box::new(Err(JobError::ShutDown))));
-    } else {
-        batch.push(job);
-    }
-}
-
-fn run_batch(runner: &mut impl Runner, batch: Vec<Job>, metrics: &Metrics, stopping: &AtomicBool) {
-    let (requests, jobs): (Vec<Request>, Vec<Reply>) = batch.into_iter().map(|j| (j.request, j.reply)).unzip();
-    metrics.in_flight.store(requests.len() as i64, Ordering::Relaxed);
-    // Bytes of text sent per job, and bytes the current run has produced: a job run again after
-    // its batch panicked sends only what goes past the first run.
-    let mut sent = vec![0usize; jobs.len()];
-    let mut results = run_catching(runner, &requests, &jobs, &mut sent, stopping, |i| i);
-    if requests.len() > 1 && results.iter().all(|r| matches!(r, Err(JobError::Panicked(_)))) {
-        // One request may have made the batch panic: run each alone so only that one fails.
-        results = (0..requests.len())
-            .map(|i| {
-                run_catching(runner, &requests[i..=i], &jobs, &mut sent, stopping, |_| i)
-                    .pop()
-                    .unwrap_or_else(|| Err(JobError::Panicked("no result".into())))
-            })
-            .collect();
-    }
-    metrics.in_flight.store(0, Ordering::Relaxed);
-    let generated: usize = results.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.token_ids.len()).sum();
-    let rate = results
-        .iter()
-        .find_map(|r| r.as_ref().ok())
-        .and_then(|r| r.timings.decode_tokens_per_s(jobs.len()));
-    metrics.record_batch(jobs.len(), generated, rate);
-    for (job, mut result) in jobs.iter().zip(results) {
-        if matches!(result, Err(JobError::Request(RequestError::Stopped))) {
-            if job.cancelled.load(Ordering::Relaxed) {
-                metrics.record_cancelled(CancelledAt::Running);
-            } else {
-                // Not its client: the shutdown stopped it.
-                result = Err(JobError::ShutDown);
+            self.drop_cancelled();
+            if self.running.is_empty() {
+                continue;
             }
+            self.step();
         }
-        let _ = job.events.send(Event::Done(Box::new(result)));
     }
-}
 
-/// Runs `requests` (whose row `k` is job `job_of(k)`), a panic becoming every row's error.
-fn run_catching(
-    runner: &mut impl Runner,
-    requests: &[Request],
-    jobs: &[Reply],
-    sent: &mut [usize],
-    stopping: &AtomicBool,
-    job_of: impl Fn(usize) -> usize,
-) -> Vec<Result<Response, JobError>> {
-    let mut produced = vec![0usize; requests.len()];
-    let mut on_token = |row: usize, delta: &str| -> bool {
-        let (Some(job), Some(done)) = (jobs.get(job_of(row)), produced.get_mut(row)) else {
+    /// Moves jobs into free slots, as the policy allows; `false` once the queue is closed and
+    /// nothing runs.
+    fn admit(&mut self) -> bool {
+        if self.running.is_empty() {
+            if let Some((job, sent)) = self.alone.pop_front() {
+                self.join(job, sent);
+                return true;
+            }
+        } else if !self.alone.is_empty() || self.batching == Batching::Static {
             return true;
-        };
-        if job.cancelled.load(Ordering::Relaxed) || stopping.load(Ordering::Relaxed) {
-            return false;
         }
-        let before = *done;
-        *done += delta.len();
-        let already = &mut sent[job_of(row)];
-        if job.stream && *done > *already {
-            if let Some(new) = delta.get(already.saturating_sub(before)..) {
-                let _ = job.events.send(Event::Token(new.to_string()));
-                *already = *done;
+        while self.running.len() < self.slots && self.alone.is_empty() {
+            let job = if self.running.is_empty() {
+                match self.queue.recv() {
+                    Ok(job) => job,
+                    Err(_) => return false,
+                }
+            } else {
+                match self.queue.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            if job.reply.cancelled.load(Ordering::Relaxed) {
+                self.metrics.record_cancelled(CancelledAt::Queued);
+            } else if self.stopping.load(Ordering::Relaxed) {
+                let _ = job.reply.events.send(Event::Done(Box::new(Err(JobError::ShutDown))));
+            } else {
+                self.metrics.record_queued(job.queued.elapsed());
+                self.join(job, 0);
             }
         }
         true
-    };
-    match panic::catch_unwind(AssertUnwindSafe(|| runner.run(requests, &mut on_token))) {
-        Ok(results) => {
-            let mut results: Vec<_> = results.into_iter().map(|r| r.map_err(JobError::from)).collect();
-            results.resize_with(requests.len(), || {
-                Err(JobError::Panicked("the runner returned fewer results than requests".into()))
-            });
-            results
+    }
+
+    /// Runs `job`'s join (its vision and prefill); it takes a slot unless its first token ended it.
+    fn join(&mut self, job: Job, sent: usize) {
+        match panic::catch_unwind(AssertUnwindSafe(|| self.runner.join(&job.request))) {
+            Ok(Ok(update)) => {
+                self.running.push(Running {
+                    id: update.id,
+                    job,
+                    produced: 0,
+                    sent,
+                });
+                self.dispatch(update);
+            }
+            Ok(Err(e)) => {
+                let _ = job.reply.events.send(Event::Done(Box::new(Err(e.into()))));
+            }
+            Err(payload) => {
+                let _ = job
+                    .reply
+                    .events
+                    .send(Event::Done(Box::new(Err(JobError::Panicked(message(payload))))));
+            }
         }
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
-            requests.iter().map(|_| Err(JobError::Panicked(message.clone()))).collect()
+        self.metrics.slots_in_use.store(self.running.len() as i64, Ordering::Relaxed);
+    }
+
+    /// Stops the rows of jobs whose client went away, or all of them past the shutdown grace.
+    fn drop_cancelled(&mut self) {
+        let stopping = self.stopping.load(Ordering::Relaxed);
+        let mut k = 0;
+        while k < self.running.len() {
+            let cancelled = self.running[k].job.reply.cancelled.load(Ordering::Relaxed);
+            if cancelled || stopping {
+                let gone = self.running.remove(k);
+                self.runner.cancel(gone.id);
+                if cancelled {
+                    self.metrics.record_cancelled(CancelledAt::Running);
+                } else {
+                    let _ = gone.job.reply.events.send(Event::Done(Box::new(Err(JobError::ShutDown))));
+                }
+            } else {
+                k += 1;
+            }
+        }
+        self.metrics.slots_in_use.store(self.running.len() as i64, Ordering::Relaxed);
+    }
+
+    fn step(&mut self) {
+        let rows = self.running.len();
+        let started = Instant::now();
+        match panic::catch_unwind(AssertUnwindSafe(|| self.runner.step())) {
+            Ok(updates) => {
+                self.metrics.record_step(rows, started.elapsed());
+                for update in updates {
+                    self.dispatch(update);
+                }
+            }
+            Err(payload) => {
+                // The runner's state is unknown: start over, each job alone, so that only a job
+                // that panics alone fails.
+                self.runner.clear();
+                let running = std::mem::take(&mut self.running);
+                if let [one] = running.as_slice() {
+                    let failed = Err(JobError::Panicked(message(payload)));
+                    let _ = one.job.reply.events.send(Event::Done(Box::new(failed)));
+                } else {
+                    self.alone.extend(running.into_iter().map(|r| (r.job, r.sent)));
+                }
+            }
+        }
+        self.metrics.slots_in_use.store(self.running.len() as i64, Ordering::Relaxed);
+    }
+
+    /// Sends `update`'s text (past what was sent) and, at the end, the answer.
+    fn dispatch(&mut self, update: Update) {
+        let Some(k) = self.running.iter().position(|r| r.id == update.id) else {
+            return;
+        };
+        let running = &mut self.running[k];
+        let before = running.produced;
+        running.produced += update.delta.len();
+        if running.job.reply.stream && running.produced > running.sent {
+            if let Some(new) = update.delta.get(running.sent.saturating_sub(before)..) {
+                let _ = running.job.reply.events.send(Event::Token(new.to_string()));
+                running.sent = running.produced;
+            }
+        }
+        if let Some(result) = update.done {
+            let done = self.running.remove(k);
+            if let Ok(response) = &result {
+                self.metrics.record_generated(response.token_ids.len());
+            }
+            let result = result.map_err(JobError::from);
+            let _ = done.job.reply.events.send(Event::Done(Box::new(result)));
         }
     }
+}
+
+fn message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 #[cfg(test)]
@@ -298,7 +419,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::generate::Timings;
+    use crate::engine::Timings;
     use crate::pipeline::ImageInput;
 
     fn request(prompt: &str) -> Request {
@@ -324,42 +445,78 @@ mod tests {
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(future)
     }
 
-    /// A runner that echoes prompts as text, streams them a character at a time, records batch
-    /// sizes and, after streaming, panics when a prompt of the batch is "panic".
-    fn echo(sizes: Arc<Mutex<Vec<usize>>>) -> impl Runner {
-        move |requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool| {
-            sizes.lock().unwrap().push(requests.len());
-            let results = requests
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    for end in 1..=r.prompt.len() {
-                        if !on_token(i, &r.prompt[end - 1..end]) {
-                            return Err(RequestError::Stopped);
-                        }
-                    }
-                    Ok(response(&r.prompt))
-                })
-                .collect();
-            assert!(requests.iter().all(|r| r.prompt != "panic"), "asked to panic");
-            results
+    /// A stand-in engine: a request's answer is its prompt, one character per token (the first
+    /// at its join). It records the prompts decoded at each step, panics in a step that holds a
+    /// "panic" prompt, and blocks the first step that holds a "hold" prompt until released.
+    struct Echo {
+        live: Vec<(RequestId, String, usize)>,
+        next: u64,
+        steps: Steps,
+        gate: Option<Mutex<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    /// The prompts of each step's rows.
+    type Steps = Arc<Mutex<Vec<Vec<String>>>>;
+
+    fn echo() -> (Echo, Steps, std::sync::mpsc::Sender<()>) {
+        let steps = Arc::new(Mutex::new(Vec::new()));
+        let (release, gate) = std::sync::mpsc::channel();
+        let runner = Echo {
+            live: Vec::new(),
+            next: 0,
+            steps: Arc::clone(&steps),
+            gate: Some(Mutex::new(gate)),
+        };
+        (runner, steps, release)
+    }
+
+    impl Echo {
+        fn update(&mut self, k: usize) -> Update {
+            let (id, prompt, done) = &mut self.live[k];
+            let delta = prompt[*done..*done + 1].to_string();
+            *done += 1;
+            let (id, finished) = (*id, *done == prompt.len());
+            let answer = finished.then(|| Ok(response(&self.live.remove(k).1)));
+            Update { id, delta, done: answer }
         }
     }
 
-    /// A runner that waits for `release` before its first batch, so the jobs queued meanwhile
-    /// form one batch.
-    fn gated(inner: impl Runner) -> (impl Runner, std::sync::mpsc::Sender<()>) {
-        let (release, gate) = std::sync::mpsc::channel::<()>();
-        let gate = Mutex::new(gate);
-        let mut inner = inner;
-        let mut first = true;
-        let runner = move |requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool| {
-            if std::mem::take(&mut first) {
-                gate.lock().unwrap().recv().unwrap();
+    impl Runner for Echo {
+        fn capacity(&self) -> Option<usize> {
+            None
+        }
+
+        fn join(&mut self, request: &Request) -> Result<Update, RequestError> {
+            self.next += 1;
+            self.live.push((RequestId(self.next), request.prompt.clone(), 0));
+            Ok(self.update(self.live.len() - 1))
+        }
+
+        fn step(&mut self) -> Vec<Update> {
+            let prompts: Vec<String> = self.live.iter().map(|l| l.1.clone()).collect();
+            self.steps.lock().unwrap().push(prompts.clone());
+            if prompts.iter().any(|p| p == "hold") {
+                if let Some(gate) = self.gate.take() {
+                    gate.lock().unwrap().recv().unwrap();
+                }
             }
-            inner.run(requests, on_token)
-        };
-        (runner, release)
+            assert!(prompts.iter().all(|p| p != "panic"), "asked to panic");
+            let ids: Vec<RequestId> = self.live.iter().map(|l| l.0).collect();
+            ids.into_iter()
+                .map(|id| {
+                    let k = self.live.iter().position(|l| l.0 == id).unwrap();
+                    self.update(k)
+                })
+                .collect()
+        }
+
+        fn cancel(&mut self, id: RequestId) {
+            self.live.retain(|l| l.0 != id);
+        }
+
+        fn clear(&mut self) {
+            self.live.clear();
+        }
     }
 
     fn collect(mut ticket: Ticket) -> (Vec<String>, Result<Response, JobError>) {
@@ -375,16 +532,22 @@ mod tests {
         (deltas, answer)
     }
 
+    fn wait_until_queue_is_empty(metrics: &Metrics) {
+        while metrics.queue_depth.load(Ordering::Relaxed) != 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
-    fn a_request_that_panics_its_batch_fails_alone_and_streams_are_not_repeated() {
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let metrics = Arc::new(Metrics::new(3));
-        let (runner, release) = gated(echo(Arc::clone(&sizes)));
-        let (queue, worker) = start(runner, 3, 8, Arc::clone(&metrics)).unwrap();
-        // The worker takes "hold" and waits; the next three are queued and run together.
+    fn a_request_that_panics_a_step_fails_alone_and_streams_are_not_repeated() {
+        let (runner, steps, release) = echo();
+        let metrics = Arc::new(Metrics::new(4));
+        let (queue, worker) = start(runner, 4, Batching::Static, 8, Arc::clone(&metrics)).unwrap();
+        // The worker takes "hold" and waits in its first step; the next three queue and join
+        // together once it has ended.
         let hold = queue.submit(request("hold"), false).unwrap();
         wait_until_queue_is_empty(&metrics);
-        let tickets: Vec<Ticket> = ["ab", "panic", "cd"]
+        let tickets: Vec<Ticket> = ["abc", "panic", "cd"]
             .iter()
             .map(|p| queue.submit(request(p), true).unwrap())
             .collect();
@@ -393,51 +556,82 @@ mod tests {
         let mut outcomes: Vec<_> = tickets.into_iter().map(collect).collect();
         let (cd_deltas, cd) = outcomes.pop().unwrap();
         let (_, panicked) = outcomes.pop().unwrap();
-        let (ab_deltas, ab) = outcomes.pop().unwrap();
+        let (abc_deltas, abc) = outcomes.pop().unwrap();
         assert!(
             matches!(&panicked, Err(JobError::Panicked(m)) if m.contains("asked to panic")),
             "{panicked:?}"
         );
-        assert_eq!(
-            (ab.unwrap().text, ab_deltas),
-            ("ab".to_string(), vec!["a".to_string(), "b".to_string()])
-        );
-        assert_eq!(
-            (cd.unwrap().text, cd_deltas),
-            ("cd".to_string(), vec!["c".to_string(), "d".to_string()])
-        );
+        assert_eq!((abc.unwrap().text, abc_deltas.concat()), ("abc".to_string(), "abc".to_string()));
+        assert_eq!((cd.unwrap().text, cd_deltas.concat()), ("cd".to_string(), "cd".to_string()));
+        assert_eq!(abc_deltas, ["a", "b", "c"], "each character once, across the rerun");
         drop(queue);
         worker.join().unwrap();
-        // The batch of three, then each of them alone.
-        assert_eq!(*sizes.lock().unwrap(), [1, 3, 1, 1, 1]);
+        // The shared step panicked; then each ran alone: "abc" for two steps, "panic" alone
+        // (which panics again), "cd" for one step.
+        let steps = steps.lock().unwrap().clone();
+        let shared = vec!["abc".to_string(), "panic".into(), "cd".into()];
+        let at = steps.iter().position(|s| *s == shared).expect("a step of the three");
+        assert_eq!(
+            steps[at + 1..],
+            [vec!["abc".to_string()], vec!["abc".into()], vec!["panic".into()], vec!["cd".into()]]
+        );
     }
 
     #[test]
-    fn jobs_waiting_together_run_as_one_batch_up_to_the_limit() {
-        let sizes = Arc::new(Mutex::new(Vec::new()));
+    fn a_job_joins_the_running_batch_at_the_next_step_and_a_short_one_leaves_first() {
+        let (runner, steps, release) = echo();
         let metrics = Arc::new(Metrics::new(2));
-        // Hold the worker until three jobs wait: a runner that blocks on its first call.
-        let (runner, release) = gated(echo(Arc::clone(&sizes)));
-        let (queue, worker) = start(runner, 2, 8, Arc::clone(&metrics)).unwrap();
-        let tickets: Vec<Ticket> = ["a", "bb", "ccc", "dddd"]
+        let (queue, worker) = start(runner, 2, Batching::Continuous, 8, Arc::clone(&metrics)).unwrap();
+        let hold = queue.submit(request("hold"), true).unwrap();
+        wait_until_queue_is_empty(&metrics);
+        // Queued while "hold" is mid-answer: each takes the free slot as soon as there is one.
+        let tickets: Vec<Ticket> = ["ab", "c", "defgh"]
             .iter()
             .map(|p| queue.submit(request(p), false).unwrap())
             .collect();
         release.send(()).unwrap();
         let texts: Vec<String> = tickets.into_iter().map(|t| block_on(t.wait()).unwrap().text).collect();
-        assert_eq!(texts, ["a", "bb", "ccc", "dddd"]);
+        assert_eq!(texts, ["ab", "c", "defgh"]);
+        assert_eq!(block_on(hold.wait()).unwrap().text, "hold");
         drop(queue);
         worker.join().unwrap();
-        let sizes = sizes.lock().unwrap().clone();
-        assert_eq!(sizes.iter().sum::<usize>(), 4);
-        assert!(sizes.iter().all(|&n| n <= 2), "{sizes:?}");
-        assert!(sizes.contains(&2), "{sizes:?}");
+        let steps = steps.lock().unwrap().clone();
+        assert!(steps.iter().all(|s| s.len() <= 2), "{steps:?}");
+        // "ab" joined "hold" before hold ended ...
+        assert!(steps.contains(&vec!["hold".to_string(), "ab".into()]), "{steps:?}");
+        // ... and "defgh" ran beside "hold" after "ab" and "c" (one token each) had left.
+        assert!(steps.contains(&vec!["hold".to_string(), "defgh".into()]), "{steps:?}");
+        assert_eq!(metrics.slots_in_use.load(Ordering::Relaxed), 0);
     }
 
     #[test]
-    fn a_panicking_batch_fails_its_jobs_and_the_worker_goes_on() {
+    fn static_batching_takes_waiting_jobs_together_and_none_while_a_batch_runs() {
+        let (runner, steps, release) = echo();
+        let metrics = Arc::new(Metrics::new(2));
+        let (queue, worker) = start(runner, 2, Batching::Static, 8, Arc::clone(&metrics)).unwrap();
+        let hold = queue.submit(request("hold"), false).unwrap();
+        wait_until_queue_is_empty(&metrics);
+        let tickets: Vec<Ticket> = ["ab", "cd", "ef"]
+            .iter()
+            .map(|p| queue.submit(request(p), false).unwrap())
+            .collect();
+        release.send(()).unwrap();
+        let texts: Vec<String> = tickets.into_iter().map(|t| block_on(t.wait()).unwrap().text).collect();
+        assert_eq!(texts, ["ab", "cd", "ef"]);
+        assert_eq!(block_on(hold.wait()).unwrap().text, "hold");
+        drop(queue);
+        worker.join().unwrap();
+        let steps = steps.lock().unwrap().clone();
+        assert!(steps.iter().all(|s| !(s.contains(&"hold".to_string()) && s.len() > 1)), "{steps:?}");
+        assert!(steps.contains(&vec!["ab".to_string(), "cd".into()]), "{steps:?}");
+        assert!(steps.contains(&vec!["ef".to_string()]), "{steps:?}");
+    }
+
+    #[test]
+    fn a_job_that_panics_alone_fails_and_the_worker_goes_on() {
+        let (runner, _, _) = echo();
         let metrics = Arc::new(Metrics::new(1));
-        let (queue, worker) = start(echo(Arc::default()), 1, 8, metrics).unwrap();
+        let (queue, worker) = start(runner, 1, Batching::Continuous, 8, metrics).unwrap();
         let failed = block_on(queue.submit(request("panic"), false).unwrap().wait());
         assert!(
             matches!(&failed, Err(JobError::Panicked(m)) if m.contains("asked to panic")),
@@ -451,8 +645,9 @@ mod tests {
 
     #[test]
     fn streaming_jobs_get_each_tokens_addition_then_the_answer() {
+        let (runner, _, _) = echo();
         let metrics = Arc::new(Metrics::new(1));
-        let (queue, worker) = start(echo(Arc::default()), 1, 8, metrics).unwrap();
+        let (queue, worker) = start(runner, 1, Batching::Continuous, 8, metrics).unwrap();
         let (deltas, answer) = collect(queue.submit(request("abc"), true).unwrap());
         assert_eq!(deltas, ["a", "b", "c"]);
         assert_eq!(answer.unwrap().text, "abc");
@@ -460,33 +655,19 @@ mod tests {
         worker.join().unwrap();
     }
 
-    fn wait_until_queue_is_empty(metrics: &Metrics) {
-        while metrics.queue_depth.load(Ordering::Relaxed) != 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
     #[test]
-    fn a_dropped_ticket_is_skipped_in_the_queue_and_a_full_queue_refuses() {
+    fn a_dropped_ticket_is_skipped_in_the_queue_or_stopped_in_its_slot_and_a_full_queue_refuses() {
+        let (runner, steps, release) = echo();
         let metrics = Arc::new(Metrics::new(1));
-        let (release, gate) = std::sync::mpsc::channel::<()>();
-        let gate = Mutex::new(gate);
-        let mut inner = echo(Arc::default());
-        let runner = move |requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool| {
-            if requests[0].prompt == "hold" {
-                gate.lock().unwrap().recv().unwrap();
-            }
-            inner.run(requests, on_token)
-        };
-        let (queue, worker) = start(runner, 1, 1, Arc::clone(&metrics)).unwrap();
+        let (queue, worker) = start(runner, 1, Batching::Continuous, 1, Arc::clone(&metrics)).unwrap();
         let hold = queue.submit(request("hold"), false).unwrap();
         // The worker took "hold" off the queue, so the next job is the one queued.
         wait_until_queue_is_empty(&metrics);
         let gone = queue.submit(request("gone"), false).unwrap();
         assert!(queue.submit(request("refused"), false).is_err(), "a queue of 1 takes one job");
         drop(gone);
+        drop(hold);
         release.send(()).unwrap();
-        assert_eq!(block_on(hold.wait()).unwrap().text, "hold");
         wait_until_queue_is_empty(&metrics);
         let after = block_on(queue.submit(request("after"), false).unwrap().wait()).unwrap();
         assert_eq!(after.text, "after");
@@ -494,6 +675,11 @@ mod tests {
         worker.join().unwrap();
         let text = metrics.render();
         assert!(text.contains("paligemma_cancelled_total{stage=\"queued\"} 1\n"), "{text}");
-        assert!(text.contains("paligemma_client_disconnects_total 1\n"), "{text}");
+        assert!(text.contains("paligemma_cancelled_total{stage=\"running\"} 1\n"), "{text}");
+        assert!(text.contains("paligemma_client_disconnects_total 2\n"), "{text}");
+        // "hold" stopped after its one blocked step; "gone" never ran.
+        let steps = steps.lock().unwrap().clone();
+        assert_eq!(steps.iter().filter(|s| s.contains(&"hold".to_string())).count(), 1, "{steps:?}");
+        assert!(!steps.iter().any(|s| s.contains(&"gone".to_string())), "{steps:?}");
     }
 }

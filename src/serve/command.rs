@@ -8,12 +8,13 @@ use clap::Parser;
 use crate::args::RuntimeArgs;
 use crate::preprocess::ImageLimits;
 use crate::serve::api::Limits;
+use crate::serve::batcher::Batching;
 use crate::serve::connections::ConnectionLimits;
 use crate::serve::{run, ServeOptions};
 
 /// Serve the model over HTTP: `POST /v1/generate`, `POST /v1/chat/completions` (OpenAI shape),
-/// `GET /health`, `GET /metrics` (Prometheus) and a test page at `/`. Concurrent requests run as
-/// one batch; SIGTERM stops accepting, finishes the queue and exits 0.
+/// `GET /health`, `GET /metrics` (Prometheus) and a test page at `/`. Concurrent requests decode
+/// together (continuous batching); SIGTERM stops accepting, finishes the queue and exits 0.
 #[derive(Debug, Parser)]
 #[command(name = "paligemma serve", bin_name = "paligemma serve")]
 pub struct ServeArgs {
@@ -25,9 +26,14 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port; the `listening on` line on stderr names it).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Most requests run together as one batch.
+    /// Slots: most requests decoding together. A queued request takes a free slot before the
+    /// next decode step; a finished one frees its slot at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_batch: u16,
+    /// When queued requests join: `continuous` (into any free slot, at every step) or `static`
+    /// (only when every slot is free; a batch then runs until its longest answer ends).
+    #[arg(long, value_enum, default_value_t = Batching::Continuous)]
+    pub batching: Batching,
     /// Most requests waiting for the model; more are answered 503 with Retry-After.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_queue: u32,
@@ -77,6 +83,7 @@ pub fn command(args: ServeArgs) -> Result<i32> {
         host: args.host,
         port: args.port,
         max_batch: usize::from(args.max_batch),
+        batching: args.batching,
         max_queue: args.max_queue as usize,
         limits: Limits {
             max_body_bytes: args.max_body_bytes,

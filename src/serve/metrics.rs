@@ -22,8 +22,10 @@ pub enum CancelledAt {
 pub struct Metrics {
     /// Jobs waiting in the queue.
     pub queue_depth: AtomicI64,
-    /// Requests of the batch the model is running.
-    pub in_flight: AtomicI64,
+    /// Slots holding a request that is decoding.
+    pub slots_in_use: AtomicI64,
+    /// `--max-batch` (or the model's own limit, if lower).
+    slots: usize,
     counters: Mutex<Counters>,
 }
 
@@ -31,7 +33,9 @@ struct Counters {
     /// (endpoint, status code) -> answers.
     requests: BTreeMap<(&'static str, u16), u64>,
     durations: BTreeMap<&'static str, Histogram>,
+    /// Rows of each decoder step.
     batch_sizes: Histogram,
+    queue_wait: Histogram,
     generated_tokens: u64,
     decode_tokens_per_second: f64,
     cancelled_queued: u64,
@@ -85,14 +89,17 @@ impl Histogram {
 }
 
 impl Metrics {
-    pub fn new(max_batch: usize) -> Metrics {
+    /// Metrics of a server with `slots` slots.
+    pub fn new(slots: usize) -> Metrics {
         Metrics {
             queue_depth: AtomicI64::new(0),
-            in_flight: AtomicI64::new(0),
+            slots_in_use: AtomicI64::new(0),
+            slots,
             counters: Mutex::new(Counters {
                 requests: BTreeMap::new(),
                 durations: BTreeMap::new(),
-                batch_sizes: Histogram::new((1..=max_batch).map(|n| n as f64).collect()),
+                batch_sizes: Histogram::new((1..=slots).map(|n| n as f64).collect()),
+                queue_wait: Histogram::new(DURATION_BUCKETS.to_vec()),
                 generated_tokens: 0,
                 decode_tokens_per_second: 0.0,
                 cancelled_queued: 0,
@@ -116,15 +123,24 @@ impl Metrics {
             .observe(duration.as_secs_f64());
     }
 
-    /// One batch run by the worker: its size, tokens generated, and decode speed (rows x steps
-    /// over the decode time; `None` when it had no decode step).
-    pub fn record_batch(&self, size: usize, generated_tokens: usize, tokens_per_second: Option<f64>) {
+    /// One decoder step of the worker: its rows and how long it took.
+    pub fn record_step(&self, rows: usize, took: Duration) {
         let mut c = self.counters();
-        c.batch_sizes.observe(size as f64);
-        c.generated_tokens += generated_tokens as u64;
-        if let Some(rate) = tokens_per_second {
-            c.decode_tokens_per_second = rate;
+        c.batch_sizes.observe(rows as f64);
+        let seconds = took.as_secs_f64();
+        if seconds > 0.0 {
+            c.decode_tokens_per_second = rows as f64 / seconds;
         }
+    }
+
+    /// An answer of `tokens` generated tokens was sent.
+    pub fn record_generated(&self, tokens: usize) {
+        self.counters().generated_tokens += tokens as u64;
+    }
+
+    /// A job left the queue for a slot after `waited`.
+    pub fn record_queued(&self, waited: Duration) {
+        self.counters().queue_wait.observe(waited.as_secs_f64());
     }
 
     pub fn record_cancelled(&self, at: CancelledAt) {
@@ -163,10 +179,16 @@ impl Metrics {
                 self.queue_depth.load(Ordering::Relaxed).to_string(),
             ),
             (
-                "paligemma_in_flight",
+                "paligemma_slots",
                 "gauge",
-                "Requests in the batch the model is running.",
-                self.in_flight.load(Ordering::Relaxed).to_string(),
+                "Requests the model decodes at most at once (--max-batch).",
+                self.slots.to_string(),
+            ),
+            (
+                "paligemma_slots_in_use",
+                "gauge",
+                "Slots holding a request that is decoding.",
+                self.slots_in_use.load(Ordering::Relaxed).to_string(),
             ),
             (
                 "paligemma_generated_tokens_total",
@@ -177,7 +199,7 @@ impl Metrics {
             (
                 "paligemma_decode_tokens_per_second",
                 "gauge",
-                "Decode speed of the last batch: rows x decode steps / decode time.",
+                "Decode speed of the last decoder step: its rows / its time.",
                 c.decode_tokens_per_second.to_string(),
             ),
             (
@@ -195,12 +217,24 @@ impl Metrics {
             &mut out,
             "paligemma_cancelled_total",
             "counter",
-            "Requests whose client went away: skipped in the queue, or stopped inside a running batch.",
+            "Requests whose client went away: skipped in the queue, or stopped in their slot.",
         );
         let _ = writeln!(out, "paligemma_cancelled_total{{stage=\"queued\"}} {}", c.cancelled_queued);
         let _ = writeln!(out, "paligemma_cancelled_total{{stage=\"running\"}} {}", c.cancelled_running);
-        header(&mut out, "paligemma_batch_size", "histogram", "Requests per batch the model ran.");
+        header(
+            &mut out,
+            "paligemma_batch_size",
+            "histogram",
+            "Rows of each decoder step: requests decoding together.",
+        );
         c.batch_sizes.write(&mut out, "paligemma_batch_size", "");
+        header(
+            &mut out,
+            "paligemma_queue_wait_seconds",
+            "histogram",
+            "Time from a request's arrival in the queue to its slot.",
+        );
+        c.queue_wait.write(&mut out, "paligemma_queue_wait_seconds", "");
         header(
             &mut out,
             "paligemma_request_duration_seconds",
@@ -221,8 +255,10 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative_and_end_in_inf() {
         let m = Metrics::new(3);
-        m.record_batch(1, 5, Some(10.0));
-        m.record_batch(3, 7, None);
+        m.record_step(1, Duration::from_millis(100));
+        m.record_step(3, Duration::from_millis(300));
+        m.record_generated(5);
+        m.record_generated(7);
         let text = m.render();
         for line in [
             "paligemma_batch_size_bucket{le=\"1\"} 1",
@@ -233,6 +269,7 @@ mod tests {
             "paligemma_batch_size_count 2",
             "paligemma_generated_tokens_total 12",
             "paligemma_decode_tokens_per_second 10",
+            "paligemma_slots 3",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing in\n{text}");
         }

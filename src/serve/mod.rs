@@ -39,10 +39,10 @@ use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 
 use crate::api::{ErrorCode, ErrorType};
-use crate::pipeline::{Pipeline, PipelineOptions, Request};
+use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::prompt::PromptEncoder;
 use crate::serve::api::{ApiError, Limits};
-use crate::serve::batcher::Queue;
+use crate::serve::batcher::{Batching, Queue};
 use crate::serve::connections::{ConnectionLimits, Running};
 use crate::serve::metrics::Metrics;
 
@@ -51,6 +51,7 @@ pub struct ServeOptions {
     pub host: String,
     pub port: u16,
     pub max_batch: usize,
+    pub batching: Batching,
     pub max_queue: usize,
     pub limits: Limits,
     pub connections: ConnectionLimits,
@@ -94,21 +95,21 @@ pub fn run(options: ServeOptions) -> Result<()> {
         dtype: options.pipeline.dtype.to_string(),
         providers: BTreeMap::new(),
     };
-    let mut pipeline = Pipeline::load(options.pipeline)?;
+    let pipeline = Pipeline::load(options.pipeline)?;
     for warning in pipeline.warnings() {
         eprintln!("warning: {warning}");
     }
     if !pipeline.supports_batching() {
-        eprintln!("note: this decoder has no attention_mask/token_type_ids inputs (a community export): the requests of a batch run one at a time");
+        eprintln!("note: this decoder has no attention_mask/token_type_ids inputs (a community export): requests run one at a time");
     }
     let info = ModelInfo {
         providers: pipeline.providers().iter().cloned().collect(),
         ..info
     };
     let prompts = pipeline.prompt_encoder();
-    let metrics = Arc::new(Metrics::new(options.max_batch));
-    let runner = move |requests: &[Request], on_token: &mut dyn FnMut(usize, &str) -> bool| pipeline.run_until(requests, on_token);
-    let (queue, worker) = batcher::start(runner, options.max_batch, options.max_queue, Arc::clone(&metrics))
+    let slots = pipeline.capacity().map_or(options.max_batch, |c| c.min(options.max_batch));
+    let metrics = Arc::new(Metrics::new(slots));
+    let (queue, worker) = batcher::start(pipeline, slots, options.batching, options.max_queue, Arc::clone(&metrics))
         .context("cannot start the model worker thread")?;
     let state = Arc::new(AppState {
         queue,
