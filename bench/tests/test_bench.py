@@ -18,12 +18,13 @@ from export import cpu
 REPO = Path(__file__).resolve().parents[2]
 BINARY = REPO / "target/release/paligemma"
 TOKENS, LONG, BATCH = 6, 24, 3
-# One worker runs them all under `pytest -n 2 --dist loadgroup` (.ci/run): the module fixture runs
-# the whole benchmark once.
+# One worker runs them all under `pytest -n 2 --dist loadgroup` (.ci/run), and `results` is
+# session-scoped (a module-scoped one is torn down whenever the worker's next test is another
+# module's): the whole benchmark runs once.
 pytestmark = pytest.mark.xdist_group("bench")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def results(tmp_path_factory):
     assert BINARY.is_file(), f"{BINARY} is missing: `cargo build --release` (bash .ci/setup does)"
     work = tmp_path_factory.mktemp("bench")
