@@ -1,6 +1,17 @@
 """`python -m bench.load`: a bounded load test of `paligemma serve` on loopback.
 
-Steps, for `--max-batch N` and then `--max-batch 1` (the batching gain is their throughput ratio):
+Two workloads:
+- `closed` (the default): clients that each wait for their answer, with bad requests mixed in;
+  `--max-batch N` against `--max-batch 1` (the batching gain is their throughput ratio).
+- `mixed`: open-loop arrivals at `--rate` per second, each asking for a number of new tokens
+  drawn from `--lengths` (default 4-128, forced with min_new_tokens), against one server with
+  `--batching continuous` and one with `--batching static`, both with `--max-batch N`: the
+  throughput ratio and the median latency of the short requests (at most `--short` tokens), the
+  ones a static batch makes wait for its longest row. Each answer must equal the first tokens of
+  the same image and prompt run alone at the longest length (greedy tokens under
+  min_new_tokens do not depend on where the request stops).
+
+Steps of `closed`, for `--max-batch N` and then `--max-batch 1`:
  1. start `paligemma serve` on a free port and wait for its `listening on` line;
  2. send every request of the mix once, alone: the answers each loaded request must equal;
  3. run `--clients` threads for `--seconds`, each sending the mix's requests in turn and waiting
@@ -21,6 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import random
 import signal
 import statistics
 import subprocess
@@ -68,7 +80,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the server")
     parser.add_argument("--bad-every", type=int, default=4, help="every Nth request of a client is a bad one (0: none)")
     parser.add_argument("--out", type=Path, default=REPO / "target/bench/load-results", help="results.json and results.md go here")
-    return parser.parse_args(argv)
+    parser.add_argument("--workload", choices=("closed", "mixed"), default="closed")
+    parser.add_argument("--rate", type=float, default=4.0, help="mixed: arrivals per second (open loop)")
+    parser.add_argument("--lengths", default="4-128", help="mixed: max_new_tokens drawn uniformly from LOW-HIGH")
+    parser.add_argument("--short", type=int, default=16, help="mixed: requests of at most this many tokens count as short")
+    parser.add_argument("--seed", type=int, default=0, help="mixed: the arrival schedule's seed")
+    args = parser.parse_args(argv)
+    low, _, high = args.lengths.partition("-")
+    if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+        parser.error(f"--lengths {args.lengths}: give LOW-HIGH, e.g. 4-128")
+    args.lengths = (int(low), int(high))
+    return args
 
 
 class Server:
@@ -106,13 +128,14 @@ class Server:
             return self.process.wait()
 
 
-def request_body(image: str | None, prompt: str, args: argparse.Namespace, max_new_tokens: int | None = None) -> bytes:
+def request_body(
+    image: str | None, prompt: str, args: argparse.Namespace, max_new_tokens: int | None = None, min_new_tokens: int | None = None
+) -> bytes:
     """A /v1/generate body; `image` None sends bytes that are no image."""
     data = base64.b64encode((IMAGES / image).read_bytes() if image else b"not an image").decode()
     max_new = args.max_new_tokens if max_new_tokens is None else max_new_tokens
-    return json.dumps(
-        {"image": data, "prompt": prompt, "max_new_tokens": max_new, "min_new_tokens": min(args.min_new_tokens, max_new)}
-    ).encode()
+    min_new = min(args.min_new_tokens, max_new) if min_new_tokens is None else min_new_tokens
+    return json.dumps({"image": data, "prompt": prompt, "max_new_tokens": max_new, "min_new_tokens": min_new}).encode()
 
 
 def post(url: str, body: bytes) -> tuple[int | None, dict | None]:
@@ -177,7 +200,7 @@ def client(
 
 
 def batch_sizes(metrics: str) -> dict[str, float]:
-    """Mean batch size and batches run, from the paligemma_batch_size histogram."""
+    """Decoder steps run ("batches") and their mean rows, from the paligemma_batch_size histogram."""
     values = {}
     for line in metrics.splitlines():
         for name in ("paligemma_batch_size_sum", "paligemma_batch_size_count"):
@@ -192,19 +215,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def start_server(args: argparse.Namespace, max_batch: int, *extra: str) -> Server:
+    return Server(args.binary, args.model, "--dtype", args.dtype, "--threads", str(args.threads), "--max-batch", str(max_batch), *extra)
+
+
 def load(args: argparse.Namespace, max_batch: int) -> dict:
-    server = Server(
-        args.binary,
-        args.model,
-        "--dtype",
-        args.dtype,
-        "--threads",
-        str(args.threads),
-        "--max-batch",
-        str(max_batch),
-        "--max-queue",
-        str(2 * args.clients),
-    )
+    server = start_server(args, max_batch, "--max-queue", str(2 * args.clients))
     try:
         bodies = [request_body(image, prompt, args) for image, prompt in MIX]
         bad = [(request_body(image, prompt, args, max_new), code) for image, prompt, max_new, code in BAD_MIX]
@@ -254,11 +270,121 @@ def load(args: argparse.Namespace, max_batch: int) -> dict:
     }
 
 
+@dataclass
+class Arrival:
+    at_s: float  # after the start of the run
+    pair: int  # index into MIX
+    tokens: int
+
+
+def schedule(args: argparse.Namespace) -> list[Arrival]:
+    """The mixed workload's arrivals: one every 1/rate seconds, seeded draws of pair and length."""
+    rng = random.Random(args.seed)
+    low, high = args.lengths
+    return [Arrival(i / args.rate, rng.randrange(len(MIX)), rng.randint(low, high)) for i in range(int(args.seconds * args.rate))]
+
+
+def mixed(args: argparse.Namespace, batching: str) -> dict:
+    """One open-loop run of the mixed workload against a server with `--batching batching`."""
+    arrivals = schedule(args)
+    longest = args.lengths[1]
+    cap = ("--max-queue", str(len(arrivals) + 1), "--max-new-tokens-cap", str(longest))
+    server = start_server(args, args.max_batch, "--batching", batching, *cap)
+    try:
+        expected = []
+        for image, prompt in MIX:
+            status, answer = post(server.url, request_body(image, prompt, args, longest, longest))
+            if status != 200:
+                raise SystemExit(f"error: {image} {prompt!r} alone answered {status}; server log:\n{''.join(server.log)[-3000:]}")
+            expected.append(answer["token_ids"])
+        before = batch_sizes(server.metrics())
+        results: list[tuple[Arrival, int | None, float, bool]] = []
+        lock = threading.Lock()
+        began = time.monotonic()
+
+        def send(arrival: Arrival) -> None:
+            image, prompt = MIX[arrival.pair]
+            body = request_body(image, prompt, args, arrival.tokens, arrival.tokens)
+            time.sleep(max(0.0, began + arrival.at_s - time.monotonic()))
+            status, answer = post(server.url, body)
+            # Latency from the scheduled arrival: a late sender does not hide queueing.
+            took = time.monotonic() - began - arrival.at_s
+            right = status == 200 and answer["token_ids"] == expected[arrival.pair][: arrival.tokens]
+            with lock:
+                results.append((arrival, status, took, right))
+
+        threads = [threading.Thread(target=send, args=(a,)) for a in arrivals]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - began
+        after = batch_sizes(server.metrics())
+    finally:
+        exit_code = server.stop()
+    ok = [(a, took) for a, status, took, _ in results if status == 200]
+    steps = after["batches"] - before["batches"]
+    errors: dict[str, int] = {}
+    for _, status, _, _ in results:
+        if status != 200:
+            key = "lost" if status is None else str(status)
+            errors[key] = errors.get(key, 0) + 1
+    return {
+        "batching": batching,
+        "max_batch": args.max_batch,
+        "sent": len(arrivals),
+        "answered": len(ok),
+        "errors": errors,
+        "lost": errors.get("lost", 0),
+        "wrong_answers": sum(1 for _, status, _, right in results if status == 200 and not right),
+        "seconds": elapsed,
+        "requests_per_s": len(ok) / elapsed,
+        "tokens_per_s": sum(a.tokens for a, _ in ok) / elapsed,
+        "p50_ms": percentile([t for _, t in ok], 0.50) * 1e3,
+        "p99_ms": percentile([t for _, t in ok], 0.99) * 1e3,
+        "short_requests": sum(1 for a, _ in ok if a.tokens <= args.short),
+        "p50_short_ms": percentile([t for a, t in ok if a.tokens <= args.short], 0.50) * 1e3,
+        "steps": steps,
+        "mean_rows_per_step": (after["mean_batch_size"] * after["batches"] - before["mean_batch_size"] * before["batches"]) / steps
+        if steps
+        else 0.0,
+        "exit_code_after_sigterm": exit_code,
+    }
+
+
+def mixed_markdown(runs: list[dict], args: argparse.Namespace) -> str:
+    continuous, static = runs
+    model = args.model.name if args.model.name != "onnx" else args.model.parent.name
+    lines = [
+        f"Open loop: {args.rate:g} requests/s for {args.seconds:g} s, max_new_tokens {args.lengths[0]}-{args.lengths[1]} "
+        f"(seed {args.seed}), --max-batch {args.max_batch}, model {model}, {args.dtype}, {args.threads} threads; "
+        f"short: at most {args.short} tokens",
+        "",
+        "| --batching | sent | answered | requests/s | tokens/s | p50 ms | p99 ms | short | p50 short ms | rows/step | errors | lost "
+        "| wrong answers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        errors = sum(r["errors"].values()) - r["lost"]
+        lines.append(
+            f"| {r['batching']} | {r['sent']} | {r['answered']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['short_requests']} | {r['p50_short_ms']:.0f} | "
+            f"{r['mean_rows_per_step']:.2f} | {errors} | {r['lost']} | {r['wrong_answers']} |"
+        )
+    throughput = continuous["tokens_per_s"] / static["tokens_per_s"] if static["tokens_per_s"] else float("nan")
+    short = continuous["p50_short_ms"] / static["p50_short_ms"] if static["p50_short_ms"] else float("nan")
+    lines += [
+        "",
+        f"Continuous vs static: throughput (tokens/s) {throughput:.2f}x, p50 latency of short requests {short:.2f}x",
+    ]
+    return "\n".join(lines)
+
+
 def markdown(runs: list[dict], args: argparse.Namespace) -> str:
     gain = runs[0]["requests_per_s"] / runs[1]["requests_per_s"] if runs[1]["requests_per_s"] else float("nan")
     model = args.model.name if args.model.name != "onnx" else args.model.parent.name
     columns = (
-        "--max-batch | answered | requests/s | tokens/s | p50 ms | p99 ms | mean batch | errors | lost | wrong answers "
+        "--max-batch | answered | requests/s | tokens/s | p50 ms | p99 ms | rows/step | errors | lost | wrong answers "
         "| bad sent | bad misanswered"
     )
     lines = [
@@ -281,13 +407,17 @@ def markdown(runs: list[dict], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = [load(args, args.max_batch), load(args, 1)]
-    text = markdown(runs, args)
+    if args.workload == "mixed":
+        runs = [mixed(args, "continuous"), mixed(args, "static")]
+        text = mixed_markdown(runs, args)
+    else:
+        runs = [load(args, args.max_batch), load(args, 1)]
+        text = markdown(runs, args)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=2) + "\n")
-    bad = [r for r in runs if r["errors"] or r["wrong_answers"] or r["bad_misanswered"] or r["exit_code_after_sigterm"] != 0]
+    bad = [r for r in runs if r["errors"] or r["wrong_answers"] or r.get("bad_misanswered") or r["exit_code_after_sigterm"] != 0]
     return 1 if bad else 0
 
 

@@ -4,7 +4,8 @@ Steps:
  1. check the arguments and the inputs that are cheap to check (OUT_DIR, the VAE npz, the config)
     before any weight is loaded;
  2. load the model with eager attention (sdpa drops Gemma 2's attention softcap);
- 3. export each graph into a sibling work directory, copy the tokenizer and processor files;
+ 3. export each graph into a sibling work directory (fp32: also the GroupQueryAttention decoder,
+    decoder_gqa.py), copy the tokenizer and processor files;
  4. with --quantize, write int8 / q4 copies of the fp32 graphs (quantize.py);
  5. write manifest.json last, then move the directory into place, so a crash never leaves an
     OUT_DIR that looks complete.
@@ -18,7 +19,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import decoder, embedding, manifest, quantize, segmentation, vision
+from . import decoder, decoder_gqa, embedding, manifest, quantize, segmentation, vision
 from .errors import ExportError
 from .graph import export_graph
 
@@ -123,6 +124,10 @@ def convert(
     try:
         for graph, make_spec in (("vision_encoder", vision.spec), ("embed_tokens", embedding.spec), ("decoder", decoder.spec)):
             export_graph(make_spec(hf), work / manifest.graph_path(graph, dtype))
+        # The in-place-cache flavour, fp32 only: float16 GroupQueryAttention is a GPU build's concern.
+        gqa = dtype == "fp32"
+        if gqa:
+            decoder_gqa.export(hf, work / manifest.graph_path("decoder_gqa", dtype))
         del hf
         quantized = {}
         for q in quantize_to:
@@ -138,7 +143,7 @@ def convert(
         generation_config.to_json_file(work / "generation_config.json")
         processor.image_processor.to_json_file(work / "preprocessor_config.json")
         facts = manifest.model_facts(hf_config(src), processor, generation_config)
-        manifest.write_manifest(work, source=model, facts=facts, dtype=dtype, seg_decoder=seg_path, quantized=quantized)
+        manifest.write_manifest(work, source=model, facts=facts, dtype=dtype, seg_decoder=seg_path, quantized=quantized, decoder_gqa=gqa)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)

@@ -262,7 +262,9 @@ def write_nomask_variant(source: Path, onnx_dir: Path, out_dir: Path) -> None:
     m = json.loads((out_dir / "manifest.json").read_text())
     m["dtypes"] = ["fp32"]
     m["quantization"] = {}  # it records the quantized dtypes, and none are left
-    m["graphs"] = {g: {"fp32": files["fp32"]} for g, files in m["graphs"].items()}
+    # The community layout has one decoder: no GroupQueryAttention flavour beside it.
+    (out_dir / manifest.graph_path("decoder_gqa", "fp32")).unlink(missing_ok=True)
+    m["graphs"] = {g: {"fp32": files["fp32"]} for g, files in m["graphs"].items() if g != "decoder_gqa"}
     m["files"] = [f for f in m["files"] if (out_dir / f).is_file()]
     m["file_sizes"] = {f: (out_dir / f).stat().st_size for f in m["files"]}
     (out_dir / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")

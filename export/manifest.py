@@ -15,7 +15,8 @@ from .quantize import WEIGHT_FORMATS
 
 FORMAT = "paligemma-onnx"
 # 2: adds `quantization` (what each quantized dtype's graphs hold; int8 weights became uint8).
-FORMAT_VERSION = 2
+# 3: adds `graphs.decoder_gqa` (the GroupQueryAttention decoder, fp32 conversions; see decoder_gqa.py).
+FORMAT_VERSION = 3
 
 # transformers.js file-name suffixes per dtype (model.onnx, model_fp16.onnx, ...).
 DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "q4": "_q4"}
@@ -23,7 +24,10 @@ GRAPH_STEMS = {
     "vision_encoder": "vision_encoder",
     "embed_tokens": "embed_tokens",
     "decoder": "decoder_model_merged",
+    "decoder_gqa": "decoder_model_gqa",
 }
+# Graphs every conversion has; decoder_gqa is listed only where it was built.
+REQUIRED_GRAPHS = ("vision_encoder", "embed_tokens", "decoder")
 
 
 def graph_path(graph: str, dtype: str) -> str:
@@ -80,6 +84,7 @@ def write_manifest(
     dtype: str,
     seg_decoder: str | None,
     quantized: dict[str, tuple[str, ...]] | None = None,
+    decoder_gqa: bool = False,
 ) -> Path:
     """`quantized`: dtype key ("int8", "q4") -> the graphs that have a file of their own in it; the
     others of that dtype run the `dtype` file. The seg decoder has one float32 file for every dtype.
@@ -88,7 +93,7 @@ def write_manifest(
     dtypes = [dtype, *quantized]
     graphs = {
         g: {dtype: graph_path(g, dtype), **{q: graph_path(g, q if g in own else dtype) for q, own in quantized.items()}}
-        for g in GRAPH_STEMS
+        for g in (*REQUIRED_GRAPHS, *(("decoder_gqa",) if decoder_gqa else ()))
     }
     if seg_decoder:
         graphs["seg_decoder"] = {d: seg_decoder for d in dtypes}

@@ -52,7 +52,7 @@ WEIGHT_FORMATS = {
 # three tiny test checkpoints (teacher-forced top-1 agreement with fp32, see README): quantizing the
 # vision encoder or the embedding as well as the decoder cost 1-8 points more each. The embedding
 # costs no memory to leave in fp32: ONNX Runtime maps its data file and only looked-up rows are read.
-QUANTIZED_GRAPHS = {"int8": ("decoder",), "q4": ("decoder",)}
+QUANTIZED_GRAPHS = {"int8": ("decoder", "decoder_gqa"), "q4": ("decoder", "decoder_gqa")}
 ALIGN = 4096  # external data offsets on page boundaries, so ONNX Runtime can map them
 
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
-use crate::config::Dtype;
+use crate::config::{DecoderFlavour, Dtype};
 use crate::onnxruntime::{check_unique, ExecutionProvider};
 use crate::pipeline::PipelineOptions;
 use crate::prompt::DEFAULT_MAX_PROMPT_TOKENS;
@@ -27,6 +27,12 @@ pub struct RuntimeArgs {
     /// Which of the model's graphs to run (the manifest's dtype keys).
     #[arg(long, value_enum, default_value_t = Dtype::Fp32)]
     pub dtype: Dtype,
+    /// Which decoder graph runs: `gqa` (ONNX Runtime's GroupQueryAttention, the KV cache updated
+    /// in place; conversions since format version 3, fp32 and quantized dtypes), `portable`
+    /// (standard ONNX attention, every execution provider), or `auto`: gqa where the model has it
+    /// and the providers are CPU only.
+    #[arg(long, value_enum, default_value_t = DecoderFlavour::Auto)]
+    pub decoder: DecoderFlavour,
     /// Most text tokens a prompt may hold (`<bos>`, the task, `\n`; the image tokens are not
     /// counted): what a request costs grows with its tokens, not its characters.
     #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize))]
@@ -45,6 +51,7 @@ impl RuntimeArgs {
         };
         let mut options = PipelineOptions::new(model);
         options.dtype = self.dtype;
+        options.decoder = self.decoder;
         check_unique(&self.ep)?;
         options.providers = self.ep.clone();
         options.threads = self.threads;
@@ -96,5 +103,15 @@ impl clap::ValueEnum for Dtype {
             Dtype::Q4 => value.alias("int4").help("4-bit weights (`--quantize int4` writes them)"),
             _ => value,
         })
+    }
+}
+
+impl clap::ValueEnum for DecoderFlavour {
+    fn value_variants<'a>() -> &'a [Self] {
+        &DecoderFlavour::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
     }
 }

@@ -57,12 +57,41 @@ impl std::str::FromStr for Dtype {
     }
 }
 
+/// Which of the manifest's decoder graphs runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DecoderFlavour {
+    /// `decoder_gqa` where the model has it for the dtype and the providers are CPU only (its
+    /// graphs are float32, which ONNX Runtime's CUDA GroupQueryAttention does not run), else
+    /// `decoder`.
+    #[default]
+    Auto,
+    /// `decoder`: standard ONNX attention, `present = concat(past, new)` at every run; every
+    /// execution provider runs it (TensorRT runs no contrib ops).
+    Portable,
+    /// `decoder_gqa`: ONNX Runtime's GroupQueryAttention, the KV cache updated in place.
+    Gqa,
+}
+
+impl DecoderFlavour {
+    /// Every flavour, in the order `--help` lists them.
+    pub const ALL: [DecoderFlavour; 3] = [DecoderFlavour::Auto, DecoderFlavour::Portable, DecoderFlavour::Gqa];
+
+    /// The name `--decoder` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecoderFlavour::Auto => "auto",
+            DecoderFlavour::Portable => "portable",
+            DecoderFlavour::Gqa => "gqa",
+        }
+    }
+}
+
 /// The manifest's file name in a model directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 const FORMAT: &str = "paligemma-onnx";
-/// Version 2 adds `quantization`; version 1 manifests still load (their int8 graphs hold int8
-/// weights, see [`Manifest::weight_format`]).
-const FORMAT_VERSIONS: std::ops::RangeInclusive<u32> = 1..=2;
+/// Version 2 adds `quantization`, version 3 `graphs.decoder_gqa`; version 1 manifests still load
+/// (their int8 graphs hold int8 weights, see [`Manifest::weight_format`]).
+const FORMAT_VERSIONS: std::ops::RangeInclusive<u32> = 1..=3;
 
 /// Why a model directory's `manifest.json` cannot be used. Every variant names the manifest's path.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +112,7 @@ pub enum ConfigError {
         /// serde_json's error, with its line and column.
         message: String,
     },
-    /// `format` is not `"paligemma-onnx"`, or `format_version` is not one this runtime reads (1 to 2).
+    /// `format` is not `"paligemma-onnx"`, or `format_version` is not one this runtime reads (1 to 3).
     #[error("{path}: format {found:?} version {version}, this runtime reads {FORMAT:?} versions {}-{}; a newer manifest needs a newer paligemma, anything else a re-export with this repository's `python -m export convert`", FORMAT_VERSIONS.start(), FORMAT_VERSIONS.end())]
     Format {
         /// The manifest's path.
@@ -107,6 +136,14 @@ pub enum ConfigError {
     UnknownDtype {
         /// The name given.
         name: String,
+    },
+    /// `--decoder gqa` on a model (or dtype) without a GroupQueryAttention decoder.
+    #[error("{path} lists no decoder_gqa graph for dtype {dtype} (conversions before format version 3, and fp16 ones, have none); convert again with this version's `python -m export convert`, or run --decoder portable")]
+    NoGqaDecoder {
+        /// The manifest.
+        path: PathBuf,
+        /// The dtype asked for.
+        dtype: String,
     },
     /// A graph has no file for the dtype asked for (`--dtype`).
     #[error("{path}: the model has no {dtype} graphs (it has: {available}); pick one with --dtype, or convert with --dtype fp32|fp16 or --quantize int8|int4 (dtypes int8, q4)")]
@@ -137,6 +174,11 @@ pub struct Graphs {
     /// The Gemma 2 decoder with KV cache, prefill and steps in one graph: `inputs_embeds f32[B,T,H]`
     /// and `past_key_values.*` -> `logits` and `present.*`.
     pub decoder: GraphFiles,
+    /// The same decoder on ONNX Runtime's `GroupQueryAttention`, whose KV cache the runtime
+    /// updates in place (`export/decoder_gqa.py`): `inputs_embeds`, `position_ids`, `seqlens_k`,
+    /// `total_sequence_length` and `past_key_values.*` -> `logits` and `present.*`. fp32 and
+    /// quantized dtypes of conversions since format version 3.
+    pub decoder_gqa: Option<GraphFiles>,
     /// big_vision's VQ-VAE mask decoder (`vae-oid.npz`), `codes i64[K,16] -> masks f32[K,64,64]`; one
     /// float32 file for every dtype; absent unless converted with `--seg-vae`.
     pub seg_decoder: Option<GraphFiles>,
@@ -260,7 +302,7 @@ impl Manifest {
     /// model: version 2 records every quantized dtype it lists, and only those, in graphs it has.
     fn quantization_problem(&self) -> Option<String> {
         const FLOAT_DTYPES: [&str; 2] = ["fp32", "fp16"];
-        const GRAPHS: [&str; 4] = ["vision_encoder", "embed_tokens", "decoder", "seg_decoder"];
+        const GRAPHS: [&str; 5] = ["vision_encoder", "embed_tokens", "decoder", "decoder_gqa", "seg_decoder"];
         if self.format_version >= 2 {
             if let Some(dtype) = self
                 .dtypes
@@ -351,11 +393,11 @@ mod tests {
 
     #[test]
     fn a_newer_format_version_is_refused_by_name() {
-        let error = scenes_manifest("v3", |json| json["format_version"] = 3.into()).unwrap_err();
+        let error = scenes_manifest("v4", |json| json["format_version"] = 4.into()).unwrap_err();
         assert!(
             error
                 .to_string()
-                .contains("version 3, this runtime reads \"paligemma-onnx\" versions 1-2; a newer manifest needs a newer paligemma"),
+                .contains("version 4, this runtime reads \"paligemma-onnx\" versions 1-3; a newer manifest needs a newer paligemma"),
             "{error}"
         );
     }

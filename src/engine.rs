@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::{s, Array2, Array3, ArrayView1, ArrayView3, Axis};
 
-use crate::session::{CacheRow, KvCache, ModelError, ModelSessions};
+use crate::session::{CacheRow, KvCache, ModelError, ModelSessions, SlotCache, SlotSource};
 
 /// One prepared request: pixel values f32[3,S,S] and prompt ids (see `prompt`).
 pub struct Prepared {
@@ -147,21 +147,30 @@ struct Row {
     slot: SlotId,
     min_new_tokens: usize,
     max_new_tokens: usize,
+    /// Cache positions the row can need: its prompt and every token but its last.
+    limit: usize,
     /// Tokens chosen so far, `<eos>` excluded.
     generated: usize,
-    /// The last chosen id, fed at the next step, and its 1-based position.
+    /// The last chosen id, fed at the next step, and its 1-based position (which is also the
+    /// number of positions the row has in the cache).
     next_input: i64,
     position: i64,
     /// Its caller stopped it; it leaves before the next run.
     released: bool,
 }
 
-/// The batch's decoder state: the KV cache and, per row, which positions are real and which are
-/// prompt (token type 0) or generated (1). `[R,P]` each.
-struct Batch {
-    cache: KvCache,
-    attention_mask: Array2<i64>,
-    token_type_ids: Array2<i64>,
+/// The batch's decoder state.
+enum Batch {
+    /// The portable decoder's: the KV cache `[R,KVH,P,D]` with each row right-aligned, and per row
+    /// which positions are real and which are prompt (token type 0) or generated (1), `[R,P]`.
+    Padded {
+        cache: KvCache,
+        attention_mask: Array2<i64>,
+        token_type_ids: Array2<i64>,
+    },
+    /// The GroupQueryAttention decoder's: rows from position 0, each as long as its `position`,
+    /// written in place.
+    Slots(Box<SlotCache>),
 }
 
 /// Live rows and their decoder state; see the module docs.
@@ -188,22 +197,13 @@ impl Engine {
         let lookup = input_ids.mapv(|t| if t == image_token_id { 0 } else { t });
         let mut embeds = sessions.embed_tokens(lookup.view())?;
         splice_image_features(&mut embeds, &input_ids, features.view(), image_token_id)?;
-        let attention_mask = Array2::<i64>::ones((1, len));
-        let token_type_ids = Array2::<i64>::zeros((1, len));
-        let positions = Array2::from_shape_fn((1, len), |(_, i)| i as i64 + 1);
-        let mut cache = sessions.new_cache(1)?;
-        let logits = sessions.decode(
-            embeds.view(),
-            attention_mask.view(),
-            token_type_ids.view(),
-            positions.view(),
-            &mut cache,
-        )?;
+        let (logits, cache) = sessions.prefill(embeds.view())?;
         self.next_slot += 1;
         let mut row = Row {
             slot: SlotId(self.next_slot),
             min_new_tokens: request.min_new_tokens,
             max_new_tokens: request.max_new_tokens,
+            limit: len + request.max_new_tokens.saturating_sub(1),
             generated: 0,
             next_input: 0,
             position: len as i64,
@@ -211,16 +211,34 @@ impl Engine {
         };
         let first = row.choose(logits.row(0), &eos);
         if !first.done {
-            let joining = Batch {
-                cache,
-                attention_mask,
-                token_type_ids,
-            };
-            self.batch = Some(match self.batch.take() {
-                None => joining,
-                Some(batch) => batch.join(sessions, &joining)?,
-            });
+            // The batch is rebuilt from the old one, which stays as it was if that fails.
             self.rows.push(row);
+            let joined = match &self.batch {
+                _ if sessions.in_place() => {
+                    let old = match &self.batch {
+                        Some(Batch::Slots(slots)) => Some(slots.as_ref()),
+                        _ => None,
+                    };
+                    self.slots(sessions, old, Some((&cache, len)), 0)
+                }
+                Some(Batch::Padded {
+                    cache: old,
+                    attention_mask,
+                    token_type_ids,
+                }) => join_padded(sessions, old, attention_mask, token_type_ids, &cache, len),
+                _ => Ok(Batch::Padded {
+                    cache,
+                    attention_mask: Array2::ones((1, len)),
+                    token_type_ids: Array2::zeros((1, len)),
+                }),
+            };
+            match joined {
+                Ok(batch) => self.batch = Some(batch),
+                Err(e) => {
+                    self.rows.pop();
+                    return Err(e);
+                }
+            }
         }
         Ok(Admitted {
             first,
@@ -235,21 +253,37 @@ impl Engine {
             let kept: Vec<usize> = (0..self.rows.len()).filter(|&r| !self.rows[r].released).collect();
             self.keep(sessions, &kept)?;
         }
-        let Some(batch) = self.batch.as_mut() else {
+        if self.rows.is_empty() {
             return Ok(Vec::new());
-        };
+        }
         let rows = self.rows.len();
         let next = Array2::from_shape_fn((rows, 1), |(r, _)| self.rows[r].next_input);
         let positions = Array2::from_shape_fn((rows, 1), |(r, _)| self.rows[r].position + 1);
         let embeds = sessions.embed_tokens(next.view())?;
-        batch.grow()?;
-        let logits = sessions.decode(
-            embeds.view(),
-            batch.attention_mask.view(),
-            batch.token_type_ids.view(),
-            positions.view(),
-            &mut batch.cache,
-        )?;
+        // A slot cache grows (doubling, up to what its rows can need) before a row outgrows it.
+        let needed = self.rows.iter().map(|r| r.position as usize + 1).max().unwrap_or(0);
+        if let Some(Batch::Slots(slots)) = &self.batch {
+            if slots.capacity() < needed {
+                let grown = self.slots(sessions, Some(slots), None, 2 * needed)?;
+                self.batch = Some(grown);
+            }
+        }
+        let logits = match self.batch.as_mut() {
+            Some(Batch::Padded {
+                cache,
+                attention_mask,
+                token_type_ids,
+            }) => {
+                *attention_mask = grown(attention_mask, "attention_mask")?;
+                *token_type_ids = grown(token_type_ids, "token_type_ids")?;
+                sessions.decode(embeds.view(), attention_mask.view(), token_type_ids.view(), positions.view(), cache)?
+            }
+            Some(Batch::Slots(slots)) => {
+                let seqlens: Vec<i32> = self.rows.iter().map(|r| i32::try_from(r.position).unwrap_or(i32::MAX)).collect();
+                sessions.step_slots(embeds.view(), positions.view(), &seqlens, slots)?
+            }
+            None => return Ok(Vec::new()),
+        };
         let eos = sessions.manifest().eos_token_id.clone();
         let emitted: Vec<Emitted> = self
             .rows
@@ -283,18 +317,65 @@ impl Engine {
 
     /// Keeps rows `kept` (in order) and drops the others.
     fn keep(&mut self, sessions: &ModelSessions, kept: &[usize]) -> Result<(), ModelError> {
-        let batch = match self.batch.take() {
-            Some(batch) if !kept.is_empty() => Some(batch.keep(sessions, kept)?),
-            _ => None,
-        };
-        self.batch = batch;
         let mut k = 0;
-        self.rows.retain(|_| {
+        let mut rows = std::mem::take(&mut self.rows);
+        rows.retain(|_| {
             let keep = kept.contains(&k);
             k += 1;
             keep
         });
+        let batch = self.batch.take();
+        self.rows = rows;
+        self.batch = match batch {
+            _ if kept.is_empty() => None,
+            Some(Batch::Padded {
+                cache,
+                attention_mask,
+                token_type_ids,
+            }) => Some(keep_padded(sessions, &cache, &attention_mask, &token_type_ids, kept)?),
+            Some(Batch::Slots(slots)) => {
+                // self.rows are the kept rows now; their positions sit at `kept` in `slots`.
+                let sources: Vec<(SlotSource<'_>, usize)> = kept
+                    .iter()
+                    .zip(&self.rows)
+                    .map(|(&r, row)| (SlotSource::Slots(&slots, r), row.position as usize))
+                    .collect();
+                let capacity = self.capacity(slots.capacity());
+                Some(Batch::Slots(Box::new(sessions.assemble_slots(&sources, capacity)?)))
+            }
+            None => None,
+        };
         Ok(())
+    }
+
+    /// A slot cache of the live rows (the last one `joining`, a prefill's cache and length, if
+    /// given; the others' positions from `old`), holding at least `at_least` positions.
+    fn slots(
+        &self,
+        sessions: &ModelSessions,
+        old: Option<&SlotCache>,
+        joining: Option<(&KvCache, usize)>,
+        at_least: usize,
+    ) -> Result<Batch, ModelError> {
+        let staying = self.rows.len() - usize::from(joining.is_some());
+        let mut sources: Vec<(SlotSource<'_>, usize)> = Vec::with_capacity(self.rows.len());
+        if let Some(old) = old {
+            sources.extend((0..staying).map(|r| (SlotSource::Slots(old, r), self.rows[r].position as usize)));
+        }
+        if let Some((cache, len)) = joining {
+            sources.push((SlotSource::Prefill(cache), len));
+        }
+        let needed = self.rows.iter().map(|r| r.position as usize + 1).max().unwrap_or(0);
+        let capacity = self.capacity(at_least.max(2 * needed));
+        Ok(Batch::Slots(Box::new(sessions.assemble_slots(&sources, capacity)?)))
+    }
+
+    /// `wanted` positions per row, but no more than the longest row can ever need and no fewer
+    /// than the next step needs.
+    fn capacity(&self, wanted: usize) -> usize {
+        let most = self.rows.iter().map(|r| r.limit).max().unwrap_or(0);
+        let needed = self.rows.iter().map(|r| r.position as usize + 1).max().unwrap_or(0);
+        wanted.min(most).max(needed)
     }
 }
 
@@ -319,75 +400,67 @@ impl Row {
     }
 }
 
-impl Batch {
-    fn len(&self) -> usize {
-        self.attention_mask.ncols()
-    }
+/// The padded batch `cache`/`mask`/`types`, then a joining prefill's row of `len` positions,
+/// over the longer of the two lengths.
+fn join_padded(
+    sessions: &ModelSessions,
+    cache: &KvCache,
+    mask: &Array2<i64>,
+    types: &Array2<i64>,
+    joining: &KvCache,
+    len: usize,
+) -> Result<Batch, ModelError> {
+    let total = mask.ncols().max(len);
+    let mut rows: Vec<CacheRow<'_>> = (0..mask.nrows()).map(|row| CacheRow { cache, row, from: 0 }).collect();
+    rows.push(CacheRow {
+        cache: joining,
+        row: 0,
+        from: 0,
+    });
+    let cache = sessions.assemble_cache(&rows, total)?;
+    let (ones, zeros) = (Array2::<i64>::ones((1, len)), Array2::<i64>::zeros((1, len)));
+    let mask_rows: Vec<(&Array2<i64>, &Array2<i64>, usize)> = (0..mask.nrows())
+        .map(|r| (mask, types, r))
+        .chain(std::iter::once((&ones, &zeros, 0)))
+        .collect();
+    let (attention_mask, token_type_ids) = right_aligned(&mask_rows, 0, total);
+    Ok(Batch::Padded {
+        cache,
+        attention_mask,
+        token_type_ids,
+    })
+}
 
-    /// `self`'s rows, then `joining`'s one, over the longer of the two lengths.
-    fn join(self, sessions: &ModelSessions, joining: &Batch) -> Result<Batch, ModelError> {
-        let len = self.len().max(joining.len());
-        let mut rows: Vec<CacheRow<'_>> = (0..self.attention_mask.nrows())
-            .map(|row| CacheRow {
-                cache: &self.cache,
-                row,
-                from: 0,
-            })
-            .collect();
-        rows.push(CacheRow {
-            cache: &joining.cache,
-            row: 0,
-            from: 0,
-        });
-        let cache = sessions.assemble_cache(&rows, len)?;
-        let mask_rows: Vec<(&Array2<i64>, &Array2<i64>, usize)> = (0..self.attention_mask.nrows())
-            .map(|r| (&self.attention_mask, &self.token_type_ids, r))
-            .chain(std::iter::once((&joining.attention_mask, &joining.token_type_ids, 0)))
-            .collect();
-        let (attention_mask, token_type_ids) = right_aligned(&mask_rows, 0, len);
-        Ok(Batch {
-            cache,
-            attention_mask,
-            token_type_ids,
-        })
-    }
+/// Rows `kept` of a padded batch only, without the leading positions that are padding in every
+/// one of them.
+fn keep_padded(
+    sessions: &ModelSessions,
+    cache: &KvCache,
+    mask: &Array2<i64>,
+    types: &Array2<i64>,
+    kept: &[usize],
+) -> Result<Batch, ModelError> {
+    let from = kept
+        .iter()
+        .map(|&r| mask.row(r).iter().position(|&m| m != 0).unwrap_or(mask.ncols()))
+        .min()
+        .unwrap_or(0);
+    let len = mask.ncols() - from;
+    let rows: Vec<CacheRow<'_>> = kept.iter().map(|&row| CacheRow { cache, row, from }).collect();
+    let cache = sessions.assemble_cache(&rows, len)?;
+    let mask_rows: Vec<_> = kept.iter().map(|&r| (mask, types, r)).collect();
+    let (attention_mask, token_type_ids) = right_aligned(&mask_rows, from, len);
+    Ok(Batch::Padded {
+        cache,
+        attention_mask,
+        token_type_ids,
+    })
+}
 
-    /// Rows `kept` only, without the leading positions that are padding in every one of them.
-    fn keep(self, sessions: &ModelSessions, kept: &[usize]) -> Result<Batch, ModelError> {
-        let from = kept
-            .iter()
-            .map(|&r| self.attention_mask.row(r).iter().position(|&m| m != 0).unwrap_or(self.len()))
-            .min()
-            .unwrap_or(0);
-        let len = self.len() - from;
-        let rows: Vec<CacheRow<'_>> = kept
-            .iter()
-            .map(|&row| CacheRow {
-                cache: &self.cache,
-                row,
-                from,
-            })
-            .collect();
-        let cache = sessions.assemble_cache(&rows, len)?;
-        let mask_rows: Vec<_> = kept.iter().map(|&r| (&self.attention_mask, &self.token_type_ids, r)).collect();
-        let (attention_mask, token_type_ids) = right_aligned(&mask_rows, from, len);
-        Ok(Batch {
-            cache,
-            attention_mask,
-            token_type_ids,
-        })
-    }
-
-    /// One more position for every row: real (mask 1) and generated (type 1).
-    fn grow(&mut self) -> Result<(), ModelError> {
-        let ones = Array2::<i64>::ones((self.attention_mask.nrows(), 1));
-        let grown = |what: &'static str, a: &Array2<i64>| {
-            ndarray::concatenate(Axis(1), &[a.view(), ones.view()]).map_err(|source| ModelError::Shape { what, source })
-        };
-        self.attention_mask = grown("attention_mask", &self.attention_mask)?;
-        self.token_type_ids = grown("token_type_ids", &self.token_type_ids)?;
-        Ok(())
-    }
+/// One more position for every row: real (mask 1) and generated (type 1).
+fn grown(a: &Array2<i64>, what: &'static str) -> Result<Array2<i64>, ModelError> {
+    let ones = Array2::<i64>::ones((a.nrows(), 1));
+    ndarray::concatenate(Axis(1), &[a.view(), ones.view()]).map_err(|source| ModelError::Shape { what, source })
 }
 
 /// attention_mask and token_type_ids of the listed rows (source arrays and row), positions `from..`
@@ -422,6 +495,7 @@ mod tests {
             slot: SlotId(1),
             min_new_tokens: 1,
             max_new_tokens: 3,
+            limit: 6,
             generated: 0,
             next_input: 0,
             position: 4,
@@ -441,6 +515,7 @@ mod tests {
             slot: SlotId(1),
             min_new_tokens: 0,
             max_new_tokens: 1,
+            limit: 4,
             generated: 0,
             next_input: 0,
             position: 4,

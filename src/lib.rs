@@ -36,7 +36,7 @@ pub mod cli;
 #[doc(hidden)]
 pub mod serve;
 
-pub use config::{ConfigError, Dtype, Manifest};
+pub use config::{ConfigError, DecoderFlavour, Dtype, Manifest};
 pub use detect::{BoundingBox, Detection};
 pub use engine::Timings;
 pub use mask::{BinaryMask, MaskError, Rle};

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use image::RgbImage;
 
-use crate::config::{ConfigError, Dtype, Manifest};
+use crate::config::{ConfigError, DecoderFlavour, Dtype, Manifest};
 use crate::detect::{parse_detections, parse_segmentation, Detection};
 use crate::engine::{Emitted, Engine, Generated, Prepared, SlotId, Timings};
 use crate::hub::{resolve_model, HubError, HubOptions};
@@ -101,6 +101,9 @@ pub struct PipelineOptions {
     pub model: String,
     /// Which graphs of the manifest to run ([`Dtype::Fp32`] by default).
     pub dtype: Dtype,
+    /// Which decoder graph runs ([`DecoderFlavour::Auto`] by default: the in-place
+    /// GroupQueryAttention one where the model has it and the providers are CPU only).
+    pub decoder: DecoderFlavour,
     /// Execution providers in priority order; empty means ONNX Runtime's default (CPU).
     pub providers: Vec<ExecutionProvider>,
     /// ONNX Runtime intra-op threads per graph (`--threads`; `None`: ONNX Runtime's choice).
@@ -123,6 +126,7 @@ impl PipelineOptions {
         PipelineOptions {
             model: model.into(),
             dtype: Dtype::Fp32,
+            decoder: DecoderFlavour::Auto,
             providers: Vec::new(),
             threads: None,
             ort_lib: None,
@@ -290,7 +294,14 @@ impl Pipeline {
             });
         }
         let prompts = Arc::new(PromptEncoder::load(&model_dir, &manifest, options.max_prompt_tokens)?);
-        let sessions = ModelSessions::open(&model_dir, manifest, options.dtype.as_str(), &options.providers, options.threads)?;
+        let sessions = ModelSessions::open(
+            &model_dir,
+            manifest,
+            options.dtype.as_str(),
+            &options.providers,
+            options.threads,
+            options.decoder,
+        )?;
         Ok(Pipeline {
             model_dir,
             ort,
@@ -329,7 +340,7 @@ impl Pipeline {
     /// `false` for decoders without attention_mask/token_type_ids: requests then run one by one
     /// with the graph's own (full prefix) attention.
     pub fn supports_batching(&self) -> bool {
-        self.sessions.decoder_inputs().supports_batching()
+        self.sessions.supports_batching()
     }
 
     fn prepare(&self, request: &Request) -> Result<(LoadedImage, Prepared), RequestError> {

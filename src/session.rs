@@ -1,5 +1,6 @@
 //! The model's ONNX Runtime sessions, checked against the manifest, with one typed call per graph:
-//! `encode_image`, `embed_tokens`, `decode`, `decode_masks`.
+//! `encode_image`, `embed_tokens`, `prefill` and `decode` (the portable decoder) or `step_slots`
+//! (the GroupQueryAttention decoder, its cache updated in place), `decode_masks`.
 //!
 //! Tensor names follow the transformers.js PaliGemma convention (see `export/`). Only inputs a
 //! graph declares are fed: a community decoder without `attention_mask`/`token_type_ids` still
@@ -9,11 +10,12 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use half::f16;
-use ndarray::{s, Array, Array2, Array3, Array4, ArrayView2, ArrayView3, Dimension, Ix3};
-use ort::session::{RunOptions, Session, SessionInputValue};
+use ndarray::{s, Array, Array2, Array3, Array4, ArrayView2, ArrayView3, Dimension, Ix3, Ix4};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
-use crate::config::{ConfigError, Manifest};
+use crate::config::{ConfigError, DecoderFlavour, Manifest};
 use crate::cpu::{int8_weight_kernels_saturate, INT8_EXACT_FEATURES};
 use crate::onnxruntime::{build_session, ExecutionProvider, SessionError};
 
@@ -192,7 +194,7 @@ impl Graph {
     }
 }
 
-/// Which optional decoder inputs the graph declares.
+/// Which optional inputs the portable decoder declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecoderInputs {
     pub attention_mask: bool,
@@ -213,6 +215,33 @@ impl DecoderInputs {
 pub struct KvCache {
     keys: Vec<DynValue>,
     values: Vec<DynValue>,
+}
+
+/// The GroupQueryAttention decoder's cache: per layer one key and one value buffer
+/// `[R,KVH,capacity,D]`, row r's positions from index 0 (no padding: the graph takes each row's
+/// length), bound through one IoBinding as both `past_key_values.*` and `present.*`, so ONNX
+/// Runtime writes each step's keys and values in place and copies nothing else.
+pub struct SlotCache {
+    keys: Vec<Tensor<f32>>,
+    values: Vec<Tensor<f32>>,
+    binding: IoBinding,
+    capacity: usize,
+}
+
+impl SlotCache {
+    /// Positions each row can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// Where a row of an assembled [`SlotCache`] comes from.
+#[derive(Clone, Copy)]
+pub enum SlotSource<'a> {
+    /// A prefill's cache (`[1,KVH,L,D]`).
+    Prefill(&'a KvCache),
+    /// Row `.1` of a slot cache.
+    Slots(&'a SlotCache, usize),
 }
 
 /// One row of an assembled cache: `cache`'s row `row`, positions `from..P`.
@@ -283,6 +312,8 @@ pub struct ModelSessions {
     seg: Option<Graph>,
     float: Float,
     decoder_inputs: DecoderInputs,
+    /// The decoder is the GroupQueryAttention one (`decoder_gqa`).
+    in_place: bool,
     past_names: Vec<(String, String)>,
     present_names: Vec<(String, String)>,
     /// Run options of prefill runs: the CPU arena shrinks after them (see `Graph::run_shrinking`).
@@ -300,6 +331,7 @@ impl ModelSessions {
         dtype: &str,
         eps: &[ExecutionProvider],
         threads: Option<usize>,
+        flavour: DecoderFlavour,
     ) -> Result<ModelSessions, ModelError> {
         let mut providers = Vec::new();
         let mut warnings = Vec::new();
@@ -323,9 +355,22 @@ impl ModelSessions {
             };
             Graph::open(name, dir, file, eps, threads, entries, &mut providers, &mut warnings)
         };
+        let gqa = g.decoder_gqa.as_ref().filter(|files| files.contains_key(dtype));
+        let in_place = match flavour {
+            DecoderFlavour::Auto => gqa.is_some() && eps.iter().all(|e| *e == ExecutionProvider::Cpu),
+            DecoderFlavour::Portable => false,
+            DecoderFlavour::Gqa if gqa.is_none() => {
+                let (path, dtype) = (dir.join(crate::config::MANIFEST_FILE), dtype.to_string());
+                return Err(ConfigError::NoGqaDecoder { path, dtype }.into());
+            }
+            DecoderFlavour::Gqa => true,
+        };
         let vision = open("vision_encoder", &g.vision_encoder)?;
         let embed = open("embed_tokens", &g.embed_tokens)?;
-        let decoder = open("decoder", &g.decoder)?;
+        let decoder = match gqa {
+            Some(files) if in_place => open("decoder", files)?,
+            _ => open("decoder", &g.decoder)?,
+        };
         let seg = match &g.seg_decoder {
             Some(files) => Some(open("seg_decoder", files)?),
             None => None,
@@ -368,6 +413,7 @@ impl ModelSessions {
             seg,
             float,
             decoder_inputs,
+            in_place,
             past_names,
             present_names,
             providers,
@@ -392,6 +438,11 @@ impl ModelSessions {
         self.embed.check(true, "inputs_embeds", float, &[None, None, Some(h)])?;
         self.decoder.check(false, "inputs_embeds", float, &[None, None, Some(h)])?;
         self.decoder.check(true, "logits", float, &[None, None, Some(m.vocab_size)])?;
+        if self.in_place {
+            self.decoder.check(false, "position_ids", Int64, &[None, None])?;
+            self.decoder.check(false, "seqlens_k", TensorElementType::Int32, &[None])?;
+            self.decoder.check(false, "total_sequence_length", TensorElementType::Int32, &[])?;
+        }
         for name in ["attention_mask", "token_type_ids", "position_ids"] {
             if self.decoder.has_input(name) {
                 self.decoder.check(false, name, Int64, &[None, None])?;
@@ -429,8 +480,16 @@ impl ModelSessions {
         &self.manifest
     }
 
-    pub fn decoder_inputs(&self) -> DecoderInputs {
-        self.decoder_inputs
+    /// `false` for a portable decoder without attention_mask/token_type_ids (a community
+    /// export): requests then run one at a time.
+    pub fn supports_batching(&self) -> bool {
+        self.in_place || self.decoder_inputs.supports_batching()
+    }
+
+    /// The decoder is the GroupQueryAttention one: steps run on a [`SlotCache`]
+    /// ([`step_slots`](Self::step_slots)), not through [`decode`](Self::decode).
+    pub fn in_place(&self) -> bool {
+        self.in_place
     }
 
     /// An empty cache (`P = 0`) for `batch` rows.
@@ -470,15 +529,115 @@ impl ModelSessions {
     /// arena as it ends, but not the region its own outputs (the KV cache) live in; once that cache
     /// is gone, this two-position prefill on an empty cache frees it (one decode step's cost).
     pub fn release_arena(&mut self) -> Result<(), ModelError> {
-        let mut cache = self.new_cache(1)?;
         let embeds = Array3::<f32>::zeros((1, 2, self.manifest.hidden_size));
-        let (mask, types, positions) = (
-            Array2::<i64>::ones((1, 2)),
-            Array2::<i64>::zeros((1, 2)),
-            ndarray::arr2(&[[1i64, 2]]),
-        );
-        self.decode(embeds.view(), mask.view(), types.view(), positions.view(), &mut cache)?;
+        self.prefill(embeds.view())?;
         Ok(())
+    }
+
+    /// One prompt alone: `inputs_embeds` f32[1,L,H] at positions 1..=L, every position a prompt
+    /// token (the prefix-LM block). Its last position's logits f32[1,V] and its cache `[1,KVH,L,D]`.
+    pub fn prefill(&mut self, inputs_embeds: ArrayView3<f32>) -> Result<(Array2<f32>, KvCache), ModelError> {
+        let len = inputs_embeds.shape()[1];
+        let positions = Array2::from_shape_fn((1, len), |(_, i)| i as i64 + 1);
+        let mut cache = self.new_cache(1)?;
+        let logits = if self.in_place {
+            let err = run_error("decoder");
+            let last = i32::try_from(len).unwrap_or(i32::MAX);
+            let inputs = vec![
+                ("position_ids", Tensor::from_array(positions).map_err(&err)?.into_dyn()),
+                (
+                    "seqlens_k",
+                    Tensor::from_array(ndarray::arr1(&[last - 1])).map_err(&err)?.into_dyn(),
+                ),
+                (
+                    "total_sequence_length",
+                    Tensor::from_array(ndarray::arr0(last)).map_err(&err)?.into_dyn(),
+                ),
+            ];
+            self.run_decoder(inputs_embeds, inputs, &mut cache)?
+        } else {
+            let (mask, types) = (Array2::<i64>::ones((1, len)), Array2::<i64>::zeros((1, len)));
+            self.decode(inputs_embeds, mask.view(), types.view(), positions.view(), &mut cache)?
+        };
+        Ok((logits, cache))
+    }
+
+    /// A [`SlotCache`] of `rows.len()` rows that hold `capacity` positions each: row `r` gets the
+    /// first `rows[r].1` positions of `rows[r].0`. How a request joins the in-place batch and how
+    /// finished rows leave it (and how it grows): one copy of the positions kept, at that moment.
+    pub fn assemble_slots(&self, rows: &[(SlotSource<'_>, usize)], capacity: usize) -> Result<SlotCache, ModelError> {
+        let err = run_error("decoder");
+        let m = &self.manifest;
+        let shape = [rows.len(), m.num_key_value_heads, capacity, m.head_dim];
+        let layer = |layer: usize, key: bool| -> Result<Tensor<f32>, ModelError> {
+            let mut buffer = Tensor::<f32>::new(&Allocator::default(), shape).map_err(&err)?;
+            let mut target = buffer.extract_array_mut().into_dimensionality::<Ix4>().map_err(kv_rank)?;
+            for (r, &(source, len)) in rows.iter().enumerate() {
+                let (values, row) = match source {
+                    SlotSource::Prefill(cache) => {
+                        let value = if key { &cache.keys[layer] } else { &cache.values[layer] };
+                        (value.try_extract_array::<f32>().map_err(&err)?, 0)
+                    }
+                    SlotSource::Slots(cache, row) => {
+                        let value = if key { &cache.keys[layer] } else { &cache.values[layer] };
+                        (value.extract_array(), row)
+                    }
+                };
+                let values = values.into_dimensionality::<Ix4>().map_err(kv_rank)?;
+                target.slice_mut(s![r, .., ..len, ..]).assign(&values.slice(s![row, .., ..len, ..]));
+            }
+            Ok(buffer)
+        };
+        let layers = m.num_hidden_layers;
+        let keys = (0..layers).map(|l| layer(l, true)).collect::<Result<Vec<_>, _>>()?;
+        let mut values = (0..layers).map(|l| layer(l, false)).collect::<Result<Vec<_>, _>>()?;
+        let mut keys = keys;
+        let mut binding = self.decoder.session.create_binding().map_err(&err)?;
+        for (layer, ((past_key, past_value), (present_key, present_value))) in self.past_names.iter().zip(&self.present_names).enumerate() {
+            binding.bind_input(past_key.as_str(), &keys[layer]).map_err(&err)?;
+            binding.bind_input(past_value.as_str(), &values[layer]).map_err(&err)?;
+            binding.bind_output(present_key.as_str(), &mut keys[layer]).map_err(&err)?;
+            binding.bind_output(present_value.as_str(), &mut values[layer]).map_err(&err)?;
+        }
+        let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(&err)?;
+        binding.bind_output_to_device("logits", &cpu).map_err(&err)?;
+        Ok(SlotCache {
+            keys,
+            values,
+            binding,
+            capacity,
+        })
+    }
+
+    /// One GroupQueryAttention decoder run of one new position per row on `cache`, written in
+    /// place: `inputs_embeds` f32[R,1,H], `position_ids` i64[R,1], `seqlens_k` each row's length
+    /// after this run minus 1 (at most `cache.capacity() - 1`). Returns the logits f32[R,V].
+    pub fn step_slots(
+        &mut self,
+        inputs_embeds: ArrayView3<f32>,
+        position_ids: ArrayView2<i64>,
+        seqlens_k: &[i32],
+        cache: &mut SlotCache,
+    ) -> Result<Array2<f32>, ModelError> {
+        let err = run_error("decoder");
+        let total = seqlens_k.iter().max().map_or(1, |&k| k + 1);
+        if total as usize > cache.capacity {
+            return Err(ModelError::Run {
+                graph: "decoder",
+                message: format!("a row needs {total} cache positions, the slot cache holds {}", cache.capacity),
+            });
+        }
+        let binding = &mut cache.binding;
+        let embeds = Tensor::from_array(inputs_embeds.to_owned()).map_err(&err)?;
+        binding.bind_input("inputs_embeds", &embeds).map_err(&err)?;
+        let positions = Tensor::from_array(position_ids.to_owned()).map_err(&err)?;
+        binding.bind_input("position_ids", &positions).map_err(&err)?;
+        let seqlens = Tensor::from_array(ndarray::Array1::from(seqlens_k.to_vec())).map_err(&err)?;
+        binding.bind_input("seqlens_k", &seqlens).map_err(&err)?;
+        let total = Tensor::from_array(ndarray::arr0(total)).map_err(&err)?;
+        binding.bind_input("total_sequence_length", &total).map_err(&err)?;
+        let outputs = self.decoder.session.run_binding(binding).map_err(&err)?;
+        last_position(&outputs["logits"], Float::F32)
     }
 
     /// pixel_values f32[B,3,S,S] -> image features f32[B,N,H] (already divided by sqrt(H)).
@@ -500,9 +659,9 @@ impl ModelSessions {
         extract3(&outputs["inputs_embeds"], self.float, "embed_tokens")
     }
 
-    /// One decoder run: `T` new positions on top of `cache` (`P` positions), which it extends.
-    /// attention_mask and token_type_ids cover `P + T` positions; position_ids the new `T`.
-    /// Returns the last position's logits f32[B,V].
+    /// One portable decoder run: `T` new positions on top of `cache` (`P` positions), which it
+    /// extends. attention_mask and token_type_ids cover `P + T` positions; position_ids the new
+    /// `T`. Returns the last position's logits f32[B,V].
     pub fn decode(
         &mut self,
         inputs_embeds: ArrayView3<f32>,
@@ -512,31 +671,44 @@ impl ModelSessions {
         cache: &mut KvCache,
     ) -> Result<Array2<f32>, ModelError> {
         let err = run_error("decoder");
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
-        inputs.push((
-            "inputs_embeds".into(),
-            self.float.tensor(inputs_embeds.to_owned(), "decoder")?.into(),
-        ));
         let optional = [
             ("attention_mask", self.decoder_inputs.attention_mask, attention_mask),
             ("token_type_ids", self.decoder_inputs.token_type_ids, token_type_ids),
             ("position_ids", self.decoder_inputs.position_ids, position_ids),
         ];
+        let mut inputs = Vec::new();
         for (name, declared, value) in optional {
             if declared {
-                inputs.push((name.into(), Tensor::from_array(value.to_owned()).map_err(&err)?.into()));
+                inputs.push((name, Tensor::from_array(value.to_owned()).map_err(&err)?.into_dyn()));
             }
         }
+        self.run_decoder(inputs_embeds, inputs, cache)
+    }
+
+    /// A decoder run with `inputs` besides `inputs_embeds` and the past: `cache` becomes the
+    /// `present.*` outputs. The last position's logits f32[B,V].
+    fn run_decoder(
+        &mut self,
+        inputs_embeds: ArrayView3<f32>,
+        inputs: Vec<(&'static str, DynValue)>,
+        cache: &mut KvCache,
+    ) -> Result<Array2<f32>, ModelError> {
+        let mut feed: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
+        feed.push((
+            "inputs_embeds".into(),
+            self.float.tensor(inputs_embeds.to_owned(), "decoder")?.into(),
+        ));
+        feed.extend(inputs.into_iter().map(|(name, value)| (name.into(), value.into())));
         let past = std::mem::take(&mut cache.keys).into_iter().zip(std::mem::take(&mut cache.values));
         for ((k, v), (kn, vn)) in past.zip(&self.past_names) {
-            inputs.push((kn.as_str().into(), k.into()));
-            inputs.push((vn.as_str().into(), v.into()));
+            feed.push((kn.as_str().into(), k.into()));
+            feed.push((vn.as_str().into(), v.into()));
         }
         let float = self.float;
         let mut outputs = if inputs_embeds.shape()[1] > 1 {
-            self.decoder.run_shrinking(inputs, &self.shrink_arena)?
+            self.decoder.run_shrinking(feed, &self.shrink_arena)?
         } else {
-            self.decoder.run(inputs)?
+            self.decoder.run(feed)?
         };
         let step_logits = last_position(&outputs["logits"], float)?;
         for (key, value) in &self.present_names {
@@ -559,6 +731,13 @@ impl ModelSessions {
     }
 }
 
+fn kv_rank(e: ndarray::ShapeError) -> ModelError {
+    ModelError::Run {
+        graph: "decoder",
+        message: format!("a KV cache tensor is not 4-D: {e}"),
+    }
+}
+
 fn assemble_rows<T>(rows: &[(&DynValue, usize, usize)], shape: (usize, usize, usize, usize)) -> Result<DynValue, ModelError>
 where
     T: ort::value::PrimitiveTensorElementType + Clone + Default + std::fmt::Debug + 'static,
@@ -568,10 +747,7 @@ where
     let len = shape.2;
     for (r, &(value, row, from)) in rows.iter().enumerate() {
         let view = value.try_extract_array::<T>().map_err(&err)?;
-        let view = view.into_dimensionality::<ndarray::Ix4>().map_err(|e| ModelError::Run {
-            graph: "decoder",
-            message: format!("a KV cache tensor is not 4-D: {e}"),
-        })?;
+        let view = view.into_dimensionality::<Ix4>().map_err(kv_rank)?;
         let kept = view.shape()[2] - from;
         out.slice_mut(s![r, .., len - kept.., ..])
             .assign(&view.slice(s![row, .., from.., ..]));

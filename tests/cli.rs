@@ -455,19 +455,21 @@ fn quantized_dtypes_run_their_own_decoders_and_agree_with_fp32_above_a_floor() {
     // on an AMD EPYC with avx512_vnni and under qemu-x86_64 -cpu EPYC-Milan (avx2, no avx512). The
     // floors are those export/tests/test_quantize.py holds against transformers on 63 rows.
     let fp32 = search_rows("fp32");
-    for (dtype, file, floor) in [
-        ("int8", "decoder_model_merged_int8.onnx", 0.45),
-        ("q4", "decoder_model_merged_q4.onnx", 0.10),
-    ] {
+    for (dtype, floor) in [("int8", 0.45), ("q4", 0.10)] {
         let rows = search_rows(dtype);
         assert_eq!(rows.len(), fp32.len());
         let same = rows.iter().zip(&fp32).filter(|(q, f)| q["token_ids"] == f["token_ids"]).count();
         let share = same as f64 / rows.len() as f64;
         assert!(share >= floor, "{dtype}: {same} of {} rows equal fp32's, floor {floor}", rows.len());
-        // The output does not name its dtype: the file going missing proves it is the one opened.
-        let dir = model_copy(&format!("no-{dtype}"));
-        std::fs::remove_file(dir.join("onnx").join(file)).unwrap();
-        assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &["--dtype", dtype]), &[file]);
+        // The output does not name its dtype: the file going missing proves it is the one opened,
+        // by default the GroupQueryAttention decoder, with --decoder portable the other.
+        for (decoder, stem) in [("auto", "decoder_model_gqa"), ("portable", "decoder_model_merged")] {
+            let file = format!("{stem}_{dtype}.onnx");
+            let dir = model_copy(&format!("no-{dtype}-{decoder}"));
+            std::fs::remove_file(dir.join("onnx").join(&file)).unwrap();
+            let args = ["--dtype", dtype, "--decoder", decoder];
+            assert_error(&run_image(&dir, &image("chelsea.png"), "caption en", &args), &[&file]);
+        }
     }
 }
 

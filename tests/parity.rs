@@ -4,7 +4,7 @@
 //! gives on the fp16 graphs (their `reference` field says so): fp16 rounding lets them drift from
 //! transformers' fp32 tokens, but never from the same graphs run by another driver.
 
-use paligemma::config::Manifest;
+use paligemma::config::{DecoderFlavour, Manifest};
 use std::collections::{BTreeMap, HashMap};
 
 use paligemma::pipeline::{ImageInput, Pipeline, PipelineOptions, Request};
@@ -60,11 +60,22 @@ fn fixtures() -> Fixtures {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn load(case: &Case) -> Pipeline {
+fn load(case: &Case, decoder: DecoderFlavour) -> Pipeline {
     let model_dir = tiny_model(&case.model_dir);
     let mut options = PipelineOptions::new(model_dir.display().to_string());
     options.dtype = case.dtype.parse().unwrap();
-    Pipeline::load(options).unwrap_or_else(|e| panic!("{}: {e}", case.name))
+    options.decoder = decoder;
+    Pipeline::load(options).unwrap_or_else(|e| panic!("{} ({decoder:?}): {e}", case.name))
+}
+
+/// The decoder graphs `case`'s conversion has for its dtype: the portable one, and the
+/// GroupQueryAttention one where it was converted (fp32 and quantized dtypes).
+fn decoders(case: &Case) -> Vec<DecoderFlavour> {
+    let manifest = Manifest::load(&tiny_model(&case.model_dir)).unwrap();
+    let gqa = manifest.graphs.decoder_gqa.is_some_and(|files| files.contains_key(&case.dtype));
+    let mut flavours = vec![DecoderFlavour::Portable];
+    flavours.extend(gqa.then_some(DecoderFlavour::Gqa));
+    flavours
 }
 
 fn requests(case: &Case, max_new_tokens: usize) -> Vec<Request> {
@@ -98,21 +109,33 @@ fn run(pipeline: &mut Pipeline, requests: &[Request]) -> Vec<(Vec<i64>, String)>
 fn batches_give_transformers_tokens_and_text() {
     let fixtures = fixtures();
     assert!(!fixtures.cases.is_empty());
+    let mut in_place = 0;
     for case in &fixtures.cases {
-        let mut pipeline = load(case);
-        let got = run(&mut pipeline, &requests(case, fixtures.max_new_tokens));
-        let (ids, texts): (Vec<_>, Vec<_>) = got.into_iter().unzip();
-        assert_eq!(ids, case.expected, "{}: token ids differ from {}", case.name, case.reference);
-        assert_eq!(
-            texts, case.expected_text,
-            "{}: decoded text differs from {}",
-            case.name, case.reference
-        );
+        for decoder in decoders(case) {
+            in_place += usize::from(decoder == DecoderFlavour::Gqa);
+            let mut pipeline = load(case, decoder);
+            let got = run(&mut pipeline, &requests(case, fixtures.max_new_tokens));
+            let (ids, texts): (Vec<_>, Vec<_>) = got.into_iter().unzip();
+            assert_eq!(
+                ids, case.expected,
+                "{} ({decoder:?}): token ids differ from {}",
+                case.name, case.reference
+            );
+            assert_eq!(
+                texts, case.expected_text,
+                "{} ({decoder:?}): decoded text differs from {}",
+                case.name, case.reference
+            );
+        }
     }
     let fp16 = fixtures.cases.iter().filter(|c| c.dtype == "fp16").count();
     assert!(fp16 > 0, "no fp16 case: the fp16 runtime path is untested");
+    assert!(
+        in_place * 2 > fixtures.cases.len(),
+        "only {in_place} cases ran the GroupQueryAttention decoder"
+    );
     eprintln!(
-        "{} cases ({fp16} fp16), token ids identical to their reference",
+        "{} cases ({fp16} fp16, {in_place} also on the GroupQueryAttention decoder), token ids identical to their reference",
         fixtures.cases.len()
     );
 }
@@ -121,10 +144,16 @@ fn batches_give_transformers_tokens_and_text() {
 fn each_request_alone_gives_its_batch_tokens() {
     let fixtures = fixtures();
     for case in fixtures.cases.iter().filter(|c| c.requests.len() > 1) {
-        let mut pipeline = load(case);
-        for (request, expected) in requests(case, fixtures.max_new_tokens).into_iter().zip(&case.expected) {
-            let got = run_ids(&mut pipeline, std::slice::from_ref(&request));
-            assert_eq!(&got[0], expected, "{}: a request alone differs from its batch row", case.name);
+        for decoder in decoders(case) {
+            let mut pipeline = load(case, decoder);
+            for (request, expected) in requests(case, fixtures.max_new_tokens).into_iter().zip(&case.expected) {
+                let got = run_ids(&mut pipeline, std::slice::from_ref(&request));
+                assert_eq!(
+                    &got[0], expected,
+                    "{} ({decoder:?}): a request alone differs from its batch row",
+                    case.name
+                );
+            }
         }
     }
 }
@@ -153,8 +182,11 @@ fn requests_joining_at_random_steps_give_transformers_tokens() {
         state % n
     };
     let (mut most_live, mut joined_mid_answer) = (0, 0);
-    for ((model_dir, dtype), entries) in &groups {
-        let mut pipeline = load(entries[0].0);
+    let runs = groups
+        .iter()
+        .flat_map(|(key, entries)| decoders(entries[0].0).into_iter().map(move |d| (key, entries, d)));
+    for ((model_dir, dtype), entries, decoder) in runs {
+        let mut pipeline = load(entries[0].0, decoder);
         let mut pending = entries.iter();
         let mut running: HashMap<_, (&Case, usize, String)> = HashMap::new();
         let mut finished = 0;
@@ -181,7 +213,7 @@ fn requests_joining_at_random_steps_give_transformers_tokens() {
                     let response = done.unwrap_or_else(|e| panic!("{}: {e}", case.name));
                     assert_eq!(
                         response.token_ids, case.expected[*k],
-                        "{} request {k} ({model_dir} {dtype}): joining a running batch changed its tokens from {}",
+                        "{} request {k} ({model_dir} {dtype} {decoder:?}): joining a running batch changed its tokens from {}",
                         case.name, case.reference
                     );
                     assert_eq!(response.text, case.expected_text[*k], "{}", case.name);
@@ -193,7 +225,7 @@ fn requests_joining_at_random_steps_give_transformers_tokens() {
                 break;
             }
         }
-        assert_eq!(finished, entries.len(), "{model_dir} {dtype}: every request ends");
+        assert_eq!(finished, entries.len(), "{model_dir} {dtype} {decoder:?}: every request ends");
     }
     assert!(
         most_live >= 3 && joined_mid_answer >= 10,

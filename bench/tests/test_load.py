@@ -27,3 +27,20 @@ def test_short_load_answers_every_request_as_alone_and_batches(tmp_path):
     assert runs[1]["mean_batch_size"] == 1.0, runs[1]
     assert code == 0
     assert "Batching gain" in (tmp_path / "results.md").read_text()
+
+
+def test_mixed_open_loop_load_is_answered_as_alone_under_both_policies(tmp_path):
+    # Fast enough arrivals and long enough answers that requests overlap on the tiny model.
+    code = load.main(
+        ["--workload", "mixed", "--rate", "50", "--seconds", "2", "--lengths", "16-200", "--max-batch", "4", "--out", str(tmp_path)]
+    )
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [r["batching"] for r in runs] == ["continuous", "static"]
+    for r in runs:
+        assert r["sent"] == 100 and r["answered"] == r["sent"], r
+        assert r["errors"] == {} and r["lost"] == 0 and r["wrong_answers"] == 0, r
+        assert r["short_requests"] > 0 and r["exit_code_after_sigterm"] == 0, r
+    # Arrivals overlap, so requests decode together under either policy.
+    assert all(r["mean_rows_per_step"] > 1.0 for r in runs), runs
+    assert code == 0
+    assert "Continuous vs static" in (tmp_path / "results.md").read_text()

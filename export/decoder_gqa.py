@@ -1,0 +1,229 @@
+"""decoder_model_gqa.onnx: the Gemma 2 decoder on ONNX Runtime's GroupQueryAttention, whose KV
+cache a runtime updates in place.
+
+The portable graph (`decoder.py`) returns `present = concat(past, new)`: every step copies the
+whole cache. This flavour runs attention through `com.microsoft.GroupQueryAttention`, which writes
+the new keys and values into the past buffer itself when a runtime binds the same buffer as
+`past_key_values.*` and `present.*` (ONNX Runtime compares the two data pointers): the buffer is
+`[B,KVH,max_len,D]` and row b holds its own `seqlens_k[b] + 1` positions from index 0, so rows of
+different lengths need no padding. Run without a shared buffer (plain `run`), it behaves as the
+portable graph: `present` is `past` with the new positions appended.
+
+I/O:
+    inputs_embeds          f32[B,T,H]   raw embedding rows; image rows are features / sqrt(H)
+    position_ids           i64[B,T]     1-based, as the portable graph's
+    seqlens_k              i32[B]       each row's length after this run, minus 1
+    total_sequence_length  i32[]        the largest seqlens_k + 1 of the batch
+    past_key_values.{i}.key / .value   f32[B,KVH,P,D]
+ -> logits                 f32[B,1,V]   last position only, final softcap applied
+    present.{i}.key / .value  f32[B,KVH,P',D]  (P' = P when shared, else total_sequence_length)
+
+Attention is PaliGemma's without a mask input: a run of T > 1 positions is a whole prompt from
+position 0 (the prefix-LM block: every prompt token sees every other, `causal=0`); a run of one
+position is a generated token, which sees its row's positions before it (`causal=0` with
+`seqlens_k`, ONNX Runtime's per-row key count) and, on sliding-window layers, only the last
+`sliding_window` of them (an additive bias, as `local_window_size` cannot combine with
+`causal=0`). ONNX Runtime applies the bias after the softcap, as transformers adds its mask
+(`gqa_attention_base.h`). Query scale `query_pre_attn_scalar**-0.5` and `attn_logit_softcapping`
+are the op's `scale` and `softcap`. RoPE is applied here, from `position_ids`, as transformers'
+`Gemma2RotaryEmbedding` (the op's own rotary counts positions from 0).
+
+Built node by node from the checkpoint's weights (onnxruntime-genai's builder does the same for
+Gemma 2), since no exporter emits the contrib op; every MatMul weight is a constant initializer
+laid out `[in, out]`, so `quantize.py` rewrites it as for the portable graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .graph import PROTOBUF_LIMIT
+
+OPSET = 20
+MS_DOMAIN = "com.microsoft"
+
+
+class _Graph:
+    """Nodes and initializers, with fresh value names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def const(self, hint: str, value) -> str:
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
+        names = outputs if isinstance(outputs, list) else [self.name(op_type.lower()) for _ in range(outputs)]
+        # Unique node names: quantize.py names the nodes it writes after the ones it replaces.
+        node = helper.make_node(op_type, list(inputs), names, name=self.name(op_type), domain=domain or None, **attrs)
+        self.nodes.append(node)
+        return names[0] if len(names) == 1 else names
+
+
+def _weight(tensor) -> np.ndarray:
+    """A torch Linear weight `[out, in]` as the MatMul constant `[in, out]`, float32."""
+    return np.ascontiguousarray(tensor.detach().float().numpy().T)
+
+
+def _vector(tensor) -> np.ndarray:
+    return tensor.detach().float().numpy()
+
+
+def _rms_norm(g: _Graph, x: str, weight, eps: float) -> str:
+    """Gemma2RMSNorm in float32: x / sqrt(mean(x^2) + eps) * (1 + w)."""
+    squared = g.op("Mul", x, x)
+    mean = g.op("ReduceMean", squared, g.const("axes", np.array([-1], np.int64)), keepdims=1)
+    root = g.op("Sqrt", g.op("Add", mean, g.const("eps", np.array(eps, np.float32))))
+    return g.op("Mul", g.op("Div", x, root), g.const("norm_scale", 1.0 + _vector(weight)))
+
+
+def _rotary(g: _Graph, x: str, heads: int, head_dim: int, cos: str, sin: str) -> str:
+    """transformers' apply_rotary_pos_emb on x [B,T,heads*D]: x*cos + rotate_half(x)*sin."""
+    shaped = g.op("Reshape", x, g.const("heads_shape", np.array([0, 0, heads, head_dim], np.int64)))
+    half = head_dim // 2
+
+    def part(start: int, end: int) -> str:
+        bounds = [g.const(n, np.array([v], np.int64)) for n, v in (("start", start), ("end", end), ("axis", -1))]
+        return g.op("Slice", shaped, *bounds)
+
+    first, second = part(0, half), part(half, head_dim)
+    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+    out = g.op("Add", g.op("Mul", shaped, cos), g.op("Mul", rotated, sin))
+    return g.op("Reshape", out, g.const("flat_shape", np.array([0, 0, heads * head_dim], np.int64)))
+
+
+def _window_bias(g: _Graph, seqlens: str, total: str, seq_len: str, window: int) -> str:
+    """f32[B,1,T,total]: finfo.min where a generated token (T = 1) is past the sliding window of
+    a key (key index <= query index - window), 0 elsewhere. Prompt runs (T > 1) see everything."""
+    zero, one = g.const("zero", np.array(0, np.int64)), g.const("one", np.array(1, np.int64))
+    total64 = g.op("Cast", total, to=TensorProto.INT64)
+    keys = g.op("Range", zero, total64, one)  # [total]
+    queries_offset = g.op("Range", zero, seq_len, one)  # [T]
+    seq64 = g.op("Unsqueeze", g.op("Cast", seqlens, to=TensorProto.INT64), g.const("axes", np.array([1], np.int64)))  # [B,1]
+    first_query = g.op("Add", g.op("Sub", seq64, seq_len), one)  # [B,1]
+    queries = g.op("Add", first_query, queries_offset)  # [B,T]
+    limit = g.op("Unsqueeze", g.op("Sub", queries, g.const("window", np.array(window, np.int64))), g.const("axes", np.array([2], np.int64)))
+    far = g.op("LessOrEqual", keys, limit)  # [B,T,total]
+    generated = g.op("Equal", seq_len, one)
+    masked = g.op("And", far, generated)
+    low = g.const("finfo_min", np.array(np.finfo(np.float32).min, np.float32))
+    bias = g.op("Where", masked, low, g.const("zero_f", np.array(0.0, np.float32)))
+    return g.op("Unsqueeze", bias, g.const("axes", np.array([1], np.int64)))
+
+
+def build(model) -> onnx.ModelProto:
+    """The GroupQueryAttention decoder of a PaliGemma 2 `model` (PaliGemmaForConditionalGeneration)."""
+    cfg = model.config.text_config
+    text = model.model.language_model
+    layers = cfg.num_hidden_layers
+    heads, kv_heads, head_dim, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    eps = cfg.rms_norm_eps
+    window = cfg.sliding_window
+    sliding = [t == "sliding_attention" for t in cfg.layer_types]
+    theta = cfg.rope_parameters["rope_theta"]
+    g = _Graph()
+
+    b, t, p = "batch_size", "sequence_length", "past_sequence_length"
+    inputs = [
+        helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [b, t, hidden]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, [b, t]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [b]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [b, 1, cfg.vocab_size])]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, [b, kv_heads, p, head_dim]))
+            outputs.append(
+                helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, [b, kv_heads, "total_sequence_length", head_dim])
+            )
+
+    # transformers scales token rows by sqrt(H) in the weight dtype; image rows arrive divided by it.
+    h = g.op("Mul", "inputs_embeds", g.const("embed_scale", np.array(hidden**0.5, np.float32)))
+    inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))).astype(np.float32)
+    positions = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const("axes", np.array([-1], np.int64)))
+    freqs = g.op("Mul", positions, g.const("inv_freq", inv_freq))  # [B,T,D/2]
+    angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const("axes", np.array([2], np.int64)))  # [B,T,1,D]
+    cos, sin = g.op("Cos", angles), g.op("Sin", angles)
+    seq_len = g.op("Gather", g.op("Shape", "inputs_embeds"), g.const("index", np.array(1, np.int64)), axis=0)
+    bias = None
+    if window and any(sliding):
+        bias = _window_bias(g, "seqlens_k", "total_sequence_length", seq_len, window)
+
+    scale = cfg.query_pre_attn_scalar**-0.5
+    softcap = cfg.attn_logit_softcapping or 0.0
+    for i, layer in enumerate(text.layers):
+        attn = layer.self_attn
+        x = _rms_norm(g, h, layer.input_layernorm.weight, eps)
+        q = g.op("MatMul", x, g.const(f"layers.{i}.q_proj", _weight(attn.q_proj.weight)))
+        k = g.op("MatMul", x, g.const(f"layers.{i}.k_proj", _weight(attn.k_proj.weight)))
+        v = g.op("MatMul", x, g.const(f"layers.{i}.v_proj", _weight(attn.v_proj.weight)))
+        q, k = _rotary(g, q, heads, head_dim, cos, sin), _rotary(g, k, kv_heads, head_dim, cos, sin)
+        gqa_inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length"]
+        if bias is not None and sliding[i]:
+            gqa_inputs += ["", "", "", bias]  # cos_cache, sin_cache, position_ids unused: no rotary in the op
+        out, _, _ = g.op(
+            "GroupQueryAttention",
+            *gqa_inputs,
+            outputs=[g.name("attention"), f"present.{i}.key", f"present.{i}.value"],
+            domain=MS_DOMAIN,
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+            scale=float(scale),
+            softcap=float(softcap),
+            causal=0,
+            do_rotary=0,
+            local_window_size=-1,
+        )
+        o = g.op("MatMul", out, g.const(f"layers.{i}.o_proj", _weight(attn.o_proj.weight)))
+        h = g.op("Add", h, _rms_norm(g, o, layer.post_attention_layernorm.weight, eps))
+        x = _rms_norm(g, h, layer.pre_feedforward_layernorm.weight, eps)
+        gate = g.op("MatMul", x, g.const(f"layers.{i}.gate_proj", _weight(layer.mlp.gate_proj.weight)))
+        up = g.op("MatMul", x, g.const(f"layers.{i}.up_proj", _weight(layer.mlp.up_proj.weight)))
+        act = g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up)
+        down = g.op("MatMul", act, g.const(f"layers.{i}.down_proj", _weight(layer.mlp.down_proj.weight)))
+        h = g.op("Add", h, _rms_norm(g, down, layer.post_feedforward_layernorm.weight, eps))
+
+    h = _rms_norm(g, h, text.norm.weight, eps)
+    last = g.op(
+        "Slice",
+        h,
+        g.const("start", np.array([-1], np.int64)),
+        g.const("end", np.array([np.iinfo(np.int64).max], np.int64)),
+        g.const("axis", np.array([1], np.int64)),
+    )
+    logits = g.op("MatMul", last, g.const("lm_head", _weight(model.lm_head.weight)))
+    cap = cfg.final_logit_softcapping
+    if cap:
+        capped = g.op("Tanh", g.op("Div", logits, g.const("final_cap", np.array(cap, np.float32))))
+        logits = g.op("Mul", capped, g.const("final_cap", np.array(cap, np.float32)))
+    g.op("Identity", logits, outputs=["logits"])
+
+    graph = helper.make_graph(g.nodes, "paligemma_decoder_gqa", inputs, outputs, g.initializers)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10, producer_name="paligemma-onnx")
+
+
+def export(model, path: Path) -> Path:
+    """Build and save, the weights in `<name>.data` beside the graph when they pass 2 GB."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    proto = build(model)
+    external = sum(t.ByteSize() for t in proto.graph.initializer) > PROTOBUF_LIMIT * 0.9
+    if external:
+        data = path.name + ".data"
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    return path

@@ -1,0 +1,133 @@
+"""decoder_model_gqa.onnx against the portable decoder on the three tiny configurations: a prompt's
+prefill, then decode steps of rows of different lengths (past the sliding window of 8), batched in
+one buffer whose rows start at 0; logits within 1e-4 of the portable graph run row by row, and the
+new keys written in place when past and present share one buffer (IOBinding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export import decoder_gqa
+from export.tests.conftest import FIGURES
+
+STEPS = 12
+PROMPTS = (23, 9, 16)  # every one longer than window8's window; window40's is passed by none
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def graphs(converted, reference, tmp_path_factory):
+    model, _ = reference
+    path = decoder_gqa.export(model, tmp_path_factory.mktemp("gqa") / "decoder_model_gqa.onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    portable = ort.InferenceSession(str(converted.onnx_dir / "onnx/decoder_model_merged.onnx"), options, providers=["CPUExecutionProvider"])
+    gqa = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return converted.name, model.config.text_config, portable, gqa
+
+
+def empty_past(cfg, batch: int) -> dict[str, np.ndarray]:
+    shape = (batch, cfg.num_key_value_heads, 0, cfg.head_dim)
+    return {f"past_key_values.{i}.{k}": np.zeros(shape, np.float32) for i in range(cfg.num_hidden_layers) for k in ("key", "value")}
+
+
+def presents(cfg, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    names = [f"past_key_values.{i}.{k}" for i in range(cfg.num_hidden_layers) for k in ("key", "value")]
+    return dict(zip(names, outputs[1:]))
+
+
+def portable_run(cfg, session, embeds: np.ndarray, steps: list[np.ndarray]) -> list[np.ndarray]:
+    """The portable graph alone on one row: the prefill, then one run per step embedding."""
+    length = embeds.shape[1]
+    outputs = session.run(
+        None,
+        {
+            "inputs_embeds": embeds,
+            "attention_mask": np.ones((1, length), np.int64),
+            "token_type_ids": np.zeros((1, length), np.int64),
+            "position_ids": np.arange(1, length + 1, dtype=np.int64)[None],
+            **empty_past(cfg, 1),
+        },
+    )
+    logits, past = [outputs[0][:, -1]], presents(cfg, outputs)
+    types = np.zeros((1, length), np.int64)
+    for k, step in enumerate(steps):
+        total = length + k + 1
+        types = np.concatenate([types, np.ones((1, 1), np.int64)], axis=1)
+        outputs = session.run(
+            None,
+            {
+                "inputs_embeds": step,
+                "attention_mask": np.ones((1, total), np.int64),
+                "token_type_ids": types,
+                "position_ids": np.array([[total]], np.int64),
+                **past,
+            },
+        )
+        logits.append(outputs[0][:, -1])
+        past = presents(cfg, outputs)
+    return logits
+
+
+def gqa_prefill(cfg, session, embeds: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    length = embeds.shape[1]
+    outputs = session.run(
+        None,
+        {
+            "inputs_embeds": embeds,
+            "position_ids": np.arange(1, length + 1, dtype=np.int64)[None],
+            "seqlens_k": np.array([length - 1], np.int32),
+            "total_sequence_length": np.array(length, np.int32),
+            **empty_past(cfg, 1),
+        },
+    )
+    return outputs[0][:, -1], presents(cfg, outputs)
+
+
+def test_gqa_logits_equal_the_portable_graph_alone_and_batched_in_place(graphs):
+    config, cfg, portable, gqa = graphs
+    rng = np.random.default_rng(0)
+    prompts = [rng.normal(0, 0.5, (1, n, cfg.hidden_size)).astype(np.float32) for n in PROMPTS]
+    steps = [[rng.normal(0, 0.5, (1, 1, cfg.hidden_size)).astype(np.float32) for _ in range(STEPS)] for _ in PROMPTS]
+    expected = [portable_run(cfg, portable, p, s) for p, s in zip(prompts, steps)]
+
+    # Each row prefilled alone, then its positions copied to the start of its row of one buffer.
+    capacity = max(PROMPTS) + STEPS
+    shape = (len(PROMPTS), cfg.num_key_value_heads, capacity, cfg.head_dim)
+    buffers = {name: np.full(shape, 777.0, np.float32) for name in empty_past(cfg, 1)}
+    worst = 0.0
+    for row, prompt in enumerate(prompts):
+        first, past = gqa_prefill(cfg, gqa, prompt)
+        worst = max(worst, float(np.abs(first - expected[row][0]).max()))
+        for name, value in past.items():
+            buffers[name][row, :, : prompt.shape[1]] = value[0]
+
+    binding = gqa.io_binding()
+    binding.bind_output("logits")  # first: copy_outputs_to_cpu lists outputs in binding order
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in buffers.items()}
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+    lengths = np.array(PROMPTS)
+    for k in range(STEPS):
+        embeds = np.concatenate([s[k] for s in steps], axis=0)
+        binding.bind_cpu_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("position_ids", (lengths + 1)[:, None].astype(np.int64))
+        binding.bind_cpu_input("seqlens_k", lengths.astype(np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(lengths.max() + 1, np.int32))
+        gqa.run_with_iobinding(binding)
+        logits = binding.copy_outputs_to_cpu()[0][:, -1]
+        for row in range(len(PROMPTS)):
+            worst = max(worst, float(np.abs(logits[row] - expected[row][k + 1][0]).max()))
+        lengths += 1
+    FIGURES.append(f"{config}: GroupQueryAttention decoder vs portable, max |logit difference| {worst:.1e}")
+    assert worst < TOLERANCE, f"GroupQueryAttention decoder differs from the portable one by {worst:.2e}"
+
+    # The steps wrote into the shared buffer itself, each row at its own positions, nothing after.
+    key = values["past_key_values.0.key"].numpy()
+    for row, n in enumerate(PROMPTS):
+        written = key[row, :, : n + STEPS]
+        assert not np.any(written == 777.0), f"row {row}: positions before {n + STEPS} not written"
+        assert np.all(key[row, :, n + STEPS :] == 777.0), f"row {row}: written past its length"
