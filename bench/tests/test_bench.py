@@ -18,12 +18,11 @@ from export import cpu
 REPO = Path(__file__).resolve().parents[2]
 BINARY = REPO / "target/release/paligemma"
 TOKENS, LONG, BATCH = 6, 24, 3
-# One worker runs them all under `pytest -n 2 --dist loadgroup` (.ci/run), and `results` is
-# session-scoped (a module-scoped one is torn down whenever the worker's next test is another
-# module's): the whole benchmark runs once.
-pytestmark = pytest.mark.xdist_group("bench")
 
 
+# Session-scoped, and every test here on one worker (the repository's conftest.py): the whole
+# benchmark runs once (a module-scoped fixture is torn down whenever the worker's next test is
+# another module's).
 @pytest.fixture(scope="session")
 def results(tmp_path_factory):
     assert BINARY.is_file(), f"{BINARY} is missing: `cargo build --release` (bash .ci/setup does)"

@@ -106,13 +106,3 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("parity figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
-
-
-def pytest_collection_modifyitems(items):
-    """Under `pytest -n 2 --dist loadgroup` (.ci/run), the tests of one quantized configuration
-    share a worker, so its module fixtures (the conversion, transformers' references) are made
-    once instead of once per worker; the two configurations balance the two workers."""
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if item.module.__name__.endswith("test_quantize") and callspec and "quantized" in callspec.params:
-            item.add_marker(pytest.mark.xdist_group(f"quantize-{callspec.params['quantized']}"))

@@ -48,8 +48,9 @@ FLOORS = {
 }
 
 
-# Session-scoped: a worker interleaves these tests with other modules' (see conftest.py's
-# xdist groups), and a module-scoped fixture would be made again after each switch.
+# Session-scoped: the tests of one configuration share a worker (the repository's conftest.py),
+# which interleaves them with other modules' tests; a module-scoped fixture would be made again
+# after each switch.
 @pytest.fixture(scope="session", params=CONFIGS)
 def quantized(request, tiny_root):
     conv = converted_dir(tiny_root, request.param, quantize_to=tuple(QUANTIZE))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conftest import REPO, data_url
 
 IMAGE = REPO / "tests" / "data" / "images" / "chelsea.png"

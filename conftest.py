@@ -1,0 +1,36 @@
+"""pytest across the repository's suites: which tests share a worker under `pytest -n 2` (.ci/run).
+
+Tests that share an expensive session fixture run on one worker, so the fixture is made once:
+bench's tests (their fixture runs the whole benchmark) and the tests of each quantized
+configuration in export/tests/test_quantize.py (its conversion and transformers' references; the
+two configurations balance the two workers). Every other test goes wherever a worker is free.
+
+pytest-xdist's own `--dist loadgroup` would do this from `xdist_group` marks, but xdist 3.8.0
+marks a test by rewriting `item._nodeid`, which pytest 9.2 no longer reads: the marks are ignored
+and the tests spread over both workers.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+def worker_group(nodeid: str) -> str:
+    """The unit of scheduling `nodeid` belongs to: a group name, or the test itself."""
+    if nodeid.startswith("bench/tests/test_bench.py::"):
+        return "bench"
+    if nodeid.startswith("export/tests/test_quantize.py::"):
+        config = re.search(r"\[([a-z0-9]+)", nodeid)
+        if config:
+            return f"quantize-{config.group(1)}"
+    return nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return GroupScheduling(config, log)
