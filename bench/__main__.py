@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2, help="text decoder layers (26: the full 3B)")
     parser.add_argument("--vision-layers", type=int, help="SigLIP layers (default: 27 with --layers 26, the full 3B, else 2)")
     parser.add_argument("--dtypes", default="fp32,int8,q4", help="this runtime's dtypes to measure")
+    parser.add_argument(
+        "--decoders",
+        default="auto",
+        help="this runtime's decoder graphs to measure, each its own rows: auto (what `paligemma` picks), or any of gqa, "
+        "portable (rows `paligemma [gqa]`, `paligemma [portable]`)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (torch and ONNX Runtime intra-op)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--long-tokens", type=int, default=256)
@@ -116,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [d for d in dtypes if d != "fp32" and d not in QUANTIZED]
     if unknown:
         raise SystemExit(f"error: --dtypes {','.join(unknown)}: choose from fp32, {', '.join(QUANTIZED)}")
+    decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]
+    if not decoders or any(d not in ("auto", "gqa", "portable") for d in decoders):
+        raise SystemExit(f"error: --decoders {args.decoders}: choose auto, or any of gqa, portable (comma-separated)")
     if not args.binary.is_file():
         raise SystemExit(f"error: {args.binary} is missing: build it with `cargo build --release`")
     images = [str(p) for p in (args.image or DEFAULT_IMAGES)]
@@ -154,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def annotate(result: dict, runtime: str, dtype: str, memory: dict, directory: Path = model_dir) -> dict:
         graphs = json.loads((directory / "manifest.json").read_text())["graphs"]
-        decoder_bytes = machine.weight_bytes(directory, graphs["decoder"][dtype])
-        all_bytes = sum(machine.weight_bytes(directory, graphs[g][dtype]) for g in ("vision_encoder", "embed_tokens", "decoder"))
+        decoder = "decoder_gqa" if result.get("decoder") == "gqa" else "decoder"
+        decoder_bytes = machine.weight_bytes(directory, graphs[decoder][dtype])
+        all_bytes = sum(machine.weight_bytes(directory, graphs[g][dtype]) for g in ("vision_encoder", "embed_tokens", decoder))
         return {
             **result,
             "runtime": runtime,
@@ -197,11 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         hf, memory = measured([python, "-m", "bench.hf", "--source", str(source), *common], log)
         results.append(annotate(hf, "transformers", "fp32", memory))
     for runtime, directory in conversions:
-        listed = json.loads((directory / "manifest.json").read_text())["dtypes"]
-        for dtype in (d for d in dtypes if d in listed):
-            print(f"{runtime} {dtype} ...", file=sys.stderr)
-            ours, memory = measured([str(args.binary), "bench", "--model", str(directory), "--dtype", dtype, *common], log)
-            results.append(annotate(ours, runtime, dtype, memory, directory))
+        listed = read_manifest(directory)
+        for dtype in (d for d in dtypes if d in listed["dtypes"]):
+            for decoder in decoders:
+                if decoder == "gqa" and dtype not in listed["graphs"].get("decoder_gqa", {}):
+                    continue
+                label = runtime if decoder == "auto" else f"{runtime} [{decoder}]"
+                print(f"{label} {dtype} ...", file=sys.stderr)
+                cmd = [str(args.binary), "bench", "--model", str(directory), "--dtype", dtype, "--decoder", decoder, *common]
+                ours, memory = measured(cmd, log)
+                results.append(annotate(ours, label, dtype, memory, directory))
 
     if not args.no_transformers:
         reference = results[0]

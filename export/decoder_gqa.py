@@ -43,17 +43,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .graph import PROTOBUF_LIMIT
 
+ALIGN = 4096  # external data offsets on page boundaries, so ONNX Runtime can map them
 OPSET = 20
 MS_DOMAIN = "com.microsoft"
 
 
 class _Graph:
-    """Nodes and initializers, with fresh value names."""
+    """Nodes and initializers, with fresh value names. With `data` (an open file), initializers of
+    1 KiB and more are written there as they are made, page-aligned, and the graph refers to them:
+    a conversion then holds one transposed weight at a time beside the model, not a second copy of
+    every weight (the 3B decoder is 10.5 GB in float32)."""
 
-    def __init__(self) -> None:
+    def __init__(self, data=None) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.count = 0
+        self.data = data
 
     def name(self, hint: str) -> str:
         self.count += 1
@@ -61,7 +66,18 @@ class _Graph:
 
     def const(self, hint: str, value) -> str:
         name = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        array = np.ascontiguousarray(value)
+        if self.data is None or array.nbytes < 1024:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return name
+        self.data.write(b"\0" * (-self.data.tell() % ALIGN))
+        offset = self.data.tell()
+        self.data.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, item in (("location", Path(self.data.name).name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=item)
+        self.initializers.append(tensor)
         return name
 
     def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
@@ -123,8 +139,9 @@ def _window_bias(g: _Graph, seqlens: str, total: str, seq_len: str, window: int)
     return g.op("Unsqueeze", bias, g.const("axes", np.array([1], np.int64)))
 
 
-def build(model) -> onnx.ModelProto:
-    """The GroupQueryAttention decoder of a PaliGemma 2 `model` (PaliGemmaForConditionalGeneration)."""
+def build(model, data=None) -> onnx.ModelProto:
+    """The GroupQueryAttention decoder of a PaliGemma 2 `model` (PaliGemmaForConditionalGeneration);
+    its large initializers written to the open file `data` when given (see `_Graph`)."""
     cfg = model.config.text_config
     text = model.model.language_model
     layers = cfg.num_hidden_layers
@@ -133,7 +150,7 @@ def build(model) -> onnx.ModelProto:
     window = cfg.sliding_window
     sliding = [t == "sliding_attention" for t in cfg.layer_types]
     theta = cfg.rope_parameters["rope_theta"]
-    g = _Graph()
+    g = _Graph(data)
 
     b, t, p = "batch_size", "sequence_length", "past_sequence_length"
     inputs = [
@@ -217,13 +234,14 @@ def build(model) -> onnx.ModelProto:
 
 
 def export(model, path: Path) -> Path:
-    """Build and save, the weights in `<name>.data` beside the graph when they pass 2 GB."""
+    """Build and save, the weights in `<name>.data` beside the graph when they pass 2 GB (the
+    text model's parameters, in float32, are the graph's weights)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    proto = build(model)
-    external = sum(t.ByteSize() for t in proto.graph.initializer) > PROTOBUF_LIMIT * 0.9
-    if external:
-        data = path.name + ".data"
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+    weight_bytes = 4 * sum(p.numel() for p in model.model.language_model.parameters())
+    if weight_bytes <= PROTOBUF_LIMIT * 0.9:
+        onnx.save_model(build(model), str(path))
+        return path
+    with open(path.with_name(path.name + ".data"), "wb") as data:
+        proto = build(model, data)
+    onnx.save_model(proto, str(path))
     return path

@@ -32,6 +32,8 @@ const WINDOW: usize = 8;
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
     pub dtype: String,
+    /// The decoder graph that ran: `gqa` or `portable`.
+    pub decoder: &'static str,
     /// (graph, execution providers ONNX Runtime assigned its nodes to)
     pub providers: Vec<(String, Vec<String>)>,
     /// What loading warned about (a provider fallback, a format this CPU computes another way):
@@ -116,6 +118,7 @@ pub fn run(options: BenchOptions) -> Result<BenchReport> {
     let late = &long.timings.steps;
     Ok(BenchReport {
         dtype,
+        decoder: pipeline.decoder().as_str(),
         providers: pipeline.providers().to_vec(),
         warnings: pipeline.warnings().to_vec(),
         load_s,

@@ -337,6 +337,16 @@ impl Pipeline {
         &self.sessions.warnings
     }
 
+    /// The decoder graph in use: [`DecoderFlavour::Gqa`] or [`DecoderFlavour::Portable`] (what
+    /// [`PipelineOptions::decoder`]'s `Auto` chose).
+    pub fn decoder(&self) -> DecoderFlavour {
+        if self.sessions.in_place() {
+            DecoderFlavour::Gqa
+        } else {
+            DecoderFlavour::Portable
+        }
+    }
+
     /// `false` for decoders without attention_mask/token_type_ids: requests then run one by one
     /// with the graph's own (full prefix) attention.
     pub fn supports_batching(&self) -> bool {

@@ -6,11 +6,12 @@ new keys written in place when past and present share one buffer (IOBinding)."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 from export import decoder_gqa
-from export.tests.conftest import FIGURES
+from export.tests.conftest import FIGURES, converted_dir
 
 STEPS = 12
 PROMPTS = (23, 9, 16)  # every one longer than window8's window; window40's is passed by none
@@ -131,3 +132,25 @@ def test_gqa_logits_equal_the_portable_graph_alone_and_batched_in_place(graphs):
         written = key[row, :, : n + STEPS]
         assert not np.any(written == 777.0), f"row {row}: positions before {n + STEPS} not written"
         assert np.all(key[row, :, n + STEPS :] == 777.0), f"row {row}: written past its length"
+
+
+def test_weights_past_the_protobuf_limit_stream_to_external_data(tiny_root, tmp_path, monkeypatch):
+    """A decoder too big for one protobuf (here: any) writes each weight to `<graph>.data` as it is
+    built, page-aligned, and gives the same logits as the one-file graph."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    source = converted_dir(tiny_root, "gqa1").source
+    model = PaliGemmaForConditionalGeneration.from_pretrained(source, attn_implementation="eager").eval()
+    cfg = model.config.text_config
+    inline = ort.InferenceSession(str(decoder_gqa.export(model, tmp_path / "inline" / "decoder_model_gqa.onnx")))
+    monkeypatch.setattr(decoder_gqa, "PROTOBUF_LIMIT", 0)
+    path = decoder_gqa.export(model, tmp_path / "streamed" / "decoder_model_gqa.onnx")
+    data = path.with_name("decoder_model_gqa.onnx.data")
+    assert data.stat().st_size > path.stat().st_size
+    proto = onnx.load(str(path), load_external_data=False)
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    offsets = [int(next(e.value for e in t.external_data if e.key == "offset")) for t in external]
+    assert external and all(offset % decoder_gqa.ALIGN == 0 for offset in offsets)
+    streamed = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    embeds = np.random.default_rng(1).normal(0, 0.5, (1, 7, cfg.hidden_size)).astype(np.float32)
+    assert np.array_equal(gqa_prefill(cfg, streamed, embeds)[0], gqa_prefill(cfg, inline, embeds)[0])
