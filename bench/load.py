@@ -210,6 +210,15 @@ def batch_sizes(metrics: str) -> dict[str, float]:
     return {"batches": count, "mean_batch_size": values.get("paligemma_batch_size_sum", 0.0) / count if count else 0.0}
 
 
+def run_threads(threads: list[threading.Thread], began: float, server: Server) -> tuple[float, dict[str, float]]:
+    """Runs the load's threads to their end: (seconds since `began`, the server's steps after)."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - began, batch_sizes(server.metrics())
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -238,12 +247,7 @@ def load(args: argparse.Namespace, max_batch: int) -> dict:
             threading.Thread(target=client, args=(server.url, bodies, expected, bad, args.bad_every, c, deadline, tally, lock))
             for c in range(args.clients)
         ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.monotonic() - began
-        after = batch_sizes(server.metrics())
+        elapsed, after = run_threads(threads, began, server)
     finally:
         exit_code = server.stop()
     batches = after["batches"] - before["batches"]
@@ -313,13 +317,7 @@ def mixed(args: argparse.Namespace, batching: str) -> dict:
             with lock:
                 results.append((arrival, status, took, right))
 
-        threads = [threading.Thread(target=send, args=(a,)) for a in arrivals]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.monotonic() - began
-        after = batch_sizes(server.metrics())
+        elapsed, after = run_threads([threading.Thread(target=send, args=(a,)) for a in arrivals], began, server)
     finally:
         exit_code = server.stop()
     ok = [(a, took) for a, status, took, _ in results if status == 200]

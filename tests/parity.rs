@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 mod common;
 
-use common::{repo, tiny_model};
+use common::{repo, seeded, tiny_model};
 
 #[derive(Deserialize)]
 struct Fixtures {
@@ -173,14 +173,7 @@ fn requests_joining_at_random_steps_give_transformers_tokens() {
             groups.entry((&case.model_dir, &case.dtype)).or_default().push((case, request, k));
         }
     }
-    // xorshift64: the same schedule on every run.
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let mut random = move |n: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % n
-    };
+    let mut random = seeded(0x2545_f491_4f6c_dd1d);
     let (mut most_live, mut joined_mid_answer) = (0, 0);
     let runs = groups
         .iter()

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{image as image_path, tiny_model};
+use common::{image as image_path, seeded, tiny_model};
 
 fn model() -> PathBuf {
     tiny_model("gqa1/onnx")
@@ -814,13 +814,7 @@ fn requests_arriving_mid_answer_join_the_batch_and_get_the_answers_they_get_alon
         ("text.png", "ocr"),
         ("camera.png", "segment person"),
     ];
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut random = move |n: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % n
-    };
+    let mut random = seeded(0x9e37_79b9_7f4a_7c15);
     let bodies: Vec<(Value, u64)> = (0..12)
         .map(|i| {
             let (image, prompt) = cases[i % cases.len()];

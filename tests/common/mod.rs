@@ -1,4 +1,5 @@
-//! Paths the integration tests share: the repository, the tiny converted models, the test images.
+//! What the integration tests share: the repository, the tiny converted models, the test images,
+//! a seeded random draw.
 
 // Each test binary compiles this module and uses a part of it.
 #![allow(dead_code)]
@@ -36,4 +37,14 @@ pub fn python() -> PathBuf {
 
 pub fn image(name: &str) -> PathBuf {
     repo().join("tests/data/images").join(name)
+}
+
+/// A seeded xorshift64 draw in `0..n`: schedules that are random but the same on every run.
+pub fn seeded(mut state: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    }
 }
