@@ -124,8 +124,9 @@ def convert(
     try:
         for graph, make_spec in (("vision_encoder", vision.spec), ("embed_tokens", embedding.spec), ("decoder", decoder.spec)):
             export_graph(make_spec(hf), work / manifest.graph_path(graph, dtype))
-        # The in-place-cache flavour, fp32 only: float16 GroupQueryAttention is a GPU build's concern.
-        gqa = dtype == "fp32"
+        # The in-place-cache flavour, fp32 only (float16 GroupQueryAttention is a GPU build's concern),
+        # where ONNX Runtime's kernel takes the model's head layout.
+        gqa = dtype == "fp32" and decoder_gqa.supported(hf.config.text_config) is None
         if gqa:
             decoder_gqa.export(hf, work / manifest.graph_path("decoder_gqa", dtype))
         del hf

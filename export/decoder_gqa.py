@@ -48,6 +48,18 @@ OPSET = 20
 MS_DOMAIN = "com.microsoft"
 
 
+def supported(text_config) -> str | None:
+    """Why ONNX Runtime's GroupQueryAttention cannot run this text model, or None when it can: its
+    CPU and CUDA kernels take head sizes that are multiples of 8 and query heads in whole groups per
+    KV head (`group_query_attention_helper.h`). Every released PaliGemma 2 qualifies (head_dim 256
+    or 128); a checkpoint that does not gets the portable decoder only."""
+    if text_config.head_dim % 8:
+        return f"head_dim {text_config.head_dim} is not a multiple of 8"
+    if text_config.num_attention_heads % text_config.num_key_value_heads:
+        return f"{text_config.num_attention_heads} heads do not group over {text_config.num_key_value_heads} KV heads"
+    return None
+
+
 class _Graph:
     """Nodes and initializers, with fresh value names. With `data` (an open file), initializers of
     1 KiB and more are written there as they are made, page-aligned, and the graph refers to them:

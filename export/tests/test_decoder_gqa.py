@@ -154,3 +154,19 @@ def test_weights_past_the_protobuf_limit_stream_to_external_data(tiny_root, tmp_
     streamed = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     embeds = np.random.default_rng(1).normal(0, 0.5, (1, 7, cfg.hidden_size)).astype(np.float32)
     assert np.array_equal(gqa_prefill(cfg, streamed, embeds)[0], gqa_prefill(cfg, inline, embeds)[0])
+
+
+def test_head_layouts_the_kernel_cannot_run_get_no_gqa_decoder(reference):
+    """ONNX Runtime's GroupQueryAttention refuses head sizes that are not multiples of 8 when it
+    runs, and query heads that do not group over the KV heads: such a checkpoint converts with the
+    portable decoder only (convert.py asks `supported`)."""
+    import copy
+
+    cfg = reference[0].config.text_config
+    assert decoder_gqa.supported(cfg) is None
+    odd = copy.copy(cfg)
+    odd.head_dim = 20
+    assert "head_dim 20" in decoder_gqa.supported(odd)
+    ungrouped = copy.copy(cfg)
+    ungrouped.num_attention_heads, ungrouped.num_key_value_heads = 3, 2
+    assert "KV heads" in decoder_gqa.supported(ungrouped)
