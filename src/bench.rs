@@ -52,6 +52,10 @@ pub struct BenchReport {
     /// Mean step time of tokens 9..=16 and of the last 8 tokens of the long run.
     pub long_early_ms: f64,
     pub long_late_ms: f64,
+    /// Every decode step of the single and the long run, ms (step k gives token k + 2), for robust
+    /// windows on a shared host and for plots.
+    pub single_steps_ms: Vec<f64>,
+    pub long_steps_ms: Vec<f64>,
     pub batch: usize,
     /// Decode tokens per second (prefill excluded), batch 1 and batch `batch`.
     pub single_decode_tokens_per_s: f64,
@@ -129,6 +133,8 @@ pub fn run(options: BenchOptions) -> Result<BenchReport> {
         long_tokens: options.long_tokens,
         long_early_ms: mean_ms(&late[16 - WINDOW - 1..16 - 1]),
         long_late_ms: mean_ms(&late[late.len() - WINDOW..]),
+        single_steps_ms: t.steps.iter().map(|&d| ms(d)).collect(),
+        long_steps_ms: late.iter().map(|&d| ms(d)).collect(),
         batch: options.batch,
         single_decode_tokens_per_s: t.decode_tokens_per_s(1).unwrap_or(f64::NAN),
         batch_decode_tokens_per_s: batch[0].timings.decode_tokens_per_s(options.batch).unwrap_or(f64::NAN),
