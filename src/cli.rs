@@ -34,7 +34,8 @@ pub struct Args {
     #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
     pub prompt: Option<String>,
     /// JSON-lines file, one request per line: {"image": PATH, "prompt": TEXT, "max_new_tokens": N
-    /// (optional)}; relative paths are taken from the current directory. All run as padded batches.
+    /// (optional)}; relative paths are taken from the current directory. They decode together, each
+    /// prefilled alone.
     #[arg(long)]
     pub batch: Option<PathBuf>,
     /// Most tokens to generate per request.

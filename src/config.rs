@@ -138,12 +138,14 @@ pub enum ConfigError {
         name: String,
     },
     /// `--decoder gqa` on a model (or dtype) without a GroupQueryAttention decoder.
-    #[error("{path} lists no decoder_gqa graph for dtype {dtype} (conversions before format version 3, and fp16 ones, have none); convert again with this version's `python -m export convert`, or run --decoder portable")]
+    #[error("{path} lists no decoder_gqa graph for dtype {dtype}: {why}")]
     NoGqaDecoder {
         /// The manifest.
         path: PathBuf,
         /// The dtype asked for.
         dtype: String,
+        /// Why the conversion has none, and what to do instead.
+        why: &'static str,
     },
     /// A graph has no file for the dtype asked for (`--dtype`).
     #[error("{path}: the model has no {dtype} graphs (it has: {available}); pick one with --dtype, or convert with --dtype fp32|fp16 or --quantize int8|int4 (dtypes int8, q4)")]

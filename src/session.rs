@@ -355,20 +355,30 @@ impl ModelSessions {
             };
             Graph::open(name, dir, file, eps, threads, entries, &mut providers, &mut warnings)
         };
+        // A dtype the model lacks is the first thing to say.
+        m.graph_file(dir, &g.decoder, dtype)?;
         let gqa = g.decoder_gqa.as_ref().filter(|files| files.contains_key(dtype));
         let in_place = match flavour {
             DecoderFlavour::Auto => gqa.is_some() && eps.iter().all(|e| *e == ExecutionProvider::Cpu),
             DecoderFlavour::Portable => false,
             DecoderFlavour::Gqa if gqa.is_none() => {
+                let why = if dtype == "fp16" {
+                    "float16 conversions have none (the GroupQueryAttention decoder is built in float32); run --decoder portable"
+                } else if m.format_version < 3 {
+                    "conversions before manifest format version 3 have none; convert again with this version's `python -m export convert`, or run --decoder portable"
+                } else {
+                    "this conversion has none (a head layout ONNX Runtime's GroupQueryAttention refuses, or a copy without it); run --decoder portable"
+                };
                 let (path, dtype) = (dir.join(crate::config::MANIFEST_FILE), dtype.to_string());
-                return Err(ConfigError::NoGqaDecoder { path, dtype }.into());
+                return Err(ConfigError::NoGqaDecoder { path, dtype, why }.into());
             }
             DecoderFlavour::Gqa => true,
         };
         let vision = open("vision_encoder", &g.vision_encoder)?;
         let embed = open("embed_tokens", &g.embed_tokens)?;
+        // Named after the manifest key: the providers report and messages say which decoder ran.
         let decoder = match gqa {
-            Some(files) if in_place => open("decoder", files)?,
+            Some(files) if in_place => open("decoder_gqa", files)?,
             _ => open("decoder", &g.decoder)?,
         };
         let seg = match &g.seg_decoder {

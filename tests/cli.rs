@@ -111,7 +111,13 @@ fn json_output_has_text_ids_boxes_masks_and_providers() {
         assert!(v.get(key).is_some(), "missing {key} in {v}");
     }
     assert_eq!(v["image_size"], serde_json::json!([451, 300]));
-    assert_eq!(v["providers"]["decoder"], serde_json::json!(["CPUExecutionProvider"]));
+    // By the manifest's graph name: on CPU the GroupQueryAttention decoder runs where converted.
+    assert_eq!(v["providers"]["decoder_gqa"], serde_json::json!(["CPUExecutionProvider"]));
+    assert!(v["providers"].get("decoder").is_none(), "{v}");
+    let portable = run_image(&model(), &image("chelsea.png"), "caption en", &["--json", "--decoder", "portable"]);
+    let p: serde_json::Value = serde_json::from_slice(&portable.stdout).unwrap();
+    assert_eq!(p["providers"]["decoder"], serde_json::json!(["CPUExecutionProvider"]));
+    assert_eq!(p["token_ids"], v["token_ids"]);
 }
 
 #[test]

@@ -348,7 +348,7 @@ fn health_page_and_metrics_answer() {
     assert_eq!(v["status"], "ok");
     assert_eq!(v["model"], model().display().to_string());
     assert_eq!(v["dtype"], "fp32");
-    assert_eq!(v["providers"]["decoder"], json!(["CPUExecutionProvider"]));
+    assert_eq!(v["providers"]["decoder_gqa"], json!(["CPUExecutionProvider"]));
 
     let (status, headers, body) = get(&server.url("/"), &[]);
     assert_eq!(status, 200);

@@ -121,6 +121,9 @@ pub enum SubmitError {
 pub struct Queue {
     jobs: SyncSender<Job>,
     metrics: Arc<Metrics>,
+    /// `--max-queue`: jobs that may wait while every slot is busy.
+    max_queue: usize,
+    slots: usize,
     /// Set by [`Queue::cancel_all`]: every job still queued or running ends as
     /// [`JobError::ShutDown`].
     stopping: Arc<AtomicBool>,
@@ -148,8 +151,16 @@ impl Queue {
             },
             queued: Instant::now(),
         };
+        // Jobs bound for a free slot do not count against --max-queue: the worker takes them one
+        // join (one prefill) at a time, and a burst must not be refused while slots are free.
+        let busy = usize::try_from(self.metrics.slots_in_use.load(Ordering::Relaxed)).unwrap_or(0);
+        let room = self.max_queue + self.slots.saturating_sub(busy);
         // Counted before sending so the worker's decrement never comes first.
-        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        let waiting = self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        if usize::try_from(waiting).unwrap_or(0) >= room {
+            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            return Err(SubmitError::Full);
+        }
         if let Err(e) = self.jobs.try_send(job) {
             self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
             return match e {
@@ -214,11 +225,11 @@ pub fn start(
     max_queue: usize,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<(Queue, JoinHandle<()>)> {
-    let (jobs, queue) = mpsc::sync_channel(max_queue);
+    let slots = slots.max(1);
+    let (jobs, queue) = mpsc::sync_channel(max_queue + slots);
     let worker_metrics = Arc::clone(&metrics);
     let stopping = Arc::new(AtomicBool::new(false));
     let worker_stopping = Arc::clone(&stopping);
-    let slots = slots.max(1);
     let handle = std::thread::Builder::new().name("paligemma-worker".into()).spawn(move || {
         Worker {
             runner,
@@ -232,7 +243,14 @@ pub fn start(
         }
         .work()
     })?;
-    Ok((Queue { jobs, metrics, stopping }, handle))
+    let queue = Queue {
+        jobs,
+        metrics,
+        max_queue,
+        slots,
+        stopping,
+    };
+    Ok((queue, handle))
 }
 
 /// A job in a slot.
@@ -278,34 +296,54 @@ impl<R: Runner> Worker<R> {
         if self.running.is_empty() {
             if let Some((job, sent)) = self.alone.pop_front() {
                 self.join(job, sent);
+                self.metrics.slots_in_use.store(self.running.len() as i64, Ordering::Relaxed);
                 return true;
             }
         } else if !self.alone.is_empty() || self.batching == Batching::Static {
             return true;
         }
-        while self.running.len() < self.slots && self.alone.is_empty() {
-            let job = if self.running.is_empty() {
-                match self.queue.recv() {
-                    Ok(job) => job,
-                    Err(_) => return false,
+        loop {
+            // Every job that fits a free slot leaves the queue before any of them joins: a join
+            // runs a prefill, and the queue must not fill up behind jobs that have a slot.
+            let mut taken = Vec::new();
+            while self.running.len() + taken.len() < self.slots {
+                let job = if self.running.is_empty() && taken.is_empty() {
+                    match self.queue.recv() {
+                        Ok(job) => job,
+                        Err(_) => return false,
+                    }
+                } else {
+                    match self.queue.try_recv() {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    }
+                };
+                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                if job.reply.cancelled.load(Ordering::Relaxed) {
+                    self.metrics.record_cancelled(CancelledAt::Queued);
+                } else if self.stopping.load(Ordering::Relaxed) {
+                    let _ = job.reply.events.send(Event::Done(Box::new(Err(JobError::ShutDown))));
+                } else {
+                    self.metrics.record_queued(job.queued.elapsed());
+                    taken.push(job);
                 }
-            } else {
-                match self.queue.try_recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
-            };
-            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            if job.reply.cancelled.load(Ordering::Relaxed) {
-                self.metrics.record_cancelled(CancelledAt::Queued);
-            } else if self.stopping.load(Ordering::Relaxed) {
-                let _ = job.reply.events.send(Event::Done(Box::new(Err(JobError::ShutDown))));
-            } else {
-                self.metrics.record_queued(job.queued.elapsed());
+            }
+            if taken.is_empty() && !self.running.is_empty() {
+                return true;
+            }
+            // Taken jobs hold their slots from now on, for the queue's room (Queue::submit).
+            let holding = self.running.len() + taken.len();
+            self.metrics.slots_in_use.store(holding as i64, Ordering::Relaxed);
+            for job in taken {
                 self.join(job, 0);
             }
+            self.metrics.slots_in_use.store(self.running.len() as i64, Ordering::Relaxed);
+            // Slots that jobs ended by their first token left free take more waiting jobs (static
+            // batching too: this round began with every slot free).
+            if self.running.len() >= self.slots {
+                return true;
+            }
         }
-        true
     }
 
     /// Runs `job`'s join (its vision and prefill); it takes a slot unless its first token ended it.
@@ -330,7 +368,6 @@ impl<R: Runner> Worker<R> {
                     .send(Event::Done(Box::new(Err(JobError::Panicked(message(payload))))));
             }
         }
-        self.metrics.slots_in_use.store(self.running.len() as i64, Ordering::Relaxed);
     }
 
     /// Stops the rows of jobs whose client went away, or all of them past the shutdown grace.
@@ -396,6 +433,8 @@ impl<R: Runner> Worker<R> {
         }
         if let Some(result) = update.done {
             let done = self.running.remove(k);
+            // Counted before the answer goes out: a client reading /metrics after its answer sees it.
+            self.metrics.slots_in_use.store(self.running.len() as i64, Ordering::Relaxed);
             if let Ok(response) = &result {
                 self.metrics.record_generated(response.token_ids.len());
             }
@@ -487,6 +526,11 @@ mod tests {
         }
 
         fn join(&mut self, request: &Request) -> Result<Update, RequestError> {
+            if request.prompt == "hold-join" {
+                if let Some(gate) = self.gate.take() {
+                    gate.lock().unwrap().recv().unwrap();
+                }
+            }
             self.next += 1;
             self.live.push((RequestId(self.next), request.prompt.clone(), 0));
             Ok(self.update(self.live.len() - 1))
@@ -625,6 +669,31 @@ mod tests {
         assert!(steps.iter().all(|s| !(s.contains(&"hold".to_string()) && s.len() > 1)), "{steps:?}");
         assert!(steps.contains(&vec!["ab".to_string(), "cd".into()]), "{steps:?}");
         assert!(steps.contains(&vec!["ef".to_string()]), "{steps:?}");
+    }
+
+    #[test]
+    fn a_burst_that_fits_the_free_slots_is_never_refused_for_a_full_queue() {
+        let (runner, _, release) = echo();
+        let metrics = Arc::new(Metrics::new(4));
+        let (queue, worker) = start(runner, 4, Batching::Continuous, 1, Arc::clone(&metrics)).unwrap();
+        // The worker is inside the first job's join (its prefill) while the others arrive.
+        let first = queue.submit(request("hold-join"), false).unwrap();
+        wait_until_queue_is_empty(&metrics);
+        let others: Vec<Ticket> = ["ab", "cd", "ef"]
+            .iter()
+            .map(|p| queue.submit(request(p), false).unwrap())
+            .collect();
+        assert!(
+            queue.submit(request("one too many"), false).is_ok(),
+            "--max-queue 1 on top of the free slots"
+        );
+        assert!(matches!(queue.submit(request("refused"), false), Err(SubmitError::Full)));
+        release.send(()).unwrap();
+        assert_eq!(block_on(first.wait()).unwrap().text, "hold-join");
+        let texts: Vec<String> = others.into_iter().map(|t| block_on(t.wait()).unwrap().text).collect();
+        assert_eq!(texts, ["ab", "cd", "ef"]);
+        drop(queue);
+        worker.join().unwrap();
     }
 
     #[test]

@@ -31,10 +31,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_batch: u16,
     /// When queued requests join: `continuous` (into any free slot, at every step) or `static`
-    /// (only when every slot is free; a batch then runs until its longest answer ends).
+    /// (only when every slot is free; a batch then runs until its last row ends).
     #[arg(long, value_enum, default_value_t = Batching::Continuous)]
     pub batching: Batching,
-    /// Most requests waiting for the model; more are answered 503 with Retry-After.
+    /// Most requests waiting while every slot is busy (those bound for a free slot do not count);
+    /// more are answered 503 with Retry-After.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_queue: u32,
     /// Largest request body in bytes (a base64 image is 4/3 of the file).
