@@ -350,9 +350,14 @@ def mixed(args: argparse.Namespace, batching: str) -> dict:
     }
 
 
+def model_name(model: Path) -> str:
+    """The model's directory name, or its parent's for a conversion's `onnx` directory."""
+    return model.name if model.name != "onnx" else model.parent.name
+
+
 def mixed_markdown(runs: list[dict], args: argparse.Namespace) -> str:
     continuous, static = runs
-    model = args.model.name if args.model.name != "onnx" else args.model.parent.name
+    model = model_name(args.model)
     lines = [
         f"Open loop: {args.rate:g} requests/s for {args.seconds:g} s, max_new_tokens {args.lengths[0]}-{args.lengths[1]} "
         f"(seed {args.seed}), --max-batch {args.max_batch}, model {model}, {args.dtype}, {args.threads} threads; "
@@ -380,7 +385,7 @@ def mixed_markdown(runs: list[dict], args: argparse.Namespace) -> str:
 
 def markdown(runs: list[dict], args: argparse.Namespace) -> str:
     gain = runs[0]["requests_per_s"] / runs[1]["requests_per_s"] if runs[1]["requests_per_s"] else float("nan")
-    model = args.model.name if args.model.name != "onnx" else args.model.parent.name
+    model = model_name(args.model)
     columns = (
         "--max-batch | answered | requests/s | tokens/s | p50 ms | p99 ms | rows/step | errors | lost | wrong answers "
         "| bad sent | bad misanswered"
