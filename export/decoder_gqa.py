@@ -44,6 +44,8 @@ from onnx import TensorProto, helper, numpy_helper
 from .graph import PROTOBUF_LIMIT
 
 ALIGN = 4096  # external data offsets on page boundaries, so ONNX Runtime can map them
+# transformers' ACT2FN names -> ONNX Gelu's `approximate`.
+GELU = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
 OPSET = 20
 MS_DOMAIN = "com.microsoft"
 
@@ -57,6 +59,12 @@ def supported(text_config) -> str | None:
         return f"head_dim {text_config.head_dim} is not a multiple of 8"
     if text_config.num_attention_heads % text_config.num_key_value_heads:
         return f"{text_config.num_attention_heads} heads do not group over {text_config.num_key_value_heads} KV heads"
+    # What this builder writes; anything else keeps transformers' own modules (the portable graph).
+    if text_config.hidden_activation not in GELU:
+        return f"hidden_activation {text_config.hidden_activation!r} is not one this builder writes ({', '.join(GELU)})"
+    rope = (getattr(text_config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope != "default":
+        return f"rope_type {rope!r} is not the default RoPE this builder writes"
     return None
 
 
@@ -221,7 +229,7 @@ def build(model, data=None) -> onnx.ModelProto:
         x = _rms_norm(g, h, layer.pre_feedforward_layernorm.weight, eps)
         gate = g.op("MatMul", x, g.const(f"layers.{i}.gate_proj", _weight(layer.mlp.gate_proj.weight)))
         up = g.op("MatMul", x, g.const(f"layers.{i}.up_proj", _weight(layer.mlp.up_proj.weight)))
-        act = g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up)
+        act = g.op("Mul", g.op("Gelu", gate, approximate=GELU[cfg.hidden_activation]), up)
         down = g.op("MatMul", act, g.const(f"layers.{i}.down_proj", _weight(layer.mlp.down_proj.weight)))
         h = g.op("Add", h, _rms_norm(g, down, layer.post_feedforward_layernorm.weight, eps))
 

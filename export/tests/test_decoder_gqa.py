@@ -156,10 +156,11 @@ def test_weights_past_the_protobuf_limit_stream_to_external_data(tiny_root, tmp_
     assert np.array_equal(gqa_prefill(cfg, streamed, embeds)[0], gqa_prefill(cfg, inline, embeds)[0])
 
 
-def test_head_layouts_the_kernel_cannot_run_get_no_gqa_decoder(reference):
+def test_layouts_the_builder_or_kernel_cannot_run_get_no_gqa_decoder(reference):
     """ONNX Runtime's GroupQueryAttention refuses head sizes that are not multiples of 8 when it
-    runs, and query heads that do not group over the KV heads: such a checkpoint converts with the
-    portable decoder only (convert.py asks `supported`)."""
+    runs, and query heads that do not group over the KV heads; the builder writes gelu and default
+    RoPE only: such a checkpoint converts with the portable decoder only (convert.py asks
+    `supported`)."""
     import copy
 
     cfg = reference[0].config.text_config
@@ -170,3 +171,9 @@ def test_head_layouts_the_kernel_cannot_run_get_no_gqa_decoder(reference):
     ungrouped = copy.copy(cfg)
     ungrouped.num_attention_heads, ungrouped.num_key_value_heads = 3, 2
     assert "KV heads" in decoder_gqa.supported(ungrouped)
+    relu = copy.copy(cfg)
+    relu.hidden_activation = "relu"
+    assert "hidden_activation 'relu'" in decoder_gqa.supported(relu)
+    scaled = copy.copy(cfg)
+    scaled.rope_parameters = {**cfg.rope_parameters, "rope_type": "linear", "factor": 2.0}
+    assert "rope_type 'linear'" in decoder_gqa.supported(scaled)
