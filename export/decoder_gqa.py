@@ -117,6 +117,12 @@ def _vector(tensor) -> np.ndarray:
     return tensor.detach().float().numpy()
 
 
+def _linear(g: _Graph, x: str, linear, name: str) -> str:
+    """torch's Linear: x @ W^T (+ b, with `attention_bias` in the config)."""
+    y = g.op("MatMul", x, g.const(name, _weight(linear.weight)))
+    return y if linear.bias is None else g.op("Add", y, g.const(f"{name}.bias", _vector(linear.bias)))
+
+
 def _rms_norm(g: _Graph, x: str, weight, eps: float) -> str:
     """Gemma2RMSNorm in float32: x / sqrt(mean(x^2) + eps) * (1 + w)."""
     squared = g.op("Mul", x, x)
@@ -204,9 +210,10 @@ def build(model, data=None) -> onnx.ModelProto:
     for i, layer in enumerate(text.layers):
         attn = layer.self_attn
         x = _rms_norm(g, h, layer.input_layernorm.weight, eps)
-        q = g.op("MatMul", x, g.const(f"layers.{i}.q_proj", _weight(attn.q_proj.weight)))
-        k = g.op("MatMul", x, g.const(f"layers.{i}.k_proj", _weight(attn.k_proj.weight)))
-        v = g.op("MatMul", x, g.const(f"layers.{i}.v_proj", _weight(attn.v_proj.weight)))
+        q, k, v = (
+            _linear(g, x, proj, f"layers.{i}.{name}")
+            for name, proj in (("q_proj", attn.q_proj), ("k_proj", attn.k_proj), ("v_proj", attn.v_proj))
+        )
         q, k = _rotary(g, q, heads, head_dim, cos, sin), _rotary(g, k, kv_heads, head_dim, cos, sin)
         gqa_inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length"]
         if bias is not None and sliding[i]:
@@ -224,7 +231,7 @@ def build(model, data=None) -> onnx.ModelProto:
             do_rotary=0,
             local_window_size=-1,
         )
-        o = g.op("MatMul", out, g.const(f"layers.{i}.o_proj", _weight(attn.o_proj.weight)))
+        o = _linear(g, out, attn.o_proj, f"layers.{i}.o_proj")
         h = g.op("Add", h, _rms_norm(g, o, layer.post_attention_layernorm.weight, eps))
         x = _rms_norm(g, h, layer.pre_feedforward_layernorm.weight, eps)
         gate = g.op("MatMul", x, g.const(f"layers.{i}.gate_proj", _weight(layer.mlp.gate_proj.weight)))

@@ -177,3 +177,36 @@ def test_layouts_the_builder_or_kernel_cannot_run_get_no_gqa_decoder(reference):
     scaled = copy.copy(cfg)
     scaled.rope_parameters = {**cfg.rope_parameters, "rope_type": "linear", "factor": 2.0}
     assert "rope_type 'linear'" in decoder_gqa.supported(scaled)
+
+
+def test_projection_biases_are_kept(tiny_root, tmp_path):
+    """A text config with `attention_bias` (q/k/v/o biases, off in the released checkpoints): the
+    built graph's prefill logits equal the exported module's (decoder.py) run in torch."""
+    import torch
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    from export import decoder
+
+    config = PaliGemmaConfig.from_pretrained(converted_dir(tiny_root, "gqa1").source)
+    config.text_config.attention_bias = True
+    torch.manual_seed(0)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+                proj.bias.normal_(0, 0.5)
+    cfg = config.text_config
+    session = ort.InferenceSession(str(decoder_gqa.export(model, tmp_path / "decoder_model_gqa.onnx")))
+    embeds = np.random.default_rng(2).normal(0, 0.5, (1, 9, cfg.hidden_size)).astype(np.float32)
+    got, _ = gqa_prefill(cfg, session, embeds)
+    spec = decoder.spec(model)
+    past = tuple(torch.zeros(1, cfg.num_key_value_heads, 0, cfg.head_dim) for _ in range(2 * cfg.num_hidden_layers))
+    with torch.no_grad():
+        want = spec.module(
+            torch.from_numpy(embeds),
+            torch.ones(1, 9, dtype=torch.int64),
+            torch.zeros(1, 9, dtype=torch.int64),
+            torch.arange(1, 10)[None],
+            past,
+        )[0][:, -1].numpy()
+    assert np.abs(got - want).max() < TOLERANCE
