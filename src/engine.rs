@@ -261,7 +261,7 @@ impl Engine {
         let positions = Array2::from_shape_fn((rows, 1), |(r, _)| self.rows[r].position + 1);
         let embeds = sessions.embed_tokens(next.view())?;
         // A slot cache grows (doubling, up to what its rows can need) before a row outgrows it.
-        let needed = self.rows.iter().map(|r| r.position as usize + 1).max().unwrap_or(0);
+        let needed = self.needed();
         if let Some(Batch::Slots(slots)) = &self.batch {
             if slots.capacity() < needed {
                 let grown = self.slots(sessions, Some(slots), None, 2 * needed)?;
@@ -365,8 +365,7 @@ impl Engine {
         if let Some((cache, len)) = joining {
             sources.push((SlotSource::Prefill(cache), len));
         }
-        let needed = self.rows.iter().map(|r| r.position as usize + 1).max().unwrap_or(0);
-        let capacity = self.capacity(at_least.max(2 * needed));
+        let capacity = self.capacity(at_least.max(2 * self.needed()));
         Ok(Batch::Slots(Box::new(sessions.assemble_slots(&sources, capacity)?)))
     }
 
@@ -374,8 +373,12 @@ impl Engine {
     /// than the next step needs.
     fn capacity(&self, wanted: usize) -> usize {
         let most = self.rows.iter().map(|r| r.limit).max().unwrap_or(0);
-        let needed = self.rows.iter().map(|r| r.position as usize + 1).max().unwrap_or(0);
-        wanted.min(most).max(needed)
+        wanted.min(most).max(self.needed())
+    }
+
+    /// Cache positions the next step needs: the longest row's, plus the one it adds.
+    fn needed(&self) -> usize {
+        self.rows.iter().map(|r| r.position as usize + 1).max().unwrap_or(0)
     }
 }
 
@@ -410,25 +413,12 @@ fn join_padded(
     joining: &KvCache,
     len: usize,
 ) -> Result<Batch, ModelError> {
-    let total = mask.ncols().max(len);
-    let mut rows: Vec<CacheRow<'_>> = (0..mask.nrows()).map(|row| CacheRow { cache, row, from: 0 }).collect();
-    rows.push(CacheRow {
-        cache: joining,
-        row: 0,
-        from: 0,
-    });
-    let cache = sessions.assemble_cache(&rows, total)?;
     let (ones, zeros) = (Array2::<i64>::ones((1, len)), Array2::<i64>::zeros((1, len)));
-    let mask_rows: Vec<(&Array2<i64>, &Array2<i64>, usize)> = (0..mask.nrows())
-        .map(|r| (mask, types, r))
-        .chain(std::iter::once((&ones, &zeros, 0)))
+    let rows: Vec<PaddedRow<'_>> = (0..mask.nrows())
+        .map(|r| (cache, mask, types, r))
+        .chain(std::iter::once((joining, &ones, &zeros, 0)))
         .collect();
-    let (attention_mask, token_type_ids) = right_aligned(&mask_rows, 0, total);
-    Ok(Batch::Padded {
-        cache,
-        attention_mask,
-        token_type_ids,
-    })
+    padded(sessions, &rows, 0, mask.ncols().max(len))
 }
 
 /// Rows `kept` of a padded batch only, without the leading positions that are padding in every
@@ -445,11 +435,19 @@ fn keep_padded(
         .map(|&r| mask.row(r).iter().position(|&m| m != 0).unwrap_or(mask.ncols()))
         .min()
         .unwrap_or(0);
-    let len = mask.ncols() - from;
-    let rows: Vec<CacheRow<'_>> = kept.iter().map(|&row| CacheRow { cache, row, from }).collect();
-    let cache = sessions.assemble_cache(&rows, len)?;
-    let mask_rows: Vec<_> = kept.iter().map(|&r| (mask, types, r)).collect();
-    let (attention_mask, token_type_ids) = right_aligned(&mask_rows, from, len);
+    let rows: Vec<PaddedRow<'_>> = kept.iter().map(|&r| (cache, mask, types, r)).collect();
+    padded(sessions, &rows, from, mask.ncols() - from)
+}
+
+/// A row of a padded batch: its cache, attention_mask and token_type_ids, and its index in them.
+type PaddedRow<'a> = (&'a KvCache, &'a Array2<i64>, &'a Array2<i64>, usize);
+
+/// The padded batch of `rows`, positions `from..` of each right-aligned in `len` columns.
+fn padded(sessions: &ModelSessions, rows: &[PaddedRow<'_>], from: usize, len: usize) -> Result<Batch, ModelError> {
+    let cache_rows: Vec<CacheRow<'_>> = rows.iter().map(|&(cache, _, _, row)| CacheRow { cache, row, from }).collect();
+    let cache = sessions.assemble_cache(&cache_rows, len)?;
+    let masks: Vec<_> = rows.iter().map(|&(_, mask, types, row)| (mask, types, row)).collect();
+    let (attention_mask, token_type_ids) = right_aligned(&masks, from, len);
     Ok(Batch::Padded {
         cache,
         attention_mask,

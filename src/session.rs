@@ -599,9 +599,8 @@ impl ModelSessions {
             Ok(buffer)
         };
         let layers = m.num_hidden_layers;
-        let keys = (0..layers).map(|l| layer(l, true)).collect::<Result<Vec<_>, _>>()?;
+        let mut keys = (0..layers).map(|l| layer(l, true)).collect::<Result<Vec<_>, _>>()?;
         let mut values = (0..layers).map(|l| layer(l, false)).collect::<Result<Vec<_>, _>>()?;
-        let mut keys = keys;
         let mut binding = self.decoder.session.create_binding().map_err(&err)?;
         for (layer, ((past_key, past_value), (present_key, present_value))) in self.past_names.iter().zip(&self.present_names).enumerate() {
             binding.bind_input(past_key.as_str(), &keys[layer]).map_err(&err)?;
