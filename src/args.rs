@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 
 use crate::config::{DecoderFlavour, Dtype};
-use crate::onnxruntime::{check_unique, ExecutionProvider};
+use crate::onnxruntime::{check_unique, ExecutionProvider, IoBindingMode};
 use crate::pipeline::PipelineOptions;
 use crate::prompt::DEFAULT_MAX_PROMPT_TOKENS;
 
@@ -33,6 +33,12 @@ pub struct RuntimeArgs {
     /// and the providers are CPU only.
     #[arg(long, value_enum, default_value_t = DecoderFlavour::Auto)]
     pub decoder: DecoderFlavour,
+    /// Whether the decoder's KV cache stays where its provider computed it, through an ONNX
+    /// Runtime IoBinding: `auto` (on where the decoder runs on CUDA: the cache stays in GPU memory
+    /// and only the logits come back), `on`, `off` (the cache goes to host memory and back every
+    /// token, as without IoBinding).
+    #[arg(long, value_enum, default_value_t = IoBindingMode::Auto)]
+    pub io_binding: IoBindingMode,
     /// Most text tokens a prompt may hold (`<bos>`, the task, `\n`; the image tokens are not
     /// counted): what a request costs grows with its tokens, not its characters.
     #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize))]
@@ -52,6 +58,7 @@ impl RuntimeArgs {
         let mut options = PipelineOptions::new(model);
         options.dtype = self.dtype;
         options.decoder = self.decoder;
+        options.io_binding = self.io_binding;
         check_unique(&self.ep)?;
         options.providers = self.ep.clone();
         options.threads = self.threads;
@@ -109,6 +116,16 @@ impl clap::ValueEnum for Dtype {
 impl clap::ValueEnum for DecoderFlavour {
     fn value_variants<'a>() -> &'a [Self] {
         &DecoderFlavour::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
+}
+
+impl clap::ValueEnum for IoBindingMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &IoBindingMode::ALL
     }
 
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {

@@ -34,6 +34,8 @@ pub struct BenchReport {
     pub dtype: String,
     /// The decoder graph that ran: `gqa` or `portable`.
     pub decoder: &'static str,
+    /// The memory the KV cache is bound to between steps (`Cpu`, `Cuda`), null without IoBinding.
+    pub io_binding: Option<String>,
     /// (graph, execution providers ONNX Runtime assigned its nodes to)
     pub providers: Vec<(String, Vec<String>)>,
     /// What loading warned about (a provider fallback, a format this CPU computes another way):
@@ -123,6 +125,7 @@ pub fn run(options: BenchOptions) -> Result<BenchReport> {
     Ok(BenchReport {
         dtype,
         decoder: pipeline.decoder().as_str(),
+        io_binding: pipeline.cache_binding(),
         providers: pipeline.providers().to_vec(),
         warnings: pipeline.warnings().to_vec(),
         load_s,

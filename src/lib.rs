@@ -40,7 +40,7 @@ pub use config::{ConfigError, DecoderFlavour, Dtype, Manifest};
 pub use detect::{BoundingBox, Detection};
 pub use engine::Timings;
 pub use mask::{BinaryMask, MaskError, Rle};
-pub use onnxruntime::{ExecutionProvider, OrtLibError, SessionError};
+pub use onnxruntime::{ExecutionProvider, IoBindingMode, OrtLibError, SessionError};
 pub use pipeline::{ImageInput, LoadError, Pipeline, PipelineOptions, Request, RequestError, RequestId, Response, Update};
 pub use preprocess::{ImageLimits, LoadedImage, PreprocessError};
 pub use prompt::PromptError;

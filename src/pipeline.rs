@@ -23,7 +23,7 @@ use crate::config::{ConfigError, DecoderFlavour, Dtype, Manifest};
 use crate::detect::{parse_detections, parse_segmentation, Detection};
 use crate::engine::{Emitted, Engine, Generated, Prepared, SlotId, Timings};
 use crate::hub::{resolve_model, HubError, HubOptions};
-use crate::onnxruntime::{init, ExecutionProvider, OrtInfo, OrtLibError};
+use crate::onnxruntime::{init, ExecutionProvider, IoBindingMode, OrtInfo, OrtLibError};
 use crate::preprocess::{decode_image, load_image, pixel_values, ImageLimits, ImageProcessorConfig, LoadedImage, PreprocessError};
 use crate::prompt::{PromptEncoder, PromptError, TextStream, DEFAULT_MAX_PROMPT_TOKENS, IMAGE_TOKEN};
 use crate::segment::{decoder_input, segments, Segment, SegmentError};
@@ -104,6 +104,9 @@ pub struct PipelineOptions {
     /// Which decoder graph runs ([`DecoderFlavour::Auto`] by default: the in-place
     /// GroupQueryAttention one where the model has it and the providers are CPU only).
     pub decoder: DecoderFlavour,
+    /// Whether the portable decoder's KV cache stays in the memory of the provider that computed
+    /// it ([`IoBindingMode::Auto`] by default: on GPU memory where the decoder runs on CUDA).
+    pub io_binding: IoBindingMode,
     /// Execution providers in priority order; empty means ONNX Runtime's default (CPU).
     pub providers: Vec<ExecutionProvider>,
     /// ONNX Runtime intra-op threads per graph (`--threads`; `None`: ONNX Runtime's choice).
@@ -127,6 +130,7 @@ impl PipelineOptions {
             model: model.into(),
             dtype: Dtype::Fp32,
             decoder: DecoderFlavour::Auto,
+            io_binding: IoBindingMode::Auto,
             providers: Vec::new(),
             threads: None,
             ort_lib: None,
@@ -301,6 +305,7 @@ impl Pipeline {
             &options.providers,
             options.threads,
             options.decoder,
+            options.io_binding,
         )?;
         Ok(Pipeline {
             model_dir,
@@ -345,6 +350,12 @@ impl Pipeline {
         } else {
             DecoderFlavour::Portable
         }
+    }
+
+    /// The memory the decoder's KV cache is bound to between steps (`Cpu`, `Cuda`), `None` where
+    /// ONNX Runtime returns it to the host after every run (see [`PipelineOptions::io_binding`]).
+    pub fn cache_binding(&self) -> Option<String> {
+        self.sessions.cache_binding()
     }
 
     /// `false` for decoders without attention_mask/token_type_ids: requests then run one by one

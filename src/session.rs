@@ -13,11 +13,11 @@ use half::f16;
 use ndarray::{s, Array, Array2, Array3, Array4, ArrayView2, ArrayView3, Dimension, Ix3, Ix4};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::value::{DynTensorValueType, DynValue, Tensor, TensorElementType, ValueType};
 
 use crate::config::{ConfigError, DecoderFlavour, Manifest};
 use crate::cpu::{int8_weight_kernels_saturate, INT8_EXACT_FEATURES};
-use crate::onnxruntime::{build_session, ExecutionProvider, SessionError};
+use crate::onnxruntime::{build_session, ExecutionProvider, IoBindingMode, SessionError};
 
 /// Why the model's graphs cannot be opened or run.
 #[derive(Debug, thiserror::Error)]
@@ -318,6 +318,10 @@ pub struct ModelSessions {
     present_names: Vec<(String, String)>,
     /// Run options of prefill runs: the CPU arena shrinks after them (see `Graph::run_shrinking`).
     shrink_arena: RunOptions,
+    /// Where the portable decoder's `present.*` outputs are bound (`--io-binding`): the CUDA
+    /// device's memory, so the cache never leaves the GPU between steps, or host memory; `None`:
+    /// no IoBinding, ONNX Runtime returns them in host memory.
+    cache_memory: Option<MemoryInfo<'static>>,
     /// (graph, execution providers ONNX Runtime assigned nodes to)
     pub providers: Vec<(String, Vec<String>)>,
     /// Providers that could not start while a later one in the list took over.
@@ -332,6 +336,7 @@ impl ModelSessions {
         eps: &[ExecutionProvider],
         threads: Option<usize>,
         flavour: DecoderFlavour,
+        io_binding: IoBindingMode,
     ) -> Result<ModelSessions, ModelError> {
         let mut providers = Vec::new();
         let mut warnings = Vec::new();
@@ -411,12 +416,25 @@ impl ModelSessions {
             }) => Float::F16,
             _ => Float::F32,
         };
+        let on_cuda = providers
+            .iter()
+            .any(|(graph, names)| graph == decoder.name && names.iter().any(|n| n == ExecutionProvider::Cuda.ort_name()));
+        let device = match (io_binding, on_cuda) {
+            (IoBindingMode::Off, _) | (IoBindingMode::Auto, false) => None,
+            (_, true) => Some(AllocationDevice::CUDA),
+            (IoBindingMode::On, false) => Some(AllocationDevice::CPU),
+        };
+        let cache_memory = device
+            .map(|device| MemoryInfo::new(device, 0, AllocatorType::Device, MemoryType::Default))
+            .transpose()
+            .map_err(run_error("decoder"))?;
         let mut shrink_arena = RunOptions::new().map_err(run_error("decoder"))?;
         shrink_arena
             .set("memory.enable_memory_arena_shrinkage", "cpu:0")
             .map_err(run_error("decoder"))?;
         let sessions = ModelSessions {
             shrink_arena,
+            cache_memory,
             vision,
             embed,
             decoder,
@@ -502,6 +520,16 @@ impl ModelSessions {
         self.in_place
     }
 
+    /// The memory the decoder's KV cache is bound to through an IoBinding, by ONNX Runtime's
+    /// allocation device name (`Cpu`, `Cuda`); `None` without one (`--io-binding`). The
+    /// GroupQueryAttention decoder's slot cache is always bound, in host memory.
+    pub fn cache_binding(&self) -> Option<String> {
+        if self.in_place {
+            return Some(AllocationDevice::CPU.as_str().to_string());
+        }
+        self.cache_memory.as_ref().map(|m| m.allocation_device().as_str().to_string())
+    }
+
     /// An empty cache (`P = 0`) for `batch` rows.
     pub fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError> {
         let m = &self.manifest;
@@ -583,9 +611,12 @@ impl ModelSessions {
             let mut buffer = Tensor::<f32>::new(&Allocator::default(), shape).map_err(&err)?;
             let mut target = buffer.extract_array_mut().into_dimensionality::<Ix4>().map_err(kv_rank)?;
             for (r, &(source, len)) in rows.iter().enumerate() {
+                let copy;
                 let (values, row) = match source {
                     SlotSource::Prefill(cache) => {
                         let value = if key { &cache.keys[layer] } else { &cache.values[layer] };
+                        copy = device_to_host(value)?;
+                        let value = copy.as_ref().unwrap_or(value);
                         (value.try_extract_array::<f32>().map_err(&err)?, 0)
                     }
                     SlotSource::Slots(cache, row) => {
@@ -608,8 +639,9 @@ impl ModelSessions {
             binding.bind_output(present_key.as_str(), &mut keys[layer]).map_err(&err)?;
             binding.bind_output(present_value.as_str(), &mut values[layer]).map_err(&err)?;
         }
-        let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(&err)?;
-        binding.bind_output_to_device("logits", &cpu).map_err(&err)?;
+        binding
+            .bind_output_to_device("logits", &host_memory().map_err(&err)?)
+            .map_err(&err)?;
         Ok(SlotCache {
             keys,
             values,
@@ -702,22 +734,36 @@ impl ModelSessions {
         inputs: Vec<(&'static str, DynValue)>,
         cache: &mut KvCache,
     ) -> Result<Array2<f32>, ModelError> {
-        let mut feed: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
-        feed.push((
-            "inputs_embeds".into(),
-            self.float.tensor(inputs_embeds.to_owned(), "decoder")?.into(),
-        ));
-        feed.extend(inputs.into_iter().map(|(name, value)| (name.into(), value.into())));
+        let mut feed: Vec<(Cow<'_, str>, DynValue)> = Vec::new();
+        feed.push(("inputs_embeds".into(), self.float.tensor(inputs_embeds.to_owned(), "decoder")?));
+        feed.extend(inputs.into_iter().map(|(name, value)| (name.into(), value)));
         let past = std::mem::take(&mut cache.keys).into_iter().zip(std::mem::take(&mut cache.values));
         for ((k, v), (kn, vn)) in past.zip(&self.past_names) {
-            feed.push((kn.as_str().into(), k.into()));
-            feed.push((vn.as_str().into(), v.into()));
+            feed.push((kn.as_str().into(), k));
+            feed.push((vn.as_str().into(), v));
         }
         let float = self.float;
-        let mut outputs = if inputs_embeds.shape()[1] > 1 {
-            self.decoder.run_shrinking(feed, &self.shrink_arena)?
-        } else {
-            self.decoder.run(feed)?
+        let prefill = inputs_embeds.shape()[1] > 1;
+        let binding;
+        let mut outputs = match &self.cache_memory {
+            None => {
+                let feed = feed.into_iter().map(|(name, value)| (name, value.into())).collect();
+                if prefill {
+                    self.decoder.run_shrinking(feed, &self.shrink_arena)?
+                } else {
+                    self.decoder.run(feed)?
+                }
+            }
+            Some(memory) => {
+                binding = self.bind_decoder(&feed, memory)?;
+                let session = &mut self.decoder.session;
+                let run = if prefill {
+                    session.run_binding_with_options(&binding, &self.shrink_arena)
+                } else {
+                    session.run_binding(&binding)
+                };
+                run.map_err(run_error("decoder"))?
+            }
         };
         let step_logits = last_position(&outputs["logits"], float)?;
         for (key, value) in &self.present_names {
@@ -731,6 +777,26 @@ impl ModelSessions {
         Ok(step_logits)
     }
 
+    /// An IoBinding of one portable decoder run: `feed` as inputs (ONNX Runtime copies those in
+    /// host memory to the device, once), `present.*` bound to `cache_memory`, where the next run
+    /// reads them as its past, and the logits to host memory, the only output the host needs.
+    /// A new binding per run: the outputs' shapes grow with every step.
+    fn bind_decoder(&self, feed: &[(Cow<'_, str>, DynValue)], cache_memory: &MemoryInfo<'static>) -> Result<IoBinding, ModelError> {
+        let err = run_error("decoder");
+        let mut binding = self.decoder.session.create_binding().map_err(&err)?;
+        for (name, value) in feed {
+            binding.bind_input(name.as_ref(), value).map_err(&err)?;
+        }
+        for (key, value) in &self.present_names {
+            binding.bind_output_to_device(key.as_str(), cache_memory).map_err(&err)?;
+            binding.bind_output_to_device(value.as_str(), cache_memory).map_err(&err)?;
+        }
+        binding
+            .bind_output_to_device("logits", &host_memory().map_err(&err)?)
+            .map_err(&err)?;
+        Ok(binding)
+    }
+
     /// codes i64[K,16] -> masks f32[K,64,64] through seg_decoder.onnx.
     pub fn decode_masks(&mut self, codes: Array2<i64>) -> Result<Array3<f32>, ModelError> {
         let seg = self.seg.as_mut().ok_or(ModelError::NoSegDecoder)?;
@@ -738,6 +804,22 @@ impl ModelSessions {
         let outputs = seg.run(vec![("codes".into(), input.into())])?;
         extract3(&outputs["masks"], Float::F32, "seg_decoder")
     }
+}
+
+/// Host memory, where outputs the host reads are bound.
+fn host_memory() -> ort::Result<MemoryInfo<'static>> {
+    MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
+}
+
+/// A copy of `value` in host memory if it lives on a device (a KV cache the decoder left on the
+/// GPU, see `--io-binding`), `None` if the host can read it where it is.
+fn device_to_host(value: &DynValue) -> Result<Option<DynValue>, ModelError> {
+    let err = run_error("decoder");
+    let tensor = value.view().downcast::<DynTensorValueType>().map_err(&err)?;
+    if tensor.memory_info().is_cpu_accessible() {
+        return Ok(None);
+    }
+    Ok(Some(tensor.to(AllocationDevice::CPU, 0).map_err(&err)?.into_dyn()))
 }
 
 fn kv_rank(e: ndarray::ShapeError) -> ModelError {
@@ -755,7 +837,8 @@ where
     let mut out = Array4::<T>::default(shape);
     let len = shape.2;
     for (r, &(value, row, from)) in rows.iter().enumerate() {
-        let view = value.try_extract_array::<T>().map_err(&err)?;
+        let copy = device_to_host(value)?;
+        let view = copy.as_ref().unwrap_or(value).try_extract_array::<T>().map_err(&err)?;
         let view = view.into_dimensionality::<Ix4>().map_err(kv_rank)?;
         let kept = view.shape()[2] - from;
         out.slice_mut(s![r, .., len - kept.., ..])

@@ -5,6 +5,7 @@
 //! transformers' fp32 tokens, but never from the same graphs run by another driver.
 
 use paligemma::config::{DecoderFlavour, Manifest};
+use paligemma::IoBindingMode;
 use std::collections::{BTreeMap, HashMap};
 
 use paligemma::pipeline::{ImageInput, Pipeline, PipelineOptions, Request};
@@ -60,22 +61,32 @@ fn fixtures() -> Fixtures {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn load(case: &Case, decoder: DecoderFlavour) -> Pipeline {
+/// A decoder graph and how its KV cache is kept between steps.
+type Decoder = (DecoderFlavour, IoBindingMode);
+
+fn load(case: &Case, decoder: Decoder) -> Pipeline {
     let model_dir = tiny_model(&case.model_dir);
     let mut options = PipelineOptions::new(model_dir.display().to_string());
     options.dtype = case.dtype.parse().unwrap();
-    options.decoder = decoder;
-    Pipeline::load(options).unwrap_or_else(|e| panic!("{} ({decoder:?}): {e}", case.name))
+    (options.decoder, options.io_binding) = decoder;
+    let pipeline = Pipeline::load(options).unwrap_or_else(|e| panic!("{} ({decoder:?}): {e}", case.name));
+    let bound = decoder.0 == DecoderFlavour::Gqa || decoder.1 == IoBindingMode::On;
+    assert_eq!(pipeline.cache_binding().is_some(), bound, "{} ({decoder:?})", case.name);
+    pipeline
 }
 
-/// The decoder graphs `case`'s conversion has for its dtype: the portable one, and the
-/// GroupQueryAttention one where it was converted (fp32 and quantized dtypes).
-fn decoders(case: &Case) -> Vec<DecoderFlavour> {
+/// The decoder graphs `case`'s conversion has for its dtype: the portable one, its cache returned
+/// by every run and bound through an IoBinding (the path that keeps it on a GPU, here in host
+/// memory), and the GroupQueryAttention one where it was converted (fp32 and quantized dtypes).
+fn decoders(case: &Case) -> Vec<Decoder> {
     let manifest = Manifest::load(&tiny_model(&case.model_dir)).unwrap();
     let gqa = manifest.graphs.decoder_gqa.is_some_and(|files| files.contains_key(&case.dtype));
-    let mut flavours = vec![DecoderFlavour::Portable];
-    flavours.extend(gqa.then_some(DecoderFlavour::Gqa));
-    flavours
+    let mut decoders = vec![
+        (DecoderFlavour::Portable, IoBindingMode::Off),
+        (DecoderFlavour::Portable, IoBindingMode::On),
+    ];
+    decoders.extend(gqa.then_some((DecoderFlavour::Gqa, IoBindingMode::Auto)));
+    decoders
 }
 
 fn requests(case: &Case, max_new_tokens: usize) -> Vec<Request> {
@@ -112,7 +123,7 @@ fn batches_give_transformers_tokens_and_text() {
     let mut in_place = 0;
     for case in &fixtures.cases {
         for decoder in decoders(case) {
-            in_place += usize::from(decoder == DecoderFlavour::Gqa);
+            in_place += usize::from(decoder.0 == DecoderFlavour::Gqa);
             let mut pipeline = load(case, decoder);
             let got = run(&mut pipeline, &requests(case, fixtures.max_new_tokens));
             let (ids, texts): (Vec<_>, Vec<_>) = got.into_iter().unzip();

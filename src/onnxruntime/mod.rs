@@ -21,8 +21,8 @@ pub use library::{
     ENV_DYLIB_PATH, MIN_VERSION,
 };
 pub use providers::{
-    build_session, check_unique, parse_ep_list, ExecutionProvider, ProviderFailure, ProviderListError, SessionError, SessionReport,
-    PROVIDER_NAMES,
+    build_session, check_unique, parse_ep_list, ExecutionProvider, IoBindingMode, ProviderFailure, ProviderListError, SessionError,
+    SessionReport, PROVIDER_NAMES,
 };
 
 /// ONNX Runtime messages carry newlines and a final period; error lines must stay one line and

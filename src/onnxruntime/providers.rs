@@ -29,6 +29,35 @@ pub enum ExecutionProvider {
     TensorRt,
 }
 
+/// Whether the decoder runs through an ONNX Runtime IoBinding that leaves its `present.*` outputs
+/// (the KV cache) in the memory of the provider that computed them (`--io-binding`). Without one,
+/// ONNX Runtime copies every output to host memory and every input back to the device, so on CUDA
+/// the whole cache crosses the bus twice per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum IoBindingMode {
+    /// On where ONNX Runtime assigned decoder nodes to CUDA, off elsewhere.
+    #[default]
+    Auto,
+    /// Always; on CPU the cache is bound to host memory, which changes nothing but the call path.
+    On,
+    /// Never: the cache comes back to the host after every run.
+    Off,
+}
+
+impl IoBindingMode {
+    /// Every mode, in the order `--help` lists them.
+    pub const ALL: [IoBindingMode; 3] = [IoBindingMode::Auto, IoBindingMode::On, IoBindingMode::Off];
+
+    /// The name `--io-binding` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoBindingMode::Auto => "auto",
+            IoBindingMode::On => "on",
+            IoBindingMode::Off => "off",
+        }
+    }
+}
+
 /// The names [`ExecutionProvider::from_str`] accepts, for messages and `--help`.
 pub const PROVIDER_NAMES: &str = "cpu, cuda, tensorrt";
 
