@@ -67,8 +67,9 @@ def parse_schemes(values: list[str] | None) -> list[str]:
     return out
 
 
-def quantize_graph(src: Path, dst: Path, dtype: str) -> Path:
-    """Write the `dtype` ("int8" or "q4") version of the fp32 graph `src` to `dst`."""
+def quantize_graph(src: Path, dst: Path, dtype: str, fmt: dict | None = None) -> Path:
+    """Write the `dtype` ("int8" or "q4") version of the fp32 graph `src` to `dst`, in `dtype`'s
+    WEIGHT_FORMATS entry unless `fmt` gives another (`bench.matmul` times other block sizes)."""
     if dtype not in SCHEMES.values():
         raise ExportError(f"no quantization scheme for dtype {dtype!r}; expected one of {', '.join(SCHEMES.values())}")
     src, dst = Path(src), Path(dst)
@@ -85,7 +86,7 @@ def quantize_graph(src: Path, dst: Path, dtype: str) -> Path:
         if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
             nodes.append(node)
             continue
-        node_new, tensors = _rewrite(node, weight.name, source.array(weight), dtype)
+        node_new, tensors = _rewrite(node, weight.name, source.array(weight), fmt or WEIGHT_FORMATS[dtype])
         nodes.append(node_new)
         new_tensors += tensors
         uses[weight.name] -= 1
@@ -123,14 +124,14 @@ def quantize_graph(src: Path, dst: Path, dtype: str) -> Path:
     return dst
 
 
-def _rewrite(node, weight_name: str, w: np.ndarray, dtype: str) -> tuple[onnx.NodeProto, list[tuple[TensorProto, np.ndarray]]]:
-    """MatMul(A, W f32[K,N]) -> MatMulNBits in `dtype`'s format and its new weight tensors."""
+def _rewrite(node, weight_name: str, w: np.ndarray, fmt: dict) -> tuple[onnx.NodeProto, list[tuple[TensorProto, np.ndarray]]]:
+    """MatMul(A, W f32[K,N]) -> MatMulNBits in format `fmt` (a WEIGHT_FORMATS entry) and its new
+    weight tensors."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
     k, n = w.shape
-    fmt = WEIGHT_FORMATS[dtype]
-    bits, block_size = fmt["bits"], fmt["block_size"]
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits)
+    bits, block_size, level = fmt["bits"], fmt["block_size"], fmt["accuracy_level"]
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=level, bits=bits)
     packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w))
     tensors = [(f"{weight_name}_Q{bits}", packed), (f"{weight_name}_scales", scales)]
     op = helper.make_node(
@@ -143,7 +144,7 @@ def _rewrite(node, weight_name: str, w: np.ndarray, dtype: str) -> tuple[onnx.No
         N=n,
         bits=bits,
         block_size=block_size,
-        accuracy_level=ACCURACY_LEVEL,
+        accuracy_level=level,
     )
     protos = []
     for name, array in tensors:

@@ -206,7 +206,7 @@ def matmul_graph(path: Path, k: int, n: int, weight: np.ndarray) -> Path:
     return path
 
 
-def int8_weight_rewrite(node, weight_name: str, w: np.ndarray, dtype: str):
+def int8_weight_rewrite(node, weight_name: str, w: np.ndarray, fmt: dict):
     """The int8 format of manifest version 1 (export/quantize.py until MatMulNBits): symmetric int8
     weights per output column in DynamicQuantizeMatMul. Kept here to test how the binary runs it."""
     scale = np.where(np.abs(w).max(axis=0) > 0, np.abs(w).max(axis=0) / 127.0, 1.0).astype(np.float32)
