@@ -94,12 +94,16 @@ def convert(
     dtype: str = "fp32",
     seg_vae: Path | None = None,
     quantize_to: Sequence[str] = (),
+    quantize_vision: bool = False,
     force: bool = False,
 ) -> Path:
-    """`quantize_to`: manifest dtype keys ("int8", "q4", see `quantize.parse_schemes`) to add."""
+    """`quantize_to`: manifest dtype keys ("int8", "q4", see `quantize.parse_schemes`) to add;
+    `quantize_vision`: their vision encoder is quantized too (`quantize.VISION_FORMAT`)."""
     out_dir = Path(out_dir)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if quantize_vision and not quantize_to:
+        raise ExportError("--quantize-vision quantizes the vision encoder of the quantized dtypes: add --quantize int8 (or int4)")
     if quantize_to and dtype != "fp32":
         raise ExportError(f"--quantize starts from the fp32 graphs: drop --dtype {dtype} (or convert twice)")
     prepare_out_dir(out_dir, force)
@@ -135,6 +139,11 @@ def convert(
             quantized[q] = quantize.QUANTIZED_GRAPHS[q]
             for graph in quantized[q]:
                 quantize.quantize_graph(work / manifest.graph_path(graph, dtype), work / manifest.graph_path(graph, q), q)
+        vision_file = None
+        if quantize_vision:
+            vision_file = manifest.graph_path("vision_encoder", quantize.VISION_DTYPE)
+            source_file = work / manifest.graph_path("vision_encoder", dtype)
+            quantize.quantize_graph(source_file, work / vision_file, quantize.VISION_DTYPE, quantize.VISION_FORMAT)
         seg_path = None
         if vae is not None:
             seg_path = "onnx/seg_decoder.onnx"
@@ -144,7 +153,16 @@ def convert(
         generation_config.to_json_file(work / "generation_config.json")
         processor.image_processor.to_json_file(work / "preprocessor_config.json")
         facts = manifest.model_facts(hf_config(src), processor, generation_config)
-        manifest.write_manifest(work, source=model, facts=facts, dtype=dtype, seg_decoder=seg_path, quantized=quantized, decoder_gqa=gqa)
+        manifest.write_manifest(
+            work,
+            source=model,
+            facts=facts,
+            dtype=dtype,
+            seg_decoder=seg_path,
+            quantized=quantized,
+            quantized_vision=vision_file,
+            decoder_gqa=gqa,
+        )
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)

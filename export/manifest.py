@@ -11,7 +11,7 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-from .quantize import WEIGHT_FORMATS
+from .quantize import VISION_FORMAT, WEIGHT_FORMATS
 
 FORMAT = "paligemma-onnx"
 # 2: adds `quantization` (what each quantized dtype's graphs hold; int8 weights became uint8).
@@ -84,17 +84,23 @@ def write_manifest(
     dtype: str,
     seg_decoder: str | None,
     quantized: dict[str, tuple[str, ...]] | None = None,
+    quantized_vision: str | None = None,
     decoder_gqa: bool = False,
 ) -> Path:
     """`quantized`: dtype key ("int8", "q4") -> the graphs that have a file of their own in it; the
     others of that dtype run the `dtype` file. The seg decoder has one float32 file for every dtype.
-    `quantization` records each quantized dtype's weight format and the graphs that hold it."""
+    `quantization` records each quantized dtype's weight format and the graphs that hold it.
+    `quantized_vision`: the quantized vision encoder's file, which every quantized dtype then runs
+    (its format under `quantization.<dtype>.vision_encoder`)."""
     quantized = quantized or {}
     dtypes = [dtype, *quantized]
     graphs = {
         g: {dtype: graph_path(g, dtype), **{q: graph_path(g, q if g in own else dtype) for q, own in quantized.items()}}
         for g in (*REQUIRED_GRAPHS, *(("decoder_gqa",) if decoder_gqa else ()))
     }
+    vision = {"vision_encoder": {**VISION_FORMAT, "file": quantized_vision}} if quantized_vision else {}
+    for q in quantized if quantized_vision else ():
+        graphs["vision_encoder"][q] = quantized_vision
     if seg_decoder:
         graphs["seg_decoder"] = {d: seg_decoder for d in dtypes}
     files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and p.name != "manifest.json")
@@ -105,7 +111,7 @@ def write_manifest(
         **facts,
         "dtypes": dtypes,
         "graphs": graphs,
-        "quantization": {q: {**WEIGHT_FORMATS[q], "graphs": list(own)} for q, own in quantized.items()},
+        "quantization": {q: {**WEIGHT_FORMATS[q], "graphs": list(own), **vision} for q, own in quantized.items()},
         "files": files,
         "file_sizes": {f: (out_dir / f).stat().st_size for f in files},
         "producer": _versions(),

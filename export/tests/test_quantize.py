@@ -231,6 +231,7 @@ def saturating_case(work: str) -> dict[str, float]:
     a[0, 0] = 0
     fp32 = matmul_graph(work / "fp32.onnx", 64, 4, np.ones((64, 4), np.float32))
     int8 = quantize.quantize_graph(fp32, work / "int8.onnx", "int8")
+    vision = quantize.quantize_graph(fp32, work / "vision.onnx", "int8", quantize.VISION_FORMAT)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(quantize, "_rewrite", int8_weight_rewrite)
         version1 = quantize.quantize_graph(fp32, work / "version1.onnx", "int8")
@@ -240,13 +241,19 @@ def saturating_case(work: str) -> dict[str, float]:
     def run(path, options=None):
         return float(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"A": a})[0][0, 0])
 
-    return {"int8": run(int8), "version 1 int8": run(version1), "version 1 int8, session.x64quantprecision": run(version1, repaired)}
+    return {
+        "int8": run(int8),
+        "vision 7-bit": run(vision),
+        "version 1 int8": run(version1),
+        "version 1 int8, session.x64quantprecision": run(version1, repaired),
+    }
 
 
 def test_the_emulated_cpu_saturates_int8_weight_kernels_where_this_int8_format_is_exact(tmp_path):
     """The control for the tests under emulation: there, ONNX Runtime really runs the kernel that
     saturates (the version 1 int8 format turns 63 into about 32), and ONNX Runtime's rewrite to
-    uint8 (session.x64quantprecision) repairs it. This converter's int8 is exact on both CPUs. On
+    uint8 (session.x64quantprecision) repairs it. This converter's int8, and the 7-bit weights of
+    `--quantize-vision` in that same saturating kernel, are exact on both CPUs. On
     both, export.cpu predicts what ONNX Runtime does (under qemu-user /proc/cpuinfo is the host's,
     so the probe must read CPUID)."""
     script = (
@@ -259,6 +266,7 @@ def test_the_emulated_cpu_saturates_int8_weight_kernels_where_this_int8_format_i
     assert emulated["version 1 int8"] == pytest.approx(32.37, abs=0.01), emulated
     assert emulated["version 1 int8, session.x64quantprecision"] == pytest.approx(63, rel=1e-3), emulated
     assert emulated["int8"] == pytest.approx(63, rel=1e-3), emulated
+    assert emulated["vision 7-bit"] == pytest.approx(63, rel=1e-3), emulated
     assert emulated["predicted"] is True, emulated
     native = saturating_case(str(tmp_path))
     assert native["int8"] == pytest.approx(63, rel=1e-3)
