@@ -52,10 +52,15 @@ SAME_MODEL_KEYS = (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="3b-224", choices=["3b-224", "tiny"], help="model width (tiny: the tests' shape)")
+    parser.add_argument(
+        "--preset", default="3b-224", choices=["3b-224", "3b-448", "tiny"], help="model width and image size (tiny: the tests' shape)"
+    )
     parser.add_argument("--layers", type=int, default=2, help="text decoder layers (26: the full 3B)")
     parser.add_argument("--vision-layers", type=int, help="SigLIP layers (default: 27 with --layers 26, the full 3B, else 2)")
     parser.add_argument("--dtypes", default="fp32,int8,q4", help="this runtime's dtypes to measure")
+    parser.add_argument(
+        "--quantize-vision", action="store_true", help="convert with --quantize-vision: the quantized dtypes run a quantized vision encoder"
+    )
     parser.add_argument(
         "--decoders",
         default="auto",
@@ -137,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         baselines.append((label, Path(path)))
 
     print(f"model: {args.preset}, {args.layers} text / {vision_layers} vision layers (building and converting once) ...", file=sys.stderr)
-    source, model_dir = checkpoint.build(args.work, args.preset, args.layers, vision_layers, QUANTIZED)
+    source, model_dir = checkpoint.build(
+        args.work, args.preset, args.layers, vision_layers, QUANTIZED, quantize_vision=args.quantize_vision
+    )
     name = f"{args.preset}-L{args.layers}-V{vision_layers}"
     out = args.out or args.work / f"{name}-results"
     out.mkdir(parents=True, exist_ok=True)

@@ -49,9 +49,11 @@ def tables(results: list[dict]) -> str:
     ref = results[0]
     ref_first = ref["vision_ms"] + ref["prefill_ms"]
     long_tokens = ref.get("long_tokens", 256)
+    batch = ref.get("batch", 4)
     speed = [
         "| runtime | dtype | load s | vision ms | prefill ms | vision+prefill vs tf | first token ms | decode ms/token | decode vs tf "
-        f"| decode floor ms | decode / floor | token 9-24 / last 16 of {long_tokens} ms | batch-4 tokens/s | batch-4 / batch-1 |",
+        f"| decode floor ms | decode / floor | token 9-24 / last 16 of {long_tokens} ms | batch-{batch} tokens/s "
+        f"| batch-{batch} / batch-1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     quality = [

@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tiny.add_argument("--vae", type=Path, help="also write a random vae-oid.npz here")
     tiny.add_argument(
         "--preset",
-        choices=["3b-224", "10b-448"],
+        choices=["3b-224", "3b-448", "10b-448"],
         help="full-width shapes of a released model (size options ignored except --layers/--vision-layers)",
     )
     tiny.add_argument("--vision-layers", type=int, default=2)

@@ -120,6 +120,8 @@ PRESETS = {
         text_vocab=256000,
     ),
 }
+# PaliGemma 2 3B at 448 px: the 224 model's shapes with 1,024 image tokens.
+PRESETS["3b-448"] = {**PRESETS["3b-224"], "image_size": 448}
 
 
 def build_tokenizer(text_vocab: int, words: tuple[str, ...] = ()):
