@@ -62,6 +62,20 @@ def parse_formats(text: str) -> list[tuple[str, dict]]:
     return formats
 
 
+def parse_sizes(text: str, option: str, parts: int) -> list[tuple[int, ...]]:
+    """`2304x9216,9216x2304` (parts=2) or `1,4,268` (parts=1) -> positive integer tuples."""
+    out = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        fields = item.lower().split("x")
+        if len(fields) != parts or not all(f.isdigit() and int(f) > 0 for f in fields):
+            form = "KxN with K, N > 0 (e.g. 2304x9216)" if parts == 2 else "a row count > 0"
+            raise SystemExit(f"{option} {item!r}: expected {form}, comma-separated")
+        out.append(tuple(int(f) for f in fields))
+    if not out:
+        raise SystemExit(f"{option} is empty")
+    return out
+
+
 def matmul_graph(path: Path, w: np.ndarray) -> Path:
     k, n = w.shape
     graph = helper.make_graph(
@@ -80,8 +94,8 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict]:
     options.intra_op_num_threads = args.threads
     rng = np.random.default_rng(0)
     results = []
-    for shape in filter(None, args.shapes.split(",")):
-        k, n = (int(x) for x in shape.lower().split("x"))
+    rows = [m for (m,) in parse_sizes(args.rows, "--rows", 1)]
+    for k, n in parse_sizes(args.shapes, "--shapes", 2):
         w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
         fp32 = matmul_graph(work / f"{k}x{n}.onnx", w)
         graphs = {"fp32": fp32}
@@ -89,7 +103,7 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict]:
             dst = work / f"{k}x{n}-{label.replace(' ', '-')}.onnx"
             graphs[label] = quantize.quantize_graph(fp32, dst, fmt["dtype"], fmt)
         sessions = {label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]) for label, path in graphs.items()}
-        for m in (int(r) for r in args.rows.split(",")):
+        for m in rows:
             a = rng.standard_normal((m, k)).astype(np.float32)
             reference = a @ w.astype(np.float64)
             times: dict[str, list[float]] = {label: [] for label in sessions}
@@ -138,6 +152,11 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    parse_sizes(args.shapes, "--shapes", 2)  # before any conversion
+    parse_sizes(args.rows, "--rows", 1)
+    parse_formats(args.formats)
+    if args.repeats < 1 or args.threads < 1:
+        raise SystemExit("--repeats and --threads must be at least 1")
     with tempfile.TemporaryDirectory(prefix="bench-matmul-") as work:
         results = measure(args, Path(work))
     print(f"{cpu.describe()}; onnxruntime {ort.__version__}, {args.threads} threads, median of {args.repeats} interleaved runs")

@@ -33,3 +33,18 @@ def test_each_format_runs_at_each_row_count_within_its_quantization_error(tmp_pa
 def test_a_malformed_format_is_refused_with_the_expected_form():
     with pytest.raises(SystemExit, match="dtype:block_size:accuracy_level"):
         matmul.parse_formats("q4:32")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shapes", "2304"], "--shapes '2304': expected KxN"),
+        (["--shapes", "0x8"], "expected KxN with K, N > 0"),
+        (["--rows", "0"], "--rows '0': expected a row count > 0"),
+        (["--rows", ","], "--rows is empty"),
+        (["--repeats", "0"], "--repeats and --threads must be at least 1"),
+    ],
+)
+def test_bad_sizes_are_refused_before_anything_runs(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        matmul.main(argv)
