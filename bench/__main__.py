@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     source, model_dir = checkpoint.build(
         args.work, args.preset, args.layers, vision_layers, QUANTIZED, quantize_vision=args.quantize_vision
     )
-    name = f"{args.preset}-L{args.layers}-V{vision_layers}"
+    # The quantized vision encoder changes the int8/q4 rows: its results are kept apart.
+    name = f"{args.preset}-L{args.layers}-V{vision_layers}" + ("-quantized-vision" if args.quantize_vision else "")
     out = args.out or args.work / f"{name}-results"
     out.mkdir(parents=True, exist_ok=True)
     log = out / "stderr.log"

@@ -1,7 +1,8 @@
 """`python -m bench.matmul`: one decoder-shaped MatMul in fp32 and in MatMulNBits formats (bits,
 block size, accuracy level), timed at the row counts that matter: 1 (a decode step), 4 (a batch-4
 step) and a prompt's length (a prefill). Random weights, quantized by `export.quantize` as a
-conversion does; each format's largest error relative to fp32 is printed beside its time.
+conversion does; each format's largest error, relative to the product in float64, is printed
+beside its time.
 
 This isolates the kernel ONNX Runtime's mlas takes for each format: the end-to-end figures of
 `python -m bench` mix it with attention, the cache and the vocabulary projection. Runs are
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -47,16 +49,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# What ONNX Runtime's MatMulNBits accepts.
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACCURACY_LEVELS = range(5)
+
+
 def parse_formats(text: str) -> list[tuple[str, dict]]:
     """`int8:128:4,q4:32:4` -> [(label, WEIGHT_FORMATS-like entry)]."""
     formats = []
     for item in filter(None, (f.strip() for f in text.split(","))):
         parts = item.split(":")
-        if len(parts) != 3 or parts[0] not in quantize.WEIGHT_FORMATS or not all(p.isdigit() for p in parts[1:]):
+        if len(parts) != 3 or parts[0] not in quantize.WEIGHT_FORMATS or not all(re.fullmatch("[0-9]+", p) for p in parts[1:]):
             raise SystemExit(
-                f"--formats {item!r}: expected dtype:block_size:accuracy_level, dtype one of {', '.join(quantize.WEIGHT_FORMATS)}"
+                f"error: --formats {item!r}: expected dtype:block_size:accuracy_level, dtype one of {', '.join(quantize.WEIGHT_FORMATS)}"
             )
         dtype, block, level = parts[0], int(parts[1]), int(parts[2])
+        if block not in BLOCK_SIZES or level not in ACCURACY_LEVELS:
+            raise SystemExit(
+                f"error: --formats {item!r}: MatMulNBits takes block sizes {', '.join(map(str, BLOCK_SIZES))} "
+                f"and accuracy levels 0-{ACCURACY_LEVELS[-1]}"
+            )
         fmt = dict(quantize.WEIGHT_FORMATS[dtype], block_size=block, accuracy_level=level)
         formats.append((f"{dtype} b{block} l{level}", {"dtype": dtype, **fmt}))
     return formats
@@ -67,12 +79,12 @@ def parse_sizes(text: str, option: str, parts: int) -> list[tuple[int, ...]]:
     out = []
     for item in filter(None, (i.strip() for i in text.split(","))):
         fields = item.lower().split("x")
-        if len(fields) != parts or not all(f.isdigit() and int(f) > 0 for f in fields):
+        if len(fields) != parts or not all(re.fullmatch("[0-9]+", f) and int(f) > 0 for f in fields):
             form = "KxN with K, N > 0 (e.g. 2304x9216)" if parts == 2 else "a row count > 0"
-            raise SystemExit(f"{option} {item!r}: expected {form}, comma-separated")
+            raise SystemExit(f"error: {option} {item!r}: expected {form}, comma-separated")
         out.append(tuple(int(f) for f in fields))
     if not out:
-        raise SystemExit(f"{option} is empty")
+        raise SystemExit(f"error: {option} is empty")
     return out
 
 
@@ -156,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parse_sizes(args.rows, "--rows", 1)
     parse_formats(args.formats)
     if args.repeats < 1 or args.threads < 1:
-        raise SystemExit("--repeats and --threads must be at least 1")
+        raise SystemExit("error: --repeats and --threads must be at least 1")
+    if args.out and not args.out.parent.is_dir():
+        raise SystemExit(f"error: --out {args.out}: its directory {args.out.parent} does not exist")
     with tempfile.TemporaryDirectory(prefix="bench-matmul-") as work:
         results = measure(args, Path(work))
     print(f"{cpu.describe()}; onnxruntime {ort.__version__}, {args.threads} threads, median of {args.repeats} interleaved runs")

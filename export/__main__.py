@@ -21,13 +21,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quantize",
         action="append",
         metavar="int8,int4",
-        help="also write quantized decoders (int8: dynamic int8, manifest dtype int8; int4: MatMulNBits, dtype q4); "
+        help="also write quantized decoders (int8: 8-bit MatMulNBits, manifest dtype int8; int4: 4-bit MatMulNBits, dtype q4); "
         "a comma list or the flag repeated",
     )
     conv.add_argument(
         "--quantize-vision",
         action="store_true",
-        help="the quantized dtypes also get a quantized vision encoder (7-bit weights per column, about 2.5x faster "
+        help="the quantized dtypes also get a quantized vision encoder (7-bit weights per column, 2.2-2.3x faster "
         "on CPU; docs/PERFORMANCE.md has its agreement)",
     )
     conv.add_argument("--seg-vae", type=Path, help="big_vision's vae-oid.npz: also export seg_decoder.onnx")

@@ -103,7 +103,10 @@ def convert(
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if quantize_vision and not quantize_to:
-        raise ExportError("--quantize-vision quantizes the vision encoder of the quantized dtypes: add --quantize int8 (or int4)")
+        raise ExportError(
+            "--quantize-vision quantizes the vision encoder of the quantized dtypes, from the fp32 graphs: "
+            "add --quantize int8 (or int4)" + (f" and drop --dtype {dtype}" if dtype != "fp32" else "")
+        )
     if quantize_to and dtype != "fp32":
         raise ExportError(f"--quantize starts from the fp32 graphs: drop --dtype {dtype} (or convert twice)")
     prepare_out_dir(out_dir, force)

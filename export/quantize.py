@@ -55,11 +55,12 @@ WEIGHT_FORMATS = {
 QUANTIZED_GRAPHS = {"int8": ("decoder", "decoder_gqa"), "q4": ("decoder", "decoder_gqa")}
 # `convert --quantize-vision`: the vision encoder of the quantized dtypes (one file, `_int8`, for
 # both), 7-bit weights per output column in DynamicQuantizeMatMul, activations quantized per tensor
-# at run time. ONNX Runtime's integer GEMM behind it is 2.3-2.7x faster than the fp32 encoder on the
-# full 27 layers at 224 px (MatMulNBits 8-bit: 1.6x, its per-block scaling dominates at 256 rows;
-# docs/PERFORMANCE.md). Seven bits, not eight: on x86 CPUs without VNNI the kernel sums u8 x s8
-# pairs in 16 bits, and 255 x 63 x 2 = 32,130 cannot saturate where 255 x 127 x 2 would, so the
-# answer does not depend on the CPU (docs/QUANTIZATION.md).
+# at run time. ONNX Runtime's integer GEMM behind it makes the full 27-layer encoder at 224 px 2.7x
+# faster alone and 2.2-2.3x through the binary (MatMulNBits 8-bit: 1.6x alone, its per-block
+# scaling dominates at 256 rows; docs/PERFORMANCE.md). No CUDA kernel: for CPU hosts. Seven bits,
+# not eight: on x86 CPUs without VNNI the kernel sums u8 x s8 pairs in 16 bits, and 255 x 63 x 2 =
+# 32,130 cannot saturate where 255 x 127 x 2 would, so the answer does not depend on the CPU
+# (docs/QUANTIZATION.md).
 VISION_FORMAT = {"op": "DynamicQuantizeMatMul", "weight_type": "int8", "bits": 7, "per": "output column"}
 VISION_DTYPE = "int8"  # the file name suffix of the quantized vision encoder
 ALIGN = 4096  # external data offsets on page boundaries, so ONNX Runtime can map them

@@ -33,10 +33,11 @@ pub struct RuntimeArgs {
     /// and the providers are CPU only.
     #[arg(long, value_enum, default_value_t = DecoderFlavour::Auto)]
     pub decoder: DecoderFlavour,
-    /// Whether the decoder's KV cache stays where its provider computed it, through an ONNX
-    /// Runtime IoBinding: `auto` (on where the decoder runs on CUDA: the cache stays in GPU memory
-    /// and only the logits come back), `on`, `off` (the cache goes to host memory and back every
-    /// token, as without IoBinding).
+    /// Whether the portable decoder's KV cache stays where its provider computed it, through an
+    /// ONNX Runtime IoBinding: `auto` (on where the decoder runs on CUDA or TensorRT: the cache
+    /// stays in GPU memory and only the logits come back), `on` (also on CPU, where it is bound to
+    /// host memory and changes nothing but the call path), `off` (the cache goes to host memory
+    /// and back every token). The gqa decoder always binds its cache, in host memory.
     #[arg(long, value_enum, default_value_t = IoBindingMode::Auto)]
     pub io_binding: IoBindingMode,
     /// Most text tokens a prompt may hold (`<bos>`, the task, `\n`; the image tokens are not

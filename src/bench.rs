@@ -34,7 +34,8 @@ pub struct BenchReport {
     pub dtype: String,
     /// The decoder graph that ran: `gqa` or `portable`.
     pub decoder: &'static str,
-    /// The memory the KV cache is bound to between steps (`Cpu`, `Cuda`), null without IoBinding.
+    /// The memory the KV cache is bound to between steps (`Cpu`, `Cuda`), null without IoBinding
+    /// (`--io-binding` sets it for the portable decoder; the gqa one is always bound, `Cpu`).
     pub io_binding: Option<String>,
     /// (graph, execution providers ONNX Runtime assigned its nodes to)
     pub providers: Vec<(String, Vec<String>)>,

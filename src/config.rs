@@ -194,7 +194,9 @@ pub struct WeightFormat {
     pub op: String,
     /// Element type of the stored weights: `uint8`, `int8`, `uint4`.
     pub weight_type: String,
-    /// The graphs with quantized weights; the dtype's other graphs run the fp32 files.
+    /// The graphs whose weights are in this format. A dtype converted with `--quantize-vision`
+    /// also runs a quantized vision encoder, whose own format is under `vision_encoder` (in
+    /// `details`); the dtype's other graphs run the fp32 files.
     pub graphs: Vec<String>,
     /// Scheme details (block size, zero point, accuracy level), for people and tools.
     #[serde(flatten)]

@@ -416,9 +416,11 @@ impl ModelSessions {
             }) => Float::F16,
             _ => Float::F32,
         };
+        // TensorRT's outputs live in CUDA memory too.
+        let gpu = [ExecutionProvider::Cuda.ort_name(), ExecutionProvider::TensorRt.ort_name()];
         let on_cuda = providers
             .iter()
-            .any(|(graph, names)| graph == decoder.name && names.iter().any(|n| n == ExecutionProvider::Cuda.ort_name()));
+            .any(|(graph, names)| graph == decoder.name && names.iter().any(|n| gpu.contains(&n.as_str())));
         let device = match (io_binding, on_cuda) {
             (IoBindingMode::Off, _) | (IoBindingMode::Auto, false) => None,
             (_, true) => Some(AllocationDevice::CUDA),
@@ -836,9 +838,19 @@ where
     let err = run_error("decoder");
     let mut out = Array4::<T>::default(shape);
     let len = shape.2;
+    // Rows of one batch share its tensor: a device-resident one is copied to the host once.
+    let mut copies: Vec<(&DynValue, Option<DynValue>)> = Vec::new();
+    for &(value, _, _) in rows {
+        if !copies.iter().any(|(source, _)| std::ptr::eq(*source, value)) {
+            copies.push((value, device_to_host(value)?));
+        }
+    }
     for (r, &(value, row, from)) in rows.iter().enumerate() {
-        let copy = device_to_host(value)?;
-        let view = copy.as_ref().unwrap_or(value).try_extract_array::<T>().map_err(&err)?;
+        let copy = copies
+            .iter()
+            .find(|(source, _)| std::ptr::eq(*source, value))
+            .and_then(|(_, copy)| copy.as_ref());
+        let view = copy.unwrap_or(value).try_extract_array::<T>().map_err(&err)?;
         let view = view.into_dimensionality::<Ix4>().map_err(kv_rank)?;
         let kept = view.shape()[2] - from;
         out.slice_mut(s![r, .., len - kept.., ..])

@@ -43,6 +43,10 @@ def test_a_malformed_format_is_refused_with_the_expected_form():
         (["--rows", "0"], "--rows '0': expected a row count > 0"),
         (["--rows", ","], "--rows is empty"),
         (["--repeats", "0"], "--repeats and --threads must be at least 1"),
+        (["--rows", "\u00b2"], "expected a row count > 0"),
+        (["--formats", "q4:0:4"], "MatMulNBits takes block sizes 16, 32, 64, 128, 256"),
+        (["--formats", "q4:32:9"], "and accuracy levels 0-4"),
+        (["--out", "/nonexistent/dir/x.json"], "its directory /nonexistent/dir does not exist"),
     ],
 )
 def test_bad_sizes_are_refused_before_anything_runs(argv, message):

@@ -29,13 +29,14 @@ pub enum ExecutionProvider {
     TensorRt,
 }
 
-/// Whether the decoder runs through an ONNX Runtime IoBinding that leaves its `present.*` outputs
-/// (the KV cache) in the memory of the provider that computed them (`--io-binding`). Without one,
+/// Whether the portable decoder runs through an ONNX Runtime IoBinding that leaves its `present.*`
+/// outputs (the KV cache) in the memory of the provider that computed them (`--io-binding`; the
+/// GroupQueryAttention decoder always binds its cache, in host memory). Without one,
 /// ONNX Runtime copies every output to host memory and every input back to the device, so on CUDA
 /// the whole cache crosses the bus twice per token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum IoBindingMode {
-    /// On where ONNX Runtime assigned decoder nodes to CUDA, off elsewhere.
+    /// On where ONNX Runtime assigned decoder nodes to CUDA or TensorRT, off elsewhere.
     #[default]
     Auto,
     /// Always; on CPU the cache is bound to host memory, which changes nothing but the call path.
