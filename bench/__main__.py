@@ -30,7 +30,7 @@ import numpy as np
 
 from export.manifest import read_manifest
 
-from . import checkpoint, machine, report
+from . import checkpoint, llamacpp, machine, report
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = [REPO / "tests/data/images" / n for n in ("chelsea.png", "camera.png", "rocket.jpg", "text.png")]
@@ -77,6 +77,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write results .json and .md here (default WORK/<model>-results)")
     parser.add_argument("--binary", type=Path, default=REPO / "target/release/paligemma")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers (ratios then use the first dtype)")
+    parser.add_argument(
+        "--llama-cpp",
+        type=Path,
+        metavar="DIR",
+        help="also run llama.cpp from this source tree on the same text weights (bench/llamacpp.py: F32, Q8_0, Q4_0 "
+        "beside fp32, int8, q4); not in CI",
+    )
     parser.add_argument(
         "--baseline",
         action="append",
@@ -254,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
                     log,
                 )
 
+    llama_rows = []
+    if args.llama_cpp:
+        print("llama.cpp ...", file=sys.stderr)
+        prompt_tokens = llamacpp.prompt_tokens(model_dir, args.prompt)
+        classes = [d for d in dtypes if d in llamacpp.TYPES]
+        llama_rows = llamacpp.measure(args.llama_cpp, source, args.work, classes, args.threads, prompt_tokens, args.tokens, 3)
+
     after = machine.bandwidth(args.threads)
     bandwidth = {key: max(before[key], after[key]) for key in before} | {"before": before, "after": after}
     for r in results:
@@ -265,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth": bandwidth,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "image"} | {"images": images},
         "results": results,
+        "llama_cpp": llama_rows,
     }
     text = (
         f"Model {name} (random weights), {args.threads} threads, prompt {args.prompt!r}, {args.tokens} tokens "
@@ -272,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['machine']['cores']} cores, {summary['machine']['memory_gb']} GB; read bandwidth "
         f"{bandwidth['read_gb_s']:.1f} GB/s, copy {bandwidth['copy_gb_s']:.1f} GB/s.\n\n" + report.tables(results)
     )
+    if llama_rows:
+        text += "\n\n" + llamacpp.beside(results, llama_rows)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(text)
     print(text)
