@@ -101,17 +101,18 @@ def matmul_graph(path: Path, w: np.ndarray) -> Path:
     return path
 
 
-def measure(args: argparse.Namespace, work: Path) -> list[dict]:
+def measure(
+    shapes: list[tuple[int, ...]], rows: list[int], formats: list[tuple[str, dict]], threads: int, repeats: int, work: Path
+) -> list[dict]:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
+    options.intra_op_num_threads = threads
     rng = np.random.default_rng(0)
     results = []
-    rows = [m for (m,) in parse_sizes(args.rows, "--rows", 1)]
-    for k, n in parse_sizes(args.shapes, "--shapes", 2):
+    for k, n in shapes:
         w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
         fp32 = matmul_graph(work / f"{k}x{n}.onnx", w)
         graphs = {"fp32": fp32}
-        for label, fmt in parse_formats(args.formats):
+        for label, fmt in formats:
             dst = work / f"{k}x{n}-{label.replace(' ', '-')}.onnx"
             graphs[label] = quantize.quantize_graph(fp32, dst, fmt["dtype"], fmt)
         sessions = {label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]) for label, path in graphs.items()}
@@ -123,7 +124,7 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict]:
             for label, session in sessions.items():
                 y = session.run(None, {"a": a})[0]  # warm-up, and the error
                 errors[label] = float(np.abs(y - reference).max() / np.abs(reference).max())
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 for label, session in sessions.items():
                     started = time.perf_counter()
                     session.run(None, {"a": a})
@@ -164,15 +165,16 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    parse_sizes(args.shapes, "--shapes", 2)  # before any conversion
-    parse_sizes(args.rows, "--rows", 1)
-    parse_formats(args.formats)
+    # Every argument is checked before the first conversion.
+    shapes = parse_sizes(args.shapes, "--shapes", 2)
+    rows = [m for (m,) in parse_sizes(args.rows, "--rows", 1)]
+    formats = parse_formats(args.formats)
     if args.repeats < 1 or args.threads < 1:
         raise SystemExit("error: --repeats and --threads must be at least 1")
     if args.out and not args.out.parent.is_dir():
         raise SystemExit(f"error: --out {args.out}: its directory {args.out.parent} does not exist")
     with tempfile.TemporaryDirectory(prefix="bench-matmul-") as work:
-        results = measure(args, Path(work))
+        results = measure(shapes, rows, formats, args.threads, args.repeats, Path(work))
     print(f"{cpu.describe()}; onnxruntime {ort.__version__}, {args.threads} threads, median of {args.repeats} interleaved runs")
     print(table(results))
     if args.out:

@@ -208,17 +208,9 @@ def matmul_graph(path: Path, k: int, n: int, weight: np.ndarray) -> Path:
 
 def int8_weight_rewrite(node, weight_name: str, w: np.ndarray, fmt: dict):
     """The int8 format of manifest version 1 (export/quantize.py until MatMulNBits): symmetric int8
-    weights per output column in DynamicQuantizeMatMul. Kept here to test how the binary runs it."""
-    scale = np.where(np.abs(w).max(axis=0) > 0, np.abs(w).max(axis=0) / 127.0, 1.0).astype(np.float32)
-    tensors = [(f"{weight_name}_quantized", np.clip(np.rint(w / scale), -127, 127).astype(np.int8)), (f"{weight_name}_scale", scale)]
-    op = helper.make_node(
-        "DynamicQuantizeMatMul",
-        [node.input[0], *(name for name, _ in tensors)],
-        list(node.output),
-        name=f"{node.name}_int8",
-        domain="com.microsoft",
-    )
-    return op, [(TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=list(a.shape)), a) for name, a in tensors]
+    weights per output column in DynamicQuantizeMatMul, the `--quantize-vision` format at 8 bits.
+    Kept here to test how the binary runs it."""
+    return quantize._per_column(node, weight_name, w, 8)
 
 
 def saturating_case(work: str) -> dict[str, float]:
@@ -390,8 +382,14 @@ def test_version1_int8_conversions_run_exactly_on_a_cpu_without_vnni(quantized, 
 
 def test_int8_tokens_are_the_same_on_an_avx2_cpu(quantized):
     """This converter's int8 through the binary, here and on the emulated CPU."""
-    binary = REPO / "target" / "release" / "paligemma"
     _, _, out = quantized
+    assert_int8_tokens_are_the_same_on_an_avx2_cpu(out)
+
+
+def assert_int8_tokens_are_the_same_on_an_avx2_cpu(out: Path):
+    """The binary's int8 caption of the first shared image on `out`, here and on the emulated CPU:
+    the same token ids, no warning."""
+    binary = REPO / "target" / "release" / "paligemma"
     argv = int8_caption_argv(binary, out, str(shared_images()[0]))
     here = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     emulated = avx2.run(argv)

@@ -5,9 +5,6 @@ without VNNI, whose 16-bit pair sums would saturate with 8-bit weights)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,9 +17,8 @@ from export.convert import convert
 from export.errors import ExportError
 from export.tiny import TEST_CONFIGS, TEST_SEEDS, write_tiny
 
-from . import avx2
 from .conftest import shared_images
-from .test_quantize import REPO, int8_caption_argv
+from .test_quantize import assert_int8_tokens_are_the_same_on_an_avx2_cpu
 
 QUANTIZE = ("int8", "q4")
 
@@ -81,13 +77,7 @@ FEATURE_COSINE_FLOOR = 0.995
 
 def test_the_binary_answers_the_same_on_an_avx2_cpu_with_the_quantized_vision_encoder(converted):
     _, out = converted
-    binary = REPO / "target" / "release" / "paligemma"
-    argv = int8_caption_argv(binary, out, str(shared_images()[0]))
-    here = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    emulated = avx2.run(argv)
-    assert here.returncode == 0 and emulated.returncode == 0, here.stderr + emulated.stderr
-    assert json.loads(emulated.stdout)["token_ids"] == json.loads(here.stdout)["token_ids"]
-    assert "warning:" not in here.stderr + emulated.stderr
+    assert_int8_tokens_are_the_same_on_an_avx2_cpu(out)
 
 
 def test_quantize_vision_without_a_quantized_dtype_is_refused(tmp_path):
