@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     conv.add_argument("--seg-vae", type=Path, help="big_vision's vae-oid.npz: also export seg_decoder.onnx")
     conv.add_argument("--validate", action="store_true", help="compare with transformers afterwards; exit 1 on mismatch")
+    conv.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the numeric check of each graph against its torch module as it is written (on by default)",
+    )
     conv.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     tiny = sub.add_parser("tiny", help="write a tiny random PaliGemma 2 checkpoint for tests")
@@ -47,9 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tiny.add_argument("--vae", type=Path, help="also write a random vae-oid.npz here")
     tiny.add_argument(
         "--preset",
-        choices=["3b-224", "3b-448", "10b-448"],
-        help="full-width shapes of a released model (size options ignored except --layers/--vision-layers)",
+        choices=["3b-224", "3b-448", "10b-448", "28b-448"],
+        help="full-width shapes of a released model (size options ignored except --layers/--vision-layers), "
+        "stored as released: bf16 safetensors shards of at most 5 GB",
     )
+    tiny.add_argument("--dtype", choices=["fp32", "bf16"], help="weight dtype (default: bf16 with --preset, else fp32)")
     tiny.add_argument("--vision-layers", type=int, default=2)
 
     fix = sub.add_parser("fixtures", help="write the greedy tokens the Rust parity tests expect (tests/fixtures)")
@@ -75,12 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                 quantize_to=quantize_to,
                 quantize_vision=args.quantize_vision,
                 force=args.force,
+                check_graphs=not args.no_check,
             )
             print(f"wrote {out}")
             if args.validate:
                 from .validate import validate
 
-                ok, report = validate(out, resolve_source(args.model), dtype=args.dtype)
+                ok, report = validate(out, resolve_source(args.model), dtype=args.dtype, quantized=tuple(quantize_to))
                 print(report)
                 if not ok:
                     print("validation FAILED: the graphs do not reproduce transformers", file=sys.stderr)
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             if not ok:
                 return 1
         else:
-            from .tiny import PRESETS, TinySpec, write_random_vae, write_tiny
+            from .tiny import PRESETS, RELEASED_DTYPE, RELEASED_SHARD_SIZE, TinySpec, write_random_vae, write_tiny
 
             sizes = (
                 PRESETS[args.preset]
@@ -110,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             spec = TinySpec(**sizes, num_hidden_layers=args.layers, vision_layers=args.vision_layers)
-            print(f"wrote {write_tiny(args.out_dir, spec, seed=args.seed)}")
+            dtype = args.dtype or (RELEASED_DTYPE if args.preset else "fp32")
+            shards = RELEASED_SHARD_SIZE if args.preset else None
+            print(f"wrote {write_tiny(args.out_dir, spec, seed=args.seed, dtype=dtype, max_shard_size=shards)}")
             if args.vae:
                 print(f"wrote {write_random_vae(args.vae, seed=args.seed)}")
     except ExportError as e:

@@ -2,13 +2,19 @@
 
 Steps:
  1. check the arguments and the inputs that are cheap to check (OUT_DIR, the VAE npz, the config)
-    before any weight is loaded;
- 2. load the model with eager attention (sdpa drops Gemma 2's attention softcap);
- 3. export each graph into a sibling work directory (fp32: also the GroupQueryAttention decoder,
+    before any weight is read;
+ 2. build the model on the meta device with eager attention (sdpa drops Gemma 2's attention
+    softcap) and match every parameter to a checkpoint tensor (checkpoint.py: missing, extra,
+    misshapen or truncated tensors are refused here), then check the disk has room for the output;
+ 3. export each graph into a sibling work directory, traced without weights and written a tensor
+    at a time from the checkpoint (graph.py; fp32: also the GroupQueryAttention decoder,
     decoder_gqa.py), copy the tokenizer and processor files;
  4. with --quantize, write int8 / q4 copies of the fp32 graphs (quantize.py);
  5. write manifest.json last, then move the directory into place, so a crash never leaves an
     OUT_DIR that looks complete.
+
+Memory: about the largest weight in the checkpoint's dtype plus 1 GB (the 28B: 3.5 GB), whatever
+the depth; the README has the measured figures.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import decoder, decoder_gqa, embedding, manifest, quantize, segmentation, vision
+from . import check, checkpoint, decoder, decoder_gqa, embedding, manifest, quantize, segmentation, vision
 from .errors import ExportError
 from .graph import export_graph
 
@@ -96,9 +102,11 @@ def convert(
     quantize_to: Sequence[str] = (),
     quantize_vision: bool = False,
     force: bool = False,
+    check_graphs: bool = True,
 ) -> Path:
     """`quantize_to`: manifest dtype keys ("int8", "q4", see `quantize.parse_schemes`) to add;
-    `quantize_vision`: their vision encoder is quantized too (`quantize.VISION_FORMAT`)."""
+    `quantize_vision`: their vision encoder is quantized too (`quantize.VISION_FORMAT`);
+    `check_graphs`: each graph is checked against its torch module once written (check.py)."""
     out_dir = Path(out_dir)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -115,27 +123,34 @@ def convert(
     check_source(src)
 
     import torch
-    from transformers import AutoProcessor, GenerationConfig, PaliGemmaForConditionalGeneration
+    from transformers import AutoProcessor, GenerationConfig
 
     processor = AutoProcessor.from_pretrained(src)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
-    hf = PaliGemmaForConditionalGeneration.from_pretrained(src, attn_implementation="eager", dtype=torch_dtype).eval()
+    hf, weights = checkpoint.load_meta_model(src, torch_dtype)
     try:
         generation_config = GenerationConfig.from_pretrained(src)
     except OSError:
-        generation_config = hf.generation_config
+        generation_config = GenerationConfig.from_model_config(hf.config)
+    gqa = dtype == "fp32" and decoder_gqa.supported(hf.config.text_config) is None
+    check_disk(out_dir, output_bytes(hf, torch_dtype.itemsize, gqa, quantize_to, quantize_vision))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     work.chmod(0o755)  # mkdtemp makes it private; the finished model directory should not be
     try:
         for graph, make_spec in (("vision_encoder", vision.spec), ("embed_tokens", embedding.spec), ("decoder", decoder.spec)):
-            export_graph(make_spec(hf), work / manifest.graph_path(graph, dtype))
+            spec = make_spec(hf)
+            path = export_graph(spec, work / manifest.graph_path(graph, dtype), weights)
+            if check_graphs:
+                check.check_graph(path, check.spec_feeds(spec), spec.module, spec.args, weights)
         # The in-place-cache flavour, fp32 only (float16 GroupQueryAttention is a GPU build's concern),
         # where ONNX Runtime's kernel takes the model's head layout.
-        gqa = dtype == "fp32" and decoder_gqa.supported(hf.config.text_config) is None
         if gqa:
-            decoder_gqa.export(hf, work / manifest.graph_path("decoder_gqa", dtype))
+            path = decoder_gqa.export(hf, work / manifest.graph_path("decoder_gqa", dtype), weights)
+            if check_graphs:
+                feeds, module, args = decoder_gqa.check_case(hf)
+                check.check_graph(path, feeds, module, args, weights)
         del hf
         quantized = {}
         for q in quantize_to:
@@ -173,6 +188,49 @@ def convert(
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return out_dir
+
+
+# Bytes a quantized decoder stores per weight: int8 is 1 byte plus a float32 scale per 128, q4 half
+# a byte plus one per 32; the vision encoder's 7-bit weights 1 byte (scales per column: nothing).
+QUANTIZED_BYTES = {"int8": 1 + 4 / 128, "q4": 0.5 + 4 / 32}
+DISK_MARGIN = 1024**3  # tokenizer, manifest, alignment, the segmentation decoder
+
+
+def output_bytes(model, itemsize: int, gqa: bool, quantize_to: Sequence[str], quantize_vision: bool) -> dict[str, int]:
+    """What each part of the conversion writes, in bytes, from the parameter counts: the vision
+    encoder and projector, the embedding, one decoder per flavour (the text model with the tied
+    projection in place of the embedding), the quantized copies."""
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    vision = count(model.model.vision_tower) + count(model.model.multi_modal_projector)
+    text = count(model.model.language_model)
+    decoders = 2 if gqa else 1
+    parts = {
+        "vision encoder": vision * itemsize,
+        "embedding": model.model.language_model.embed_tokens.weight.numel() * itemsize,
+        "decoders": decoders * text * itemsize,
+    }
+    for q in quantize_to:
+        parts[f"{q} decoders"] = int(decoders * text * QUANTIZED_BYTES[q])
+    if quantize_vision:
+        parts["quantized vision encoder"] = vision
+    return parts
+
+
+def check_disk(out_dir: Path, parts: dict[str, int]) -> None:
+    """Refuse before writing anything when the file system of OUT_DIR has too little room."""
+    existing = next(p for p in [out_dir, *out_dir.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    need = sum(parts.values()) + DISK_MARGIN
+    if free < need:
+        listed = ", ".join(f"{name} {size / 1e9:.1f}" for name, size in parts.items())
+        raise ExportError(
+            f"not enough disk for {out_dir}: the conversion writes about {need / 1e9:.1f} GB ({listed} GB, plus "
+            f"{DISK_MARGIN / 1e9:.1f} GB of other files) and {existing} has {free / 1e9:.1f} GB free; free some space "
+            "or give an OUT_DIR on another disk"
+        )
 
 
 def hf_config(src: Path):

@@ -39,9 +39,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import PROTOBUF_LIMIT
+from .checkpoint import CheckpointTensor, TransposedTensor, Weights
+from .graph import EXTERNAL_ABOVE
 
 ALIGN = 4096  # external data offsets on page boundaries, so ONNX Runtime can map them
 # transformers' ACT2FN names -> ONNX Gelu's `approximate`.
@@ -74,7 +76,8 @@ class _Graph:
     a conversion then holds one transposed weight at a time beside the model, not a second copy of
     every weight (the 3B decoder is 10.5 GB in float32)."""
 
-    def __init__(self, data=None) -> None:
+    def __init__(self, data, source: _Source) -> None:
+        self.source = source
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.count = 0
@@ -85,17 +88,23 @@ class _Graph:
         return f"{hint}_{self.count}"
 
     def const(self, hint: str, value) -> str:
+        """`value`: a numpy array, or an ONNX IR tensor (a checkpoint tensor streamed to `data`)."""
         name = self.name(hint)
-        array = np.ascontiguousarray(value)
-        if self.data is None or array.nbytes < 1024:
-            self.initializers.append(numpy_helper.from_array(array, name))
-            return name
+        if isinstance(value, ir.TensorProtocol) and (self.data is None or value.nbytes < 1024):
+            value = value.numpy()
+        if not isinstance(value, ir.TensorProtocol):
+            value = np.ascontiguousarray(value)
+            if self.data is None or value.nbytes < 1024:
+                self.initializers.append(numpy_helper.from_array(value, name))
+                return name
+            value = ir.tensor(value)
         self.data.write(b"\0" * (-self.data.tell() % ALIGN))
         offset = self.data.tell()
-        self.data.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        value.tofile(self.data)
+        dims = list(value.shape)
+        tensor = onnx.TensorProto(name=name, data_type=int(value.dtype), dims=dims)
         tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, item in (("location", Path(self.data.name).name), ("offset", str(offset)), ("length", str(array.nbytes))):
+        for key, item in (("location", Path(self.data.name).name), ("offset", str(offset)), ("length", str(value.nbytes))):
             tensor.external_data.add(key=key, value=item)
         self.initializers.append(tensor)
         return name
@@ -108,19 +117,27 @@ class _Graph:
         return names[0] if len(names) == 1 else names
 
 
-def _weight(tensor) -> np.ndarray:
-    """A torch Linear weight `[out, in]` as the MatMul constant `[in, out]`, float32."""
-    return np.ascontiguousarray(tensor.detach().float().numpy().T)
+class _Source:
+    """Float32 values of the model's parameters: read from the checkpoint (`weights`, for a model
+    on the meta device) or taken from the module itself."""
 
+    def __init__(self, weights: Weights | None):
+        self.weights = weights
 
-def _vector(tensor) -> np.ndarray:
-    return tensor.detach().float().numpy()
+    def matrix(self, param):
+        """A torch Linear weight `[out, in]` as the MatMul constant `[in, out]`."""
+        if self.weights is not None:
+            return TransposedTensor(CheckpointTensor(self.weights, param, ""), "")
+        return np.ascontiguousarray(param.detach().float().numpy().T)
+
+    def vector(self, param) -> np.ndarray:
+        return (self.weights.read(param) if self.weights is not None else param.detach()).float().numpy()
 
 
 def _linear(g: _Graph, x: str, linear, name: str) -> str:
     """torch's Linear: x @ W^T (+ b, with `attention_bias` in the config)."""
-    y = g.op("MatMul", x, g.const(name, _weight(linear.weight)))
-    return y if linear.bias is None else g.op("Add", y, g.const(f"{name}.bias", _vector(linear.bias)))
+    y = g.op("MatMul", x, g.const(name, g.source.matrix(linear.weight)))
+    return y if linear.bias is None else g.op("Add", y, g.const(f"{name}.bias", g.source.vector(linear.bias)))
 
 
 def _rms_norm(g: _Graph, x: str, weight, eps: float) -> str:
@@ -128,7 +145,7 @@ def _rms_norm(g: _Graph, x: str, weight, eps: float) -> str:
     squared = g.op("Mul", x, x)
     mean = g.op("ReduceMean", squared, g.const("axes", np.array([-1], np.int64)), keepdims=1)
     root = g.op("Sqrt", g.op("Add", mean, g.const("eps", np.array(eps, np.float32))))
-    return g.op("Mul", g.op("Div", x, root), g.const("norm_scale", 1.0 + _vector(weight)))
+    return g.op("Mul", g.op("Div", x, root), g.const("norm_scale", 1.0 + g.source.vector(weight)))
 
 
 def _rotary(g: _Graph, x: str, heads: int, head_dim: int, cos: str, sin: str) -> str:
@@ -165,9 +182,10 @@ def _window_bias(g: _Graph, seqlens: str, total: str, seq_len: str, window: int)
     return g.op("Unsqueeze", bias, g.const("axes", np.array([1], np.int64)))
 
 
-def build(model, data=None) -> onnx.ModelProto:
+def build(model, data=None, weights: Weights | None = None) -> onnx.ModelProto:
     """The GroupQueryAttention decoder of a PaliGemma 2 `model` (PaliGemmaForConditionalGeneration);
-    its large initializers written to the open file `data` when given (see `_Graph`)."""
+    its large initializers written to the open file `data` when given (see `_Graph`); its weights
+    read from `weights` when the model is on the meta device."""
     cfg = model.config.text_config
     text = model.model.language_model
     layers = cfg.num_hidden_layers
@@ -176,7 +194,7 @@ def build(model, data=None) -> onnx.ModelProto:
     window = cfg.sliding_window
     sliding = [t == "sliding_attention" for t in cfg.layer_types]
     theta = cfg.rope_parameters["rope_theta"]
-    g = _Graph(data)
+    g = _Graph(data, _Source(weights))
 
     b, t, p = "batch_size", "sequence_length", "past_sequence_length"
     inputs = [
@@ -234,10 +252,10 @@ def build(model, data=None) -> onnx.ModelProto:
         o = _linear(g, out, attn.o_proj, f"layers.{i}.o_proj")
         h = g.op("Add", h, _rms_norm(g, o, layer.post_attention_layernorm.weight, eps))
         x = _rms_norm(g, h, layer.pre_feedforward_layernorm.weight, eps)
-        gate = g.op("MatMul", x, g.const(f"layers.{i}.gate_proj", _weight(layer.mlp.gate_proj.weight)))
-        up = g.op("MatMul", x, g.const(f"layers.{i}.up_proj", _weight(layer.mlp.up_proj.weight)))
+        gate = g.op("MatMul", x, g.const(f"layers.{i}.gate_proj", g.source.matrix(layer.mlp.gate_proj.weight)))
+        up = g.op("MatMul", x, g.const(f"layers.{i}.up_proj", g.source.matrix(layer.mlp.up_proj.weight)))
         act = g.op("Mul", g.op("Gelu", gate, approximate=GELU[cfg.hidden_activation]), up)
-        down = g.op("MatMul", act, g.const(f"layers.{i}.down_proj", _weight(layer.mlp.down_proj.weight)))
+        down = g.op("MatMul", act, g.const(f"layers.{i}.down_proj", g.source.matrix(layer.mlp.down_proj.weight)))
         h = g.op("Add", h, _rms_norm(g, down, layer.post_feedforward_layernorm.weight, eps))
 
     h = _rms_norm(g, h, text.norm.weight, eps)
@@ -248,7 +266,7 @@ def build(model, data=None) -> onnx.ModelProto:
         g.const("end", np.array([np.iinfo(np.int64).max], np.int64)),
         g.const("axis", np.array([1], np.int64)),
     )
-    logits = g.op("MatMul", last, g.const("lm_head", _weight(model.lm_head.weight)))
+    logits = g.op("MatMul", last, g.const("lm_head", g.source.matrix(model.lm_head.weight)))
     cap = cfg.final_logit_softcapping
     if cap:
         capped = g.op("Tanh", g.op("Div", logits, g.const("final_cap", np.array(cap, np.float32))))
@@ -260,15 +278,38 @@ def build(model, data=None) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=opsets, ir_version=10, producer_name="paligemma-onnx")
 
 
-def export(model, path: Path) -> Path:
-    """Build and save, the weights in `<name>.data` beside the graph when they pass 2 GB (the
-    text model's parameters, in float32, are the graph's weights)."""
+def check_case(model, length: int = 5):
+    """A prompt of `length` positions from position 0 for `check.check_graph`: this graph's feeds,
+    and the portable decoder's module and arguments that compute the same outputs (no padding,
+    every position a prompt token)."""
+    import torch
+
+    from .decoder import DecoderWithPast
+
+    cfg = model.config.text_config
+    embeds = torch.randn(1, length, cfg.hidden_size)
+    positions = torch.arange(1, length + 1)[None]
+    past = tuple(torch.zeros(1, cfg.num_key_value_heads, 0, cfg.head_dim) for _ in range(2 * cfg.num_hidden_layers))
+    feeds = {
+        "inputs_embeds": embeds.numpy(),
+        "position_ids": positions.numpy(),
+        "seqlens_k": np.array([length - 1], np.int32),
+        "total_sequence_length": np.array(length, np.int32),
+        **{f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": p.numpy() for i, p in enumerate(past)},
+    }
+    ones = torch.ones(1, length, dtype=torch.int64)
+    return feeds, DecoderWithPast(model), (embeds, ones, torch.zeros_like(ones), positions, past)
+
+
+def export(model, path: Path, weights: Weights | None = None) -> Path:
+    """Build and save, the weights in `<name>.data` beside the graph when they pass
+    `graph.EXTERNAL_ABOVE` (the text model's parameters, in float32, are the graph's weights)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     weight_bytes = 4 * sum(p.numel() for p in model.model.language_model.parameters())
-    if weight_bytes <= PROTOBUF_LIMIT * 0.9:
-        onnx.save_model(build(model), str(path))
+    if weight_bytes <= EXTERNAL_ABOVE:
+        onnx.save_model(build(model, weights=weights), str(path))
         return path
     with open(path.with_name(path.name + ".data"), "wb") as data:
-        proto = build(model, data)
+        proto = build(model, data, weights)
     onnx.save_model(proto, str(path))
     return path

@@ -24,7 +24,6 @@ over and were killed for memory on the 10.5 GB 3B decoder on a 24 GB machine.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ExportError
-from .graph import PROTOBUF_LIMIT
+from .graph import EXTERNAL_ABOVE
 
 # --quantize value -> manifest dtype key (transformers.js calls its 4-bit variant q4).
 SCHEMES = {"int8": "int8", "int4": "q4"}
@@ -79,7 +78,9 @@ def parse_schemes(values: list[str] | None) -> list[str]:
 
 def quantize_graph(src: Path, dst: Path, dtype: str, fmt: dict | None = None) -> Path:
     """Write the `dtype` ("int8" or "q4") version of the fp32 graph `src` to `dst`, in `dtype`'s
-    WEIGHT_FORMATS entry unless `fmt` gives another (`bench.matmul` times other block sizes)."""
+    WEIGHT_FORMATS entry unless `fmt` gives another (`bench.matmul` times other block sizes).
+    Each new weight is written as soon as it is made, from column slices of the source weight, so
+    memory holds one slice, not a weight or the graph."""
     if dtype not in SCHEMES.values():
         raise ExportError(f"no quantization scheme for dtype {dtype!r}; expected one of {', '.join(SCHEMES.values())}")
     src, dst = Path(src), Path(dst)
@@ -89,66 +90,95 @@ def quantize_graph(src: Path, dst: Path, dtype: str, fmt: dict | None = None) ->
         raise ExportError(f"{src.name} has control-flow subgraphs; the quantizer rewrites flat graphs only")
     source = _Initializers(src, graph)
     uses = Counter(name for node in graph.node for name in node.input)
-    new_tensors: list[tuple[TensorProto, np.ndarray]] = []
-    nodes = []
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    external = _external(src)
+    data_path = dst.with_name(dst.name + ".data")
+    writer = _Writer(data_path if external else None)
+    nodes, written = [], []
     for node in graph.node:
         weight = source.protos.get(node.input[1]) if node.op_type == "MatMul" else None
         if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
             nodes.append(node)
             continue
-        node_new, tensors = _rewrite(node, weight.name, source.array(weight), fmt or WEIGHT_FORMATS[dtype])
+        node_new, tensors = _rewrite(node, weight.name, source, weight, fmt or WEIGHT_FORMATS[dtype], writer)
         nodes.append(node_new)
-        new_tensors += tensors
+        written += tensors
         uses[weight.name] -= 1
     del graph.node[:]
     graph.node.extend(nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-
-    kept = [(t, None) for t in graph.initializer if uses[t.name] > 0]
+    kept = [t for t in graph.initializer if uses[t.name] > 0]
     del graph.initializer[:]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    external = _external(src)
-    data_path = dst.with_name(dst.name + ".data")
-    with open(data_path, "wb") if external else open(os.devnull, "wb") as data:
-        for proto, array in [*kept, *new_tensors]:
-            if array is None and not _is_external(proto):
-                graph.initializer.append(proto)
-                continue
-            raw = array.tobytes() if array is not None else source.raw(proto)
-            out = TensorProto(name=proto.name, data_type=proto.data_type, dims=proto.dims)
-            if external:
-                offset = -data.tell() % ALIGN + data.tell()
-                data.write(b"\0" * (offset - data.tell()))
-                data.write(raw)
-                out.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    out.external_data.add(key=key, value=value)
-            else:
-                out.raw_data = raw
-            graph.initializer.append(out)
-    if not external and data_path.exists():
-        data_path.unlink()
+    for proto in kept:
+        if not _is_external(proto):
+            graph.initializer.append(proto)
+            continue
+        out = TensorProto(name=proto.name, data_type=proto.data_type, dims=proto.dims)
+        writer.write(out, [source.raw(proto)])
+        graph.initializer.append(out)
+    graph.initializer.extend(written)
+    writer.close()
     onnx.save(model, str(dst))
     onnx.checker.check_model(str(dst))
     return dst
 
 
-def _rewrite(node, weight_name: str, w: np.ndarray, fmt: dict) -> tuple[onnx.NodeProto, list[tuple[TensorProto, np.ndarray]]]:
-    """MatMul(A, W f32[K,N]) -> the op of format `fmt` (a WEIGHT_FORMATS entry or VISION_FORMAT)
-    and its new weight tensors."""
+class _Writer:
+    """Tensor bytes into the new graph's data file (page-aligned), or into the proto when the graph
+    is small enough to hold its weights inline."""
+
+    def __init__(self, data_path: Path | None):
+        self.path = data_path
+        self.file = open(data_path, "wb") if data_path is not None else None
+
+    def write(self, proto: TensorProto, parts) -> None:
+        """`parts`: the tensor's bytes, in order (bytes or contiguous arrays)."""
+        if self.file is None:
+            proto.raw_data = b"".join(p.tobytes() if isinstance(p, np.ndarray) else p for p in parts)
+            return
+        offset = -self.file.tell() % ALIGN + self.file.tell()
+        self.file.write(b"\0" * (offset - self.file.tell()))
+        for part in parts:
+            self.file.write(part.tobytes() if isinstance(part, np.ndarray) else part)
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(self.file.tell() - offset))):
+            proto.external_data.add(key=key, value=value)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _rewrite(node, weight_name: str, source, weight: TensorProto, fmt: dict, writer: _Writer) -> tuple[onnx.NodeProto, list[TensorProto]]:
+    """MatMul(A, W f32[K,N]) -> the op of format `fmt` (a WEIGHT_FORMATS entry or VISION_FORMAT),
+    its new weight tensors written by `writer`."""
     if fmt["op"] == "DynamicQuantizeMatMul":
-        return _per_column(node, weight_name, w, fmt["bits"])
+        return _per_column(node, weight_name, source.array(weight), fmt["bits"], writer)
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    k, n = w.shape
+    k, n = weight.dims
     bits, block_size, level = fmt["bits"], fmt["block_size"], fmt["accuracy_level"]
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=level, bits=bits)
-    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w))
-    tensors = [(f"{weight_name}_Q{bits}", packed), (f"{weight_name}_scales", scales)]
+    quantizer = DefaultWeightOnlyQuantizer(config)
+    k_blocks = -(-k // block_size)
+    packed = TensorProto(name=f"{weight_name}_Q{bits}", data_type=TensorProto.UINT8, dims=[n, k_blocks, -(-block_size * bits // 8)])
+    scale_parts = []
+
+    def packed_parts():
+        # Each output column is quantized on its own (blocks run along K), so column slices
+        # quantized apart and concatenated are the whole weight quantized at once.
+        for start in range(0, n, _column_step(k)):
+            part, part_scales, _ = quantizer.qbits_block_quant(source.columns(weight, start, min(n, start + _column_step(k))))
+            scale_parts.append(part_scales)
+            yield part
+
+    writer.write(packed, packed_parts())
+    scales = TensorProto(name=f"{weight_name}_scales", data_type=TensorProto.FLOAT, dims=[n, k_blocks])
+    writer.write(scales, scale_parts)
     op = helper.make_node(
         "MatMulNBits",
-        [node.input[0], tensors[0][0], tensors[1][0]],
+        [node.input[0], packed.name, scales.name],
         list(node.output),
         name=f"{node.name}_Q{bits}",
         domain="com.microsoft",
@@ -158,29 +188,33 @@ def _rewrite(node, weight_name: str, w: np.ndarray, fmt: dict) -> tuple[onnx.Nod
         block_size=block_size,
         accuracy_level=level,
     )
-    protos = []
-    for name, array in tensors:
-        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
-        protos.append((proto, array))
-    return op, protos
+    return op, [packed, scales]
 
 
-def _per_column(node, weight_name: str, w: np.ndarray, bits: int) -> tuple[onnx.NodeProto, list[tuple[TensorProto, np.ndarray]]]:
+def _column_step(k: int) -> int:
+    """Columns per slice: about 64 MB of float32 source."""
+    return max(1, (64 * 1024**2) // (4 * k))
+
+
+def _per_column(node, weight_name: str, w: np.ndarray, bits: int, writer: _Writer) -> tuple[onnx.NodeProto, list[TensorProto]]:
     """MatMul(A, W f32[K,N]) -> DynamicQuantizeMatMul with symmetric `bits`-bit weights (stored as
     int8) and one scale per output column: W ~ q * scale, |q| <= 2^(bits-1) - 1."""
     top = 2 ** (bits - 1) - 1
     peak = np.abs(w).max(axis=0)
     scale = np.where(peak > 0, peak / top, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale), -top, top).astype(np.int8)
-    tensors = [(f"{weight_name}_Q{bits}", q), (f"{weight_name}_scale", scale)]
+    protos = []
+    for name, array in ((f"{weight_name}_Q{bits}", q), (f"{weight_name}_scale", scale)):
+        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
+        writer.write(proto, [array])
+        protos.append(proto)
     op = helper.make_node(
         "DynamicQuantizeMatMul",
-        [node.input[0], *(name for name, _ in tensors)],
+        [node.input[0], *(p.name for p in protos)],
         list(node.output),
         name=f"{node.name}_Q{bits}",
         domain="com.microsoft",
     )
-    protos = [(TensorProto(name=n, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=list(a.shape)), a) for n, a in tensors]
     return op, protos
 
 
@@ -208,9 +242,23 @@ class _Initializers:
             return numpy_helper.to_array(proto)
         return np.frombuffer(self.raw(proto), dtype=np.float32).reshape(tuple(proto.dims))
 
+    def columns(self, proto: TensorProto, start: int, end: int) -> np.ndarray:
+        """Columns `[start, end)` of a float32 matrix, contiguous. External data is mapped for the
+        slice only: mapped pages count as resident until unmapped."""
+        if not _is_external(proto):
+            return np.ascontiguousarray(numpy_helper.to_array(proto)[:, start:end])
+        info = {e.key: e.value for e in proto.external_data}
+        mapped = np.memmap(
+            self.dir / info["location"], dtype=np.float32, mode="r", offset=int(info.get("offset", 0)), shape=tuple(proto.dims)
+        )
+        try:
+            return np.array(mapped[:, start:end])
+        finally:
+            mapped._mmap.close()
+
 
 def _external(src: Path) -> bool:
     # Keep external data where the fp32 graph needed it: a 10B decoder at 4 bits is still ~5 GB,
     # and external data is valid at any size.
     total = src.stat().st_size + sum(p.stat().st_size for p in src.parent.glob(src.name + ".data"))
-    return total > PROTOBUF_LIMIT * 0.9
+    return total > EXTERNAL_ABOVE

@@ -8,6 +8,7 @@ run with the KV cache; a finished row keeps receiving `<pad>` with its mask stil
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -35,19 +36,31 @@ class OnnxPaliGemma:
         # Runtime's rewrite to uint8 runs its exact kernels there, as the Rust runtime does.
         fmt = weight_format(self.m, dtype)
         saturating = fmt is not None and fmt["weight_type"] == "int8" and fmt["op"] in ("DynamicQuantizeMatMul", "MatMulInteger")
-        exact_int8 = fmt["graphs"] if saturating and cpu.int8_weight_kernels_saturate() else []
+        self.exact_int8 = fmt["graphs"] if saturating and cpu.int8_weight_kernels_saturate() else []
+        self.threads = threads
+        self.dtype = dtype
 
-        def session(graph):
-            options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
-            if graph in exact_int8:
-                options.add_session_config_entry("session.x64quantprecision", "1")
-            return ort.InferenceSession(str(self.dir / self.m["graphs"][graph][dtype]), options, providers=["CPUExecutionProvider"])
+    def _session(self, graph: str) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if graph in self.exact_int8:
+            options.add_session_config_entry("session.x64quantprecision", "1")
+        path = self.dir / self.m["graphs"][graph][self.dtype]
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-        self.vision = session("vision_encoder")
-        self.embed = session("embed_tokens")
-        self.decoder = session("decoder")
+    # Opened on first use; `del model.vision` releases one (`--validate` keeps one graph set at a time).
+    @cached_property
+    def vision(self) -> ort.InferenceSession:
+        return self._session("vision_encoder")
+
+    @cached_property
+    def embed(self) -> ort.InferenceSession:
+        return self._session("embed_tokens")
+
+    @cached_property
+    def decoder(self) -> ort.InferenceSession:
+        return self._session("decoder")
 
     def prompt_embeds(self, pixel_values: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
         """Token rows with image rows spliced in at `<image>` positions: f[B,L,H]."""
@@ -60,12 +73,16 @@ class OnnxPaliGemma:
         embeds[is_image] = features.reshape(-1, features.shape[-1])
         return embeds
 
-    def generate(self, pixel_values, input_ids, attention_mask, max_new_tokens: int, forced: np.ndarray | None = None) -> Generation:
+    def generate(
+        self, pixel_values, input_ids, attention_mask, max_new_tokens: int, forced: np.ndarray | None = None, embeds=None
+    ) -> Generation:
         """Greedy tokens; with `forced` (i64[B,>=max_new_tokens]) those tokens are fed back instead
-        of the argmax (teacher forcing), and `tokens` still records the argmax at each step."""
+        of the argmax (teacher forcing), and `tokens` still records the argmax at each step. With
+        `embeds` (`prompt_embeds`' result) the vision graph is not run."""
         m = self.m
         batch = input_ids.shape[0]
-        embeds = self.prompt_embeds(pixel_values, input_ids)
+        if embeds is None:
+            embeds = self.prompt_embeds(pixel_values, input_ids)
         mask = attention_mask.astype(np.int64)
         token_types = np.zeros_like(mask)
         positions = np.where(mask == 0, 0, np.cumsum(mask, axis=1) - 1) + 1

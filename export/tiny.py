@@ -119,9 +119,26 @@ PRESETS = {
         vision_intermediate_size=4304,
         text_vocab=256000,
     ),
+    "28b-448": dict(
+        hidden_size=4608,
+        num_attention_heads=32,
+        num_key_value_heads=16,
+        head_dim=128,
+        intermediate_size=36864,
+        query_pre_attn_scalar=144,
+        image_size=448,
+        vision_hidden_size=1152,
+        vision_heads=16,
+        vision_intermediate_size=4304,
+        text_vocab=256000,
+    ),
 }
 # PaliGemma 2 3B at 448 px: the 224 model's shapes with 1,024 image tokens.
 PRESETS["3b-448"] = {**PRESETS["3b-224"], "image_size": 448}
+# The released checkpoints' storage: bfloat16 safetensors in shards of at most 5 GB with an index.
+RELEASED_DTYPE = "bf16"
+RELEASED_SHARD_SIZE = "5GB"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def build_tokenizer(text_vocab: int, words: tuple[str, ...] = ()):
@@ -166,8 +183,11 @@ def build_tokenizer(text_vocab: int, words: tuple[str, ...] = ()):
     return tok
 
 
-def write_tiny(out_dir: Path, spec: TinySpec, seed: int = 0) -> Path:
-    """Write a tiny random PaliGemma 2 checkpoint (model, tokenizer, processor) to `out_dir`."""
+def write_tiny(out_dir: Path, spec: TinySpec, seed: int = 0, dtype: str = "fp32", max_shard_size: str | None = None) -> Path:
+    """Write a tiny random PaliGemma 2 checkpoint (model, tokenizer, processor) to `out_dir`, its
+    weights in `dtype` ("fp32" or "bf16"; the model is built in it, so a full-width preset holds
+    2 bytes a parameter), in safetensors shards of `max_shard_size` (transformers' default when
+    None) named and indexed as `save_pretrained` writes them, in the released key layout."""
     import torch
     from transformers import (
         Gemma2Config,
@@ -177,6 +197,8 @@ def write_tiny(out_dir: Path, spec: TinySpec, seed: int = 0) -> Path:
         SiglipVisionConfig,
     )
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from .checkpoint import default_dtype
 
     out_dir = Path(out_dir)
     tok = build_tokenizer(spec.text_vocab)
@@ -219,8 +241,11 @@ def write_tiny(out_dir: Path, spec: TinySpec, seed: int = 0) -> Path:
     )
     config.text_config.model_type = "gemma2"
 
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     torch.manual_seed(seed)
-    model = PaliGemmaForConditionalGeneration(config).eval()
+    with default_dtype(getattr(torch, DTYPES[dtype])):
+        model = PaliGemmaForConditionalGeneration(config).eval()
     with torch.no_grad():
         text_model = model.model.language_model
         for name, p in text_model.named_parameters():
@@ -250,7 +275,7 @@ def write_tiny(out_dir: Path, spec: TinySpec, seed: int = 0) -> Path:
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     processor.save_pretrained(out_dir)
     # Hub repos carry preprocessor_config.json beside the processor config; so do ours.
     image_processor.save_pretrained(out_dir)

@@ -101,6 +101,20 @@ def test_convert_with_seg_vae_and_validate_passes(tiny_source, tmp_path):
     assert not list(tmp_path.glob(".out.partial-*")), "work directory left behind"
 
 
+def test_validate_reports_agreement_for_quantized_dtypes(tiny_source, tmp_path):
+    """With --quantize, --validate still demands identical fp32 tokens and reports, per quantized
+    dtype, its teacher-forced and greedy agreement with the same transformers run."""
+    out = tmp_path / "out"
+    proc = run_cli("convert", str(tiny_source), str(out), "--quantize", "int8,int4", "--validate")
+    assert proc.returncode == 0, proc.stderr
+    assert "validation passed" in proc.stdout
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith(("| int8 |", "| q4 |"))}
+    assert sorted(rows) == ["int8", "q4"]
+    for line in rows.values():
+        forced, greedy = (float(cell.strip().rstrip("%")) for cell in line.split("|")[2:4])
+        assert 0 < forced <= 100 and 0 <= greedy <= 100
+
+
 def test_validate_fails_on_graphs_of_another_checkpoint(tiny_source, tmp_path):
     other = write_tiny(tmp_path / "other", TinySpec(), seed=8)
     out = convert(str(other), tmp_path / "out")
@@ -110,7 +124,7 @@ def test_validate_fails_on_graphs_of_another_checkpoint(tiny_source, tmp_path):
 
 
 def test_graphs_over_the_limit_use_external_data(tiny_source, tmp_path, monkeypatch):
-    monkeypatch.setattr(graph, "PROTOBUF_LIMIT", 1024)  # stand-in for 2 GB: every graph goes external
+    monkeypatch.setattr(graph, "EXTERNAL_ABOVE", 1024)  # every graph goes external
     out = convert(str(tiny_source), tmp_path / "out")
     m = read_manifest(out)
     data = [f for f in m["files"] if f.endswith(".onnx.data")]

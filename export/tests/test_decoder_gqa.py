@@ -143,7 +143,7 @@ def test_weights_past_the_protobuf_limit_stream_to_external_data(tiny_root, tmp_
     model = PaliGemmaForConditionalGeneration.from_pretrained(source, attn_implementation="eager").eval()
     cfg = model.config.text_config
     inline = ort.InferenceSession(str(decoder_gqa.export(model, tmp_path / "inline" / "decoder_model_gqa.onnx")))
-    monkeypatch.setattr(decoder_gqa, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(decoder_gqa, "EXTERNAL_ABOVE", 0)
     path = decoder_gqa.export(model, tmp_path / "streamed" / "decoder_model_gqa.onnx")
     data = path.with_name("decoder_model_gqa.onnx.data")
     assert data.stat().st_size > path.stat().st_size

@@ -139,7 +139,7 @@ def test_external_data_quantizes_to_the_same_graph(quantized, dtype, tmp_path, m
     _, _, out = quantized
     src = out / manifest.graph_path("decoder", "fp32")
     inline = quantize.quantize_graph(src, tmp_path / "inline" / "d.onnx", dtype)
-    monkeypatch.setattr(quantize, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(quantize, "EXTERNAL_ABOVE", 0)
     external = quantize.quantize_graph(src, tmp_path / "external" / "d.onnx", dtype)
     data = external.with_name("d.onnx.data")
     assert data.is_file() and not inline.with_name("d.onnx.data").exists()
@@ -206,11 +206,11 @@ def matmul_graph(path: Path, k: int, n: int, weight: np.ndarray) -> Path:
     return path
 
 
-def int8_weight_rewrite(node, weight_name: str, w: np.ndarray, fmt: dict):
+def int8_weight_rewrite(node, weight_name: str, source, weight, fmt: dict, writer):
     """The int8 format of manifest version 1 (export/quantize.py until MatMulNBits): symmetric int8
     weights per output column in DynamicQuantizeMatMul, the `--quantize-vision` format at 8 bits.
     Kept here to test how the binary runs it."""
-    return quantize._per_column(node, weight_name, w, 8)
+    return quantize._per_column(node, weight_name, source.array(weight), 8, writer)
 
 
 def saturating_case(work: str) -> dict[str, float]:
