@@ -2,11 +2,11 @@
 
 A graph whose module lives on the meta device (`convert`) is traced without weights: the dynamo
 exporter records each parameter as an initializer, `_bind` points it at its checkpoint tensor
-(`checkpoint.CheckpointTensor`, read when written), and `_fold_weights` does what the exporter's
-optimizer would do to those initializers (transpose a Linear weight into the `[in, out]` MatMul
-constant, add 1 to a Gemma norm weight, gather SigLIP's position rows) as lazy tensors too. Then
-the exporter's own optimizer runs on the rest, and the initializers are written one at a time. The
-result is the graph today's `torch.onnx.export(..., optimize=True)` writes from a model in memory,
+(`checkpoint.CheckpointTensor`, read when written), and `_fold_transposes` turns each Linear
+weight into the `[in, out]` MatMul constant as a lazy tensor too (the one fold the optimizer makes
+on large weights). Then the exporter's own optimizer runs (it folds small constants such as
+Gemma's `1 + norm weight` by reading them), and the initializers are written one at a time. The
+result is the graph `torch.onnx.export(..., optimize=True)` writes from a model in memory,
 initializer for initializer (`export/tests/test_streaming.py`), at the memory of one tensor.
 """
 
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
@@ -33,6 +32,9 @@ PROTOBUF_LIMIT = 2 * 1024**3
 # protobuf holds them about three times over (tensors, message, serialized bytes; measured 5.1 GB
 # for the 1.7 GB vision encoder), where external data is written a tensor at a time.
 EXTERNAL_ABOVE = 256 * 1024**2
+# The optimizer's limit on what it folds (elements of one input): its default, passed explicitly
+# so a test can lower it for both sides and check the folds of a full-size model at toy size.
+FOLD_INPUT_LIMIT = 8192
 
 
 @dataclass
@@ -90,58 +92,29 @@ def _bind(graph: ir.Graph, module: torch.nn.Module, weights: Weights) -> None:
         raise AssertionError(f"initializers with no weight behind them: {unbound}")
 
 
-def _is_weight(value: ir.Value | None) -> bool:
-    return value is not None and isinstance(value.const_value, ir.LazyTensor)
-
-
-def _fold_weights(graph: ir.Graph) -> None:
-    """Replace each node whose inputs are all constants, one at least a checkpoint tensor, by a
-    lazy initializer named after its output, as the optimizer's constant folding names it."""
+def _fold_transposes(graph: ir.Graph, input_limit: int) -> None:
+    """Replace each Transpose of a 2-D checkpoint tensor by a lazy initializer holding the
+    transposed weight, named after its output, where the exporter's optimizer folds it: always
+    when the weight has at most `input_limit` elements, else when the Transpose is its only
+    consumer (onnxscript's `_DEFAULT_ALWAYS_FOLD_OPS`). Every other node on checkpoint tensors is
+    left to the optimizer, which folds it on small inputs (reading them then) and leaves it on
+    large ones (SigLIP's position rows stay a Gather), as it does for a model in memory."""
     for node in list(graph):
-        inputs = [v for v in node.inputs if v is not None]
-        if node.op_type == "Constant" or not inputs or len(node.outputs) != 1:
+        if node.op_type != "Transpose" or node.domain != "" or len(node.inputs) != 1:
             continue
-        if not any(_is_weight(v) for v in inputs) or not all(v.const_value is not None for v in inputs):
+        value = node.inputs[0]
+        source = value.const_value if value is not None else None
+        perm = node.attributes.get("perm")
+        if not isinstance(source, CheckpointTensor) or len(source.shape) != 2 or (perm is not None and list(perm.as_ints()) != [1, 0]):
+            continue
+        if source.size > input_limit and len(value.consumers()) != 1:
             continue
         out = node.outputs[0]
-        perm = node.attributes.get("perm")
-        source = inputs[0].const_value
-        if (
-            node.op_type == "Transpose"
-            and isinstance(source, CheckpointTensor)
-            and len(source.shape) == 2
-            and (perm is None or list(perm.as_ints()) == [1, 0])
-        ):
-            tensor: ir.TensorProtocol = TransposedTensor(source, out.name)
-        elif node.op_type == "Identity":
-            tensor = source
-        else:
-            tensor = _lazy_result(node, out.name)
-        folded = ir.Value(name=out.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+        folded = ir.Value(name=out.name, shape=ir.Shape(list(source.shape)[::-1]), type=ir.TensorType(source.dtype))
+        folded.const_value = TransposedTensor(source, out.name)
         out.replace_all_uses_with(folded, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         graph.register_initializer(folded)
-
-
-def _lazy_result(node: ir.Node, name: str) -> ir.LazyTensor:
-    """The node's output as a lazy tensor: run by ONNX's reference evaluator on its inputs' values
-    when written; its type from ONNX shape inference now."""
-    inputs = [v for v in node.inputs if v is not None]
-    proto = ir.serde.serialize_node(node)
-    opset = node.graph.opset_imports.get(node.domain, OPSET) if node.graph is not None else OPSET
-    declared = [onnx.helper.make_tensor_value_info(v.name, int(v.const_value.dtype), list(v.const_value.shape)) for v in inputs]
-    graph = onnx.helper.make_graph([proto], "fold", declared, [onnx.helper.make_empty_tensor_value_info(proto.output[0])])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(node.domain, opset)])
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.output[0].type.tensor_type
-
-    def run() -> ir.TensorProtocol:
-        from onnx.reference import ReferenceEvaluator
-
-        (result,) = ReferenceEvaluator(model).run(None, {v.name: v.const_value.numpy() for v in inputs})
-        return ir.tensor(np.asarray(result))
-
-    shape = ir.Shape([d.dim_value for d in inferred.shape.dim])
-    return ir.LazyTensor(run, dtype=ir.DataType(inferred.elem_type), shape=shape, name=name)
 
 
 def _progress(label: str) -> Callable:
@@ -188,9 +161,9 @@ def export_graph(spec: GraphSpec, path: Path, weights: Weights | None = None) ->
     if weights is not None:
         _bind(model.graph, spec.module, weights)
     ir.passes.common.InlinePass()(model)
-    _fold_weights(model.graph)
+    _fold_transposes(model.graph, FOLD_INPUT_LIMIT)
     # What `torch.onnx.export(optimize=True)` runs (onnxscript's torch_2_8 `optimize`).
-    onnxscript.optimizer.optimize_ir(model)
+    onnxscript.optimizer.optimize_ir(model, input_size_limit=FOLD_INPUT_LIMIT)
     onnxscript.rewriter.onnx_fusions.fuse(model)
     _name_axes(model.graph, spec.axes)
     weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)

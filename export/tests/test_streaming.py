@@ -24,8 +24,12 @@ from export.tiny import TEST_CONFIGS, write_tiny
 from .conftest import converted_dir
 
 
-def in_memory_export(spec, path: Path) -> Path:
-    """The exporter's own path on a model in memory: `torch.onnx.export(..., optimize=True)`."""
+def in_memory_export(spec, path: Path, fold_input_limit: int | None = None) -> Path:
+    """The exporter's own path on a model in memory: `torch.onnx.export(..., optimize=True)`, or
+    with `fold_input_limit` the same optimizer (onnxscript's torch_2_8 `optimize`) under that limit."""
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
     with torch.no_grad():
         program = torch.onnx.export(
             spec.module.eval(),
@@ -35,8 +39,11 @@ def in_memory_export(spec, path: Path) -> Path:
             input_names=spec.input_names,
             output_names=spec.output_names,
             dynamic_shapes=_dynamic_shapes(spec),
-            optimize=True,
+            optimize=fold_input_limit is None,
         )
+    if fold_input_limit is not None:
+        onnxscript.optimizer.optimize_ir(program.model, input_size_limit=fold_input_limit)
+        onnxscript.rewriter.onnx_fusions.fuse(program.model)
     program.save(str(path))
     return path
 
@@ -99,6 +106,27 @@ def test_bf16_shards_in_small_slices_equal_the_in_memory_export(bf16_shards, tmp
     monkeypatch.undo()
     whole = quantize.quantize_graph(reference, tmp_path / "whole" / "decoder_model_gqa_q4.onnx", "q4")
     assert_same_graph(out / manifest.graph_path("decoder_gqa", "q4"), whole)
+
+
+def test_the_optimizers_size_rules_hold_for_checkpoint_tensors(tiny_root, tmp_path, monkeypatch):
+    """At full size the optimizer folds a large weight only in a Transpose (SigLIP's position rows
+    stay a Gather): with its input limit lowered to 16 elements on both sides, the toy model's
+    weights are all "large", and the streamed graphs still equal the in-memory export."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from export import graph as graph_module
+
+    source = converted_dir(tiny_root, "gqa1").source
+    monkeypatch.setattr(graph_module, "FOLD_INPUT_LIMIT", 16)
+    out = convert.convert(str(source), tmp_path / "out", check_graphs=False)
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(source, attn_implementation="eager").eval()
+    for graph, make_spec in (("vision_encoder", vision.spec), ("decoder", decoder.spec)):
+        reference = in_memory_export(make_spec(hf), tmp_path / f"{graph}.onnx", fold_input_limit=16)
+        assert_same_graph(out / manifest.graph_path(graph, "fp32"), reference)
+    written = onnx.load(str(out / manifest.graph_path("vision_encoder", "fp32"))).graph
+    weights = {t.name for t in written.initializer}
+    assert any(n.op_type == "Gather" and n.input[0] in weights for n in written.node), "position rows folded"
+    assert not any(n.op_type == "Transpose" and n.input[0] in weights for n in written.node), "a weight left transposed at run time"
 
 
 Broken = namedtuple("Broken", "source expected")
