@@ -100,19 +100,25 @@ class Checkpoint:
                 raise ExportError(f"{src}: {INDEX} lists tensors its shards lack: {_some(absent)}; download the shards again")
 
     def read(self, key: str, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor `key` (rows `[start, end)` of its first axis when given) converted to `dtype`."""
+        """Tensor `key` (rows `[start, end)` of its first axis when given) converted to `dtype`,
+        read and converted CHUNK_BYTES at a time into the result, so a bf16 -> fp32 read holds the
+        result and one chunk, not the stored copy as well."""
         entry = self.entries[key]
         row_bytes = entry.nbytes // entry.shape[0] if entry.shape else entry.nbytes
         start, end = rows if rows is not None else (0, entry.shape[0] if entry.shape else 1)
-        buffer = bytearray((end - start) * row_bytes)
+        out = torch.empty((end - start, *entry.shape[1:]), dtype=dtype)
+        step = max(1, CHUNK_BYTES // max(row_bytes, 1))
         with open(entry.file, "rb") as f:
             f.seek(entry.offset + start * row_bytes)
-            if f.readinto(buffer) != len(buffer):
-                raise ExportError(f"{entry.file}: ended inside tensor {key}; download it again")
-        shape = (end - start, *entry.shape[1:]) if entry.shape else ()
-        if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=DTYPES[entry.dtype]).reshape(shape).to(dtype)
+            for first in range(0, end - start, step):
+                last = min(end - start, first + step)
+                buffer = bytearray((last - first) * row_bytes)
+                if f.readinto(buffer) != len(buffer):
+                    raise ExportError(f"{entry.file}: ended inside tensor {key}; download it again")
+                if buffer:
+                    stored = torch.frombuffer(buffer, dtype=DTYPES[entry.dtype])
+                    out[first:last] = stored.reshape(last - first, *entry.shape[1:])
+        return out if entry.shape else out.reshape(())
 
     def row_chunks(self, key: str, row_bytes: int) -> Iterator[tuple[int, int]]:
         """`[start, end)` row ranges of `key` whose converted size is about CHUNK_BYTES."""
