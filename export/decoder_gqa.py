@@ -35,6 +35,7 @@ laid out `[in, out]`, so `quantize.py` rewrites it as for the portable graph.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from .checkpoint import CheckpointTensor, TransposedTensor, Weights
-from .graph import EXTERNAL_ABOVE
+from .graph import EXTERNAL_ABOVE, report_written
 
 ALIGN = 4096  # external data offsets on page boundaries, so ONNX Runtime can map them
 # transformers' ACT2FN names -> ONNX Gelu's `approximate`.
@@ -305,11 +306,13 @@ def export(model, path: Path, weights: Weights | None = None) -> Path:
     """Build and save, the weights in `<name>.data` beside the graph when they pass
     `graph.EXTERNAL_ABOVE` (the text model's parameters, in float32, are the graph's weights)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
     weight_bytes = 4 * sum(p.numel() for p in model.model.language_model.parameters())
     if weight_bytes <= EXTERNAL_ABOVE:
         onnx.save_model(build(model, weights=weights), str(path))
-        return path
-    with open(path.with_name(path.name + ".data"), "wb") as data:
-        proto = build(model, data, weights)
-    onnx.save_model(proto, str(path))
+    else:
+        with open(path.with_name(path.name + ".data"), "wb") as data:
+            proto = build(model, data, weights)
+        onnx.save_model(proto, str(path))
+    report_written(path, start)
     return path

@@ -173,6 +173,11 @@ def export_graph(spec: GraphSpec, path: Path, weights: Weights | None = None) ->
     else:
         ir.save(model, path)
     onnx.checker.check_model(str(path))
-    count = len(model.graph.initializers)
-    print(f"  {path.name}: {count} tensors, {weight_bytes / 1e9:.2f} GB in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    report_written(path, start)
     return path
+
+
+def report_written(path: Path, start: float) -> None:
+    """The progress line for a finished graph: its bytes on disk (with its data file) and seconds."""
+    size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())
+    print(f"  {path.name}: {size / 1e9:.2f} GB written in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)

@@ -24,6 +24,7 @@ over and were killed for memory on the 10.5 GB 3B decoder on a 24 GB machine.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ExportError
-from .graph import EXTERNAL_ABOVE
+from .graph import EXTERNAL_ABOVE, report_written
 
 # --quantize value -> manifest dtype key (transformers.js calls its 4-bit variant q4).
 SCHEMES = {"int8": "int8", "int4": "q4"}
@@ -84,6 +85,7 @@ def quantize_graph(src: Path, dst: Path, dtype: str, fmt: dict | None = None) ->
     if dtype not in SCHEMES.values():
         raise ExportError(f"no quantization scheme for dtype {dtype!r}; expected one of {', '.join(SCHEMES.values())}")
     src, dst = Path(src), Path(dst)
+    start = time.monotonic()
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
@@ -121,6 +123,7 @@ def quantize_graph(src: Path, dst: Path, dtype: str, fmt: dict | None = None) ->
     writer.close()
     onnx.save(model, str(dst))
     onnx.checker.check_model(str(dst))
+    report_written(dst, start)
     return dst
 
 
