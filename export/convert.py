@@ -165,7 +165,7 @@ def convert(
         seg_path = None
         if vae is not None:
             seg_path = "onnx/seg_decoder.onnx"
-            segmentation.export(vae, work / seg_path)
+            segmentation.export(vae, work / seg_path, check_graph=check_graphs)
         for name in ("tokenizer.json", "config.json"):
             shutil.copy2(src / name, work / name)
         generation_config.to_json_file(work / "generation_config.json")

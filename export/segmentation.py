@@ -82,12 +82,19 @@ class SegDecoder(nn.Module):
         return self.decoder(grid)[:, 0]
 
 
-def export(vae: dict[str, np.ndarray], path: Path) -> Path:
+def export(vae: dict[str, np.ndarray], path: Path, check_graph: bool = False) -> Path:
+    """Write seg_decoder.onnx; with `check_graph`, check it against the module (check.py)."""
     spec = GraphSpec(
         module=SegDecoder(vae),
-        args=(torch.zeros(2, NUM_CODES, dtype=torch.int64),),
+        # Varied codes (the check compares masks; the trace does not depend on the values).
+        args=(torch.arange(2 * NUM_CODES, dtype=torch.int64).reshape(2, NUM_CODES) * 37 % 128,),
         input_names=["codes"],
         output_names=["masks"],
         axes={"codes": {0: "num_objects"}, "masks": {0: "num_objects"}},
     )
-    return export_graph(spec, path)
+    export_graph(spec, path)
+    if check_graph:
+        from . import check
+
+        check.check_graph(path, check.spec_feeds(spec), spec.module, spec.args, None)
+    return path
