@@ -3,7 +3,8 @@
 For each preset and text depth: writes a random checkpoint as released (bf16 safetensors shards,
 `python -m export tiny --preset`), converts it under `/usr/bin/time -v` (any extra convert
 arguments after `--`), and prints one JSON line: peak RSS (GB), wall time (s), the checkpoint's
-largest tensor in float32 (GB, the issue's yardstick), the bytes written; then deletes both, so a
+largest tensor in float32 (GB, the yardstick of the memory bound), the bytes written, the checks'
+and `--validate`'s lines; then deletes both, so a
 28B run needs about 55 GB free at a time, not all of them. Nothing here is asserted anywhere.
 
     python -m bench.convert_memory --preset 10b-448 28b-448 --layers 2 6
@@ -24,15 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 FULL_VISION_LAYERS = 27
 
 
-def timed(command: list[str]) -> tuple[float, float, str]:
-    """(peak RSS in GB, wall seconds, stderr) of `command` under GNU time."""
+def timed(command: list[str]) -> tuple[float, float, str, str]:
+    """(peak RSS in GB, wall seconds, stderr, stdout) of `command` under GNU time."""
     proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         sys.exit(f"error: {' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) * 1024 / 1e9
     clock = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
     seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(clock.split(":"))))
-    return peak, seconds, proc.stderr
+    return peak, seconds, proc.stderr, proc.stdout
 
 
 def largest_tensor_fp32(source: Path) -> float:
@@ -58,7 +59,7 @@ def main() -> None:
             tiny = ["-m", "export", "tiny", str(source), "--preset", preset, "--layers", str(layers)]
             timed([python, *tiny, "--vision-layers", str(args.vision_layers)])
             try:
-                peak, seconds, log = timed([python, "-m", "export", "convert", str(source), str(out), *args.convert_args])
+                peak, seconds, log, printed = timed([python, "-m", "export", "convert", str(source), str(out), *args.convert_args])
                 row = {
                     "preset": preset,
                     "text_layers": layers,
@@ -70,6 +71,8 @@ def main() -> None:
                     "checkpoint_gb": round(sum(p.stat().st_size for p in source.glob("*.safetensors")) / 1e9, 2),
                     "written_gb": round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e9, 2),
                     "checks": [line.strip() for line in log.splitlines() if "checked against torch" in line],
+                    # --validate's table and verdict
+                    "validation": [line for line in printed.splitlines() if line.startswith("|") or "validation" in line],
                 }
                 print(json.dumps(row), flush=True)
             finally:

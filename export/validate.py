@@ -80,13 +80,15 @@ def reference_of(model, processor, images, prompts, max_new_tokens: int) -> Refe
 
 
 def reference_run(source: Path, processor, images, prompts, max_new_tokens: int) -> Reference:
-    """`reference_of` with the checkpoint at `source` loaded for it and released on return."""
+    """`reference_of` with the checkpoint at `source` loaded for it (a tensor at a time,
+    `checkpoint.load_model`) and released on return."""
     import gc
 
     import torch
-    from transformers import PaliGemmaForConditionalGeneration
 
-    model = PaliGemmaForConditionalGeneration.from_pretrained(source, attn_implementation="eager", dtype=torch.float32).eval()
+    from .checkpoint import load_model
+
+    model = load_model(source, torch.float32)
     reference = reference_of(model, processor, images, prompts, max_new_tokens)
     del model
     gc.collect()

@@ -221,3 +221,19 @@ def test_the_disk_estimate_is_the_float_graphs_weights(tiny_root, tmp_path):
     assert estimate.keys() == written.keys()
     off = {part: (estimate[part], written[part]) for part in estimate if abs(estimate[part] - written[part]) > written[part] / 20}
     assert not off, off
+
+
+def test_load_model_is_from_pretrained(bf16_shards):
+    """`--validate`'s reference, read a tensor at a time, is the model transformers loads: the same
+    parameters and buffers bit for bit (from bf16 shards), the vocabulary projection still tied,
+    the checkpoint's generation config."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    ours = checkpoint.load_model(bf16_shards, torch.float32)
+    theirs = PaliGemmaForConditionalGeneration.from_pretrained(bf16_shards, attn_implementation="eager", dtype=torch.float32)
+    want = {**dict(theirs.named_parameters()), **dict(theirs.named_buffers())}
+    got = {**dict(ours.named_parameters()), **dict(ours.named_buffers())}
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[name], want[name]) and got[name].dtype == want[name].dtype for name in want)
+    assert ours.lm_head.weight is ours.model.language_model.embed_tokens.weight
+    assert ours.generation_config.eos_token_id == theirs.generation_config.eos_token_id
