@@ -26,11 +26,10 @@ import torch
 from .checkpoint import CheckpointTensor, TransposedTensor, Weights
 
 OPSET = 20
-# Protobuf's hard limit: bigger graphs must keep their weights in `<name>.onnx.data` beside them.
-PROTOBUF_LIMIT = 2 * 1024**3
-# Graphs with more weight than this keep it in `<name>.onnx.data` too: writing weights into one
-# protobuf holds them about three times over (tensors, message, serialized bytes; measured 5.1 GB
-# for the 1.7 GB vision encoder), where external data is written a tensor at a time.
+# Graphs with more weight than this keep it in `<name>.onnx.data` beside them: protobuf stops at
+# 2 GB, and writing weights into one protobuf holds them about three times over (tensors, message,
+# serialized bytes; measured 5.1 GB for the 1.7 GB vision encoder), where external data is written
+# a tensor at a time.
 EXTERNAL_ABOVE = 256 * 1024**2
 # The optimizer's limit on what it folds (elements of one input): its default, passed explicitly
 # so a test can lower it for both sides and check the folds of a full-size model at toy size.

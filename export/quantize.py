@@ -171,8 +171,9 @@ def _rewrite(node, weight_name: str, source, weight: TensorProto, fmt: dict, wri
     def packed_parts():
         # Each output column is quantized on its own (blocks run along K), so column slices
         # quantized apart and concatenated are the whole weight quantized at once.
-        for start in range(0, n, _column_step(k)):
-            part, part_scales, _ = quantizer.qbits_block_quant(source.columns(weight, start, min(n, start + _column_step(k))))
+        step = _column_step(k)
+        for start in range(0, n, step):
+            part, part_scales, _ = quantizer.qbits_block_quant(source.columns(weight, start, min(n, start + step)))
             scale_parts.append(part_scales)
             yield part
 

@@ -92,6 +92,8 @@ TEST_SEEDS = {name: len(name) for name in TEST_CONFIGS}
 
 # Full-width shapes of the released checkpoints (REFERENCE.md), for memory and speed measurements
 # with random weights; depth comes from the caller.
+# Shared by every released size (REFERENCE.md): SigLIP So400m/14 and Gemma's 256,000 text tokens.
+RELEASED_VISION_AND_VOCABULARY = dict(vision_hidden_size=1152, vision_heads=16, vision_intermediate_size=4304, text_vocab=256000)
 PRESETS = {
     "3b-224": dict(
         hidden_size=2304,
@@ -101,10 +103,7 @@ PRESETS = {
         intermediate_size=9216,
         query_pre_attn_scalar=256,
         image_size=224,
-        vision_hidden_size=1152,
-        vision_heads=16,
-        vision_intermediate_size=4304,
-        text_vocab=256000,
+        **RELEASED_VISION_AND_VOCABULARY,
     ),
     "10b-448": dict(
         hidden_size=3584,
@@ -114,10 +113,7 @@ PRESETS = {
         intermediate_size=14336,
         query_pre_attn_scalar=256,
         image_size=448,
-        vision_hidden_size=1152,
-        vision_heads=16,
-        vision_intermediate_size=4304,
-        text_vocab=256000,
+        **RELEASED_VISION_AND_VOCABULARY,
     ),
     "28b-448": dict(
         hidden_size=4608,
@@ -127,10 +123,7 @@ PRESETS = {
         intermediate_size=36864,
         query_pre_attn_scalar=144,
         image_size=448,
-        vision_hidden_size=1152,
-        vision_heads=16,
-        vision_intermediate_size=4304,
-        text_vocab=256000,
+        **RELEASED_VISION_AND_VOCABULARY,
     ),
 }
 # PaliGemma 2 3B at 448 px: the 224 model's shapes with 1,024 image tokens.

@@ -177,6 +177,7 @@ def test_a_broken_checkpoint_is_one_error_line_and_nothing_written(tiny_root, tm
     shutil.copytree(converted_dir(tiny_root, "gqa1").source, source)
     broken = breakage(source)
     out = tmp_path / "out"
+    capsys.readouterr()  # what building the tiny model printed, when the shared cache was stale
     assert main(["convert", str(broken.source), str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -190,6 +191,7 @@ def test_too_little_disk_is_refused_before_writing(tiny_root, tmp_path, capsys, 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(convert.shutil, "disk_usage", lambda path: usage._replace(free=10 * 1024**2))
     out = tmp_path / "out"
+    capsys.readouterr()  # what building the tiny model printed, when the shared cache was stale
     assert main(["convert", str(source), str(out), "--quantize", "int8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: not enough disk for "), err
