@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+from . import community
 from .errors import ExportError
-from .quantize import SCHEMES
 from .tiny import TEST_CONFIGS, TEST_SEEDS, write_random_vae, write_tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +39,8 @@ IMAGES_DIR = "tests/data/images"
 CHELSEA, CAMERA, ROCKET, TEXT = (f"{IMAGES_DIR}/{f}" for f in ("chelsea.png", "camera.png", "rocket.jpg", "text.png"))
 # One image per decoder path the Rust preprocessor must match: PNG RGB, PNG grayscale, JPEG.
 SINGLE_IMAGES = (CHELSEA, CAMERA, ROCKET)
+# Every test image: the community layout's cases run each alone.
+COMMUNITY_IMAGES = tuple(sorted(f"{IMAGES_DIR}/{p.name}" for p in (REPO_ROOT / IMAGES_DIR).iterdir() if p.suffix != ".md"))
 # Prompts of three different token lengths, so the batch is left-padded unevenly.
 BATCH3 = (
     (TEXT, "caption en"),
@@ -133,16 +135,19 @@ def _package_versions() -> dict[str, str]:
 
 
 # Modules that run models but never write one: editing them must not force a reconversion.
-NOT_IN_MODELS = {"__main__.py", "fixtures.py", "runtime.py", "validate.py"}
+# community.py writes only the community layout, stamped with its own digest.
+NOT_IN_MODELS = {"__main__.py", "fixtures.py", "runtime.py", "validate.py", "community.py"}
 
 
 def _export_code_digest() -> str:
     # Any change to the exporter may change the graphs or the weights: a cache keyed on the spec alone
     # would let a stale model write a file that a fresh checkout (CI) cannot reproduce.
+    return _digest(*(p for p in sorted((REPO_ROOT / "export").glob("*.py")) if p.name not in NOT_IN_MODELS))
+
+
+def _digest(*paths: Path) -> str:
     h = hashlib.sha256()
-    for path in sorted((REPO_ROOT / "export").glob("*.py")):
-        if path.name in NOT_IN_MODELS:
-            continue
+    for path in paths:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
@@ -199,75 +204,26 @@ def prepare_models(models_root: Path, log=print) -> dict[str, tuple[Path, Path]]
             convert(str(source), fp16_dir, dtype="fp16", force=True)
             fp16_stamp.write_text(json.dumps(want, indent=2))
             log(f"{name}: converted to {fp16_dir} (fp16)")
-        nomask = models_root / name / "onnx-nomask"
-        if name == NOMASK_CONFIG and not (
-            _read_json(onnx_stamp) == _read_json(nomask / "stamp.json") and (nomask / "manifest.json").is_file()
-        ):
-            write_nomask_variant(source, onnx_dir, nomask)
-            (nomask / "stamp.json").write_text(json.dumps(want, indent=2))
-            log(f"{name}: wrote the decoder without attention_mask/token_type_ids to {nomask}")
+        community_dir = models_root / name / COMMUNITY_DIR
+        if name in COMMUNITY_CONFIGS:
+            community_stamp = {**want, "community": _digest(Path(__file__).with_name("community.py"))}
+            if not (_read_json(community_dir.with_suffix(".stamp.json")) == community_stamp and (community_dir / "config.json").is_file()):
+                community.build(source, community_dir, COMMUNITY_DTYPES)
+                community_dir.with_suffix(".stamp.json").write_text(json.dumps(community_stamp, indent=2))
+                log(f"{name}: wrote the transformers.js layout (TorchScript, no manifest) to {community_dir}")
         out[name] = (source, onnx_dir)
     return out
 
 
 # Quantized decoders (manifest dtype keys) converted beside the fp32 graphs, for `--dtype` tests.
 QUANTIZE = {"gqa1": ["int8", "q4"]}
-# The configuration that also gets a community-style decoder (for the Rust runtime's batch-1 path).
-NOMASK_CONFIG = "gqa1"
+# Configurations also exported in the community's transformers.js layout (export/community.py: no
+# manifest, no mask inputs) to MODELS_ROOT/<name>/community, in these dtypes.
+COMMUNITY_CONFIGS = ("gqa1",)
+COMMUNITY_DIR = "community"
+COMMUNITY_DTYPES = ("fp32", "fp16", "q4", "q4f16")
 # Configurations also converted with --dtype fp16 (MODELS_ROOT/<name>/onnx-fp16), for fp16 cases.
 FP16_CONFIGS = ("gqa1",)
-
-
-def write_nomask_variant(source: Path, onnx_dir: Path, out_dir: Path) -> None:
-    """A copy of `onnx_dir` whose decoder declares no attention_mask or token_type_ids, like the
-    community exports: every cached position is a real token and the whole prompt one prefix block.
-    For one unpadded request inside the sliding window this computes what the full graph does."""
-    import shutil
-
-    import torch
-    from transformers import PaliGemmaForConditionalGeneration
-
-    from . import decoder, manifest
-    from .graph import GraphSpec, export_graph
-
-    hf = PaliGemmaForConditionalGeneration.from_pretrained(source, attn_implementation="eager").eval()
-    full = decoder.spec(hf)
-
-    class NoMask(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, inputs_embeds, position_ids, past_key_values):
-            total = past_key_values[0].shape[2] + inputs_embeds.shape[1]
-            ones = torch.ones(inputs_embeds.shape[0], total, dtype=torch.int64)
-            return self.inner(inputs_embeds, ones, torch.zeros_like(ones), position_ids, past_key_values)
-
-    dropped = ("attention_mask", "token_type_ids")
-    embeds, _, _, positions, past = full.args
-    spec = GraphSpec(
-        module=NoMask(full.module),
-        args=(embeds, positions, past),
-        input_names=[n for n in full.input_names if n not in dropped],
-        output_names=full.output_names,
-        axes={k: v for k, v in full.axes.items() if k not in dropped},
-    )
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    # fp32 only: the quantized decoders beside it still declare the masks.
-    quantized = [f"*{manifest.DTYPE_SUFFIX[q]}.onnx" for q in SCHEMES.values()]
-    shutil.copytree(onnx_dir, out_dir, ignore=shutil.ignore_patterns(*quantized))
-    graph = manifest.graph_path("decoder", "fp32")
-    export_graph(spec, out_dir / graph)
-    m = json.loads((out_dir / "manifest.json").read_text())
-    m["dtypes"] = ["fp32"]
-    m["quantization"] = {}  # it records the quantized dtypes, and none are left
-    # The community layout has one decoder: no GroupQueryAttention flavour beside it.
-    (out_dir / manifest.graph_path("decoder_gqa", "fp32")).unlink(missing_ok=True)
-    m["graphs"] = {g: {"fp32": files["fp32"]} for g, files in m["graphs"].items() if g != "decoder_gqa"}
-    m["files"] = [f for f in m["files"] if (out_dir / f).is_file()]
-    m["file_sizes"] = {f: (out_dir / f).stat().st_size for f in m["files"]}
-    (out_dir / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
 
 
 def load_model(name: str, source: Path, onnx_dir: Path) -> Model:
@@ -303,15 +259,20 @@ def until_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
 # Where a case's expected tokens come from, per dtype.
 REFERENCES = {
     "fp32": "transformers generate (fp32, eager); the ONNX loop agrees",
+    COMMUNITY_DIR: "transformers generate (fp32, eager), one request at a time",
     "fp16": "the ONNX loop (export/runtime.py) on the fp16 graphs; first token = transformers fp32",
 }
 
 
 def generate(model: Model, requests: list[Request], what: str, dtype: str = "fp32") -> list[tuple[list[int], bool]]:
-    """One padded batch through transformers and the ONNX loop; per row (ids before <eos>, stopped)."""
-    from .validate import compare
+    """One padded batch through transformers and the ONNX loop; per row (ids before <eos>, stopped).
+    The community layout's rows come from transformers alone (the ONNX loop reads manifests)."""
+    from .validate import compare, reference_of
 
     images = [_open(r.image) for r in requests]
+    if dtype == COMMUNITY_DIR:
+        reference = reference_of(model.hf, model.processor, images, [r.prompt for r in requests], MAX_NEW_TOKENS)
+        return [until_eos(row.tolist(), model.eos) for row in reference.tokens]
     onnx = model.onnx_fp16 if dtype == "fp16" else model.onnx
     rows = compare(model.hf, model.processor, onnx, images, [r.prompt for r in requests], MAX_NEW_TOKENS)
     for i, row in enumerate(rows):
@@ -333,12 +294,12 @@ def case_record(model: Model, models_root: Path, case_name: str, requests: list[
         if len(requests) > 1 and generate(model, [request], f"{case_name} row {i} alone", dtype) != [row]:
             raise ExportError(f"{case_name}: row {i} ({request.prompt!r}) gives other tokens alone than in its batch; pick other requests")
     tok = model.processor.tokenizer
-    onnx_dir = model.fp16_dir if dtype == "fp16" else model.onnx_dir
+    onnx_dir = {"fp16": model.fp16_dir, COMMUNITY_DIR: model.onnx_dir.with_name(COMMUNITY_DIR)}.get(dtype, model.onnx_dir)
     return {
         "name": case_name,
         "config": model.name,
         "model_dir": onnx_dir.relative_to(models_root).as_posix(),
-        "dtype": dtype,
+        "dtype": "fp32" if dtype == COMMUNITY_DIR else dtype,
         "reference": REFERENCES[dtype],
         "requests": [asdict(r) for r in requests],
         "expected": [ids for ids, _ in rows],
@@ -445,6 +406,11 @@ def _build_document(models_root: Path, dirs: dict[str, tuple[Path, Path]]) -> di
             for image in SINGLE_IMAGES:
                 cases.append(case_record(model, models_root, f"{name}/fp16/{Path(image).stem}", [Request(image, "caption en")], "fp16"))
             cases.append(case_record(model, models_root, f"{name}/fp16/batch3", batch, "fp16"))
+        if name in COMMUNITY_CONFIGS:
+            for image in COMMUNITY_IMAGES:
+                case = f"{name}/community/{Path(image).stem}"
+                cases.append(case_record(model, models_root, case, [Request(image, "caption en")], COMMUNITY_DIR))
+            cases.append(case_record(model, models_root, f"{name}/community/batch3", batch, COMMUNITY_DIR))
         if name in WINDOW_CONFIGS:
             cases.append(case_record(model, models_root, f"{name}/beyond_window", [find_beyond_window(model)]))
     model, batch = find_early_eos(models)

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
-use crate::config::{DecoderFlavour, Dtype};
+use crate::config::{DecoderFlavour, DtypeChoice};
 use crate::onnxruntime::{check_unique, ExecutionProvider, IoBindingMode};
 use crate::pipeline::PipelineOptions;
 use crate::prompt::DEFAULT_MAX_PROMPT_TOKENS;
@@ -24,9 +24,12 @@ pub struct RuntimeArgs {
     /// Intra-op threads per graph (default: ONNX Runtime's choice).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Which of the model's graphs to run (the manifest's dtype keys).
-    #[arg(long, value_enum, default_value_t = Dtype::Fp32)]
-    pub dtype: Dtype,
+    /// Which of the model's graphs to run: a dtype (fp32, fp16, int8, uint8, q8, q4, q4f16, bnb4;
+    /// transformers.js' names; int4 = q4), for the decoder and for every graph that has it (the
+    /// others run fp32), or one per graph: `vision=fp16,embed=q8,decoder=q4f16` (a graph not named
+    /// runs fp32).
+    #[arg(long, default_value = "fp32")]
+    pub dtype: DtypeChoice,
     /// Which decoder graph runs: `gqa` (ONNX Runtime's GroupQueryAttention, the KV cache updated
     /// in place; conversions since format version 3, fp32 and quantized dtypes), `portable`
     /// (standard ONNX attention, every execution provider), or `auto`: gqa where the model has it
@@ -96,22 +99,6 @@ fn default_model() -> Result<PathBuf> {
          pass --model with a converted directory or a Hugging Face repo id",
         searched.join(", ")
     )
-}
-
-/// `--dtype`'s values are the manifest keys, listed by `--help`; `int4`, the `--quantize` name,
-/// is accepted for q4.
-impl clap::ValueEnum for Dtype {
-    fn value_variants<'a>() -> &'a [Self] {
-        &Dtype::ALL
-    }
-
-    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        let value = clap::builder::PossibleValue::new(self.as_str());
-        Some(match self {
-            Dtype::Q4 => value.alias("int4").help("4-bit weights (`--quantize int4` writes them)"),
-            _ => value,
-        })
-    }
 }
 
 impl clap::ValueEnum for DecoderFlavour {

@@ -39,6 +39,8 @@ pub struct BenchReport {
     pub io_binding: Option<String>,
     /// (graph, execution providers ONNX Runtime assigned its nodes to)
     pub providers: Vec<(String, Vec<String>)>,
+    /// (graph, file, dtype) of every graph that ran.
+    pub graphs: Vec<(String, String, String)>,
     /// What loading warned about (a provider fallback, a format this CPU computes another way):
     /// the figures are of that path.
     pub warnings: Vec<String>,
@@ -128,6 +130,11 @@ pub fn run(options: BenchOptions) -> Result<BenchReport> {
         decoder: pipeline.decoder().as_str(),
         io_binding: pipeline.cache_binding(),
         providers: pipeline.providers().to_vec(),
+        graphs: pipeline
+            .graph_files()
+            .iter()
+            .map(|(graph, file, dtype)| (graph.clone(), file.clone(), dtype.to_string()))
+            .collect(),
         warnings: pipeline.warnings().to_vec(),
         load_s,
         vision_ms: ms(t.vision),

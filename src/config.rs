@@ -6,32 +6,69 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// The dtypes a conversion can hold, by their manifest keys (transformers.js' file suffixes:
-/// `decoder_model_merged.onnx`, `_fp16`, `_int8`, `_q4`).
+/// The dtypes a model's graphs come in: this repository's manifest keys and transformers.js'
+/// dtype names, each with the file suffix transformers.js gives it
+/// (`decoder_model_merged{suffix}.onnx`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Dtype {
-    /// float32 graphs, the reference.
+    /// float32 graphs, the reference (no suffix).
     #[default]
     Fp32,
-    /// float16 graphs with float16 inputs, outputs and KV cache (`--dtype fp16` conversions).
+    /// float16 graphs with float16 inputs, outputs and KV cache (`_fp16`; `--dtype fp16` conversions).
     Fp16,
-    /// The fp32 graphs with an 8-bit MatMulNBits decoder (`--quantize int8`).
+    /// 8-bit weights (`_int8`): this repository's `--quantize int8` (MatMulNBits), or a community
+    /// export's int8 integer MatMuls.
     Int8,
-    /// The fp32 graphs with a 4-bit MatMulNBits decoder (`--quantize int4`).
+    /// uint8 weights in integer MatMuls (`_uint8`, community exports).
+    Uint8,
+    /// transformers.js' `q8` (`_quantized`, community exports): dynamic int8 quantization.
+    Q8,
+    /// 4-bit weights (`_q4`): MatMulNBits with float32 I/O (`--quantize int4`).
     Q4,
+    /// 4-bit weights on the float16 graph (`_q4f16`, community exports).
+    Q4f16,
+    /// bitsandbytes-style 4-bit weights (`_bnb4`, community exports).
+    Bnb4,
 }
 
 impl Dtype {
     /// Every dtype, in the order `--help` lists them.
-    pub const ALL: [Dtype; 4] = [Dtype::Fp32, Dtype::Fp16, Dtype::Int8, Dtype::Q4];
+    pub const ALL: [Dtype; 8] = [
+        Dtype::Fp32,
+        Dtype::Fp16,
+        Dtype::Int8,
+        Dtype::Uint8,
+        Dtype::Q8,
+        Dtype::Q4,
+        Dtype::Q4f16,
+        Dtype::Bnb4,
+    ];
 
-    /// The manifest key.
+    /// The manifest key (transformers.js' dtype name).
     pub fn as_str(self) -> &'static str {
         match self {
             Dtype::Fp32 => "fp32",
             Dtype::Fp16 => "fp16",
             Dtype::Int8 => "int8",
+            Dtype::Uint8 => "uint8",
+            Dtype::Q8 => "q8",
             Dtype::Q4 => "q4",
+            Dtype::Q4f16 => "q4f16",
+            Dtype::Bnb4 => "bnb4",
+        }
+    }
+
+    /// transformers.js' file-name suffix (`DEFAULT_DTYPE_SUFFIX_MAPPING`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Dtype::Fp32 => "",
+            Dtype::Fp16 => "_fp16",
+            Dtype::Int8 => "_int8",
+            Dtype::Uint8 => "_uint8",
+            Dtype::Q8 => "_quantized",
+            Dtype::Q4 => "_q4",
+            Dtype::Q4f16 => "_q4f16",
+            Dtype::Bnb4 => "_bnb4",
         }
     }
 }
@@ -45,16 +82,124 @@ impl std::fmt::Display for Dtype {
 impl std::str::FromStr for Dtype {
     type Err = ConfigError;
 
-    /// A manifest key; `int4` (the `--quantize` name) is read as `q4`.
+    /// A manifest key; `int4` (the `--quantize` name) is read as `q4`, `quantized` (the file
+    /// suffix) as `q8`.
     fn from_str(name: &str) -> Result<Self, Self::Err> {
         match name {
             "int4" => Ok(Dtype::Q4),
+            "quantized" => Ok(Dtype::Q8),
             _ => Dtype::ALL
                 .into_iter()
                 .find(|d| d.as_str() == name)
                 .ok_or_else(|| ConfigError::UnknownDtype { name: name.to_string() }),
         }
     }
+}
+
+/// The graphs `--dtype` picks a file for, by their manifest keys, with the short names
+/// `--dtype vision=..,embed=..,decoder=..` accepts.
+pub const SELECTABLE_GRAPHS: [(&str, &str); 3] = [("vision_encoder", "vision"), ("embed_tokens", "embed"), ("decoder", "decoder")];
+
+/// `--dtype`: one dtype for the whole model, or one per graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DtypeChoice {
+    /// `--dtype q4`: the decoder's file of that dtype; the vision encoder and the embedding take
+    /// theirs where they have one, else their fp32 file (a quantized conversion's own rule).
+    All(Dtype),
+    /// `--dtype vision=fp16,embed=q8,decoder=q4f16`: exactly these files; a graph not named runs fp32.
+    PerGraph {
+        /// The vision encoder's dtype.
+        vision_encoder: Dtype,
+        /// The token embedding's dtype.
+        embed_tokens: Dtype,
+        /// The decoder's dtype (the GroupQueryAttention decoder's too, where it has one).
+        decoder: Dtype,
+    },
+}
+
+impl Default for DtypeChoice {
+    fn default() -> Self {
+        DtypeChoice::All(Dtype::Fp32)
+    }
+}
+
+impl From<Dtype> for DtypeChoice {
+    fn from(dtype: Dtype) -> Self {
+        DtypeChoice::All(dtype)
+    }
+}
+
+impl DtypeChoice {
+    /// The decoder's dtype.
+    pub fn decoder(self) -> Dtype {
+        match self {
+            DtypeChoice::All(dtype) => dtype,
+            DtypeChoice::PerGraph { decoder, .. } => decoder,
+        }
+    }
+}
+
+impl std::fmt::Display for DtypeChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DtypeChoice::All(dtype) => write!(f, "{dtype}"),
+            DtypeChoice::PerGraph {
+                vision_encoder,
+                embed_tokens,
+                decoder,
+            } => write!(f, "vision={vision_encoder},embed={embed_tokens},decoder={decoder}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DtypeChoice {
+    type Err = ConfigError;
+
+    /// `q4`, or `graph=dtype` pairs separated by commas (`vision`, `embed`, `decoder`, or the
+    /// manifest keys `vision_encoder`, `embed_tokens`).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if !text.contains('=') {
+            return Ok(DtypeChoice::All(text.trim().parse()?));
+        }
+        let mut picked: [Option<Dtype>; 3] = [None; 3];
+        for pair in text.split(',') {
+            let bad = |why: &str| ConfigError::DtypeChoice {
+                text: text.to_string(),
+                why: format!("{pair:?} {why}"),
+            };
+            let (graph, dtype) = pair.split_once('=').ok_or_else(|| bad("is not graph=dtype"))?;
+            let graph = graph.trim();
+            let slot = SELECTABLE_GRAPHS
+                .iter()
+                .position(|(key, short)| graph == *key || graph == *short)
+                .ok_or_else(|| bad("names no graph (vision, embed, decoder)"))?;
+            if picked[slot].is_some() {
+                return Err(bad("names a graph a second time"));
+            }
+            picked[slot] = Some(dtype.trim().parse()?);
+        }
+        let [vision_encoder, embed_tokens, decoder] = picked.map(Option::unwrap_or_default);
+        Ok(DtypeChoice::PerGraph {
+            vision_encoder,
+            embed_tokens,
+            decoder,
+        })
+    }
+}
+
+/// The files one run opens, relative to the model directory, each with the dtype it was picked in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// The vision encoder's file and dtype.
+    pub vision_encoder: (String, Dtype),
+    /// The token embedding's file and dtype.
+    pub embed_tokens: (String, Dtype),
+    /// The portable decoder's file and dtype.
+    pub decoder: (String, Dtype),
+    /// The GroupQueryAttention decoder's file in the decoder's dtype, where the model has one.
+    pub decoder_gqa: Option<String>,
+    /// The segmentation decoder's file, where the model has one (one file serves every dtype).
+    pub seg_decoder: Option<String>,
 }
 
 /// Which of the manifest's decoder graphs runs.
@@ -131,11 +276,19 @@ pub enum ConfigError {
         /// The first mismatch found, e.g. `dtype int8 has no entry`.
         problem: String,
     },
-    /// A dtype name that is none of this runtime's (`fp32`, `fp16`, `int8`, `q4`).
-    #[error("unknown dtype {name:?}; valid: fp32, fp16, int8, q4 (int4 is read as q4)")]
+    /// A dtype name that is none of this runtime's.
+    #[error("unknown dtype {name:?}; valid: fp32, fp16, int8, uint8, q8, q4, q4f16, bnb4 (int4 is read as q4, quantized as q8), or one per graph: vision=fp16,embed=fp32,decoder=q4")]
     UnknownDtype {
         /// The name given.
         name: String,
+    },
+    /// A per-graph `--dtype` that cannot be read.
+    #[error("--dtype {text:?}: {why}; write one dtype (q4) or graph=dtype pairs (vision=fp16,embed=fp32,decoder=q4)")]
+    DtypeChoice {
+        /// What was given.
+        text: String,
+        /// The pair that is wrong, and how.
+        why: String,
     },
     /// `--decoder gqa` on a model (or dtype) without a GroupQueryAttention decoder.
     #[error("{path} lists no decoder_gqa graph for dtype {dtype}: {why}")]
@@ -148,10 +301,12 @@ pub enum ConfigError {
         why: &'static str,
     },
     /// A graph has no file for the dtype asked for (`--dtype`).
-    #[error("{path}: the model has no {dtype} graphs (it has: {available}); pick one with --dtype, or convert with --dtype fp32|fp16 or --quantize int8|int4 (dtypes int8, q4)")]
+    #[error("{path}: {graph} has no {dtype} file (it has: {available}); pick one of those with --dtype, or one per graph (--dtype vision=fp32,embed=fp32,decoder=q4)")]
     MissingDtype {
-        /// The manifest's path.
+        /// The manifest's path (the model directory for a transformers.js layout).
         path: PathBuf,
+        /// The graph: `vision_encoder`, `embed_tokens`, `decoder`.
+        graph: &'static str,
         /// The dtype asked for.
         dtype: String,
         /// The dtypes the graph has, comma-separated.
@@ -275,6 +430,10 @@ pub struct Manifest {
     pub file_sizes: BTreeMap<String, u64>,
     /// Versions of the Python packages that converted the model (`transformers`, `torch`, `onnx`, ...).
     pub producer: BTreeMap<String, String>,
+    /// Not read from a manifest.json but made from a transformers.js layout's config files (see
+    /// `transformers_js.rs`).
+    #[serde(skip)]
+    pub synthesized: bool,
 }
 
 impl Manifest {
@@ -345,12 +504,61 @@ impl Manifest {
         })
     }
 
-    /// The file of `graph` in `dtype`, relative to the model directory.
-    pub fn graph_file<'a>(&self, model_dir: &Path, graph: &'a GraphFiles, dtype: &str) -> Result<&'a str, ConfigError> {
-        graph.get(dtype).map(String::as_str).ok_or_else(|| ConfigError::MissingDtype {
-            path: model_dir.join(MANIFEST_FILE),
-            dtype: dtype.to_string(),
-            available: graph.keys().cloned().collect::<Vec<_>>().join(", "),
+    /// The files `choice` opens (see [`DtypeChoice`]): the decoder must have its dtype; with one
+    /// dtype for the whole model, a vision encoder or embedding without that dtype runs its fp32
+    /// file; a per-graph choice takes exactly the files it names.
+    pub fn select(&self, model_dir: &Path, choice: DtypeChoice) -> Result<Selection, ConfigError> {
+        let g = &self.graphs;
+        let path = || {
+            if self.synthesized {
+                model_dir.to_path_buf()
+            } else {
+                model_dir.join(MANIFEST_FILE)
+            }
+        };
+        let exact = |graph: &'static str, files: &GraphFiles, dtype: Dtype| -> Result<(String, Dtype), ConfigError> {
+            match files.get(dtype.as_str()) {
+                Some(file) => Ok((file.clone(), dtype)),
+                None => Err(ConfigError::MissingDtype {
+                    path: path(),
+                    graph,
+                    dtype: dtype.to_string(),
+                    available: files.keys().cloned().collect::<Vec<_>>().join(", "),
+                }),
+            }
+        };
+        let (vision, embed, decoder) = match choice {
+            DtypeChoice::All(dtype) => {
+                let decoder = exact("decoder", &g.decoder, dtype)?;
+                let or_fp32 = |graph, files: &GraphFiles| exact(graph, files, dtype).or_else(|_| exact(graph, files, Dtype::Fp32));
+                (
+                    or_fp32("vision_encoder", &g.vision_encoder)?,
+                    or_fp32("embed_tokens", &g.embed_tokens)?,
+                    decoder,
+                )
+            }
+            DtypeChoice::PerGraph {
+                vision_encoder,
+                embed_tokens,
+                decoder,
+            } => (
+                exact("vision_encoder", &g.vision_encoder, vision_encoder)?,
+                exact("embed_tokens", &g.embed_tokens, embed_tokens)?,
+                exact("decoder", &g.decoder, decoder)?,
+            ),
+        };
+        let decoder_gqa = g.decoder_gqa.as_ref().and_then(|files| files.get(decoder.1.as_str())).cloned();
+        let seg_decoder = g
+            .seg_decoder
+            .as_ref()
+            .and_then(|files| files.get(decoder.1.as_str()).or_else(|| files.values().next()))
+            .cloned();
+        Ok(Selection {
+            vision_encoder: vision,
+            embed_tokens: embed,
+            decoder,
+            decoder_gqa,
+            seg_decoder,
         })
     }
 }

@@ -44,8 +44,8 @@ pub enum HubError {
         /// The argument as a path.
         path: PathBuf,
     },
-    /// The directory has no `manifest.json`: it is not a converted model.
-    #[error("{dir} has no {MANIFEST}, so it is not a converted model; {CONVERT_HINT}")]
+    /// The directory has no `manifest.json` and no transformers.js layout: it is not a model.
+    #[error("{dir} has no {MANIFEST} and no onnx/decoder_model_merged*.onnx (the transformers.js layout), so it is not a converted model; {CONVERT_HINT}")]
     MissingManifest {
         /// The directory, made absolute.
         dir: PathBuf,
@@ -270,6 +270,9 @@ fn looks_like_path(spec: &str) -> bool {
 fn local_model(dir: &Path) -> Result<PathBuf, HubError> {
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let manifest = dir.join(MANIFEST);
+    if crate::transformers_js::is_layout(&dir) {
+        return Ok(dir);
+    }
     if !manifest.is_file() {
         return Err(HubError::MissingManifest { dir });
     }

@@ -19,6 +19,7 @@ pub mod preprocess;
 pub mod prompt;
 pub mod resample;
 pub mod segment;
+pub mod transformers_js;
 
 // How a pipeline runs its graphs; its error and timing types are re-exported below.
 mod cpu;
@@ -36,7 +37,7 @@ pub mod cli;
 #[doc(hidden)]
 pub mod serve;
 
-pub use config::{ConfigError, DecoderFlavour, Dtype, Manifest};
+pub use config::{ConfigError, DecoderFlavour, Dtype, DtypeChoice, Manifest};
 pub use detect::{BoundingBox, Detection};
 pub use engine::Timings;
 pub use mask::{BinaryMask, MaskError, Rle};
@@ -46,6 +47,7 @@ pub use preprocess::{ImageLimits, LoadedImage, PreprocessError};
 pub use prompt::PromptError;
 pub use segment::{Segment, SegmentError};
 pub use session::ModelError;
+pub use transformers_js::LayoutError;
 
 /// An error and its causes on one line: hf-hub keeps the HTTP status, libloading the `dlerror()`
 /// text (`file too short`) and a failed run ONNX Runtime's message (which may span lines) in the

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use image::RgbImage;
 
-use crate::config::{ConfigError, DecoderFlavour, Dtype, Manifest};
+use crate::config::{ConfigError, DecoderFlavour, Dtype, DtypeChoice, Manifest};
 use crate::detect::{parse_detections, parse_segmentation, Detection};
 use crate::engine::{Emitted, Engine, Generated, Prepared, SlotId, Timings};
 use crate::hub::{resolve_model, HubError, HubOptions};
@@ -28,6 +28,7 @@ use crate::preprocess::{decode_image, load_image, pixel_values, ImageLimits, Ima
 use crate::prompt::{PromptEncoder, PromptError, TextStream, DEFAULT_MAX_PROMPT_TOKENS, IMAGE_TOKEN};
 use crate::segment::{decoder_input, segments, Segment, SegmentError};
 use crate::session::{ModelError, ModelSessions};
+use crate::transformers_js::{self, LayoutError};
 
 /// Prompt positions squared above which a prefill held enough memory (attention scores grow with
 /// the square) to hand the decoder's arena back once nothing runs: a 4,096-position prompt;
@@ -47,6 +48,9 @@ pub enum LoadError {
     /// manifest.json cannot be used.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A transformers.js layout directory's config files cannot be used.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
     /// A graph's session cannot be built, or the graphs do not match the manifest.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -99,8 +103,8 @@ pub enum RequestError {
 pub struct PipelineOptions {
     /// A converted model directory (with manifest.json) or a Hub repo id.
     pub model: String,
-    /// Which graphs of the manifest to run ([`Dtype::Fp32`] by default).
-    pub dtype: Dtype,
+    /// Which graphs of the manifest to run: one dtype or one per graph (fp32 by default).
+    pub dtype: DtypeChoice,
     /// Which decoder graph runs ([`DecoderFlavour::Auto`] by default: the in-place
     /// GroupQueryAttention one where the model has it and the providers are CPU only).
     pub decoder: DecoderFlavour,
@@ -128,7 +132,7 @@ impl PipelineOptions {
     pub fn new(model: impl Into<String>) -> PipelineOptions {
         PipelineOptions {
             model: model.into(),
-            dtype: Dtype::Fp32,
+            dtype: DtypeChoice::default(),
             decoder: DecoderFlavour::Auto,
             io_binding: IoBindingMode::Auto,
             providers: Vec::new(),
@@ -286,7 +290,11 @@ impl Pipeline {
     pub fn load(options: PipelineOptions) -> Result<Pipeline, LoadError> {
         let ort = init(options.ort_lib.as_deref())?;
         let model_dir = resolve_model(&options.model, &HubOptions::from_env()?)?;
-        let manifest = Manifest::load(&model_dir)?;
+        let manifest = if transformers_js::is_layout(&model_dir) {
+            transformers_js::manifest(&model_dir)?
+        } else {
+            Manifest::load(&model_dir)?
+        };
         let config_path = model_dir.join("preprocessor_config.json");
         let image_config = ImageProcessorConfig::from_file(&config_path)?;
         if image_config.height as usize != manifest.image_size || image_config.width != image_config.height {
@@ -301,7 +309,7 @@ impl Pipeline {
         let sessions = ModelSessions::open(
             &model_dir,
             manifest,
-            options.dtype.as_str(),
+            options.dtype,
             &options.providers,
             options.threads,
             options.decoder,
@@ -335,6 +343,12 @@ impl Pipeline {
     /// (graph, execution providers ONNX Runtime assigned its nodes to).
     pub fn providers(&self) -> &[(String, Vec<String>)] {
         &self.sessions.providers
+    }
+
+    /// (graph, file relative to the model directory, dtype) of every graph opened: what `--dtype`
+    /// picked.
+    pub fn graph_files(&self) -> &[(String, String, Dtype)] {
+        &self.sessions.files
     }
 
     /// Providers that could not start while a later one in the list took over.

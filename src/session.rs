@@ -15,7 +15,7 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
 use ort::value::{DynTensorValueType, DynValue, Tensor, TensorElementType, ValueType};
 
-use crate::config::{ConfigError, DecoderFlavour, Manifest};
+use crate::config::{ConfigError, DecoderFlavour, Dtype, DtypeChoice, Manifest};
 use crate::cpu::{int8_weight_kernels_saturate, INT8_EXACT_FEATURES};
 use crate::onnxruntime::{build_session, ExecutionProvider, IoBindingMode, SessionError};
 
@@ -121,6 +121,19 @@ impl Graph {
             }
         }
         Ok(Graph { name, path, session })
+    }
+
+    /// The float type of input (or output) `name`: float16 where the graph declares it, else
+    /// float32 (a missing name or another type is reported by [`check`](Self::check)).
+    fn float(&self, output: bool, name: &str) -> Float {
+        let outlets = if output { self.session.outputs() } else { self.session.inputs() };
+        match outlets.iter().find(|o| o.name() == name).map(|o| o.dtype()) {
+            Some(ValueType::Tensor {
+                ty: TensorElementType::Float16,
+                ..
+            }) => Float::F16,
+            _ => Float::F32,
+        }
     }
 
     fn has_input(&self, name: &str) -> bool {
@@ -293,13 +306,19 @@ impl Float {
 /// uint8 kernels run (`Avx2WeightS8ToU8Transformer`).
 const X64_QUANT_PRECISION: &str = "session.x64quantprecision";
 
-/// The graphs of `dtype` whose int8-weight kernels would saturate on this CPU: they are built with
-/// [`X64_QUANT_PRECISION`]. Empty for every format but int8 weights in integer MatMul ops (version 1
-/// conversions' `int8`), and on CPUs with VNNI.
-fn exact_int8_graphs(manifest: &Manifest, dtype: &str) -> Vec<String> {
-    match manifest.weight_format(dtype) {
-        Some(format) if format.has_int8_weights_in_integer_matmul() && int8_weight_kernels_saturate() => format.graphs,
-        _ => Vec::new(),
+/// Whether the `graph` file picked in `dtype` holds int8 weights whose kernels would saturate on
+/// this CPU: it is then built with [`X64_QUANT_PRECISION`]. Only int8 weights in integer MatMul ops
+/// (version 1 conversions' `int8`), and only on CPUs without VNNI.
+fn needs_exact_int8(manifest: &Manifest, graph: &str, dtype: Dtype) -> Option<String> {
+    match manifest.weight_format(dtype.as_str()) {
+        Some(format)
+            if format.has_int8_weights_in_integer_matmul()
+                && format.graphs.iter().any(|g| g == graph)
+                && int8_weight_kernels_saturate() =>
+        {
+            Some(format.op)
+        }
+        _ => None,
     }
 }
 
@@ -310,7 +329,7 @@ pub struct ModelSessions {
     embed: Graph,
     decoder: Graph,
     seg: Option<Graph>,
-    float: Float,
+    floats: Floats,
     decoder_inputs: DecoderInputs,
     /// The decoder is the GroupQueryAttention one (`decoder_gqa`).
     in_place: bool,
@@ -326,13 +345,28 @@ pub struct ModelSessions {
     pub providers: Vec<(String, Vec<String>)>,
     /// Providers that could not start while a later one in the list took over.
     pub warnings: Vec<String>,
+    /// (graph, file, dtype) of each graph opened.
+    pub files: Vec<(String, String, Dtype)>,
+}
+
+/// The float type each graph takes and gives at the pipeline's boundaries, read from the graph
+/// itself: graphs of different dtypes (`--dtype vision=fp16,decoder=q4`) meet in one run, each
+/// converted where it crosses.
+#[derive(Debug, Clone, Copy)]
+struct Floats {
+    pixel_values: Float,
+    image_features: Float,
+    embeddings: Float,
+    decoder_embeds: Float,
+    logits: Float,
+    cache: Float,
 }
 
 impl ModelSessions {
     pub fn open(
         dir: &Path,
         manifest: Manifest,
-        dtype: &str,
+        choice: DtypeChoice,
         eps: &[ExecutionProvider],
         threads: Option<usize>,
         flavour: DecoderFlavour,
@@ -340,54 +374,54 @@ impl ModelSessions {
     ) -> Result<ModelSessions, ModelError> {
         let mut providers = Vec::new();
         let mut warnings = Vec::new();
+        let mut files = Vec::new();
         let m = &manifest;
-        let g = &m.graphs;
-        let exact_int8 = exact_int8_graphs(m, dtype);
-        let mut open = |name: &'static str, files| -> Result<Graph, ModelError> {
-            let file = m.graph_file(dir, files, dtype)?;
-            let entries: &[(&str, &str)] = if exact_int8.iter().any(|g| g == name) {
+        // A dtype the model lacks is the first thing to say.
+        let selection = m.select(dir, choice)?;
+        let mut open = |name: &'static str, file: &str, dtype: Dtype| -> Result<Graph, ModelError> {
+            let entries: &[(&str, &str)] = if let Some(op) = needs_exact_int8(m, name, dtype) {
                 warnings.push(format!(
-                    "{file} holds int8 weights ({}), which ONNX Runtime sums with saturating 16-bit \
+                    "{file} holds int8 weights ({op}), which ONNX Runtime sums with saturating 16-bit \
                      instructions on this CPU: it has no {INT8_EXACT_FEATURES}. Running it with ONNX \
                      Runtime's exact uint8 kernels instead ({X64_QUANT_PRECISION}=1), which is slower; \
                      re-convert with this version's `python -m export convert --quantize int8` (MatMulNBits \
-                     8-bit: exact on every CPU, faster to decode), or run --dtype fp32",
-                    m.weight_format(dtype).map(|f| f.op).unwrap_or_default()
+                     8-bit: exact on every CPU, faster to decode), or run --dtype fp32"
                 ));
                 &[(X64_QUANT_PRECISION, "1")]
             } else {
                 &[]
             };
+            files.push((name.to_string(), file.to_string(), dtype));
             Graph::open(name, dir, file, eps, threads, entries, &mut providers, &mut warnings)
         };
-        // A dtype the model lacks is the first thing to say.
-        m.graph_file(dir, &g.decoder, dtype)?;
-        let gqa = g.decoder_gqa.as_ref().filter(|files| files.contains_key(dtype));
+        let decoder_dtype = selection.decoder.1;
         let in_place = match flavour {
-            DecoderFlavour::Auto => gqa.is_some() && eps.iter().all(|e| *e == ExecutionProvider::Cpu),
+            DecoderFlavour::Auto => selection.decoder_gqa.is_some() && eps.iter().all(|e| *e == ExecutionProvider::Cpu),
             DecoderFlavour::Portable => false,
-            DecoderFlavour::Gqa if gqa.is_none() => {
-                let why = if dtype == "fp16" {
+            DecoderFlavour::Gqa if selection.decoder_gqa.is_none() => {
+                let why = if m.synthesized {
+                    "transformers.js exports have none; run --decoder portable"
+                } else if decoder_dtype == Dtype::Fp16 {
                     "float16 conversions have none (the GroupQueryAttention decoder is built in float32); run --decoder portable"
                 } else if m.format_version < 3 {
                     "conversions before manifest format version 3 have none; convert again with this version's `python -m export convert`, or run --decoder portable"
                 } else {
                     "this conversion has none (a head layout ONNX Runtime's GroupQueryAttention refuses, or a copy without it); run --decoder portable"
                 };
-                let (path, dtype) = (dir.join(crate::config::MANIFEST_FILE), dtype.to_string());
+                let (path, dtype) = (dir.join(crate::config::MANIFEST_FILE), decoder_dtype.to_string());
                 return Err(ConfigError::NoGqaDecoder { path, dtype, why }.into());
             }
             DecoderFlavour::Gqa => true,
         };
-        let vision = open("vision_encoder", &g.vision_encoder)?;
-        let embed = open("embed_tokens", &g.embed_tokens)?;
+        let vision = open("vision_encoder", &selection.vision_encoder.0, selection.vision_encoder.1)?;
+        let embed = open("embed_tokens", &selection.embed_tokens.0, selection.embed_tokens.1)?;
         // Named after the manifest key: the providers report and messages say which decoder ran.
-        let decoder = match gqa {
-            Some(files) if in_place => open("decoder_gqa", files)?,
-            _ => open("decoder", &g.decoder)?,
+        let decoder = match &selection.decoder_gqa {
+            Some(file) if in_place => open("decoder_gqa", file, decoder_dtype)?,
+            _ => open("decoder", &selection.decoder.0, decoder_dtype)?,
         };
-        let seg = match &g.seg_decoder {
-            Some(files) => Some(open("seg_decoder", files)?),
+        let seg = match &selection.seg_decoder {
+            Some(file) => Some(open("seg_decoder", file, Dtype::Fp32)?),
             None => None,
         };
         let layers = m.num_hidden_layers;
@@ -402,19 +436,13 @@ impl ModelSessions {
             token_type_ids: decoder.has_input("token_type_ids"),
             position_ids: decoder.has_input("position_ids"),
         };
-        // The vision input decides; check_graphs then holds every other float tensor to it.
-        let float = match vision
-            .session
-            .inputs()
-            .iter()
-            .find(|i| i.name() == "pixel_values")
-            .map(|i| i.dtype())
-        {
-            Some(ValueType::Tensor {
-                ty: TensorElementType::Float16,
-                ..
-            }) => Float::F16,
-            _ => Float::F32,
+        let floats = Floats {
+            pixel_values: vision.float(false, "pixel_values"),
+            image_features: vision.float(true, "image_features"),
+            embeddings: embed.float(true, "inputs_embeds"),
+            decoder_embeds: decoder.float(false, "inputs_embeds"),
+            logits: decoder.float(true, "logits"),
+            cache: decoder.float(false, "past_key_values.0.key"),
         };
         // TensorRT's outputs live in CUDA memory too.
         let gpu = [ExecutionProvider::Cuda.ort_name(), ExecutionProvider::TensorRt.ort_name()];
@@ -441,13 +469,14 @@ impl ModelSessions {
             embed,
             decoder,
             seg,
-            float,
+            floats,
             decoder_inputs,
             in_place,
             past_names,
             present_names,
             providers,
             warnings,
+            files,
             manifest,
         };
         sessions.check_graphs()?;
@@ -458,16 +487,25 @@ impl ModelSessions {
     fn check_graphs(&self) -> Result<(), ModelError> {
         use TensorElementType::{Float32, Int64};
         let m = &self.manifest;
-        let float = self.float.element_type();
+        let f = &self.floats;
         let (s, n, h) = (m.image_size, m.num_image_tokens, m.hidden_size);
         let (kvh, d) = (m.num_key_value_heads, m.head_dim);
+        self.vision.check(
+            false,
+            "pixel_values",
+            f.pixel_values.element_type(),
+            &[None, Some(3), Some(s), Some(s)],
+        )?;
         self.vision
-            .check(false, "pixel_values", float, &[None, Some(3), Some(s), Some(s)])?;
-        self.vision.check(true, "image_features", float, &[None, Some(n), Some(h)])?;
+            .check(true, "image_features", f.image_features.element_type(), &[None, Some(n), Some(h)])?;
         self.embed.check(false, "input_ids", Int64, &[None, None])?;
-        self.embed.check(true, "inputs_embeds", float, &[None, None, Some(h)])?;
-        self.decoder.check(false, "inputs_embeds", float, &[None, None, Some(h)])?;
-        self.decoder.check(true, "logits", float, &[None, None, Some(m.vocab_size)])?;
+        self.embed
+            .check(true, "inputs_embeds", f.embeddings.element_type(), &[None, None, Some(h)])?;
+        self.decoder
+            .check(false, "inputs_embeds", f.decoder_embeds.element_type(), &[None, None, Some(h)])?;
+        self.decoder
+            .check(true, "logits", f.logits.element_type(), &[None, None, Some(m.vocab_size)])?;
+        let float = f.cache.element_type();
         if self.in_place {
             self.decoder.check(false, "position_ids", Int64, &[None, None])?;
             self.decoder.check(false, "seqlens_k", TensorElementType::Int32, &[None])?;
@@ -537,7 +575,7 @@ impl ModelSessions {
         let m = &self.manifest;
         let empty = || -> Result<DynValue, ModelError> {
             let shape = (batch, m.num_key_value_heads, 0, m.head_dim);
-            self.float.tensor(Array4::<f32>::zeros(shape), "decoder")
+            self.floats.cache.tensor(Array4::<f32>::zeros(shape), "decoder")
         };
         let layers = m.num_hidden_layers;
         Ok(KvCache {
@@ -559,8 +597,8 @@ impl ModelSessions {
         for layer in 0..layers {
             let keys: Vec<(&DynValue, usize, usize)> = rows.iter().map(|r| (&r.cache.keys[layer], r.row, r.from)).collect();
             let values: Vec<(&DynValue, usize, usize)> = rows.iter().map(|r| (&r.cache.values[layer], r.row, r.from)).collect();
-            cache.keys.push(self.float.assemble(&keys, len, &self.manifest)?);
-            cache.values.push(self.float.assemble(&values, len, &self.manifest)?);
+            cache.keys.push(self.floats.cache.assemble(&keys, len, &self.manifest)?);
+            cache.values.push(self.floats.cache.assemble(&values, len, &self.manifest)?);
         }
         Ok(cache)
     }
@@ -685,9 +723,9 @@ impl ModelSessions {
 
     /// pixel_values f32[B,3,S,S] -> image features f32[B,N,H] (already divided by sqrt(H)).
     pub fn encode_image(&mut self, pixel_values: Array4<f32>) -> Result<Array3<f32>, ModelError> {
-        let input = self.float.tensor(pixel_values, "vision_encoder")?;
+        let input = self.floats.pixel_values.tensor(pixel_values, "vision_encoder")?;
         let outputs = self.vision.run(vec![("pixel_values".into(), input.into())])?;
-        extract3(&outputs["image_features"], self.float, "vision_encoder")
+        extract3(&outputs["image_features"], self.floats.image_features, "vision_encoder")
     }
 
     /// input_ids i64[B,T] -> raw embedding rows f32[B,T,H].
@@ -699,7 +737,7 @@ impl ModelSessions {
         } else {
             self.embed.run(inputs)?
         };
-        extract3(&outputs["inputs_embeds"], self.float, "embed_tokens")
+        extract3(&outputs["inputs_embeds"], self.floats.embeddings, "embed_tokens")
     }
 
     /// One portable decoder run: `T` new positions on top of `cache` (`P` positions), which it
@@ -737,14 +775,17 @@ impl ModelSessions {
         cache: &mut KvCache,
     ) -> Result<Array2<f32>, ModelError> {
         let mut feed: Vec<(Cow<'_, str>, DynValue)> = Vec::new();
-        feed.push(("inputs_embeds".into(), self.float.tensor(inputs_embeds.to_owned(), "decoder")?));
+        feed.push((
+            "inputs_embeds".into(),
+            self.floats.decoder_embeds.tensor(inputs_embeds.to_owned(), "decoder")?,
+        ));
         feed.extend(inputs.into_iter().map(|(name, value)| (name.into(), value)));
         let past = std::mem::take(&mut cache.keys).into_iter().zip(std::mem::take(&mut cache.values));
         for ((k, v), (kn, vn)) in past.zip(&self.past_names) {
             feed.push((kn.as_str().into(), k));
             feed.push((vn.as_str().into(), v));
         }
-        let float = self.float;
+        let logits_float = self.floats.logits;
         let prefill = inputs_embeds.shape()[1] > 1;
         let binding;
         let mut outputs = match &self.cache_memory {
@@ -767,7 +808,7 @@ impl ModelSessions {
                 run.map_err(run_error("decoder"))?
             }
         };
-        let step_logits = last_position(&outputs["logits"], float)?;
+        let step_logits = last_position(&outputs["logits"], logits_float)?;
         for (key, value) in &self.present_names {
             let missing = |name: &str| ModelError::Run {
                 graph: "decoder",

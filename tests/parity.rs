@@ -5,7 +5,7 @@
 //! transformers' fp32 tokens, but never from the same graphs run by another driver.
 
 use paligemma::config::{DecoderFlavour, Manifest};
-use paligemma::IoBindingMode;
+use paligemma::{transformers_js, IoBindingMode};
 use std::collections::{BTreeMap, HashMap};
 
 use paligemma::pipeline::{ImageInput, Pipeline, PipelineOptions, Request};
@@ -79,7 +79,12 @@ fn load(case: &Case, decoder: Decoder) -> Pipeline {
 /// by every run and bound through an IoBinding (the path that keeps it on a GPU, here in host
 /// memory), and the GroupQueryAttention one where it was converted (fp32 and quantized dtypes).
 fn decoders(case: &Case) -> Vec<Decoder> {
-    let manifest = Manifest::load(&tiny_model(&case.model_dir)).unwrap();
+    let dir = tiny_model(&case.model_dir);
+    let manifest = if transformers_js::is_layout(&dir) {
+        transformers_js::manifest(&dir).unwrap()
+    } else {
+        Manifest::load(&dir).unwrap()
+    };
     let gqa = manifest.graphs.decoder_gqa.is_some_and(|files| files.contains_key(&case.dtype));
     let mut decoders = vec![
         (DecoderFlavour::Portable, IoBindingMode::Off),

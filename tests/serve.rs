@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{image as image_path, seeded, tiny_model};
+use common::{image as image_path, repo, seeded, tiny_model};
 
 fn model() -> PathBuf {
     tiny_model("gqa1/onnx")
@@ -45,7 +45,11 @@ impl Server {
     }
 
     fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let m = model().display().to_string();
+        Server::start_model(&model(), extra, env)
+    }
+
+    fn start_model(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let m = model.display().to_string();
         let mut command = Command::new(env!("CARGO_BIN_EXE_paligemma"));
         command
             .args(["serve", "--model", &m, "--port", "0", "--threads", "1"])
@@ -854,6 +858,63 @@ fn requests_arriving_mid_answer_join_the_batch_and_get_the_answers_they_get_alon
         assert_eq!(batched["detections"], alone["detections"]);
         assert_eq!(batched["segments"], alone["segments"]);
     }
+}
+
+/// A transformers.js-layout model (no manifest, a decoder without mask inputs): concurrent
+/// requests run one at a time, each with transformers' tokens (the fixture's), and /health names
+/// the files `--dtype` picked.
+#[test]
+fn a_community_layout_serves_concurrent_requests_one_at_a_time_with_transformers_tokens() {
+    let fixtures: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/expected_tokens.json")).unwrap()).unwrap();
+    let case = fixtures["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "gqa1/community/batch3")
+        .unwrap();
+    let max_new_tokens = fixtures["max_new_tokens"].as_u64().unwrap() as usize;
+    let server = Server::start_model(
+        &tiny_model("gqa1/community"),
+        &["--max-batch", "4", "--dtype", "vision=fp16,embed=fp32,decoder=fp32"],
+        &[],
+    );
+    assert!(server.stderr.lock().unwrap().contains("one at a time"));
+    let (_, _, health) = get(&server.url("/health"), &[]);
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(
+        health["graphs"]["vision_encoder"],
+        json!({"file": "onnx/vision_encoder_fp16.onnx", "dtype": "fp16"})
+    );
+    assert_eq!(
+        health["graphs"]["decoder"],
+        json!({"file": "onnx/decoder_model_merged.onnx", "dtype": "fp32"})
+    );
+    let url = server.url("/v1/generate");
+    let clients: Vec<_> = case["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let path = repo().join(r["image"].as_str().unwrap());
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            let body = generate_body(&name, r["prompt"].as_str().unwrap(), max_new_tokens);
+            let url = url.clone();
+            std::thread::spawn(move || post_json(&url, &body))
+        })
+        .collect();
+    for (client, expected) in clients.into_iter().zip(case["expected"].as_array().unwrap()) {
+        let (status, _, answer) = client.join().unwrap();
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(json!(token_ids(&answer)), *expected, "{answer}");
+    }
+    assert!(server.metric("paligemma_batch_size_count") >= 3.0);
+    assert_eq!(
+        server.metric("paligemma_batch_size_bucket{le=\"1\"}"),
+        server.metric("paligemma_batch_size_count"),
+        "a step decoded two requests at once:\n{}",
+        server.metrics()
+    );
 }
 
 #[test]

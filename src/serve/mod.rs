@@ -68,6 +68,8 @@ pub struct ModelInfo {
     pub dtype: String,
     /// Per graph, the execution providers ONNX Runtime assigned its nodes to.
     pub providers: BTreeMap<String, Vec<String>>,
+    /// Per graph, its file and dtype (what `--dtype` picked).
+    pub graphs: BTreeMap<String, serde_json::Value>,
 }
 
 /// Shared by every handler.
@@ -94,6 +96,7 @@ pub fn run(options: ServeOptions) -> Result<()> {
         model: options.pipeline.model.clone(),
         dtype: options.pipeline.dtype.to_string(),
         providers: BTreeMap::new(),
+        graphs: BTreeMap::new(),
     };
     let pipeline = Pipeline::load(options.pipeline)?;
     for warning in pipeline.warnings() {
@@ -104,6 +107,11 @@ pub fn run(options: ServeOptions) -> Result<()> {
     }
     let info = ModelInfo {
         providers: pipeline.providers().iter().cloned().collect(),
+        graphs: pipeline
+            .graph_files()
+            .iter()
+            .map(|(graph, file, dtype)| (graph.clone(), serde_json::json!({"file": file, "dtype": dtype.as_str()})))
+            .collect(),
         ..info
     };
     let prompts = pipeline.prompt_encoder();
@@ -197,6 +205,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "model": state.info.model,
         "dtype": state.info.dtype,
         "providers": state.info.providers,
+        "graphs": state.info.graphs,
     }))
 }
 

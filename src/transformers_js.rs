@@ -1,0 +1,464 @@
+//! Model directories in the transformers.js layout (the community's exports:
+//! `onnx-community/paligemma2-3b-pt-224`, `-448`, `-896`, `Xenova/paligemma-3b-mix-224`): no
+//! `manifest.json`, so one is made here from `config.json`, `generation_config.json`,
+//! `preprocessor_config.json` (or `processor_config.json`), `tokenizer.json` and the graph files
+//! under `onnx/`. The sessions then hold every graph to it as they hold a converted model to its
+//! manifest (`session.rs`): names, element types, static sizes, layer count.
+//!
+//! Missing config keys take the defaults transformers' config classes give them
+//! (`PaliGemmaConfig`, `GemmaConfig` for PaliGemma 1, `Gemma2Config` for PaliGemma 2).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::config::{Dtype, GraphFiles, Graphs, Manifest, MANIFEST_FILE};
+
+/// The graphs of the layout: (manifest key, file stem under `onnx/`).
+pub const GRAPH_STEMS: [(&str, &str); 3] = [
+    ("vision_encoder", "vision_encoder"),
+    ("embed_tokens", "embed_tokens"),
+    ("decoder", "decoder_model_merged"),
+];
+/// The files besides the graphs a model needs (`generation_config.json`, `processor_config.json`
+/// and `tokenizer_config.json` are read where present).
+pub const CONFIG_FILES: [&str; 3] = ["config.json", "preprocessor_config.json", "tokenizer.json"];
+/// Read where present.
+pub const OPTIONAL_FILES: [&str; 3] = ["generation_config.json", "processor_config.json", "tokenizer_config.json"];
+
+/// Why a transformers.js model directory cannot be used. Each names the file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// A file the layout needs is missing or is not JSON.
+    #[error("{dir}: {file} {problem}; a transformers.js model directory holds config.json, preprocessor_config.json and tokenizer.json beside onnx/ (download them from the model's repository)")]
+    File {
+        /// The model directory.
+        dir: PathBuf,
+        /// The file.
+        file: &'static str,
+        /// `is missing`, or the parser's error.
+        problem: String,
+    },
+    /// A config value that is not what a PaliGemma model has, or two files that disagree.
+    #[error("{path}: {problem}")]
+    Config {
+        /// The file read.
+        path: PathBuf,
+        /// What is wrong, with the values found.
+        problem: String,
+    },
+    /// `onnx/` lacks one of the three graphs in every dtype.
+    #[error("{dir}/onnx has no {stem}*.onnx (it has: {found}); a transformers.js PaliGemma export has vision_encoder, embed_tokens and decoder_model_merged graphs")]
+    MissingGraph {
+        /// The model directory.
+        dir: PathBuf,
+        /// The graph's file stem.
+        stem: &'static str,
+        /// The .onnx files present.
+        found: String,
+    },
+}
+
+/// A directory without `manifest.json` whose `onnx/` holds a `decoder_model_merged*.onnx`.
+pub fn is_layout(dir: &Path) -> bool {
+    !dir.join(MANIFEST_FILE).exists() && onnx_files(dir).iter().any(|f| f.starts_with("onnx/decoder_model_merged"))
+}
+
+/// The `.onnx` files under `dir/onnx`, as `onnx/<name>`, sorted.
+fn onnx_files(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir.join("onnx")) else {
+        return Vec::new();
+    };
+    let mut files: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".onnx"))
+        .map(|name| format!("onnx/{name}"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Each graph's file per dtype among `files` (paths relative to the model directory): a file
+/// `onnx/{stem}{suffix}.onnx` for each of transformers.js' suffixes (see [`Dtype::suffix`]).
+pub fn graph_files<'a>(files: impl IntoIterator<Item = &'a str> + Clone) -> BTreeMap<&'static str, GraphFiles> {
+    let mut graphs = BTreeMap::new();
+    for (key, stem) in GRAPH_STEMS {
+        let mut by_dtype = GraphFiles::new();
+        for dtype in Dtype::ALL {
+            let name = format!("onnx/{stem}{}.onnx", dtype.suffix());
+            if files.clone().into_iter().any(|f| f == name) {
+                by_dtype.insert(dtype.as_str().to_string(), name);
+            }
+        }
+        graphs.insert(key, by_dtype);
+    }
+    graphs
+}
+
+/// The files of `graph_file` on disk: the graph and its external data (`<file>_data`,
+/// `<file>_data_1`, ... as transformers.js names them, or `<file>.data`), among `files`.
+pub fn with_external_data<'a>(graph_file: &str, files: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    files
+        .into_iter()
+        .filter(|f| {
+            *f == graph_file
+                || f.strip_prefix(graph_file).is_some_and(|rest| {
+                    rest == ".data" || rest == "_data" || rest.strip_prefix("_data_").is_some_and(|n| n.parse::<u32>().is_ok())
+                })
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Defaults of the text config classes for keys a config.json leaves out.
+struct TextDefaults {
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: usize,
+    vocab_size: usize,
+    sliding_window: Option<usize>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+}
+
+/// transformers' `GemmaConfig` (PaliGemma 1's text model).
+const GEMMA: TextDefaults = TextDefaults {
+    hidden_size: 3072,
+    num_hidden_layers: 28,
+    num_attention_heads: 16,
+    num_key_value_heads: 16,
+    head_dim: 256,
+    vocab_size: 256000,
+    sliding_window: None,
+    final_logit_softcapping: None,
+    attn_logit_softcapping: None,
+};
+/// transformers' `Gemma2Config` (PaliGemma 2's text model).
+const GEMMA2: TextDefaults = TextDefaults {
+    hidden_size: 2304,
+    num_hidden_layers: 26,
+    num_attention_heads: 8,
+    num_key_value_heads: 4,
+    head_dim: 256,
+    vocab_size: 256000,
+    sliding_window: Some(4096),
+    final_logit_softcapping: Some(30.0),
+    attn_logit_softcapping: Some(50.0),
+};
+/// `PaliGemmaConfig`'s text config when config.json has none: Gemma with these sizes.
+const PALIGEMMA_TEXT: TextDefaults = TextDefaults {
+    hidden_size: 2048,
+    num_hidden_layers: 18,
+    num_attention_heads: 8,
+    num_key_value_heads: 1,
+    vocab_size: 257152,
+    ..GEMMA
+};
+/// `PaliGemmaConfig.image_token_index`'s default.
+const DEFAULT_IMAGE_TOKEN: i64 = 256000;
+/// Both text classes' `max_position_embeddings`.
+const DEFAULT_MAX_POSITIONS: usize = 8192;
+/// The SigLIP patch of every PaliGemma (`PaliGemmaConfig`'s vision default).
+const DEFAULT_PATCH: usize = 14;
+
+/// A JSON file of the model directory, parsed; `None` if absent and `optional`.
+fn read_json(dir: &Path, file: &'static str, optional: bool) -> Result<Option<Value>, LayoutError> {
+    let path = dir.join(file);
+    let bad = |problem: String| LayoutError::File {
+        dir: dir.to_path_buf(),
+        file,
+        problem,
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && optional => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(bad("is missing".into())),
+        Err(e) => return Err(bad(format!("cannot be read ({e})"))),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| bad(format!("is not valid JSON ({e})")))
+}
+
+/// `key` of `object`, a JSON `null` read as absent.
+fn field<'a>(object: &'a Value, key: &str) -> Option<&'a Value> {
+    object.get(key).filter(|v| !v.is_null())
+}
+
+/// Reads typed values of one JSON file, naming it in every error.
+struct Reader<'a> {
+    path: PathBuf,
+    value: &'a Value,
+}
+
+impl Reader<'_> {
+    fn error(&self, problem: String) -> LayoutError {
+        LayoutError::Config {
+            path: self.path.clone(),
+            problem,
+        }
+    }
+
+    fn usize(&self, object: &Value, key: &str, default: usize) -> Result<usize, LayoutError> {
+        match field(object, key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| self.error(format!("{key} is {v}, not a positive integer"))),
+        }
+    }
+
+    fn optional_usize(&self, object: &Value, key: &str, default: Option<usize>) -> Result<Option<usize>, LayoutError> {
+        match object.get(key) {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(_) => self.usize(object, key, 0).map(Some),
+        }
+    }
+
+    fn optional_f64(&self, object: &Value, key: &str, default: Option<f64>) -> Result<Option<f64>, LayoutError> {
+        match object.get(key) {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.error(format!("{key} is {v}, not a number"))),
+        }
+    }
+
+    /// An id or a list of ids (`eos_token_id`).
+    fn ids(&self, object: &Value, key: &str) -> Result<Option<Vec<i64>>, LayoutError> {
+        let Some(v) = field(object, key) else { return Ok(None) };
+        let list = match v {
+            Value::Array(items) => items.iter().map(Value::as_i64).collect::<Option<Vec<i64>>>(),
+            other => other.as_i64().map(|id| vec![id]),
+        };
+        list.filter(|ids| !ids.is_empty())
+            .map(Some)
+            .ok_or_else(|| self.error(format!("{key} is {v}, not a token id or a list of them")))
+    }
+}
+
+/// The manifest of a transformers.js layout directory (see the module docs). `synthesized` is
+/// set; `dtypes` are the decoder's, in [`Dtype::ALL`]'s order.
+pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
+    let config = read_json(dir, "config.json", false)?.unwrap_or_default();
+    let preprocessor = read_json(dir, "preprocessor_config.json", false)?.unwrap_or_default();
+    let processor = read_json(dir, "processor_config.json", true)?;
+    let generation = read_json(dir, "generation_config.json", true)?;
+    let cfg = Reader {
+        path: dir.join("config.json"),
+        value: &config,
+    };
+    if field(&config, "model_type").and_then(Value::as_str) != Some("paligemma") {
+        return Err(cfg.error(format!(
+            "model_type is {}, not \"paligemma\"; this runtime runs PaliGemma and PaliGemma 2",
+            field(&config, "model_type").map_or("absent".into(), Value::to_string)
+        )));
+    }
+    let empty = Value::Object(Default::default());
+    let (text, defaults) = match field(cfg.value, "text_config") {
+        None => (&empty, PALIGEMMA_TEXT),
+        Some(text) => match field(text, "model_type").and_then(Value::as_str).unwrap_or("gemma") {
+            "gemma" => (text, GEMMA),
+            "gemma2" => (text, GEMMA2),
+            other => {
+                return Err(cfg.error(format!(
+                    "text_config.model_type is {other:?}; PaliGemma's text model is gemma (PaliGemma 1) or gemma2 (PaliGemma 2)"
+                )))
+            }
+        },
+    };
+    let vision = field(&config, "vision_config").unwrap_or(&empty);
+    let num_hidden_layers = cfg.usize(text, "num_hidden_layers", defaults.num_hidden_layers)?;
+    let sliding_window = if defaults.sliding_window.is_some() {
+        cfg.optional_usize(text, "sliding_window", defaults.sliding_window)?
+    } else {
+        None
+    };
+    let layer_types = match field(text, "layer_types") {
+        Some(Value::Array(types)) => types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some(t @ ("full_attention" | "sliding_attention")) => Ok(t.to_string()),
+                _ => Err(cfg.error(format!(
+                    "text_config.layer_types holds {t}; valid: full_attention, sliding_attention"
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => return Err(cfg.error(format!("text_config.layer_types is {other}, not a list"))),
+        // Gemma2Config's rule: sliding, full, sliding, ...; Gemma has no sliding layers.
+        None => (0..num_hidden_layers)
+            .map(|i| {
+                if sliding_window.is_some() && i % 2 == 0 {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+                .to_string()
+            })
+            .collect(),
+    };
+    if layer_types.len() != num_hidden_layers {
+        return Err(cfg.error(format!(
+            "text_config.layer_types has {} entries for {num_hidden_layers} layers",
+            layer_types.len()
+        )));
+    }
+
+    let pre = Reader {
+        path: dir.join("preprocessor_config.json"),
+        value: &preprocessor,
+    };
+    let size = field(pre.value, "size").ok_or_else(|| pre.error("has no size".into()))?;
+    let image_size = pre.usize(size, "height", 0)?;
+    let patch_size = cfg.usize(vision, "patch_size", DEFAULT_PATCH)?;
+    let from_patches = (image_size / patch_size).pow(2);
+    let seq_length = [Some(&preprocessor), processor.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|json| field(json, "image_seq_length").and_then(Value::as_u64));
+    let num_image_tokens = match seq_length {
+        Some(n) if n as usize != from_patches => return Err(pre.error(format!(
+            "image_seq_length is {n}, but {image_size} px images in {patch_size} px patches (config.json) make {from_patches} image tokens"
+        ))),
+        _ => from_patches,
+    };
+    if image_size % patch_size != 0 || num_image_tokens == 0 {
+        return Err(pre.error(format!("size.height {image_size} is not a whole number of {patch_size} px patches")));
+    }
+
+    let tokenizer_path = dir.join("tokenizer.json");
+    if !tokenizer_path.is_file() {
+        return Err(LayoutError::File {
+            dir: dir.to_path_buf(),
+            file: "tokenizer.json",
+            problem: "is missing".into(),
+        });
+    }
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| LayoutError::File {
+        dir: dir.to_path_buf(),
+        file: "tokenizer.json",
+        problem: format!("cannot be read ({e})"),
+    })?;
+    let tok = Reader {
+        path: tokenizer_path,
+        value: &empty,
+    };
+    let token = |name: &str| tokenizer.token_to_id(name).map(i64::from);
+    let required = |name: &str| token(name).ok_or_else(|| tok.error(format!("has no {name} token: not a PaliGemma tokenizer")));
+    let image_token_id = match field(&config, "image_token_id").or_else(|| field(&config, "image_token_index")) {
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| cfg.error(format!("image_token_index is {v}, not a token id")))?,
+        None => DEFAULT_IMAGE_TOKEN,
+    };
+    if let Some(image) = token("<image>").filter(|&id| id != image_token_id) {
+        return Err(cfg.error(format!(
+            "image_token_index is {image_token_id}, but tokenizer.json's <image> is {image}: the processor and the model would disagree"
+        )));
+    }
+    let generation_ids = match &generation {
+        Some(json) => Reader {
+            path: dir.join("generation_config.json"),
+            value: json,
+        }
+        .ids(json, "eos_token_id")?,
+        None => None,
+    };
+    let eos_token_id = match generation_ids {
+        Some(ids) => ids,
+        None => match cfg.ids(&config, "eos_token_id")? {
+            Some(ids) => ids,
+            None => vec![required("<eos>")?],
+        },
+    };
+
+    let files = all_files(dir);
+    let found = graph_files(files.iter().map(String::as_str));
+    let graph = |key: &'static str| -> Result<GraphFiles, LayoutError> {
+        let stem = GRAPH_STEMS.iter().find(|(k, _)| *k == key).map(|(_, s)| *s).unwrap_or(key);
+        let files = found.get(key).cloned().unwrap_or_default();
+        if files.is_empty() {
+            return Err(LayoutError::MissingGraph {
+                dir: dir.to_path_buf(),
+                stem,
+                found: onnx_files(dir).join(", "),
+            });
+        }
+        Ok(files)
+    };
+    let graphs = Graphs {
+        vision_encoder: graph("vision_encoder")?,
+        embed_tokens: graph("embed_tokens")?,
+        decoder: graph("decoder")?,
+        decoder_gqa: None,
+        seg_decoder: None,
+    };
+    let dtypes = Dtype::ALL
+        .iter()
+        .map(|d| d.as_str().to_string())
+        .filter(|d| graphs.decoder.contains_key(d))
+        .collect();
+    let file_sizes = files
+        .iter()
+        .map(|f| (f.clone(), std::fs::metadata(dir.join(f)).map_or(0, |m| m.len())))
+        .collect();
+    Ok(Manifest {
+        format: "paligemma-onnx".into(),
+        format_version: 3,
+        source: dir.display().to_string(),
+        image_size,
+        patch_size,
+        num_image_tokens,
+        hidden_size: cfg.usize(text, "hidden_size", defaults.hidden_size)?,
+        vocab_size: cfg.usize(text, "vocab_size", defaults.vocab_size)?,
+        num_hidden_layers,
+        num_attention_heads: cfg.usize(text, "num_attention_heads", defaults.num_attention_heads)?,
+        num_key_value_heads: cfg.usize(text, "num_key_value_heads", defaults.num_key_value_heads)?,
+        head_dim: cfg.usize(text, "head_dim", defaults.head_dim)?,
+        sliding_window,
+        layer_types,
+        max_position_embeddings: cfg.usize(text, "max_position_embeddings", DEFAULT_MAX_POSITIONS)?,
+        final_logit_softcapping: cfg.optional_f64(text, "final_logit_softcapping", defaults.final_logit_softcapping)?,
+        attn_logit_softcapping: cfg.optional_f64(text, "attn_logit_softcapping", defaults.attn_logit_softcapping)?,
+        image_token_id,
+        bos_token_id: required("<bos>")?,
+        pad_token_id: required("<pad>")?,
+        eos_token_id,
+        loc_token_start: required("<loc0000>")?,
+        seg_token_start: required("<seg000>")?,
+        dtypes,
+        graphs,
+        quantization: BTreeMap::new(),
+        files,
+        file_sizes,
+        producer: BTreeMap::new(),
+        synthesized: true,
+    })
+}
+
+/// Every regular file under `dir`, relative to it, sorted (the model's `files`).
+fn all_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&current) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if let Ok(relative) = path.strip_prefix(dir) {
+                out.push(relative.to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+    out.sort();
+    out
+}
