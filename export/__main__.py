@@ -52,12 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tiny.add_argument("--vae", type=Path, help="also write a random vae-oid.npz here")
     tiny.add_argument(
         "--preset",
-        choices=["3b-224", "3b-448", "10b-448", "28b-448"],
+        choices=["3b-224", "3b-448", "3b-896", "10b-448", "28b-448", "pg1-3b-224"],
         help="full-width shapes of a released model (size options ignored except --layers/--vision-layers), "
         "stored as released: bf16 safetensors shards of at most 5 GB",
     )
     tiny.add_argument("--dtype", choices=["fp32", "bf16"], help="weight dtype (default: bf16 with --preset, else fp32)")
     tiny.add_argument("--vision-layers", type=int, default=2)
+    tiny.add_argument(
+        "--text-model", choices=["gemma2", "gemma"], default="gemma2", help="gemma2: PaliGemma 2; gemma: PaliGemma 1 (no --preset)"
+    )
 
     fix = sub.add_parser("fixtures", help="write the greedy tokens the Rust parity tests expect (tests/fixtures)")
     fix.add_argument("models_root", type=Path, help="where the tiny test models are written and converted (cached)")
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     query_pre_attn_scalar=args.head_dim,
                     sliding_window=args.sliding_window,
                     image_size=args.image_size,
+                    text_model=args.text_model,
                 )
             )
             spec = TinySpec(**sizes, num_hidden_layers=args.layers, vision_layers=args.vision_layers)

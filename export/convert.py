@@ -62,7 +62,8 @@ def resolve_source(model: str) -> Path:
 
 
 def check_source(src: Path) -> dict:
-    """The config must be PaliGemma with a Gemma 2 text model, and the processor files present."""
+    """The config must be PaliGemma with a Gemma 2 (PaliGemma 2) or Gemma (PaliGemma 1) text model,
+    and the processor files present."""
     config_path = src / "config.json"
     if not config_path.is_file():
         raise ExportError(f"{src} has no config.json: not a checkpoint written by save_pretrained")
@@ -70,10 +71,11 @@ def check_source(src: Path) -> dict:
     model_type = config.get("model_type")
     if model_type != "paligemma":
         raise ExportError(f"{config_path}: model_type is {model_type!r}, expected 'paligemma' (a PaliGemma 2 checkpoint)")
-    text_type = config.get("text_config", {}).get("model_type")
-    if text_type != "gemma2":
+    # PaliGemmaConfig reads a text_config without model_type as Gemma's.
+    text_type = config.get("text_config", {}).get("model_type", "gemma")
+    if text_type not in ("gemma2", "gemma"):
         raise ExportError(
-            f"{config_path}: text_config.model_type is {text_type!r}, expected 'gemma2' (PaliGemma 1 checkpoints are not supported)"
+            f"{config_path}: text_config.model_type is {text_type!r}, expected 'gemma2' (PaliGemma 2) or 'gemma' (PaliGemma 1)"
         )
     missing = [f for f in ("tokenizer.json",) if not (src / f).is_file()]
     if not any((src / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):

@@ -1,4 +1,5 @@
-"""decoder_model_merged.onnx: the Gemma 2 text decoder with KV cache, one graph for prefill and steps.
+"""decoder_model_merged.onnx: the Gemma 2 (PaliGemma 2) or Gemma (PaliGemma 1) text decoder with KV
+cache, one graph for prefill and steps.
 
 I/O (transformers.js PaliGemma convention):
     inputs_embeds   f32[B,T,H]  raw embedding rows; image rows are features / sqrt(H)
@@ -93,8 +94,10 @@ class DecoderWithPast(nn.Module):
         self.text_model.config._attn_implementation = ATTENTION
         self.lm_head = model.lm_head
         self.num_layers = text_config.num_hidden_layers
-        self.sliding_window = text_config.sliding_window or 2**62
-        self.final_logit_softcapping = text_config.final_logit_softcapping
+        # Gemma (PaliGemma 1) has neither a window nor softcaps, and its layers take one mask.
+        self.sliding_window = getattr(text_config, "sliding_window", None) or 2**62
+        self.final_logit_softcapping = getattr(text_config, "final_logit_softcapping", None)
+        self.per_layer_type = getattr(text_config, "layer_types", None) is not None
         self.hidden_size = text_config.hidden_size
 
     def forward(self, inputs_embeds, attention_mask, token_type_ids, position_ids, past_key_values):
@@ -106,7 +109,7 @@ class DecoderWithPast(nn.Module):
         masks = attention_masks(attention_mask, token_type_ids, inputs_embeds.shape[1], self.sliding_window, dtype)
         out = self.text_model(
             inputs_embeds=hidden,
-            attention_mask=masks,
+            attention_mask=masks if self.per_layer_type else masks["full_attention"],
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,

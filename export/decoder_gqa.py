@@ -53,6 +53,17 @@ OPSET = 20
 MS_DOMAIN = "com.microsoft"
 
 
+def activation(text_config) -> str:
+    """The MLP's activation: Gemma 2's `hidden_activation`, Gemma's (PaliGemma 1) `hidden_act`."""
+    return getattr(text_config, "hidden_activation", None) or text_config.hidden_act
+
+
+def is_gemma2(text_config) -> bool:
+    """Gemma 2 (PaliGemma 2): norms after attention and MLP too, softcaps, sliding layers, the query
+    scaled by query_pre_attn_scalar. Gemma (PaliGemma 1) has none of these."""
+    return text_config.model_type == "gemma2"
+
+
 def supported(text_config) -> str | None:
     """Why ONNX Runtime's GroupQueryAttention cannot run this text model, or None when it can: its
     CPU and CUDA kernels take head sizes that are multiples of 8 and query heads in whole groups per
@@ -63,8 +74,8 @@ def supported(text_config) -> str | None:
     if text_config.num_attention_heads % text_config.num_key_value_heads:
         return f"{text_config.num_attention_heads} heads do not group over {text_config.num_key_value_heads} KV heads"
     # What this builder writes; anything else keeps transformers' own modules (the portable graph).
-    if text_config.hidden_activation not in GELU:
-        return f"hidden_activation {text_config.hidden_activation!r} is not one this builder writes ({', '.join(GELU)})"
+    if activation(text_config) not in GELU:
+        return f"hidden activation {activation(text_config)!r} is not one this builder writes ({', '.join(GELU)})"
     rope = (getattr(text_config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope != "default":
         return f"rope_type {rope!r} is not the default RoPE this builder writes"
@@ -192,8 +203,9 @@ def build(model, data=None, weights: Weights | None = None) -> onnx.ModelProto:
     layers = cfg.num_hidden_layers
     heads, kv_heads, head_dim, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     eps = cfg.rms_norm_eps
-    window = cfg.sliding_window
-    sliding = [t == "sliding_attention" for t in cfg.layer_types]
+    gemma2 = is_gemma2(cfg)
+    window = cfg.sliding_window if gemma2 else None
+    sliding = [gemma2 and t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or [None] * layers]
     theta = cfg.rope_parameters["rope_theta"]
     g = _Graph(data, _Source(weights))
 
@@ -224,8 +236,9 @@ def build(model, data=None, weights: Weights | None = None) -> onnx.ModelProto:
     if window and any(sliding):
         bias = _window_bias(g, "seqlens_k", "total_sequence_length", seq_len, window)
 
-    scale = cfg.query_pre_attn_scalar**-0.5
-    softcap = cfg.attn_logit_softcapping or 0.0
+    # transformers' Gemma2Attention / GemmaAttention scaling.
+    scale = (cfg.query_pre_attn_scalar if gemma2 else head_dim) ** -0.5
+    softcap = (cfg.attn_logit_softcapping if gemma2 else None) or 0.0
     for i, layer in enumerate(text.layers):
         attn = layer.self_attn
         x = _rms_norm(g, h, layer.input_layernorm.weight, eps)
@@ -251,13 +264,17 @@ def build(model, data=None, weights: Weights | None = None) -> onnx.ModelProto:
             local_window_size=-1,
         )
         o = _linear(g, out, attn.o_proj, f"layers.{i}.o_proj")
-        h = g.op("Add", h, _rms_norm(g, o, layer.post_attention_layernorm.weight, eps))
-        x = _rms_norm(g, h, layer.pre_feedforward_layernorm.weight, eps)
+        if gemma2:
+            h = g.op("Add", h, _rms_norm(g, o, layer.post_attention_layernorm.weight, eps))
+            x = _rms_norm(g, h, layer.pre_feedforward_layernorm.weight, eps)
+        else:  # Gemma: the attention output joins the residual as it is; the MLP's norm is "post_attention"
+            h = g.op("Add", h, o)
+            x = _rms_norm(g, h, layer.post_attention_layernorm.weight, eps)
         gate = g.op("MatMul", x, g.const(f"layers.{i}.gate_proj", g.source.matrix(layer.mlp.gate_proj.weight)))
         up = g.op("MatMul", x, g.const(f"layers.{i}.up_proj", g.source.matrix(layer.mlp.up_proj.weight)))
-        act = g.op("Mul", g.op("Gelu", gate, approximate=GELU[cfg.hidden_activation]), up)
+        act = g.op("Mul", g.op("Gelu", gate, approximate=GELU[activation(cfg)]), up)
         down = g.op("MatMul", act, g.const(f"layers.{i}.down_proj", g.source.matrix(layer.mlp.down_proj.weight)))
-        h = g.op("Add", h, _rms_norm(g, down, layer.post_feedforward_layernorm.weight, eps))
+        h = g.op("Add", h, _rms_norm(g, down, layer.post_feedforward_layernorm.weight, eps) if gemma2 else down)
 
     h = _rms_norm(g, h, text.norm.weight, eps)
     last = g.op(
@@ -268,7 +285,7 @@ def build(model, data=None, weights: Weights | None = None) -> onnx.ModelProto:
         g.const("axis", np.array([1], np.int64)),
     )
     logits = g.op("MatMul", last, g.const("lm_head", g.source.matrix(model.lm_head.weight)))
-    cap = cfg.final_logit_softcapping
+    cap = cfg.final_logit_softcapping if gemma2 else None
     if cap:
         capped = g.op("Tanh", g.op("Div", logits, g.const("final_cap", np.array(cap, np.float32))))
         logits = g.op("Mul", capped, g.const("final_cap", np.array(cap, np.float32)))

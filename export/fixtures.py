@@ -219,7 +219,7 @@ def prepare_models(models_root: Path, log=print) -> dict[str, tuple[Path, Path]]
 QUANTIZE = {"gqa1": ["int8", "q4"]}
 # Configurations also exported in the community's transformers.js layout (export/community.py: no
 # manifest, no mask inputs) to MODELS_ROOT/<name>/community, in these dtypes.
-COMMUNITY_CONFIGS = ("gqa1",)
+COMMUNITY_CONFIGS = ("gqa1", "gemma1")
 COMMUNITY_DIR = "community"
 COMMUNITY_DTYPES = ("fp32", "fp16", "q4", "q4f16")
 # Configurations also converted with --dtype fp16 (MODELS_ROOT/<name>/onnx-fp16), for fp16 cases.

@@ -49,6 +49,9 @@ class TinySpec:
     vision_heads: int = 2
     vision_intermediate_size: int = 48
     text_vocab: int = 600
+    # "gemma2" (PaliGemma 2) or "gemma" (PaliGemma 1: no softcaps, no sliding window, one norm
+    # before each of attention and MLP; query_pre_attn_scalar and sliding_window unused).
+    text_model: str = "gemma2"
     # Weight shaping so greedy output is varied rather than a repeat of the input (see write_tiny).
     weight_scale: float = 6.0
     layer_gain: float = 3.0
@@ -57,11 +60,12 @@ class TinySpec:
     eos_gain: float = 3.0
 
 
-# The three shapes of Gemma 2 the tests run (export/tests, and the Rust parity fixtures written by
+# The shapes the tests run (export/tests, and the Rust parity fixtures written by
 # `python -m export fixtures`); the exporter must not assume any of them away:
 #  gqa1: heads x head_dim (96) != hidden (64), one kv head, window far beyond the prompt;
 #  window8: a sliding window (8) shorter than every prompt, three layers (two sliding);
-#  window40: prompts fit the window (40) but decoding runs past it.
+#  window40: prompts fit the window (40) but decoding runs past it;
+#  gemma1: PaliGemma 1's text model (Gemma), multi-query attention as in its 3B release.
 TEST_CONFIGS = {
     "gqa1": TinySpec(),
     "window8": TinySpec(
@@ -73,6 +77,15 @@ TEST_CONFIGS = {
         query_pre_attn_scalar=16,
         intermediate_size=64,
         sliding_window=8,
+    ),
+    "gemma1": TinySpec(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=80,
+        text_model="gemma",
     ),
     "window40": TinySpec(
         hidden_size=48,
@@ -126,8 +139,21 @@ PRESETS = {
         **RELEASED_VISION_AND_VOCABULARY,
     ),
 }
-# PaliGemma 2 3B at 448 px: the 224 model's shapes with 1,024 image tokens.
+# PaliGemma 2 3B at 448 and 896 px: the 224 model's shapes with 1,024 and 4,096 image tokens (896:
+# the prompt passes the 4,096-token sliding window).
 PRESETS["3b-448"] = {**PRESETS["3b-224"], "image_size": 448}
+PRESETS["3b-896"] = {**PRESETS["3b-224"], "image_size": 896}
+# PaliGemma 1 3B (paligemma-3b-mix-224): Gemma 2B, multi-query attention.
+PRESETS["pg1-3b-224"] = dict(
+    hidden_size=2048,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    head_dim=256,
+    intermediate_size=16384,
+    image_size=224,
+    text_model="gemma",
+    **RELEASED_VISION_AND_VOCABULARY,
+)
 # The released checkpoints' storage: bfloat16 safetensors in shards of at most 5 GB with an index.
 RELEASED_DTYPE = "bf16"
 RELEASED_SHARD_SIZE = "5GB"
@@ -184,6 +210,7 @@ def write_tiny(out_dir: Path, spec: TinySpec, seed: int = 0, dtype: str = "fp32"
     import torch
     from transformers import (
         Gemma2Config,
+        GemmaConfig,
         PaliGemmaConfig,
         PaliGemmaForConditionalGeneration,
         PaliGemmaProcessor,
@@ -201,7 +228,7 @@ def write_tiny(out_dir: Path, spec: TinySpec, seed: int = 0, dtype: str = "fp32"
     # Like the real 257216 = 257152 + 64: the embedding is padded past <image> to a multiple of 64.
     vocab_size = -(-(image_token_id + 1) // 64) * 64
 
-    text = Gemma2Config(
+    sizes = dict(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -209,11 +236,15 @@ def write_tiny(out_dir: Path, spec: TinySpec, seed: int = 0, dtype: str = "fp32"
         num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads,
         head_dim=spec.head_dim,
-        query_pre_attn_scalar=spec.query_pre_attn_scalar,
-        sliding_window=spec.sliding_window,
         max_position_embeddings=8192,
         initializer_range=0.02 * spec.weight_scale,
     )
+    if spec.text_model == "gemma2":
+        text = Gemma2Config(**sizes, query_pre_attn_scalar=spec.query_pre_attn_scalar, sliding_window=spec.sliding_window)
+    elif spec.text_model == "gemma":
+        text = GemmaConfig(**sizes)
+    else:
+        raise ExportError(f"text_model {spec.text_model!r}: choose gemma2 (PaliGemma 2) or gemma (PaliGemma 1)")
     vision = SiglipVisionConfig(
         hidden_size=spec.vision_hidden_size,
         intermediate_size=spec.vision_intermediate_size,
@@ -232,7 +263,7 @@ def write_tiny(out_dir: Path, spec: TinySpec, seed: int = 0, dtype: str = "fp32"
         hidden_size=spec.hidden_size,
         vocab_size=vocab_size,
     )
-    config.text_config.model_type = "gemma2"
+    config.text_config.model_type = spec.text_model
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -246,7 +277,8 @@ def write_tiny(out_dir: Path, spec: TinySpec, seed: int = 0, dtype: str = "fp32"
                 # Gemma norms scale by (1 + w) with w initialised to 0; random offsets test that form.
                 p.normal_(0.0, 0.1)
             if "post_attention_layernorm" in name or "post_feedforward_layernorm" in name:
-                # Layers must outweigh the residual embedding, or the tied head echoes the input token.
+                # Layers must outweigh the residual embedding, or the tied head echoes the input token
+                # (Gemma's post_attention_layernorm is the MLP's input norm: it widens the MLP's output).
                 p.add_(spec.layer_gain)
             if "q_proj" in name or "k_proj" in name:
                 p.mul_(spec.attention_sharpness)  # peaked attention: outputs depend on the image and prompt

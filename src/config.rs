@@ -504,23 +504,29 @@ impl Manifest {
         })
     }
 
+    /// The files `choice` opens (see [`Graphs::select`]).
+    pub fn select(&self, model_dir: &Path, choice: DtypeChoice) -> Result<Selection, ConfigError> {
+        let path = if self.synthesized {
+            model_dir.to_path_buf()
+        } else {
+            model_dir.join(MANIFEST_FILE)
+        };
+        self.graphs.select(&path, choice)
+    }
+}
+
+impl Graphs {
     /// The files `choice` opens (see [`DtypeChoice`]): the decoder must have its dtype; with one
     /// dtype for the whole model, a vision encoder or embedding without that dtype runs its fp32
-    /// file; a per-graph choice takes exactly the files it names.
-    pub fn select(&self, model_dir: &Path, choice: DtypeChoice) -> Result<Selection, ConfigError> {
-        let g = &self.graphs;
-        let path = || {
-            if self.synthesized {
-                model_dir.to_path_buf()
-            } else {
-                model_dir.join(MANIFEST_FILE)
-            }
-        };
+    /// file; a per-graph choice takes exactly the files it names. Errors name `path` (the manifest,
+    /// or the model directory or repo of a transformers.js layout).
+    pub fn select(&self, path: &Path, choice: DtypeChoice) -> Result<Selection, ConfigError> {
+        let g = self;
         let exact = |graph: &'static str, files: &GraphFiles, dtype: Dtype| -> Result<(String, Dtype), ConfigError> {
             match files.get(dtype.as_str()) {
                 Some(file) => Ok((file.clone(), dtype)),
                 None => Err(ConfigError::MissingDtype {
-                    path: path(),
+                    path: path.to_path_buf(),
                     graph,
                     dtype: dtype.to_string(),
                     available: files.keys().cloned().collect::<Vec<_>>().join(", "),

@@ -1,6 +1,7 @@
-//! Resolving a model argument to a local directory holding `manifest.json`: either a directory
-//! made by `python -m export convert`, or a Hugging Face Hub repo id fetched with `hf-hub` 0.5
-//! (sync `ureq` API) into the standard Hub cache.
+//! Resolving a model argument to a local directory holding `manifest.json` (or the transformers.js
+//! layout, see `transformers_js.rs`): either a directory made by `python -m export convert` or
+//! downloaded, or a Hugging Face Hub repo id fetched with `hf-hub` 0.5 (sync `ureq` API) into the
+//! standard Hub cache.
 //!
 //! The cache layout (`models--owner--name/{blobs,refs,snapshots}`) and the environment variables
 //! follow Python's `huggingface_hub` (`constants.py`), so a model downloaded by either side is
@@ -10,11 +11,16 @@
 //! panics without a home directory, so the options are resolved here and passed explicitly.
 //!
 //! Which files make a model is the exporter's business: `manifest.json` carries
-//! `"files": ["relative/path", ...]`, and every listed file must sit beside it.
+//! `"files": ["relative/path", ...]`, and every listed file must sit beside it. A transformers.js
+//! repo has no manifest: its file list (the Hub's model info) says which graphs it holds, and only
+//! the config files and the graphs `--dtype` picks are downloaded.
 
 #[cfg(feature = "hub")]
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+
+use crate::config::{ConfigError, DtypeChoice};
+use crate::transformers_js;
 
 #[cfg(feature = "hub")]
 use hf_hub::api::sync::ApiBuilder;
@@ -110,6 +116,17 @@ pub enum HubError {
         expected: PathBuf,
         /// Where hf-hub put it.
         found: PathBuf,
+    },
+    /// A transformers.js repo has no graph of the dtype asked for (`--dtype`).
+    #[error(transparent)]
+    Dtype(#[from] ConfigError),
+    /// The repo has neither `manifest.json` nor a transformers.js decoder graph.
+    #[error("{repo} on {endpoint} has no {MANIFEST} and no onnx/decoder_model_merged*.onnx (the transformers.js layout): it is not a PaliGemma ONNX model; {CONVERT_HINT}")]
+    NotAModel {
+        /// The repo id.
+        repo: String,
+        /// The Hub base URL.
+        endpoint: String,
     },
     /// None of `HF_HUB_CACHE`, `HF_HOME`, `XDG_CACHE_HOME` and `HOME` is set, so there is no
     /// Hugging Face cache directory.
@@ -245,12 +262,14 @@ pub fn manifest_files(manifest: &serde_json::Value) -> Result<Vec<String>, Strin
     Ok(files)
 }
 
-/// Resolves `spec` to a directory holding `manifest.json` and every file it lists.
+/// Resolves `spec` to a directory holding `manifest.json` and every file it lists, or a
+/// transformers.js layout with the graphs `dtype` picks.
 ///
 /// An existing directory is used as is. Anything else must be a Hub repo id (`owner/name`): its
 /// files come from the cache when all are there, otherwise they are downloaded (`manifest.json`
-/// first, then each listed file), unless `options.offline` forbids the network.
-pub fn resolve_model(spec: &str, options: &HubOptions) -> Result<PathBuf, HubError> {
+/// first, then each listed file; for a transformers.js repo, its config files and the graphs of
+/// `dtype`), unless `options.offline` forbids the network.
+pub fn resolve_model(spec: &str, options: &HubOptions, dtype: DtypeChoice) -> Result<PathBuf, HubError> {
     let path = Path::new(spec);
     if path.is_dir() {
         return local_model(path);
@@ -259,7 +278,7 @@ pub fn resolve_model(spec: &str, options: &HubOptions) -> Result<PathBuf, HubErr
         return Err(HubError::NotADirectory { path: path.to_path_buf() });
     }
     validate_repo_id(spec)?;
-    hub_model(spec, options)
+    hub_model(spec, options, dtype)
 }
 
 /// Arguments a user meant as a path: a Hub id never starts with `/`, `.` or `~` nor has two `/`.
@@ -319,18 +338,31 @@ fn cached_snapshot(cache: &Cache, repo_id: &str) -> Result<Cached, HubError> {
     })
 }
 
+/// A cached snapshot of a transformers.js repo holding every file `dtype` needs.
+#[cfg(feature = "hub")]
+fn cached_layout(cache: &Cache, repo_id: &str, dtype: DtypeChoice) -> Option<PathBuf> {
+    let config = cache.model(repo_id.to_string()).get("config.json")?;
+    let dir = config.parent()?;
+    let files = transformers_js::all_files(dir);
+    let needed = transformers_js::needed_files(&files, dtype, dir).ok()?;
+    (transformers_js::is_layout(dir) && needed.iter().all(|f| files.contains(f))).then(|| dir.to_path_buf())
+}
+
 #[cfg(not(feature = "hub"))]
-fn hub_model(repo_id: &str, _options: &HubOptions) -> Result<PathBuf, HubError> {
+fn hub_model(repo_id: &str, _options: &HubOptions, _dtype: DtypeChoice) -> Result<PathBuf, HubError> {
     Err(HubError::NoHubSupport { repo: repo_id.to_string() })
 }
 
 #[cfg(feature = "hub")]
-fn hub_model(repo_id: &str, options: &HubOptions) -> Result<PathBuf, HubError> {
+fn hub_model(repo_id: &str, options: &HubOptions, dtype: DtypeChoice) -> Result<PathBuf, HubError> {
     let cache = Cache::new(options.cache_dir.clone());
     let missing = match cached_snapshot(&cache, repo_id)? {
         Cached::Complete(dir) => return Ok(dir),
         Cached::Missing(missing) => missing,
     };
+    if let Some(dir) = cached_layout(&cache, repo_id, dtype) {
+        return Ok(dir);
+    }
     if options.offline {
         return Err(HubError::OfflineNotCached {
             repo: repo_id.to_string(),
@@ -371,14 +403,33 @@ fn hub_model(repo_id: &str, options: &HubOptions) -> Result<PathBuf, HubError> {
     };
 
     // Always fetch the manifest afresh: it pins the commit every other file must come from.
-    let manifest = fetch(MANIFEST)?;
-    let dir = manifest.parent().map(Path::to_path_buf).ok_or_else(|| {
-        download_error(
-            MANIFEST,
-            format!("hf-hub returned {} without a parent directory", manifest.display()),
-        )
-    })?;
-    for file in read_manifest_files(&manifest)? {
+    let (first, files) = match fetch(MANIFEST) {
+        Ok(manifest) => {
+            let files = read_manifest_files(&manifest)?;
+            (manifest, files)
+        }
+        Err(no_manifest) => {
+            // A transformers.js repo has none: the repo's file list says which graphs it holds.
+            let Ok(Ok(info)) = catch_unwind(AssertUnwindSafe(|| repo.info())) else {
+                return Err(no_manifest);
+            };
+            let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+            if !names.iter().any(|n| n.starts_with("onnx/decoder_model_merged")) {
+                return Err(HubError::NotAModel {
+                    repo: repo_id.to_string(),
+                    endpoint: options.endpoint.clone(),
+                });
+            }
+            let mut files = transformers_js::needed_files(&names, dtype, Path::new(repo_id))?;
+            let config = files.remove(files.iter().position(|f| f == "config.json").unwrap_or_default());
+            (fetch(&config)?, files)
+        }
+    };
+    let dir = first
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| download_error(MANIFEST, format!("hf-hub returned {} without a parent directory", first.display())))?;
+    for file in files {
         let expected = dir.join(&file);
         if expected.is_file() {
             continue;

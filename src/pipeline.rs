@@ -289,7 +289,7 @@ impl Pipeline {
     /// manifest, tokenizer and image processor; the sessions, checked against the manifest.
     pub fn load(options: PipelineOptions) -> Result<Pipeline, LoadError> {
         let ort = init(options.ort_lib.as_deref())?;
-        let model_dir = resolve_model(&options.model, &HubOptions::from_env()?)?;
+        let model_dir = resolve_model(&options.model, &HubOptions::from_env()?, options.dtype)?;
         let manifest = if transformers_js::is_layout(&model_dir) {
             transformers_js::manifest(&model_dir)?
         } else {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::config::{Dtype, GraphFiles, Graphs, Manifest, MANIFEST_FILE};
+use crate::config::{ConfigError, Dtype, DtypeChoice, GraphFiles, Graphs, Manifest, MANIFEST_FILE};
 
 /// The graphs of the layout: (manifest key, file stem under `onnx/`).
 pub const GRAPH_STEMS: [(&str, &str); 3] = [
@@ -79,21 +79,61 @@ fn onnx_files(dir: &Path) -> Vec<String> {
     files
 }
 
-/// Each graph's file per dtype among `files` (paths relative to the model directory): a file
-/// `onnx/{stem}{suffix}.onnx` for each of transformers.js' suffixes (see [`Dtype::suffix`]).
-pub fn graph_files<'a>(files: impl IntoIterator<Item = &'a str> + Clone) -> BTreeMap<&'static str, GraphFiles> {
-    let mut graphs = BTreeMap::new();
-    for (key, stem) in GRAPH_STEMS {
-        let mut by_dtype = GraphFiles::new();
-        for dtype in Dtype::ALL {
-            let name = format!("onnx/{stem}{}.onnx", dtype.suffix());
-            if files.clone().into_iter().any(|f| f == name) {
-                by_dtype.insert(dtype.as_str().to_string(), name);
+/// Each graph's file per dtype among `files` (paths relative to the model directory or repo): a
+/// file `onnx/{stem}{suffix}.onnx` for each of transformers.js' suffixes (see [`Dtype::suffix`]).
+/// A graph without any file has an empty map.
+pub fn graphs(files: &[String]) -> Graphs {
+    let of = |stem: &str| -> GraphFiles {
+        Dtype::ALL
+            .iter()
+            .map(|dtype| (dtype.as_str().to_string(), format!("onnx/{stem}{}.onnx", dtype.suffix())))
+            .filter(|(_, name)| files.contains(name))
+            .collect()
+    };
+    Graphs {
+        vision_encoder: of(GRAPH_STEMS[0].1),
+        embed_tokens: of(GRAPH_STEMS[1].1),
+        decoder: of(GRAPH_STEMS[2].1),
+        decoder_gqa: None,
+        seg_decoder: None,
+    }
+}
+
+/// The files of a transformers.js repo (its file list `files`) that running it in `choice` needs:
+/// the config, processor and tokenizer files it has, and the picked graphs with their external
+/// data; what a Hub download fetches. Errors name `repo`.
+pub fn needed_files(files: &[String], choice: DtypeChoice, repo: &Path) -> Result<Vec<String>, ConfigError> {
+    let selection = graphs(files).select(repo, choice)?;
+    let mut needed: Vec<String> = CONFIG_FILES
+        .iter()
+        .chain(OPTIONAL_FILES.iter().filter(|f| files.iter().any(|n| n == *f)))
+        .map(|f| f.to_string())
+        .collect();
+    for (graph, _) in [selection.vision_encoder, selection.embed_tokens, selection.decoder] {
+        needed.extend(with_external_data(&graph, files.iter().map(String::as_str)));
+    }
+    needed.sort();
+    needed.dedup();
+    Ok(needed)
+}
+
+/// Every regular file under `dir`, relative to it, sorted (a model directory's `files`).
+pub fn all_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&current) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if let Ok(relative) = path.strip_prefix(dir) {
+                out.push(relative.to_string_lossy().replace('\\', "/"));
             }
         }
-        graphs.insert(key, by_dtype);
     }
-    graphs
+    out.sort();
+    out
 }
 
 /// The files of `graph_file` on disk: the graph and its external data (`<file>_data`,
@@ -325,9 +365,11 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
         .flatten()
         .find_map(|json| field(json, "image_seq_length").and_then(Value::as_u64));
     let num_image_tokens = match seq_length {
-        Some(n) if n as usize != from_patches => return Err(pre.error(format!(
+        Some(n) if n as usize != from_patches => {
+            return Err(pre.error(format!(
             "image_seq_length is {n}, but {image_size} px images in {patch_size} px patches (config.json) make {from_patches} image tokens"
-        ))),
+        )))
+        }
         _ => from_patches,
     };
     if image_size % patch_size != 0 || num_image_tokens == 0 {
@@ -381,10 +423,11 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
     };
 
     let files = all_files(dir);
-    let found = graph_files(files.iter().map(String::as_str));
-    let graph = |key: &'static str| -> Result<GraphFiles, LayoutError> {
-        let stem = GRAPH_STEMS.iter().find(|(k, _)| *k == key).map(|(_, s)| *s).unwrap_or(key);
-        let files = found.get(key).cloned().unwrap_or_default();
+    let graphs = graphs(&files);
+    for (files, (_, stem)) in [&graphs.vision_encoder, &graphs.embed_tokens, &graphs.decoder]
+        .into_iter()
+        .zip(GRAPH_STEMS)
+    {
         if files.is_empty() {
             return Err(LayoutError::MissingGraph {
                 dir: dir.to_path_buf(),
@@ -392,15 +435,7 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
                 found: onnx_files(dir).join(", "),
             });
         }
-        Ok(files)
-    };
-    let graphs = Graphs {
-        vision_encoder: graph("vision_encoder")?,
-        embed_tokens: graph("embed_tokens")?,
-        decoder: graph("decoder")?,
-        decoder_gqa: None,
-        seg_decoder: None,
-    };
+    }
     let dtypes = Dtype::ALL
         .iter()
         .map(|d| d.as_str().to_string())
@@ -442,23 +477,4 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
         producer: BTreeMap::new(),
         synthesized: true,
     })
-}
-
-/// Every regular file under `dir`, relative to it, sorted (the model's `files`).
-fn all_files(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(current) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&current) else { continue };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else if let Ok(relative) = path.strip_prefix(dir) {
-                out.push(relative.to_string_lossy().replace('\\', "/"));
-            }
-        }
-    }
-    out.sort();
-    out
 }

@@ -13,6 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use paligemma::hub::{self, HubError, HubOptions, MANIFEST};
+use paligemma::DtypeChoice;
+
+mod common;
+
+use common::{image, tiny_model};
 
 const REPO: &str = "test-owner/tiny-paligemma";
 const COMMIT: &str = "4f1c0d6e2b8a9d7c5e3f1a2b4c6d8e0f1a3b5c7d";
@@ -46,10 +51,10 @@ struct FakeHub {
 
 impl FakeHub {
     /// Serves `files` as repo `REPO` at commit `COMMIT`.
-    fn start(files: Vec<(&str, RepoFile)>) -> FakeHub {
+    fn start<N: Into<String>>(files: Vec<(N, RepoFile)>) -> FakeHub {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
-        let files: Arc<HashMap<String, RepoFile>> = Arc::new(files.into_iter().map(|(n, f)| (n.to_string(), f)).collect());
+        let files: Arc<HashMap<String, RepoFile>> = Arc::new(files.into_iter().map(|(n, f)| (n.into(), f)).collect());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (seen, stopping) = (requests.clone(), stop.clone());
@@ -138,6 +143,17 @@ fn serve(stream: TcpStream, addr: SocketAddr, files: &HashMap<String, RepoFile>,
             ),
             None => not_found(),
         }
+    } else if path == format!("/api/models/{REPO}/revision/main") {
+        // The model info hf-hub's `info()` reads: the repo's file list and commit.
+        let siblings: Vec<serde_json::Value> = files.keys().map(|name| serde_json::json!({ "rfilename": name })).collect();
+        let body = serde_json::json!({ "siblings": siblings, "sha": COMMIT }).to_string().into_bytes();
+        (
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ),
+            body,
+        )
     } else if let Some(etag) = path.strip_prefix("/cdn/") {
         match files.values().find(|file| file.reply == Reply::Lfs && file.etag == etag) {
             Some(file) => ranged(file, headers.get("range"), ""),
@@ -242,7 +258,7 @@ fn hub_repo_downloads_into_the_cache_then_loads_offline_after_the_server_stops()
     let cache = temp_dir("download");
     let mut server = FakeHub::start(tiny_repo());
 
-    let dir = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false)).expect("download");
+    let dir = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false), DtypeChoice::default()).expect("download");
     assert_eq!(dir, snapshot_dir(&cache));
     for (name, served) in tiny_repo() {
         assert_eq!(std::fs::read(dir.join(name)).expect("downloaded file"), served.body, "{name}");
@@ -257,7 +273,7 @@ fn hub_repo_downloads_into_the_cache_then_loads_offline_after_the_server_stops()
     // Cache first: a complete snapshot needs no request even when online.
     let before = server.request_count();
     assert_eq!(
-        hub::resolve_model(REPO, &options(server.endpoint(), &cache, false)).expect("cached"),
+        hub::resolve_model(REPO, &options(server.endpoint(), &cache, false), DtypeChoice::default()).expect("cached"),
         dir
     );
     assert_eq!(server.request_count(), before);
@@ -265,9 +281,98 @@ fn hub_repo_downloads_into_the_cache_then_loads_offline_after_the_server_stops()
     let endpoint = server.endpoint();
     server.stop();
     assert_eq!(
-        hub::resolve_model(REPO, &options(endpoint, &cache, true)).expect("offline from cache"),
+        hub::resolve_model(REPO, &options(endpoint, &cache, true), DtypeChoice::default()).expect("offline from cache"),
         dir
     );
+    let _ = std::fs::remove_dir_all(cache);
+}
+
+/// Every file of the fixtures' transformers.js-layout model (no manifest), graphs as LFS files.
+fn community_repo() -> Vec<(String, RepoFile)> {
+    let root = tiny_model("gqa1/community");
+    let mut files = Vec::new();
+    let mut pending = vec![root.clone()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(dir).expect("model dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let name = path.strip_prefix(&root).expect("under root").to_string_lossy().to_string();
+            let reply = if name.ends_with(".onnx") { Reply::Lfs } else { Reply::Direct };
+            files.push((name, file(&std::fs::read(&path).expect("model file"), reply)));
+        }
+    }
+    files
+}
+
+/// A transformers.js repo: no manifest, so the repo's file list picks what to fetch: the config,
+/// processor and tokenizer files and the graphs of the dtype asked for, nothing else. The binary
+/// then runs it from the cache, offline, as it runs the same directory locally.
+#[test]
+fn transformers_js_repo_downloads_only_the_graphs_of_its_dtype() {
+    let cache = temp_dir("community");
+    let mut server = FakeHub::start(community_repo());
+    let q4: DtypeChoice = "q4".parse().expect("dtype");
+    let missing = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false), "bnb4".parse().expect("dtype"))
+        .expect_err("no bnb4 graphs")
+        .to_string();
+    assert!(
+        missing.contains("decoder has no bnb4 file (it has: fp16, fp32, q4, q4f16)"),
+        "{missing}"
+    );
+    let dir = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false), q4).expect("download");
+    let mut got = paligemma::transformers_js::all_files(&dir);
+    got.sort();
+    let mut expected = vec![
+        "config.json",
+        "generation_config.json",
+        "onnx/decoder_model_merged_q4.onnx",
+        "onnx/embed_tokens_q4.onnx",
+        "onnx/vision_encoder_q4.onnx",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ];
+    expected.sort();
+    assert_eq!(got, expected);
+    let endpoint = server.endpoint();
+    server.stop();
+    assert_eq!(
+        hub::resolve_model(REPO, &options(endpoint.clone(), &cache, true), q4).expect("offline from cache"),
+        dir
+    );
+    let offline = hub::resolve_model(REPO, &options(endpoint.clone(), &cache, true), "fp16".parse().expect("dtype"));
+    assert!(matches!(offline, Err(HubError::OfflineNotCached { .. })), "{offline:?}");
+
+    let run = |model: &str, env: &[(&str, &Path)]| {
+        let image = image("chelsea.png").display().to_string();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_paligemma"));
+        command
+            .args([
+                "--model",
+                model,
+                "--image",
+                &image,
+                "--prompt",
+                "caption en",
+                "--dtype",
+                "q4",
+                "--json",
+            ])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_ENDPOINT", &endpoint);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let out = command.output().expect("paligemma runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["token_ids"].clone()
+    };
+    let local = tiny_model("gqa1/community").display().to_string();
+    assert_eq!(run(REPO, &[("HF_HUB_CACHE", &cache)]), run(&local, &[]));
     let _ = std::fs::remove_dir_all(cache);
 }
 
@@ -275,7 +380,7 @@ fn hub_repo_downloads_into_the_cache_then_loads_offline_after_the_server_stops()
 fn offline_with_an_empty_cache_is_a_clear_error_without_requests() {
     let cache = temp_dir("offline-empty");
     let server = FakeHub::start(tiny_repo());
-    let error = hub::resolve_model(REPO, &options(server.endpoint(), &cache, true)).expect_err("nothing cached");
+    let error = hub::resolve_model(REPO, &options(server.endpoint(), &cache, true), DtypeChoice::default()).expect_err("nothing cached");
     let message = error.to_string();
     assert!(matches!(error, HubError::OfflineNotCached { .. }), "{message}");
     assert!(
@@ -292,7 +397,7 @@ fn token_is_sent_as_a_bearer_header() {
     let server = FakeHub::start(tiny_repo());
     let mut opts = options(server.endpoint(), &cache, false);
     opts.token = Some("hf_test_token".to_string());
-    hub::resolve_model(REPO, &opts).expect("download");
+    hub::resolve_model(REPO, &opts, DtypeChoice::default()).expect("download");
     let requests = server.requests.lock().expect("request log").clone();
     let to_hub: Vec<&Seen> = requests.iter().filter(|(path, _)| path.contains("/resolve/")).collect();
     assert!(!to_hub.is_empty());
@@ -312,7 +417,7 @@ fn file_missing_on_the_hub_is_an_error_naming_it() {
     let mut repo = tiny_repo();
     repo.retain(|(name, _)| *name != "tokenizer.json");
     let server = FakeHub::start(repo);
-    let error = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false)).expect_err("404");
+    let error = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false), DtypeChoice::default()).expect_err("404");
     let message = error.to_string();
     assert!(
         matches!(error, HubError::Download { ref file, .. } if file == "tokenizer.json"),
@@ -330,7 +435,7 @@ fn malformed_hub_reply_is_an_error_not_a_panic() {
     repo.retain(|(name, _)| *name != "tokenizer.json");
     repo.push(("tokenizer.json", file(b"{}", Reply::BrokenRedirect)));
     let server = FakeHub::start(repo);
-    let error = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false)).expect_err("broken reply");
+    let error = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false), DtypeChoice::default()).expect_err("broken reply");
     assert!(
         matches!(error, HubError::Download { ref file, .. } if file == "tokenizer.json"),
         "{error}"
@@ -343,11 +448,11 @@ fn malformed_hub_reply_is_an_error_not_a_panic() {
 fn unreachable_endpoint_is_a_download_error() {
     let cache = temp_dir("unreachable");
     let endpoint = {
-        let mut server = FakeHub::start(Vec::new());
+        let mut server = FakeHub::start(Vec::<(String, RepoFile)>::new());
         server.stop();
         server.endpoint()
     };
-    let error = hub::resolve_model(REPO, &options(endpoint.clone(), &cache, false)).expect_err("refused");
+    let error = hub::resolve_model(REPO, &options(endpoint.clone(), &cache, false), DtypeChoice::default()).expect_err("refused");
     let message = error.to_string();
     assert!(
         matches!(error, HubError::Download { .. }) && message.contains(&endpoint),
@@ -365,10 +470,12 @@ fn local_directory_with_manifest_and_files_is_used_as_is() {
     }
     let unused = options("http://127.0.0.1:9".to_string(), &dir.join("no-cache"), true);
     let spec = dir.to_str().expect("utf-8 temp path");
-    assert_eq!(hub::resolve_model(spec, &unused).expect("local model"), dir);
+    assert_eq!(hub::resolve_model(spec, &unused, DtypeChoice::default()).expect("local model"), dir);
 
     std::fs::remove_file(dir.join("graphs/vision.onnx")).expect("remove");
-    let message = hub::resolve_model(spec, &unused).expect_err("file gone").to_string();
+    let message = hub::resolve_model(spec, &unused, DtypeChoice::default())
+        .expect_err("file gone")
+        .to_string();
     assert!(message.contains("graphs/vision.onnx") && message.contains(spec), "{message}");
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -377,7 +484,7 @@ fn local_directory_with_manifest_and_files_is_used_as_is() {
 fn directory_without_manifest_is_an_error_with_the_convert_command() {
     let dir = temp_dir("no-manifest");
     let unused = options("http://127.0.0.1:9".to_string(), &dir.join("no-cache"), true);
-    let error = hub::resolve_model(dir.to_str().expect("utf-8"), &unused).expect_err("no manifest");
+    let error = hub::resolve_model(dir.to_str().expect("utf-8"), &unused, DtypeChoice::default()).expect_err("no manifest");
     let message = error.to_string();
     assert!(matches!(error, HubError::MissingManifest { .. }), "{message}");
     assert!(
@@ -391,12 +498,12 @@ fn directory_without_manifest_is_an_error_with_the_convert_command() {
 fn malformed_repo_id_is_an_error() {
     let unused = options("http://127.0.0.1:9".to_string(), Path::new("/nonexistent-cache"), true);
     for spec in ["paligemma2", "owner/bad name", "owner/-x"] {
-        let error = hub::resolve_model(spec, &unused).expect_err("malformed");
+        let error = hub::resolve_model(spec, &unused, DtypeChoice::default()).expect_err("malformed");
         assert!(matches!(error, HubError::BadRepoId { .. }), "{spec}: {error}");
     }
     // Path-shaped arguments that do not exist are reported as missing directories.
     for spec in ["./models/nope", "/nonexistent/model", "models/pg2/int4"] {
-        let error = hub::resolve_model(spec, &unused).expect_err("missing dir");
+        let error = hub::resolve_model(spec, &unused, DtypeChoice::default()).expect_err("missing dir");
         assert!(matches!(error, HubError::NotADirectory { .. }), "{spec}: {error}");
     }
 }
@@ -409,7 +516,7 @@ fn from_env_child() {
     let options = HubOptions::from_env().expect("options from env");
     assert_eq!(Some(options.endpoint.clone()), std::env::var("HF_ENDPOINT").ok());
     assert!(options.offline);
-    let dir = hub::resolve_model(REPO, &options).expect("offline from the cache under HF_HOME");
+    let dir = hub::resolve_model(REPO, &options, DtypeChoice::default()).expect("offline from the cache under HF_HOME");
     println!("RESOLVED {}", dir.display());
 }
 
@@ -418,7 +525,7 @@ fn from_env_reads_the_huggingface_variables() {
     let home = temp_dir("from-env");
     let cache = home.join("hub");
     let mut server = FakeHub::start(tiny_repo());
-    hub::resolve_model(REPO, &options(server.endpoint(), &cache, false)).expect("populate the cache");
+    hub::resolve_model(REPO, &options(server.endpoint(), &cache, false), DtypeChoice::default()).expect("populate the cache");
     let endpoint = server.endpoint();
     server.stop();
 

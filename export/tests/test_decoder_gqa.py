@@ -172,8 +172,9 @@ def test_layouts_the_builder_or_kernel_cannot_run_get_no_gqa_decoder(reference):
     ungrouped.num_attention_heads, ungrouped.num_key_value_heads = 3, 2
     assert "KV heads" in decoder_gqa.supported(ungrouped)
     relu = copy.copy(cfg)
-    relu.hidden_activation = "relu"
-    assert "hidden_activation 'relu'" in decoder_gqa.supported(relu)
+    # Gemma 2 names it hidden_activation, Gemma (PaliGemma 1) hidden_act.
+    setattr(relu, "hidden_activation" if decoder_gqa.is_gemma2(cfg) else "hidden_act", "relu")
+    assert "hidden activation 'relu'" in decoder_gqa.supported(relu)
     scaled = copy.copy(cfg)
     scaled.rope_parameters = {**cfg.rope_parameters, "rope_type": "linear", "factor": 2.0}
     assert "rope_type 'linear'" in decoder_gqa.supported(scaled)
