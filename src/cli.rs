@@ -201,8 +201,8 @@ pub fn run(args: Args) -> Result<i32> {
     for warning in pipeline.warnings() {
         eprintln!("warning: {warning}");
     }
-    if !pipeline.supports_batching() {
-        eprintln!("note: this decoder has no attention_mask/token_type_ids inputs (a community export): requests run one at a time with the graph's own prefix attention");
+    if let Some(note) = pipeline.one_at_a_time_note() {
+        eprintln!("note: {note}");
     }
     let providers: BTreeMap<String, Vec<String>> = pipeline.providers().iter().cloned().collect();
 

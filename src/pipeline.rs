@@ -378,6 +378,29 @@ impl Pipeline {
         self.sessions.supports_batching()
     }
 
+    /// What a decoder without attention_mask/token_type_ids (a community export) means for the
+    /// answers, for the CLI and the server to say once; `None` for ours. Such a graph attends to
+    /// every cached position: exact for one unpadded request, except that transformers' sliding
+    /// layers drop keys more than `sliding_window` positions behind a generated token, so a request
+    /// that passes the window (every 896 px one) may differ.
+    pub fn one_at_a_time_note(&self) -> Option<String> {
+        if self.supports_batching() {
+            return None;
+        }
+        let m = self.manifest();
+        let mut note = "this decoder has no attention_mask/token_type_ids inputs (a community export): requests run one at a time, \
+                        each with the graph's own full prefix attention"
+            .to_string();
+        if let Some(window) = m.sliding_window.filter(|_| m.layer_types.iter().any(|t| t == "sliding_attention")) {
+            note.push_str(&format!(
+                "; its sliding layers see every position where transformers' see the last {window}, so a request longer than \
+                 {window} positions ({} of them image tokens) may get other tokens than transformers gives",
+                m.num_image_tokens
+            ));
+        }
+        Some(note)
+    }
+
     fn prepare(&self, request: &Request) -> Result<(LoadedImage, Prepared), RequestError> {
         let image = match &request.image {
             ImageInput::Path(path) => load_image(path, &self.limits)?,

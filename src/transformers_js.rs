@@ -452,8 +452,9 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
         image_size,
         patch_size,
         num_image_tokens,
-        hidden_size: cfg.usize(text, "hidden_size", defaults.hidden_size)?,
-        vocab_size: cfg.usize(text, "vocab_size", defaults.vocab_size)?,
+        // Configs of older transformers state these at the top level only.
+        hidden_size: cfg.usize(text, "hidden_size", cfg.usize(&config, "hidden_size", defaults.hidden_size)?)?,
+        vocab_size: cfg.usize(text, "vocab_size", cfg.usize(&config, "vocab_size", defaults.vocab_size)?)?,
         num_hidden_layers,
         num_attention_heads: cfg.usize(text, "num_attention_heads", defaults.num_attention_heads)?,
         num_key_value_heads: cfg.usize(text, "num_key_value_heads", defaults.num_key_value_heads)?,

@@ -102,8 +102,8 @@ pub fn run(options: ServeOptions) -> Result<()> {
     for warning in pipeline.warnings() {
         eprintln!("warning: {warning}");
     }
-    if !pipeline.supports_batching() {
-        eprintln!("note: this decoder has no attention_mask/token_type_ids inputs (a community export): requests run one at a time");
+    if let Some(note) = pipeline.one_at_a_time_note() {
+        eprintln!("note: {note}");
     }
     let info = ModelInfo {
         providers: pipeline.providers().iter().cloned().collect(),
