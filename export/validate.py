@@ -79,9 +79,15 @@ def reference_of(model, processor, images, prompts, max_new_tokens: int) -> Refe
     return Reference({k: v.numpy() for k, v in inputs.items()}, tokens, [step.float().numpy() for step in ref.logits])
 
 
-def reference_run(source: Path, processor, images, prompts, max_new_tokens: int) -> Reference:
-    """`reference_of` with the checkpoint at `source` loaded for it (a tensor at a time,
-    `checkpoint.load_model`) and released on return."""
+# Most image tokens validated as one padded batch of every prompt. Above it, one prompt at a time:
+# eager attention holds [B, heads, L, L] scores, and at 896 px (4,096 image tokens) seven rows of the
+# 3B went past 24 GB (killed); one row is about an eighth of that.
+BATCHED_IMAGE_TOKENS = 1024
+
+
+def reference_run(source: Path, processor, images, prompts, max_new_tokens: int, batch_size: int) -> list[Reference]:
+    """`reference_of` on `prompts` in batches of `batch_size`, with the checkpoint at `source`
+    loaded for it (a tensor at a time, `checkpoint.load_model`) and released on return."""
     import gc
 
     import torch
@@ -89,10 +95,13 @@ def reference_run(source: Path, processor, images, prompts, max_new_tokens: int)
     from .checkpoint import load_model
 
     model = load_model(source, torch.float32)
-    reference = reference_of(model, processor, images, prompts, max_new_tokens)
+    references = [
+        reference_of(model, processor, images[i : i + batch_size], prompts[i : i + batch_size], max_new_tokens)
+        for i in range(0, len(prompts), batch_size)
+    ]
     del model
     gc.collect()
-    return reference
+    return references
 
 
 def compare_reference(onnx_model, reference: Reference, prompts, max_new_tokens: int, release_vision: bool = False) -> list[Row]:
@@ -137,15 +146,20 @@ def validate(
 
     processor = AutoProcessor.from_pretrained(source)
     images = [builtin_image()] * len(TASK_PROMPTS)
-    reference = reference_run(source, processor, images, TASK_PROMPTS, max_new_tokens)
-    rows = compare_reference(OnnxPaliGemma(model_dir, dtype=dtype), reference, TASK_PROMPTS, max_new_tokens, release_vision=True)
+    batch = len(TASK_PROMPTS) if processor.image_seq_length <= BATCHED_IMAGE_TOKENS else 1
+    references = reference_run(source, processor, images, TASK_PROMPTS, max_new_tokens, batch)
+    onnx = OnnxPaliGemma(model_dir, dtype=dtype)
+    rows = []
+    for i, reference in enumerate(references):
+        prompts = TASK_PROMPTS[i * batch : (i + 1) * batch]
+        rows += compare_reference(onnx, reference, prompts, max_new_tokens, release_vision=i == len(references) - 1)
     ok = all(r.tokens_match and r.max_logit_diff <= LOGIT_TOLERANCE[dtype] for r in rows)
     report = [table(rows, dtype)]
     if quantized:
         header = "| dtype | teacher-forced top-1 agreement | greedy agreement | rows identical | positions |"
         report += ["", header, "|---|---|---|---|---|"]
     for q in quantized:
-        a = agreement(OnnxPaliGemma(model_dir, dtype=q), [(reference.inputs, reference.tokens)], max_new_tokens)
+        a = agreement(OnnxPaliGemma(model_dir, dtype=q), [(r.inputs, r.tokens) for r in references], max_new_tokens)
         report.append(f"| {q} | {a.teacher_forced:.1%} | {a.greedy:.1%} | {a.rows_identical:.0%} | {a.positions} |")
     return ok, "\n".join(report)
 

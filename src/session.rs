@@ -213,6 +213,9 @@ pub struct DecoderInputs {
     pub attention_mask: bool,
     pub token_type_ids: bool,
     pub position_ids: bool,
+    /// optimum's merged decoders choose their branch with a bool `use_cache_branch` (true once a
+    /// cache exists), as transformers.js feeds it.
+    pub use_cache_branch: bool,
 }
 
 impl DecoderInputs {
@@ -435,6 +438,7 @@ impl ModelSessions {
             attention_mask: decoder.has_input("attention_mask"),
             token_type_ids: decoder.has_input("token_type_ids"),
             position_ids: decoder.has_input("position_ids"),
+            use_cache_branch: decoder.has_input("use_cache_branch"),
         };
         let floats = Floats {
             pixel_values: vision.float(false, "pixel_values"),
@@ -515,6 +519,9 @@ impl ModelSessions {
             if self.decoder.has_input(name) {
                 self.decoder.check(false, name, Int64, &[None, None])?;
             }
+        }
+        if self.decoder_inputs.use_cache_branch {
+            self.decoder.check(false, "use_cache_branch", TensorElementType::Bool, &[Some(1)])?;
         }
         let kv = [None, Some(kvh), None, Some(d)];
         for ((pk, pv), (ok, ov)) in self.past_names.iter().zip(&self.present_names) {
@@ -762,6 +769,13 @@ impl ModelSessions {
             if declared {
                 inputs.push((name, Tensor::from_array(value.to_owned()).map_err(&err)?.into_dyn()));
             }
+        }
+        if self.decoder_inputs.use_cache_branch {
+            let cached = attention_mask.ncols() > inputs_embeds.shape()[1];
+            inputs.push((
+                "use_cache_branch",
+                Tensor::from_array(ndarray::arr1(&[cached])).map_err(&err)?.into_dyn(),
+            ));
         }
         self.run_decoder(inputs_embeds, inputs, cache)
     }

@@ -90,12 +90,17 @@ pub fn graphs(files: &[String]) -> Graphs {
             .filter(|(_, name)| files.contains(name))
             .collect()
     };
+    // This repository's own graphs, in a conversion whose manifest.json was left behind.
+    let seg = "onnx/seg_decoder.onnx".to_string();
+    let seg_decoder = files
+        .contains(&seg)
+        .then(|| Dtype::ALL.iter().map(|d| (d.as_str().to_string(), seg.clone())).collect());
     Graphs {
         vision_encoder: of(GRAPH_STEMS[0].1),
         embed_tokens: of(GRAPH_STEMS[1].1),
         decoder: of(GRAPH_STEMS[2].1),
-        decoder_gqa: None,
-        seg_decoder: None,
+        decoder_gqa: Some(of("decoder_model_gqa")).filter(|files| !files.is_empty()),
+        seg_decoder,
     }
 }
 
@@ -109,7 +114,8 @@ pub fn needed_files(files: &[String], choice: DtypeChoice, repo: &Path) -> Resul
         .chain(OPTIONAL_FILES.iter().filter(|f| files.iter().any(|n| n == *f)))
         .map(|f| f.to_string())
         .collect();
-    for (graph, _) in [selection.vision_encoder, selection.embed_tokens, selection.decoder] {
+    let picked = [selection.vision_encoder.0, selection.embed_tokens.0, selection.decoder.0];
+    for graph in picked.into_iter().chain(selection.decoder_gqa).chain(selection.seg_decoder) {
         needed.extend(with_external_data(&graph, files.iter().map(String::as_str)));
     }
     needed.sort();
@@ -478,4 +484,182 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
         producer: BTreeMap::new(),
         synthesized: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transformers.js-layout directory: `config` as config.json, a 224 px preprocessor with
+    /// `image_seq_length`, the scenes model's tokenizer (its `<image>` is 1664) and empty graph
+    /// files named `graphs`.
+    fn layout(tag: &str, config: serde_json::Value, image_seq_length: u64, graphs: &[&str]) -> Result<Manifest, LayoutError> {
+        let dir = std::env::temp_dir().join(format!("paligemma-layout-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("onnx")).unwrap();
+        let scenes = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/scenes");
+        std::fs::copy(scenes.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+        let preprocessor = serde_json::json!({"size": {"height": 224, "width": 224}, "image_seq_length": image_seq_length});
+        std::fs::write(dir.join("preprocessor_config.json"), preprocessor.to_string()).unwrap();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        for graph in graphs {
+            std::fs::write(dir.join("onnx").join(graph), b"").unwrap();
+        }
+        assert!(is_layout(&dir));
+        let manifest = manifest(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        manifest
+    }
+
+    const GRAPHS: [&str; 5] = [
+        "vision_encoder.onnx",
+        "embed_tokens.onnx",
+        "decoder_model_merged.onnx",
+        "decoder_model_merged_q4f16.onnx",
+        "decoder_model_merged_quantized.onnx",
+    ];
+
+    /// google/paligemma2-3b-pt-224's config.json as published: text_config states only what
+    /// differs from Gemma2Config (image_token_index changed to this tokenizer's <image>).
+    fn paligemma2_config() -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["PaliGemmaForConditionalGeneration"], "bos_token_id": 2, "eos_token_id": 1,
+            "hidden_size": 2048, "image_token_index": 1664, "model_type": "paligemma", "pad_token_id": 0,
+            "projection_dim": 2304,
+            "text_config": {
+                "cache_implementation": "hybrid", "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
+                "hidden_size": 2304, "intermediate_size": 9216, "model_type": "gemma2", "num_hidden_layers": 26,
+                "num_image_tokens": 256, "num_key_value_heads": 4, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                "torch_dtype": "bfloat16", "vocab_size": 257216
+            },
+            "vision_config": {
+                "hidden_size": 1152, "intermediate_size": 4304, "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                "num_hidden_layers": 27, "num_image_tokens": 256, "num_positions": 256, "patch_size": 14,
+                "projection_dim": 2304, "vision_use_head": false
+            }
+        })
+    }
+
+    #[test]
+    fn a_paligemma2_config_takes_gemma2_defaults_for_what_it_leaves_out() {
+        let m = layout("pg2", paligemma2_config(), 256, &GRAPHS).unwrap();
+        assert!(m.synthesized);
+        assert_eq!((m.image_size, m.patch_size, m.num_image_tokens), (224, 14, 256));
+        assert_eq!((m.hidden_size, m.vocab_size, m.num_hidden_layers), (2304, 257216, 26));
+        // Gemma2Config's defaults: 8 heads, 256 per head, softcap 50 on attention, 8192 positions.
+        assert_eq!((m.num_attention_heads, m.num_key_value_heads, m.head_dim), (8, 4, 256));
+        assert_eq!((m.attn_logit_softcapping, m.final_logit_softcapping), (Some(50.0), Some(30.0)));
+        assert_eq!((m.sliding_window, m.max_position_embeddings), (Some(4096), 8192));
+        assert_eq!(&m.layer_types[..3], ["sliding_attention", "full_attention", "sliding_attention"]);
+        assert_eq!(
+            (m.image_token_id, m.bos_token_id, m.pad_token_id, m.eos_token_id.clone()),
+            (1664, 2, 0, vec![1])
+        );
+        assert_eq!(m.dtypes, ["fp32", "q8", "q4f16"]);
+        assert_eq!(m.graphs.decoder["q8"], "onnx/decoder_model_merged_quantized.onnx");
+        assert_eq!(m.graphs.vision_encoder.keys().collect::<Vec<_>>(), ["fp32"]);
+    }
+
+    #[test]
+    fn a_paligemma1_config_is_gemma_without_window_or_softcaps() {
+        // google/paligemma-3b-mix-224's text_config; one without model_type is read as Gemma too.
+        let text = serde_json::json!({
+            "hidden_size": 2048, "intermediate_size": 16384, "model_type": "gemma", "num_attention_heads": 8,
+            "num_hidden_layers": 18, "num_image_tokens": 256, "num_key_value_heads": 1, "vocab_size": 257216
+        });
+        for (tag, text) in [
+            ("pg1", text.clone()),
+            ("untyped", {
+                let mut t = text;
+                t.as_object_mut().unwrap().remove("model_type");
+                t
+            }),
+        ] {
+            let mut config = paligemma2_config();
+            config["text_config"] = text;
+            let m = layout(tag, config, 256, &GRAPHS).unwrap();
+            assert_eq!(
+                (m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads, m.head_dim),
+                (18, 8, 1, 256)
+            );
+            assert_eq!(
+                (m.sliding_window, m.attn_logit_softcapping, m.final_logit_softcapping),
+                (None, None, None)
+            );
+            assert!(m.layer_types.iter().all(|t| t == "full_attention"), "{tag}");
+        }
+    }
+
+    #[test]
+    fn configs_the_runtime_cannot_serve_are_refused_by_name() {
+        let error = |tag: &str, edit: fn(&mut serde_json::Value), seq: u64, graphs: &[&str]| {
+            let mut config = paligemma2_config();
+            edit(&mut config);
+            layout(tag, config, seq, graphs).unwrap_err().to_string()
+        };
+        let e = error("gemma3", |c| c["text_config"]["model_type"] = "gemma3".into(), 256, &GRAPHS);
+        assert!(e.contains("text_config.model_type is \"gemma3\""), "{e}");
+        let e = error("llava", |c| c["model_type"] = "llava".into(), 256, &GRAPHS);
+        assert!(e.contains("model_type is \"llava\""), "{e}");
+        let e = error("seq", |_| {}, 1024, &GRAPHS);
+        assert!(e.contains("image_seq_length is 1024") && e.contains("make 256 image tokens"), "{e}");
+        let e = error("image", |c| c["image_token_index"] = 257152.into(), 256, &GRAPHS);
+        assert!(e.contains("image_token_index is 257152") && e.contains("<image> is 1664"), "{e}");
+        let e = error(
+            "layers",
+            |c| c["text_config"]["layer_types"] = serde_json::json!(["full_attention"]),
+            256,
+            &GRAPHS,
+        );
+        assert!(e.contains("1 entries for 26 layers"), "{e}");
+        let e = error("novision", |_| {}, 256, &["embed_tokens.onnx", "decoder_model_merged.onnx"]);
+        assert!(e.contains("no vision_encoder*.onnx"), "{e}");
+    }
+
+    #[test]
+    fn a_hub_download_takes_the_config_files_and_the_picked_graphs_with_their_data() {
+        let files: Vec<String> = [
+            "README.md",
+            "config.json",
+            "generation_config.json",
+            "preprocessor_config.json",
+            "tokenizer.json",
+            "onnx/vision_encoder.onnx",
+            "onnx/vision_encoder_fp16.onnx",
+            "onnx/embed_tokens.onnx",
+            "onnx/embed_tokens_q4.onnx",
+            "onnx/decoder_model_merged.onnx",
+            "onnx/decoder_model_merged.onnx_data",
+            "onnx/decoder_model_merged_q4.onnx",
+            "onnx/decoder_model_merged_q4.onnx_data",
+            "onnx/decoder_model_merged_q4.onnx_data_1",
+            "onnx/decoder_model_merged_q4f16.onnx",
+        ]
+        .map(String::from)
+        .to_vec();
+        let needed = needed_files(&files, "q4".parse().unwrap(), Path::new("owner/repo")).unwrap();
+        assert_eq!(
+            needed,
+            [
+                "config.json",
+                "generation_config.json",
+                "onnx/decoder_model_merged_q4.onnx",
+                "onnx/decoder_model_merged_q4.onnx_data",
+                "onnx/decoder_model_merged_q4.onnx_data_1",
+                "onnx/embed_tokens_q4.onnx",
+                "onnx/vision_encoder.onnx",
+                "preprocessor_config.json",
+                "tokenizer.json",
+            ]
+        );
+        let mixed = needed_files(&files, "vision=fp16,decoder=q4f16".parse().unwrap(), Path::new("owner/repo")).unwrap();
+        assert!(mixed.contains(&"onnx/vision_encoder_fp16.onnx".to_string()) && mixed.contains(&"onnx/embed_tokens.onnx".to_string()));
+        let missing = needed_files(&files, "vision=q4".parse().unwrap(), Path::new("owner/repo")).unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("owner/repo: vision_encoder has no q4 file (it has: fp16, fp32)"),
+            "{missing}"
+        );
+    }
 }

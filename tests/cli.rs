@@ -377,6 +377,45 @@ fn community_dtypes_and_per_graph_mixes_give_onnx_runtime_python_tokens() {
     }
 }
 
+/// optimum's merged decoders take a bool `use_cache_branch`; transformers.js feeds it true once a
+/// cache exists. The graph here multiplies its logits by (use_cache_branch == past length > 0),
+/// so any wrong value turns them to zeros and the answer to `<pad>`s.
+#[test]
+fn community_decoder_with_use_cache_branch_is_fed_it() {
+    let dir = copy_of(&community(), "community-branch");
+    let graph = dir.join("onnx/decoder_model_merged.onnx");
+    let code = r#"
+import sys, onnx
+from onnx import TensorProto, helper
+m = onnx.load(sys.argv[1])
+g = m.graph
+g.input.append(helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]))
+logits = g.output[0].name
+for n in g.node:
+    n.output[:] = ["raw_logits" if o == logits else o for o in n.output]
+g.initializer.extend([helper.make_tensor("two", TensorProto.INT64, [1], [2]), helper.make_tensor("zero", TensorProto.INT64, [1], [0])])
+g.node.extend([
+    helper.make_node("Shape", ["past_key_values.0.key"], ["past_shape"]),
+    helper.make_node("Gather", ["past_shape", "two"], ["past_len"], axis=0),
+    helper.make_node("Greater", ["past_len", "zero"], ["has_past"]),
+    helper.make_node("Equal", ["has_past", "use_cache_branch"], ["right"]),
+    helper.make_node("Cast", ["right"], ["right_f"], to=TensorProto.FLOAT),
+    helper.make_node("Mul", ["raw_logits", "right_f"], [logits]),
+])
+onnx.save(m, sys.argv[1])
+"#;
+    let out = Command::new(python()).args(["-c", code, graph.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ids = |model: &Path| {
+        let out = run_image(model, &image("chelsea.png"), "caption en", &["--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["token_ids"].clone()
+    };
+    let expected = ids(&community());
+    assert!(expected.as_array().unwrap().len() > 2);
+    assert_eq!(ids(&dir), expected);
+}
+
 #[test]
 fn community_layout_without_config_json_is_refused_by_name() {
     let dir = copy_of(&community(), "community-noconfig");
