@@ -14,7 +14,9 @@ use crate::prompt::DEFAULT_MAX_PROMPT_TOKENS;
 /// `paligemma serve`.
 #[derive(Debug, clap::Args)]
 pub struct RuntimeArgs {
-    /// Converted model directory (with manifest.json) or a Hugging Face repo id holding one.
+    /// Converted model directory (with manifest.json), a transformers.js export (onnx/ with
+    /// vision_encoder, embed_tokens, decoder_model_merged graphs; no manifest) or a Hugging Face
+    /// repo id holding either.
     /// Default: the repository's committed scenes model, models/scenes (see models/README.md).
     #[arg(long)]
     pub model: Option<String>,

@@ -301,7 +301,7 @@ pub enum ConfigError {
         why: &'static str,
     },
     /// A graph has no file for the dtype asked for (`--dtype`).
-    #[error("{path}: {graph} has no {dtype} file (it has: {available}); pick one of those with --dtype, or one per graph (--dtype vision=fp32,embed=fp32,decoder=q4)")]
+    #[error("{path}: {graph} has no {dtype} file (it has: {available}); pick one of those with --dtype, or one per graph that the model has, e.g. --dtype {suggestion}")]
     MissingDtype {
         /// The manifest's path (the model directory for a transformers.js layout).
         path: PathBuf,
@@ -311,6 +311,8 @@ pub enum ConfigError {
         dtype: String,
         /// The dtypes the graph has, comma-separated.
         available: String,
+        /// A per-graph `--dtype` whose every file exists, nearest to the one asked for.
+        suggestion: String,
     },
 }
 
@@ -522,6 +524,31 @@ impl Graphs {
     /// or the model directory or repo of a transformers.js layout).
     pub fn select(&self, path: &Path, choice: DtypeChoice) -> Result<Selection, ConfigError> {
         let g = self;
+        let asked = match choice {
+            DtypeChoice::All(dtype) => [dtype; 3],
+            DtypeChoice::PerGraph {
+                vision_encoder,
+                embed_tokens,
+                decoder,
+            } => [vision_encoder, embed_tokens, decoder],
+        };
+        // Per graph: the dtype asked for where it has it, else fp32, else its first.
+        let suggestion = || {
+            let pick = |files: &GraphFiles, want: Dtype| {
+                [want, Dtype::Fp32]
+                    .into_iter()
+                    .chain(Dtype::ALL)
+                    .find(|d| files.contains_key(d.as_str()))
+                    .unwrap_or(want)
+            };
+            let [v, e, d] = asked;
+            format!(
+                "vision={},embed={},decoder={}",
+                pick(&g.vision_encoder, v),
+                pick(&g.embed_tokens, e),
+                pick(&g.decoder, d)
+            )
+        };
         let exact = |graph: &'static str, files: &GraphFiles, dtype: Dtype| -> Result<(String, Dtype), ConfigError> {
             match files.get(dtype.as_str()) {
                 Some(file) => Ok((file.clone(), dtype)),
@@ -530,6 +557,7 @@ impl Graphs {
                     graph,
                     dtype: dtype.to_string(),
                     available: files.keys().cloned().collect::<Vec<_>>().join(", "),
+                    suggestion: suggestion(),
                 }),
             }
         };

@@ -45,7 +45,7 @@ const MAX_REPO_NAME: usize = 96;
 pub enum HubError {
     /// The argument is meant as a path (it starts with `/`, `.` or `~`, or has `\` or two `/`), or
     /// names a file, and no directory is there.
-    #[error("model directory {path} does not exist; {CONVERT_HINT}")]
+    #[error("model directory {path} {}; {CONVERT_HINT}", if path.exists() { "is a file, not a directory" } else { "does not exist" })]
     NotADirectory {
         /// The argument as a path.
         path: PathBuf,

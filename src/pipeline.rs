@@ -62,7 +62,7 @@ pub enum LoadError {
     Preprocess(#[from] PreprocessError),
     /// preprocessor_config.json does not resize to the manifest's `image_size` square.
     #[error(
-        "{path}: the image processor resizes to {width}x{height}, the manifest says {expected}x{expected}; the files come from different conversions"
+        "{path}: the image processor resizes to {width}x{height}, the model takes {expected}x{expected} images; the files come from different conversions or exports (take them from one)"
     )]
     ImageSize {
         /// The preprocessor config's path.
@@ -295,8 +295,7 @@ impl Pipeline {
         } else {
             Manifest::load(&model_dir)?
         };
-        let config_path = model_dir.join("preprocessor_config.json");
-        let image_config = ImageProcessorConfig::from_file(&config_path)?;
+        let (image_config, config_path, _) = ImageProcessorConfig::from_model_dir(&model_dir)?;
         if image_config.height as usize != manifest.image_size || image_config.width != image_config.height {
             return Err(LoadError::ImageSize {
                 path: config_path,
@@ -388,9 +387,10 @@ impl Pipeline {
             return None;
         }
         let m = self.manifest();
-        let mut note = "this decoder has no attention_mask/token_type_ids inputs (a community export): requests run one at a time, \
-                        each with the graph's own full prefix attention"
-            .to_string();
+        let mut note = format!(
+            "this decoder has no {} input (a community export): requests run one at a time, each with the graph's own full prefix attention",
+            self.sessions.missing_batch_inputs().join(" and no ")
+        );
         if let Some(window) = m.sliding_window.filter(|_| m.layer_types.iter().any(|t| t == "sliding_attention")) {
             note.push_str(&format!(
                 "; its sliding layers see every position where transformers' see the last {window}, so a request longer than \

@@ -30,7 +30,7 @@ pub enum ModelError {
     Session(#[from] SessionError),
     /// A graph's input or output names, element types, static sizes or layer count differ from
     /// what the manifest says.
-    #[error("{graph} ({path}) does not match manifest.json: {what}: expected {expected}, found {found}; the graph and the manifest come from different conversions — re-run `python -m export convert`")]
+    #[error("{graph} ({path}) does not match {}: {what}: expected {expected}, found {found}; {}", origin.against(), origin.fix())]
     Mismatch {
         /// The graph: `vision_encoder`, `embed_tokens`, `decoder` or `seg_decoder`.
         graph: &'static str,
@@ -42,6 +42,8 @@ pub enum ModelError {
         expected: String,
         /// What the graph declares.
         found: String,
+        /// Where the expectation came from, which says what to do.
+        origin: Origin,
     },
     /// A tensor read or fed as float32 is float16 or bfloat16 in the graph: a bfloat16
     /// conversion, or graphs of different float types.
@@ -88,6 +90,33 @@ pub enum ModelError {
     NoSegDecoder,
 }
 
+/// Where a model's description came from: what a graph that disagrees with it is held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A conversion's `manifest.json`.
+    Manifest,
+    /// A transformers.js layout's config files (`transformers_js.rs`).
+    TransformersJs,
+}
+
+impl Origin {
+    fn against(self) -> &'static str {
+        match self {
+            Origin::Manifest => "manifest.json",
+            Origin::TransformersJs => "its config files (config.json, the processor and tokenizer files) or the other graphs",
+        }
+    }
+
+    fn fix(self) -> &'static str {
+        match self {
+            Origin::Manifest => "the graph and the manifest come from different conversions — re-run `python -m export convert`",
+            Origin::TransformersJs => {
+                "the graphs and config files come from different exports, or the graph is not in the transformers.js PaliGemma layout; take them all from one repository"
+            }
+        }
+    }
+}
+
 fn run_error(graph: &'static str) -> impl Fn(ort::Error) -> ModelError {
     move |source| ModelError::Ort { graph, source }
 }
@@ -97,6 +126,8 @@ struct Graph {
     name: &'static str,
     path: PathBuf,
     session: Session,
+    /// The model's description came from a transformers.js layout's config files, not a manifest.
+    synthesized: bool,
 }
 
 impl Graph {
@@ -120,7 +151,12 @@ impl Graph {
                 warnings.push(warning);
             }
         }
-        Ok(Graph { name, path, session })
+        Ok(Graph {
+            name,
+            path,
+            session,
+            synthesized: false,
+        })
     }
 
     /// The float type of input (or output) `name`: float16 where the graph declares it, else
@@ -147,6 +183,25 @@ impl Graph {
             what: what.into(),
             expected: expected.to_string(),
             found: found.to_string(),
+            origin: if self.synthesized { Origin::TransformersJs } else { Origin::Manifest },
+        }
+    }
+
+    /// Every input is one the runtime feeds: an input it does not know would fail every run.
+    fn check_inputs(&self, known: &[&str], known_prefix: Option<&str>) -> Result<(), ModelError> {
+        let unknown = self
+            .session
+            .inputs()
+            .iter()
+            .map(|i| i.name())
+            .find(|name| !known.contains(name) && !known_prefix.is_some_and(|p| name.starts_with(p)));
+        match unknown {
+            Some(name) => {
+                let mut feeds: Vec<String> = known.iter().map(|k| k.to_string()).collect();
+                feeds.extend(known_prefix.map(|p| format!("{p}{{i}}.key/.value")));
+                Err(self.mismatch("inputs", format!("only inputs this runtime feeds ({})", feeds.join(", ")), name))
+            }
+            None => Ok(()),
         }
     }
 
@@ -395,7 +450,9 @@ impl ModelSessions {
                 &[]
             };
             files.push((name.to_string(), file.to_string(), dtype));
-            Graph::open(name, dir, file, eps, threads, entries, &mut providers, &mut warnings)
+            let mut graph = Graph::open(name, dir, file, eps, threads, entries, &mut providers, &mut warnings)?;
+            graph.synthesized = m.synthesized;
+            Ok(graph)
         };
         let decoder_dtype = selection.decoder.1;
         let in_place = match flavour {
@@ -523,6 +580,23 @@ impl ModelSessions {
         if self.decoder_inputs.use_cache_branch {
             self.decoder.check(false, "use_cache_branch", TensorElementType::Bool, &[Some(1)])?;
         }
+        self.vision.check_inputs(&["pixel_values"], None)?;
+        self.embed.check_inputs(&["input_ids"], None)?;
+        let decoder_inputs: &[&str] = if self.in_place {
+            &["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"]
+        } else {
+            &[
+                "inputs_embeds",
+                "attention_mask",
+                "token_type_ids",
+                "position_ids",
+                "use_cache_branch",
+            ]
+        };
+        self.decoder.check_inputs(decoder_inputs, Some("past_key_values."))?;
+        if let Some(seg) = &self.seg {
+            seg.check_inputs(&["codes"], None)?;
+        }
         let kv = [None, Some(kvh), None, Some(d)];
         for ((pk, pv), (ok, ov)) in self.past_names.iter().zip(&self.present_names) {
             self.decoder.check(false, pk, float, &kv)?;
@@ -559,6 +633,16 @@ impl ModelSessions {
     /// export): requests then run one at a time.
     pub fn supports_batching(&self) -> bool {
         self.in_place || self.decoder_inputs.supports_batching()
+    }
+
+    /// The batching inputs the portable decoder lacks (`attention_mask`, `token_type_ids`).
+    pub fn missing_batch_inputs(&self) -> Vec<&'static str> {
+        let d = &self.decoder_inputs;
+        [("attention_mask", d.attention_mask), ("token_type_ids", d.token_type_ids)]
+            .into_iter()
+            .filter(|(_, declared)| !declared && !self.in_place)
+            .map(|(name, _)| name)
+            .collect()
     }
 
     /// The decoder is the GroupQueryAttention one: steps run on a [`SlotCache`]

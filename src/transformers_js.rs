@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::config::{ConfigError, Dtype, DtypeChoice, GraphFiles, Graphs, Manifest, MANIFEST_FILE};
+use crate::preprocess::{ImageProcessorConfig, PreprocessError};
 
 /// The graphs of the layout: (manifest key, file stem under `onnx/`).
 pub const GRAPH_STEMS: [(&str, &str); 3] = [
@@ -21,11 +22,11 @@ pub const GRAPH_STEMS: [(&str, &str); 3] = [
     ("embed_tokens", "embed_tokens"),
     ("decoder", "decoder_model_merged"),
 ];
-/// The files besides the graphs a model needs (`generation_config.json`, `processor_config.json`
-/// and `tokenizer_config.json` are read where present).
-pub const CONFIG_FILES: [&str; 3] = ["config.json", "preprocessor_config.json", "tokenizer.json"];
-/// Read where present.
-pub const OPTIONAL_FILES: [&str; 3] = ["generation_config.json", "processor_config.json", "tokenizer_config.json"];
+/// The files besides the graphs a model needs.
+pub const CONFIG_FILES: [&str; 2] = ["config.json", "tokenizer.json"];
+/// Read where present; one of the image processor's two (`processor_config.json`'s
+/// `image_processor` wins over `preprocessor_config.json`, as in transformers 5) must be.
+pub const OPTIONAL_FILES: [&str; 3] = ["generation_config.json", "preprocessor_config.json", "processor_config.json"];
 
 /// Why a transformers.js model directory cannot be used. Each names the file and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,9 @@ pub enum LayoutError {
         /// What is wrong, with the values found.
         problem: String,
     },
+    /// The image processor config cannot be read or asks for what is not implemented.
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
     /// `onnx/` lacks one of the three graphs in every dtype.
     #[error("{dir}/onnx has no {stem}*.onnx (it has: {found}); a transformers.js PaliGemma export has vision_encoder, embed_tokens and decoder_model_merged graphs")]
     MissingGraph {
@@ -71,7 +75,7 @@ fn onnx_files(dir: &Path) -> Vec<String> {
         return Vec::new();
     };
     let mut files: Vec<String> = entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|e| e.ok().filter(|e| e.path().is_file())?.file_name().into_string().ok())
         .filter(|name| name.ends_with(".onnx"))
         .map(|name| format!("onnx/{name}"))
         .collect();
@@ -295,8 +299,6 @@ impl Reader<'_> {
 /// set; `dtypes` are the decoder's, in [`Dtype::ALL`]'s order.
 pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
     let config = read_json(dir, "config.json", false)?.unwrap_or_default();
-    let preprocessor = read_json(dir, "preprocessor_config.json", false)?.unwrap_or_default();
-    let processor = read_json(dir, "processor_config.json", true)?;
     let generation = read_json(dir, "generation_config.json", true)?;
     let cfg = Reader {
         path: dir.join("config.json"),
@@ -358,28 +360,24 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
         )));
     }
 
+    let (image_config, image_path, image_json) = ImageProcessorConfig::from_model_dir(dir)?;
     let pre = Reader {
-        path: dir.join("preprocessor_config.json"),
-        value: &preprocessor,
+        path: image_path,
+        value: &image_json,
     };
-    let size = field(pre.value, "size").ok_or_else(|| pre.error("has no size".into()))?;
-    let image_size = pre.usize(size, "height", 0)?;
+    let image_size = image_config.height as usize;
     let patch_size = cfg.usize(vision, "patch_size", DEFAULT_PATCH)?;
-    let from_patches = (image_size / patch_size).pow(2);
-    let seq_length = [Some(&preprocessor), processor.as_ref()]
-        .into_iter()
-        .flatten()
-        .find_map(|json| field(json, "image_seq_length").and_then(Value::as_u64));
-    let num_image_tokens = match seq_length {
-        Some(n) if n as usize != from_patches => {
-            return Err(pre.error(format!(
-            "image_seq_length is {n}, but {image_size} px images in {patch_size} px patches (config.json) make {from_patches} image tokens"
-        )))
-        }
-        _ => from_patches,
-    };
-    if image_size % patch_size != 0 || num_image_tokens == 0 {
+    if image_size == 0 || !image_size.is_multiple_of(patch_size) {
         return Err(pre.error(format!("size.height {image_size} is not a whole number of {patch_size} px patches")));
+    }
+    let num_image_tokens = (image_size / patch_size).pow(2);
+    if let Some(n) = field(&image_json, "image_seq_length")
+        .and_then(Value::as_u64)
+        .filter(|&n| n as usize != num_image_tokens)
+    {
+        return Err(pre.error(format!(
+            "image_seq_length is {n}, but {image_size} px images in {patch_size} px patches (config.json) make {num_image_tokens} image tokens"
+        )));
     }
 
     let tokenizer_path = dir.join("tokenizer.json");
@@ -407,7 +405,8 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
             .ok_or_else(|| cfg.error(format!("image_token_index is {v}, not a token id")))?,
         None => DEFAULT_IMAGE_TOKEN,
     };
-    if let Some(image) = token("<image>").filter(|&id| id != image_token_id) {
+    let image = required("<image>")?;
+    if image != image_token_id {
         return Err(cfg.error(format!(
             "image_token_index is {image_token_id}, but tokenizer.json's <image> is {image}: the processor and the model would disagree"
         )));
@@ -420,9 +419,14 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
         .ids(json, "eos_token_id")?,
         None => None,
     };
+    // generate() reads generation_config.json, else the model config (transformers 5 writes the id
+    // in text_config), else there is only the tokenizer's.
     let eos_token_id = match generation_ids {
         Some(ids) => ids,
-        None => match cfg.ids(&config, "eos_token_id")? {
+        None => match cfg
+            .ids(&config, "eos_token_id")?
+            .map_or_else(|| cfg.ids(text, "eos_token_id"), |ids| Ok(Some(ids)))?
+        {
             Some(ids) => ids,
             None => vec![required("<eos>")?],
         },
@@ -494,6 +498,17 @@ mod tests {
     /// `image_seq_length`, the scenes model's tokenizer (its `<image>` is 1664) and empty graph
     /// files named `graphs`.
     fn layout(tag: &str, config: serde_json::Value, image_seq_length: u64, graphs: &[&str]) -> Result<Manifest, LayoutError> {
+        layout_edited(tag, config, image_seq_length, graphs, |_| {})
+    }
+
+    /// [`layout`] with the directory edited by `edit` before the manifest is made.
+    fn layout_edited(
+        tag: &str,
+        config: serde_json::Value,
+        image_seq_length: u64,
+        graphs: &[&str],
+        edit: impl FnOnce(&Path),
+    ) -> Result<Manifest, LayoutError> {
         let dir = std::env::temp_dir().join(format!("paligemma-layout-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("onnx")).unwrap();
@@ -505,6 +520,7 @@ mod tests {
         for graph in graphs {
             std::fs::write(dir.join("onnx").join(graph), b"").unwrap();
         }
+        edit(&dir);
         assert!(is_layout(&dir));
         let manifest = manifest(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -591,6 +607,32 @@ mod tests {
     }
 
     #[test]
+    fn the_files_are_read_where_transformers_reads_them() {
+        // No generation_config.json and no top-level eos_token_id: text_config's, as generate() uses.
+        let mut config = paligemma2_config();
+        config.as_object_mut().unwrap().remove("eos_token_id");
+        config["text_config"]["eos_token_id"] = serde_json::json!([1, 23]);
+        let m = layout("eos", config, 256, &GRAPHS).unwrap();
+        assert_eq!(m.eos_token_id, [1, 23]);
+        // processor_config.json's image_processor wins over preprocessor_config.json (transformers
+        // 5), and serves alone.
+        let nested = |dir: &Path| {
+            let processor = serde_json::json!({"image_processor": {"size": {"height": 448, "width": 448}, "image_seq_length": 1024}});
+            std::fs::write(dir.join("processor_config.json"), processor.to_string()).unwrap();
+        };
+        let m = layout_edited("nested", paligemma2_config(), 256, &GRAPHS, nested).unwrap();
+        assert_eq!((m.image_size, m.num_image_tokens), (448, 1024));
+        let alone = |dir: &Path| {
+            nested(dir);
+            std::fs::remove_file(dir.join("preprocessor_config.json")).unwrap();
+        };
+        assert_eq!(
+            layout_edited("alone", paligemma2_config(), 256, &GRAPHS, alone).unwrap().image_size,
+            448
+        );
+    }
+
+    #[test]
     fn configs_the_runtime_cannot_serve_are_refused_by_name() {
         let error = |tag: &str, edit: fn(&mut serde_json::Value), seq: u64, graphs: &[&str]| {
             let mut config = paligemma2_config();
@@ -614,6 +656,26 @@ mod tests {
         assert!(e.contains("1 entries for 26 layers"), "{e}");
         let e = error("novision", |_| {}, 256, &["embed_tokens.onnx", "decoder_model_merged.onnx"]);
         assert!(e.contains("no vision_encoder*.onnx"), "{e}");
+        let no_image_token = |dir: &Path| {
+            let path = dir.join("tokenizer.json");
+            let mut tokenizer: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            tokenizer["added_tokens"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|t| t["content"] != "<image>");
+            tokenizer["model"]["vocab"].as_object_mut().unwrap().remove("<image>");
+            std::fs::write(&path, tokenizer.to_string()).unwrap();
+        };
+        let e = layout_edited("noimage", paligemma2_config(), 256, &GRAPHS, no_image_token)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has no <image> token"), "{e}");
+        let shortest_edge =
+            |dir: &Path| std::fs::write(dir.join("preprocessor_config.json"), r#"{"size": {"shortest_edge": 224}}"#).unwrap();
+        let e = layout_edited("edge", paligemma2_config(), 256, &GRAPHS, shortest_edge)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("preprocessor_config.json") && e.contains("height"), "{e}");
     }
 
     #[test]

@@ -442,24 +442,30 @@ fn community_dtype_that_is_not_there_lists_what_is() {
 }
 
 #[test]
-fn community_decoder_with_other_past_names_is_refused_by_name() {
-    let dir = copy_of(&community(), "community-pastnames");
-    let graph = dir.join("onnx/decoder_model_merged.onnx");
-    // Renamed as some exporters write the cache: past.{i}.key.
-    let code = r#"
+fn community_decoder_with_inputs_the_runtime_does_not_feed_is_refused_at_load() {
+    // Renamed as some exporters write the cache (past.{i}.key), and an input nobody feeds.
+    for (tag, from, to) in [("past", "past_key_values.", "past."), ("positions", "position_ids", "pos_ids")] {
+        let dir = copy_of(&community(), &format!("community-{tag}"));
+        let graph = dir.join("onnx/decoder_model_merged.onnx");
+        let code = r#"
 import sys, onnx
 m = onnx.load(sys.argv[1])
-rename = {i.name: i.name.replace("past_key_values.", "past.") for i in m.graph.input}
+rename = {i.name: i.name.replace(sys.argv[2], sys.argv[3]) for i in m.graph.input}
 for i in m.graph.input: i.name = rename[i.name]
 for n in m.graph.node: n.input[:] = [rename.get(x, x) for x in n.input]
 onnx.save(m, sys.argv[1])
 "#;
-    let out = Command::new(python()).args(["-c", code, graph.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_error(
-        &run_image(&dir, &image("chelsea.png"), "caption en", &[]),
-        &["decoder", "past_key_values.0.key", "past.0.key"],
-    );
+        let out = Command::new(python())
+            .args(["-c", code, graph.to_str().unwrap(), from, to])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let found = format!("found {to}");
+        assert_error(
+            &run_image(&dir, &image("chelsea.png"), "caption en", &[]),
+            &["decoder", "past_key_values.{i}.key", &found, "take them all from one repository"],
+        );
+    }
 }
 
 #[test]

@@ -334,7 +334,6 @@ fn transformers_js_repo_downloads_only_the_graphs_of_its_dtype() {
         "preprocessor_config.json",
         "processor_config.json",
         "tokenizer.json",
-        "tokenizer_config.json",
     ];
     expected.sort();
     assert_eq!(got, expected);

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ndarray::Array3;
 use serde::Deserialize;
@@ -79,6 +79,38 @@ fn default_resample() -> u32 {
 }
 
 impl ImageProcessorConfig {
+    /// The image processor config of a model directory where transformers 5 reads it:
+    /// `processor_config.json`'s `image_processor` object when it has one (it wins over
+    /// `preprocessor_config.json` in `PaliGemmaProcessor.from_pretrained`), else
+    /// `preprocessor_config.json`. The parsed config, the file it came from, and its raw JSON
+    /// (for keys such as `image_seq_length`).
+    pub fn from_model_dir(dir: &Path) -> Result<(Self, PathBuf, serde_json::Value), PreprocessError> {
+        let invalid = |path: &Path, reason: String| PreprocessError::InvalidConfig {
+            path: path.to_owned(),
+            reason,
+        };
+        let processor = dir.join("processor_config.json");
+        let nested = match fs::read_to_string(&processor) {
+            Ok(text) => {
+                let json: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| invalid(&processor, format!("not valid JSON ({e})")))?;
+                json.get("image_processor").filter(|v| v.is_object()).cloned()
+            }
+            Err(_) => None,
+        };
+        let (path, json) = match nested {
+            Some(json) => (processor, json),
+            None => {
+                let path = dir.join("preprocessor_config.json");
+                let text = fs::read_to_string(&path).map_err(|e| invalid(&path, format!("cannot read it ({e})")))?;
+                let json = serde_json::from_str(&text).map_err(|e| invalid(&path, format!("not valid JSON ({e})")))?;
+                (path, json)
+            }
+        };
+        let config = Self::from_json(&json.to_string(), &path)?;
+        Ok((config, path, json))
+    }
+
     /// Reads and validates a `preprocessor_config.json`.
     pub fn from_file(path: &Path) -> Result<Self, PreprocessError> {
         let text = fs::read_to_string(path).map_err(|e| PreprocessError::InvalidConfig {
