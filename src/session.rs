@@ -183,7 +183,11 @@ impl Graph {
             what: what.into(),
             expected: expected.to_string(),
             found: found.to_string(),
-            origin: if self.synthesized { Origin::TransformersJs } else { Origin::Manifest },
+            origin: if self.synthesized {
+                Origin::TransformersJs
+            } else {
+                Origin::Manifest
+            },
         }
     }
 
