@@ -76,7 +76,7 @@ def test_rendered_file_parses_back_to_the_document(current):
 def test_second_run_reuses_checkpoints_and_conversions(models_root, current):
     manifests = {p: p.stat().st_mtime_ns for p in models_root.glob("*/onnx/manifest.json")}
     weights = {p: p.stat().st_mtime_ns for p in models_root.glob("*/source/*.safetensors")}
-    assert len(manifests) == len(weights) == 3
+    assert len(manifests) == len(weights) == len(fx.TEST_CONFIGS)
     lines = []
     fx.prepare_models(models_root, log=lines.append)
     assert {p: p.stat().st_mtime_ns for p in manifests} == manifests
