@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import scenes, tasks
+from . import scenes, tasks, vqvae
 from .evaluate import requests, transformers_answers
 from .model import ModelConfig, build
 from .score import Tally, task_name
@@ -35,7 +35,14 @@ class TrainConfig:
     patch_loss_weight: float = 1.0
     weight_decay: float = 0.01
     # Relative odds of each task when a scene has it (detect is the main job and the longest target).
-    weights: tuple[tuple[str, float], ...] = (("detect", 4.0), ("ocr", 1.5), ("count", 1.0), ("colour", 1.0), ("caption", 1.0))
+    weights: tuple[tuple[str, float], ...] = (
+        ("detect", 4.0),
+        ("ocr", 1.5),
+        ("count", 1.0),
+        ("colour", 1.0),
+        ("caption", 1.0),
+        ("segment", 2.0),
+    )
 
 
 class PatchHead(torch.nn.Module):
@@ -80,10 +87,11 @@ class PatchHead(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.linear(features).flatten(0, 1), labels.flatten())
 
 
-def sample(rng: random.Random, seed: int, image_size: int, weights: dict[str, float]):
+def sample(rng: random.Random, seed: int, image_size: int, weights: dict[str, float], vae=None):
+    """One scene and one of its tasks; `segment` tasks only with a mask VQ-VAE (`train.vqvae`)."""
     scene = scenes.generate(seed, image_size)
-    pairs = tasks.tasks_for(scene)
-    prompt, target = rng.choices(pairs, weights=[weights[task_name(p)] for p, _ in pairs])[0]
+    pairs = tasks.tasks_for(scene, vqvae.codes_of(vae, *scene.image.size) if vae is not None else None)
+    prompt, target = rng.choices(pairs, weights=[weights.get(task_name(p), 0.0) for p, _ in pairs])[0]
     return scene, prompt, target
 
 
@@ -118,8 +126,12 @@ def quick_eval(model, proc, cfg: ModelConfig, n: int) -> dict:
     return tally.summary()
 
 
-def train(cfg: ModelConfig, tc: TrainConfig, seed: int, out: Path, eval_scenes: int = 0, log_every: int = 50) -> dict:
+def train(
+    cfg: ModelConfig, tc: TrainConfig, seed: int, out: Path, eval_scenes: int = 0, log_every: int = 50, seg_vae: Path | None = None
+) -> dict:
+    """With `seg_vae` (a `train.vqvae` npz), `segment` targets join the mix."""
     model, proc = build(cfg, seed)
+    vae = vqvae.load(seg_vae) if seg_vae else None
     head = PatchHead(cfg)
     captured = {}
     model.model.vision_tower.register_forward_hook(lambda _m, _i, out: captured.update(features=out.last_hidden_state))
@@ -133,7 +145,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, seed: int, out: Path, eval_scenes: 
     running: dict[str, list[float]] = {}
     losses = []
     for step in range(tc.steps):
-        batch = [sample(rng, step * tc.batch + j, cfg.image_size, weights) for j in range(tc.batch)]
+        batch = [sample(rng, step * tc.batch + j, cfg.image_size, weights, vae) for j in range(tc.batch)]
         inputs = proc(
             images=[s.image for s, _, _ in batch],
             text=[p for _, p, _ in batch],
@@ -171,6 +183,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, seed: int, out: Path, eval_scenes: 
         model=cfg.to_dict(),
         train=asdict(tc),
         seed=seed,
+        seg_vae=str(seg_vae) if seg_vae else None,
         threads=torch.get_num_threads(),
         parameters=sum(p.numel() for p in model.parameters()),
         train_seconds=round(train_s, 1),
@@ -195,6 +208,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
     ap.add_argument("--eval-scenes", type=int, default=0, help="held-out scenes for a quick transformers check at the end")
+    ap.add_argument("--seg-vae", type=Path, help="a train.vqvae npz: adds segment targets to the mix")
     for f in ("image_size", "patch_size", "hidden", "layers", "kv_heads", "vision_layers", "text_vocab"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(ModelConfig, f))
     args = ap.parse_args()
@@ -209,7 +223,7 @@ def main() -> None:
         text_vocab=args.text_vocab,
     )
     tc = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr)
-    train(cfg, tc, args.seed, args.out, args.eval_scenes)
+    train(cfg, tc, args.seed, args.out, args.eval_scenes, seg_vae=args.seg_vae)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ LOC = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})> ?([^;<]*)")
 def task_name(prompt: str) -> str:
     if prompt.startswith("detect "):
         return "detect"
+    if prompt.startswith(tasks.SEGMENT_PREFIX):
+        return "segment"
     return {tasks.CAPTION_PROMPT: "caption", tasks.OCR_PROMPT: "ocr", tasks.COUNT_PROMPT: "count", tasks.COLOUR_PROMPT: "colour"}[prompt]
 
 

@@ -9,7 +9,9 @@ pixels becomes bin `round(v / side * 1023)`, and the runtime maps bin `b` back t
 
 from __future__ import annotations
 
-from .scenes import Scene
+from collections.abc import Callable
+
+from .scenes import Scene, SceneObject
 
 LOC_BINS = 1024
 
@@ -54,17 +56,30 @@ def detect_target(scene: Scene) -> str:
     return " ; ".join(f"{loc_tokens(o.box, width, height)} {o.label}" for o in scene.objects)
 
 
-def segment_target(scene: Scene) -> str:
-    """Hook for `segment ...` targets: 4 loc tokens + 16 `<segNNN>` codes per object.
-
-    The codes come from a mask VQ-VAE (big_vision's vae-oid architecture, 128 codes) that is not
-    trained yet; segmentation is out of phase 1 of issue 6.
-    """
-    raise NotImplementedError("segment targets need a trained mask VQ-VAE (issue 6, after phase 1)")
+SEGMENT_PREFIX = "segment "
 
 
-def tasks_for(scene: Scene) -> list[tuple[str, str]]:
-    """(prompt, target) pairs for every task the scene supports, in a fixed order."""
+def segment_prompt(label: str) -> str:
+    """`segment red circle`: PaliGemma's prefix and one label of the scene."""
+    return SEGMENT_PREFIX + label
+
+
+def segment_target(scene: Scene, label: str, codes_of: Callable[[SceneObject], list[int]]) -> str:
+    """Every object labelled `label`, left to right: its 4 `<locNNNN>` tokens, its 16 `<segNNN>`
+    codes (`codes_of`, the mask VQ-VAE's encoder: `train.vqvae`), then the label; objects joined by
+    " ; " as in detect (big_vision's segmentation target)."""
+    width, height = scene.image.size
+    parts = []
+    for o in scene.objects:
+        if o.label == label:
+            codes = "".join(f"<seg{c:03d}>" for c in codes_of(o))
+            parts.append(f"{loc_tokens(o.box, width, height)}{codes} {o.label}")
+    return " ; ".join(parts)
+
+
+def tasks_for(scene: Scene, codes_of: Callable[[SceneObject], list[int]] | None = None) -> list[tuple[str, str]]:
+    """(prompt, target) pairs for every task the scene supports, in a fixed order; with `codes_of`
+    (the mask VQ-VAE's codes of an object), a `segment` pair for each distinct label too."""
     pairs = [
         (CAPTION_PROMPT, caption(scene)),
         (COUNT_PROMPT, str(len(scene.objects))),
@@ -75,4 +90,7 @@ def tasks_for(scene: Scene) -> list[tuple[str, str]]:
         pairs.append((COLOUR_PROMPT, circles[0].colour))
     if scene.text is not None:
         pairs.append((OCR_PROMPT, scene.text))
+    if codes_of is not None:
+        for label in dict.fromkeys(o.label for o in scene.objects):
+            pairs.append((segment_prompt(label), segment_target(scene, label, codes_of)))
     return pairs

@@ -75,3 +75,14 @@ def test_patch_labels_name_shapes_and_characters():
     shape_classes = {v for v in labels.tolist() if 0 < v < head.first_char}
     expected = {1 + head.COLOURS.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind) for o in scene.objects}
     assert shape_classes <= expected and shape_classes
+
+
+def test_a_mask_vqvae_adds_segment_targets_to_the_mix(tmp_path):
+    from train import vqvae
+
+    vqvae.train(tmp_path / "vae.npz", steps=1, batch=4, image_size=SMALL.image_size, log_every=1)
+    # segment alone, so every row of every step is one.
+    tc = TrainConfig(steps=2, batch=4, warmup=1, weights=(("segment", 1.0),))
+    report = train(SMALL, tc, 0, tmp_path / "model", log_every=1, seg_vae=tmp_path / "vae.npz")
+    assert all(set(entry["tasks"]) == {"segment", "patches"} for entry in report["log"]), report["log"]
+    assert report["seg_vae"] == str(tmp_path / "vae.npz")

@@ -144,9 +144,19 @@ def test_binning_round_trips_every_pixel_edge_within_half_a_bin(side):
     assert tasks.to_bin(0, side) == 0 and tasks.to_bin(side, side) == 1023
 
 
-def test_segment_targets_are_a_named_hook():
-    with pytest.raises(NotImplementedError, match="VQ-VAE"):
-        tasks.segment_target(generate(0, SIZE))
+def test_segment_targets_hold_box_codes_and_label_per_object():
+    scene = next(s for s in (generate(seed, SIZE) for seed in range(100)) if len({o.label for o in s.objects}) < len(s.objects))
+    codes_of = lambda o: [len(o.label) + i for i in range(16)]  # noqa: E731 (stands in for the VQ-VAE)
+    pairs = dict(tasks.tasks_for(scene, codes_of))
+    width, height = scene.image.size
+    for label in {o.label for o in scene.objects}:
+        target = pairs[tasks.segment_prompt(label)]
+        same = [o for o in scene.objects if o.label == label]
+        assert target.count(" ; ") == len(same) - 1
+        for part, o in zip(target.split(" ; "), same):
+            codes = "".join(f"<seg{c:03d}>" for c in codes_of(o))
+            assert part == f"{tasks.loc_tokens(o.box, width, height)}{codes} {label}"
+    assert not any(p.startswith("segment") for p, _ in tasks.tasks_for(scene))
 
 
 def test_scenes_render_at_other_sizes():

@@ -1,0 +1,49 @@
+"""The mask VQ-VAE: same seed same weights, a file `--seg-vae` converts to the decoder it trained,
+and the crop/paste convention of the runtime (the bound any decoder is held to)."""
+
+import numpy as np
+import torch
+
+from export.segmentation import SegDecoder, load_vae
+from train import vqvae
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    def weights(name: str, seed: int):
+        vqvae.train(tmp_path / f"{name}.npz", steps=3, seed=seed, batch=8, log_every=1)
+        with np.load(tmp_path / f"{name}.npz") as npz:
+            return {k: npz[k] for k in npz.files}
+
+    a, b, c = weights("a", 0), weights("b", 0), weights("c", 1)
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not all(np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_the_file_converts_to_the_decoder_it_trained(tmp_path):
+    model = vqvae.train(tmp_path / "vae.npz", steps=2, batch=8, log_every=1)
+    converted = SegDecoder(load_vae(tmp_path / "vae.npz"))  # the keys and shapes --seg-vae checks
+    codes = torch.arange(32).reshape(2, 16) * 37 % vqvae.CODEBOOK
+    with torch.no_grad():
+        assert torch.allclose(converted(codes), model.decode(codes), atol=1e-6)
+    reloaded = vqvae.load(tmp_path / "vae.npz")
+    target = next(vqvae.objects([5]))[2]
+    assert vqvae.encode(reloaded, target) == vqvae.encode(model, target)
+
+
+def test_pixel_boxes_truncate_as_the_runtime_does():
+    # src/segment.rs pixel_box: int(bin / 1023 * side); (y_min, x_min, y_max, x_max) bins.
+    assert vqvae.pixel_box((0, 0, 1023, 1023), 224, 112) == (0, 0, 224, 112)
+    assert vqvae.pixel_box((512, 100, 520, 200), 224, 224) == (21, 112, 43, 113)
+    assert vqvae.pixel_box((512, 100, 513, 200), 224, 224) is None
+
+
+def test_a_perfect_code_gives_back_the_mask_within_the_resize_bound():
+    # The target pasted back as if decoded exactly: what the 64x64 crop and the box bins lose.
+    # Measured on these 20 scenes (47 objects): mean IoU 0.985, lowest 0.945; on the 300 held-out
+    # scenes (751 objects): 0.982, lowest 0.940.
+    ious = []
+    for obj, bins, target in vqvae.objects(range(20)):
+        height, width = obj.mask.shape
+        ious.append(vqvae.iou(vqvae.paste(target, bins, width, height), obj.mask))
+    assert np.mean(ious) > 0.97 and min(ious) > 0.85, (np.mean(ious), min(ious))
