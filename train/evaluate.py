@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import scenes, tasks
-from .score import Tally
+from . import scenes, tasks, vqvae
+from .score import Tally, rle_mask, task_name
 
 REPO = Path(__file__).resolve().parent.parent
 # Held-out scenes start here; training counts its scene seeds up from 0 (train/fit.py).
@@ -29,15 +29,17 @@ MAX_NEW_TOKENS = 48
 CHUNK = 64  # requests per `paligemma --batch` run
 
 
-def requests(count: int, image_size: int, image_dir: Path, first: int = 0) -> list[dict]:
-    """Every (scene, task) pair of `count` held-out scenes; each scene's PNG is written to image_dir."""
+def requests(count: int, image_size: int, image_dir: Path, first: int = 0, vae=None) -> list[dict]:
+    """Every (scene, task) pair of `count` held-out scenes; each scene's PNG is written to image_dir.
+    With `vae` (a `train.vqvae.VQVAE`), `segment` requests too (scored by mask IoU)."""
     image_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(first, first + count):
         scene = scenes.generate(EVAL_SEED_BASE + i, image_size)
         path = image_dir / f"scene-{i:04d}.png"
         scene.image.save(path)
-        for prompt, target in tasks.tasks_for(scene):
+        codes_of = vqvae.codes_of(vae, *scene.image.size) if vae is not None else None
+        for prompt, target in tasks.tasks_for(scene, codes_of):
             out.append(dict(scene=scene, image=str(path), prompt=prompt, target=target))
     return out
 
@@ -96,9 +98,27 @@ def rust_boxes(answer: dict):
     return [(tuple(d["box"]), d["label"]) for d in answer.get("detections", [])]
 
 
-def evaluate(model: Path, reference: Path | None, count: int, dtypes: list[str], work: Path, binary: Path = BINARY, first: int = 0) -> dict:
+def rust_masks(answer: dict):
+    return [(rle_mask(s["mask"]), s["label"]) for s in answer.get("segments", [])]
+
+
+def evaluate(
+    model: Path,
+    reference: Path | None,
+    count: int,
+    dtypes: list[str],
+    work: Path,
+    binary: Path = BINARY,
+    first: int = 0,
+    seg_vae: Path | None = None,
+) -> dict:
+    """With `seg_vae` (the model's mask VQ-VAE, `train.vqvae`), segment requests are scored too:
+    the binary's masks as it returns them, transformers' codes decoded by the VAE's decoder."""
     manifest = json.loads((model / "manifest.json").read_text())
-    reqs = requests(count, manifest["image_size"], work / "scenes", first)
+    vae = vqvae.load(seg_vae) if seg_vae is not None else None
+    if vae is not None and "seg_decoder" not in manifest["graphs"]:
+        raise SystemExit(f"error: --seg-vae given but {model} has no seg_decoder; convert it with --seg-vae")
+    reqs = requests(count, manifest["image_size"], work / "scenes", first, vae)
     report: dict = dict(scenes=count, first_scene=first, requests=len(reqs), seed_base=EVAL_SEED_BASE, results={}, answers=[])
     per_request = [dict(image=Path(r["image"]).name, prompt=r["prompt"], target=r["target"]) for r in reqs]
     reference_ids = None
@@ -108,7 +128,10 @@ def evaluate(model: Path, reference: Path | None, count: int, dtypes: list[str],
         tally = Tally()
         for r, a, row in zip(reqs, ref, per_request):
             row["transformers"] = a["text"]
-            row["transformers_right"] = tally.add(r["scene"], r["prompt"], r["target"], a["text"])
+            masks = None
+            if task_name(r["prompt"]) == "segment":
+                masks = vqvae.answer_masks(vae, a["text"], *r["scene"].image.size)
+            row["transformers_right"] = tally.add(r["scene"], r["prompt"], r["target"], a["text"], masks=masks)
         report["results"]["transformers fp32"] = tally.summary() | dict(seconds=round(time.time() - t0, 1))
         reference_ids = [a["token_ids"] for a in ref]
     for dtype in dtypes:
@@ -117,8 +140,9 @@ def evaluate(model: Path, reference: Path | None, count: int, dtypes: list[str],
         tally = Tally()
         for r, a, row in zip(reqs, ours, per_request):
             boxes = rust_boxes(a) if r["prompt"].startswith("detect ") else None
+            masks = rust_masks(a) if task_name(r["prompt"]) == "segment" else None
             row[dtype] = a["text"]
-            row[f"{dtype}_right"] = tally.add(r["scene"], r["prompt"], r["target"], a["text"], boxes)
+            row[f"{dtype}_right"] = tally.add(r["scene"], r["prompt"], r["target"], a["text"], boxes, masks)
         summary = tally.summary() | dict(seconds=round(time.time() - t0, 1))
         if reference_ids is not None:
             same = sum(a["token_ids"] == ids for a, ids in zip(ours, reference_ids))
@@ -138,6 +162,7 @@ def table(report: dict) -> str:
         "count_exact",
         "colour_exact",
         "caption_exact",
+        "segment_mean_iou",
         "same_tokens_as_transformers",
     ]
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -161,9 +186,11 @@ def main() -> int:
     ap.add_argument("--binary", type=Path, default=BINARY)
     ap.add_argument("--work", type=Path, default=REPO / "target" / "eval", help="scene PNGs and batch files")
     ap.add_argument("--out", type=Path, help="write the full report (figures and every answer) as JSON")
+    ap.add_argument("--seg-vae", type=Path, help="the model's mask VQ-VAE (train.vqvae npz): adds segment requests")
     args = ap.parse_args()
     reference = None if str(args.reference) == "none" else args.reference
-    report = evaluate(args.model, reference, args.scenes, [d for d in args.dtypes.split(",") if d], args.work, args.binary, args.first)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    report = evaluate(args.model, reference, args.scenes, dtypes, args.work, args.binary, args.first, args.seg_vae)
     print(table(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

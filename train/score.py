@@ -1,14 +1,62 @@
 """Scoring one answer against its scene: the metrics of the issue (detection IoU and recall at 0.5,
-exact match for OCR, counting, colour and caption)."""
+mask IoU for segmentation, exact match for OCR, counting, colour and caption)."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from . import tasks
 from .scenes import Scene
 
 LOC = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})> ?([^;<]*)")
+# An object of a segment answer: 4 loc bins (y_min, x_min, y_max, x_max), 16 codes, the label.
+SEGMENT = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>((?:<seg\d{3}>){16}) ?([^;<]*)")
+
+
+def parse_segments(text: str) -> list[tuple[tuple[int, int, int, int], list[int], str]]:
+    """(bins, 16 codes, label) of each well-formed object of a `segment` answer, as src/detect.rs reads them."""
+    return [
+        ((int(y0), int(x0), int(y1), int(x1)), [int(c) for c in re.findall(r"<seg(\d{3})>", codes)], label.strip())
+        for y0, x0, y1, x1, codes, label in SEGMENT.findall(text)
+    ]
+
+
+def rle_mask(rle: dict) -> np.ndarray:
+    """A COCO uncompressed RLE (`{"size": [h, w], "counts": [...]}`, column-major, first run of
+    zeros), as the binary's `segments` carry it, to a bool [h, w] mask."""
+    height, width = rle["size"]
+    flat = np.zeros(height * width, dtype=bool)
+    position, value = 0, False
+    for run in rle["counts"]:
+        flat[position : position + run] = value
+        position += run
+        value = not value
+    return flat.reshape(width, height).T
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def match_masks(scene: Scene, label: str, predicted: list[tuple[np.ndarray, str]]) -> list[float]:
+    """Per object of the scene labelled `label`, the mask IoU of the best unused predicted mask
+    with that label (0 if none)."""
+    used: set[int] = set()
+    ious = []
+    for o in (o for o in scene.objects if o.label == label):
+        best, best_j = 0.0, None
+        for j, (mask, predicted_label) in enumerate(predicted):
+            if j not in used and predicted_label == label:
+                v = mask_iou(mask, o.mask)
+                if v > best:
+                    best, best_j = v, j
+        if best_j is not None:
+            used.add(best_j)
+        ious.append(best)
+    return ious
 
 
 def task_name(prompt: str) -> str:
@@ -64,14 +112,21 @@ class Tally:
     """Running totals per task; `summary()` gives the figures the model card reports."""
 
     def __init__(self):
-        self.exact = {k: [0, 0] for k in ("caption", "count", "colour", "ocr", "detect")}
+        self.exact = {k: [0, 0] for k in ("caption", "count", "colour", "ocr", "detect", "segment")}
         self.ious: list[float] = []
+        self.mask_ious: list[float] = []
 
-    def add(self, scene: Scene, prompt: str, target: str, answer: str, boxes=None) -> bool:
-        """Record one answer; returns whether it was right (for detect: every object at IoU >= 0.5).
-        `boxes` ((x_min, y_min, x_max, y_max), label) pairs replace parsing the answer's loc tokens."""
+    def add(self, scene: Scene, prompt: str, target: str, answer: str, boxes=None, masks=None) -> bool:
+        """Record one answer; returns whether it was right (for detect: every object at IoU >= 0.5;
+        for segment: every object of the label at mask IoU >= 0.5). `boxes` ((x_min, y_min, x_max,
+        y_max), label) pairs replace parsing the answer's loc tokens; `masks` (bool [h, w], label)
+        pairs are a segment answer's masks at the image's size (required for segment)."""
         name = task_name(prompt)
-        if name == "detect":
+        if name == "segment":
+            ious = match_masks(scene, prompt[len(tasks.SEGMENT_PREFIX) :], masks or [])
+            self.mask_ious += ious
+            ok = all(v >= 0.5 for v in ious)
+        elif name == "detect":
             ious = match_boxes(scene, boxes if boxes is not None else parse_boxes(answer, *scene.image.size))
             self.ious += ious
             ok = all(v >= 0.5 for v in ious)
@@ -87,5 +142,8 @@ class Tally:
         out["detect_objects"] = n
         out["detect_recall@0.5"] = round(sum(v >= 0.5 for v in self.ious) / n, 4) if n else None
         out["detect_mean_iou"] = round(sum(self.ious) / n, 4) if n else None
+        m = len(self.mask_ious)
+        out["segment_objects"] = m
+        out["segment_mean_iou"] = round(sum(self.mask_ious) / m, 4) if m else None
         out["answers"] = {k: n for k, (_, n) in self.exact.items()}
         return out

@@ -86,6 +86,19 @@ def paste(mask64: np.ndarray, bins: tuple[int, int, int, int], width: int, heigh
     return out
 
 
+def answer_masks(model: VQVAE, text: str, width: int, height: int) -> list[tuple[np.ndarray, str]]:
+    """The masks of a `segment` answer's text (transformers' side of the evaluation): each object's
+    codes decoded and pasted into its box, as the binary does with seg_decoder.onnx."""
+    from .score import parse_segments
+
+    objects = parse_segments(text)
+    if not objects:
+        return []
+    with torch.no_grad():
+        decoded = model.decode(torch.tensor([codes for _, codes, _ in objects])).numpy()
+    return [(paste(mask64, bins, width, height), label) for mask64, (bins, _, label) in zip(decoded, objects)]
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0

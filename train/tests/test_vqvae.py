@@ -47,3 +47,28 @@ def test_a_perfect_code_gives_back_the_mask_within_the_resize_bound():
         height, width = obj.mask.shape
         ious.append(vqvae.iou(vqvae.paste(target, bins, width, height), obj.mask))
     assert np.mean(ious) > 0.97 and min(ious) > 0.85, (np.mean(ious), min(ious))
+
+
+def test_segment_answers_score_by_mask_iou(tmp_path):
+    from train import scenes, tasks
+    from train.score import Tally, parse_segments, rle_mask
+
+    # COCO uncompressed RLE: column-major, the first run counts zeros: (0,0) off, (1,0) (0,1) on, the rest off.
+    assert rle_mask({"size": [2, 3], "counts": [1, 2, 3]}).tolist() == [[False, True, False], [True, False, False]]
+    model = vqvae.train(tmp_path / "vae.npz", steps=1, batch=4, log_every=1)
+    scene = scenes.generate(7, vqvae.IMAGE_SIZE)
+    width, height = scene.image.size
+    label = scene.objects[0].label
+    codes_of = vqvae.codes_of(model, width, height)
+    target = tasks.segment_target(scene, label, codes_of)
+    parsed = parse_segments(target)
+    same = [o for o in scene.objects if o.label == label]
+    assert [codes for _, codes, _ in parsed] == [codes_of(o) for o in same]
+    assert [lbl for _, lbl in vqvae.answer_masks(model, target, width, height)] == [label] * len(same)
+    tally = Tally()
+    prompt = tasks.segment_prompt(label)
+    assert tally.add(scene, prompt, target, target, masks=[(o.mask, label) for o in same])
+    assert not tally.add(scene, prompt, target, "", masks=[])
+    summary = tally.summary()
+    assert summary["segment_objects"] == 2 * len(same) and summary["segment_mean_iou"] == 0.5
+    assert summary["segment_exact"] == 0.5
