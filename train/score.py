@@ -44,19 +44,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 def match_masks(scene: Scene, label: str, predicted: list[tuple[np.ndarray, str]]) -> list[float]:
     """Per object of the scene labelled `label`, the mask IoU of the best unused predicted mask
     with that label (0 if none)."""
-    used: set[int] = set()
-    ious = []
-    for o in (o for o in scene.objects if o.label == label):
-        best, best_j = 0.0, None
-        for j, (mask, predicted_label) in enumerate(predicted):
-            if j not in used and predicted_label == label:
-                v = mask_iou(mask, o.mask)
-                if v > best:
-                    best, best_j = v, j
-        if best_j is not None:
-            used.add(best_j)
-        ious.append(best)
-    return ious
+    return _best_matches([o for o in scene.objects if o.label == label], predicted, lambda o, mask: mask_iou(mask, o.mask))
 
 
 def task_name(prompt: str) -> str:
@@ -93,19 +81,25 @@ def parse_boxes(text: str, width: int, height: int) -> list[tuple[tuple[float, f
 
 def match_boxes(scene: Scene, predicted) -> list[float]:
     """Per ground-truth object, the IoU of the best unused predicted box with the same label (0 if none)."""
+    return _best_matches(scene.objects, predicted, lambda o, box: iou(box, o.box))
+
+
+def _best_matches(objects, predicted, similarity) -> list[float]:
+    """Per object, the best `similarity(object, prediction)` among the (prediction, label) pairs
+    with its label not matched yet (0 if none); each prediction matches one object at most."""
     used: set[int] = set()
-    ious = []
-    for o in scene.objects:
+    out = []
+    for o in objects:
         best, best_j = 0.0, None
-        for j, (box, label) in enumerate(predicted):
+        for j, (value, label) in enumerate(predicted):
             if j not in used and label == o.label:
-                v = iou(box, o.box)
+                v = similarity(o, value)
                 if v > best:
                     best, best_j = v, j
         if best_j is not None:
             used.add(best_j)
-        ious.append(best)
-    return ious
+        out.append(best)
+    return out
 
 
 class Tally:
