@@ -9,7 +9,7 @@ import pytest
 
 from train import scenes, tasks
 from train.evaluate import BINARY, REPO, evaluate
-from train.release import CI_SLICE
+from train.release import CI_SLICE, VAE_FILE
 from train.score import Tally, parse_boxes
 
 MODEL = REPO / "models" / "scenes"
@@ -25,7 +25,9 @@ def released():
 def slice_report(tmp_path_factory):
     if not BINARY.exists():
         pytest.fail(f"{BINARY} is missing: build it with `cargo build --release` (.ci/setup does)")
-    return evaluate(MODEL, REFERENCE, CI_SLICE, ["fp32", "int8", "q4"], tmp_path_factory.mktemp("eval"))
+    vae = REFERENCE / VAE_FILE  # a model released with segmentation: its segment requests run too
+    seg_vae = vae if vae.is_file() else None
+    return evaluate(MODEL, REFERENCE, CI_SLICE, ["fp32", "int8", "q4"], tmp_path_factory.mktemp("eval"), seg_vae=seg_vae)
 
 
 def test_fp32_tokens_equal_transformers_on_the_slice(slice_report):
