@@ -44,9 +44,8 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from .checkpoint import CheckpointTensor, TransposedTensor, Weights
-from .graph import EXTERNAL_ABOVE, report_written
+from .graph import EXTERNAL_ABOVE, report_written, write_external
 
-ALIGN = 4096  # external data offsets on page boundaries, so ONNX Runtime can map them
 # transformers' ACT2FN names -> ONNX Gelu's `approximate`.
 GELU = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
 OPSET = 20
@@ -110,14 +109,8 @@ class _Graph:
                 self.initializers.append(numpy_helper.from_array(value, name))
                 return name
             value = ir.tensor(value)
-        self.data.write(b"\0" * (-self.data.tell() % ALIGN))
-        offset = self.data.tell()
-        value.tofile(self.data)
-        dims = list(value.shape)
-        tensor = onnx.TensorProto(name=name, data_type=int(value.dtype), dims=dims)
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, item in (("location", Path(self.data.name).name), ("offset", str(offset)), ("length", str(value.nbytes))):
-            tensor.external_data.add(key=key, value=item)
+        tensor = onnx.TensorProto(name=name, data_type=int(value.dtype), dims=list(value.shape))
+        write_external(tensor, self.data, value.tofile)
         self.initializers.append(tensor)
         return name
 

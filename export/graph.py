@@ -176,6 +176,21 @@ def export_graph(spec: GraphSpec, path: Path, weights: Weights | None = None) ->
     return path
 
 
+# External data offsets on page boundaries, so ONNX Runtime can map them.
+ALIGN = 4096
+
+
+def write_external(proto: onnx.TensorProto, file, write: Callable[[Any], None]) -> None:
+    """Points `proto` at the bytes `write(file)` appends to the open data `file`, from its next
+    page boundary (ONNX external data: location, offset, length)."""
+    file.write(b"\0" * (-file.tell() % ALIGN))
+    offset = file.tell()
+    write(file)
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", Path(file.name).name), ("offset", str(offset)), ("length", str(file.tell() - offset))):
+        proto.external_data.add(key=key, value=value)
+
+
 def report_written(path: Path, start: float) -> None:
     """The progress line for a finished graph: its bytes on disk (with its data file) and seconds."""
     size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())

@@ -33,7 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ExportError
-from .graph import EXTERNAL_ABOVE, report_written
+from .graph import EXTERNAL_ABOVE, report_written, write_external
 
 # --quantize value -> manifest dtype key (transformers.js calls its 4-bit variant q4).
 SCHEMES = {"int8": "int8", "int4": "q4"}
@@ -63,7 +63,6 @@ QUANTIZED_GRAPHS = {"int8": ("decoder", "decoder_gqa"), "q4": ("decoder", "decod
 # (docs/QUANTIZATION.md).
 VISION_FORMAT = {"op": "DynamicQuantizeMatMul", "weight_type": "int8", "bits": 7, "per": "output column"}
 VISION_DTYPE = "int8"  # the file name suffix of the quantized vision encoder
-ALIGN = 4096  # external data offsets on page boundaries, so ONNX Runtime can map them
 
 
 def parse_schemes(values: list[str] | None) -> list[str]:
@@ -132,7 +131,6 @@ class _Writer:
     is small enough to hold its weights inline."""
 
     def __init__(self, data_path: Path | None):
-        self.path = data_path
         self.file = open(data_path, "wb") if data_path is not None else None
 
     def write(self, proto: TensorProto, parts) -> None:
@@ -140,13 +138,12 @@ class _Writer:
         if self.file is None:
             proto.raw_data = b"".join(p.tobytes() if isinstance(p, np.ndarray) else p for p in parts)
             return
-        offset = -self.file.tell() % ALIGN + self.file.tell()
-        self.file.write(b"\0" * (offset - self.file.tell()))
-        for part in parts:
-            self.file.write(part.tobytes() if isinstance(part, np.ndarray) else part)
-        proto.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(self.file.tell() - offset))):
-            proto.external_data.add(key=key, value=value)
+
+        def write(file) -> None:
+            for part in parts:
+                file.write(part.tobytes() if isinstance(part, np.ndarray) else part)
+
+        write_external(proto, self.file, write)
 
     def close(self) -> None:
         if self.file is not None:

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export import decoder_gqa
+from export import decoder_gqa, graph
 from export.tests.conftest import FIGURES, converted_dir
 
 STEPS = 12
@@ -150,7 +150,7 @@ def test_weights_past_the_protobuf_limit_stream_to_external_data(tiny_root, tmp_
     proto = onnx.load(str(path), load_external_data=False)
     external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     offsets = [int(next(e.value for e in t.external_data if e.key == "offset")) for t in external]
-    assert external and all(offset % decoder_gqa.ALIGN == 0 for offset in offsets)
+    assert external and all(offset % graph.ALIGN == 0 for offset in offsets)
     streamed = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     embeds = np.random.default_rng(1).normal(0, 0.5, (1, 7, cfg.hidden_size)).astype(np.float32)
     assert np.array_equal(gqa_prefill(cfg, streamed, embeds)[0], gqa_prefill(cfg, inline, embeds)[0])

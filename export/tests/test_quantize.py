@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from export import cpu, fixtures, manifest, quantize
+from export.graph import ALIGN
 from export.runtime import OnnxPaliGemma
 from export.validate import Agreement, agreement, greedy_references
 
@@ -149,7 +150,7 @@ def test_external_data_quantizes_to_the_same_graph(quantized, dtype, tmp_path, m
         for e in t.external_data
         if e.key == "offset"
     ]
-    assert offsets and all(o % quantize.ALIGN == 0 for o in offsets)
+    assert offsets and all(o % ALIGN == 0 for o in offsets)
     m = manifest.read_manifest(out)
     rng = np.random.default_rng(0)
     kv = (1, m["num_key_value_heads"], 0, m["head_dim"])
