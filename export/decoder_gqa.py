@@ -198,7 +198,7 @@ def build(model, data=None, weights: Weights | None = None) -> onnx.ModelProto:
     eps = cfg.rms_norm_eps
     gemma2 = is_gemma2(cfg)
     window = cfg.sliding_window if gemma2 else None
-    sliding = [gemma2 and t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or [None] * layers]
+    sliding = [t == "sliding_attention" for t in cfg.layer_types] if gemma2 else [False] * layers
     theta = cfg.rope_parameters["rope_theta"]
     g = _Graph(data, _Source(weights))
 

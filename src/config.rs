@@ -129,16 +129,6 @@ impl From<Dtype> for DtypeChoice {
     }
 }
 
-impl DtypeChoice {
-    /// The decoder's dtype.
-    pub fn decoder(self) -> Dtype {
-        match self {
-            DtypeChoice::All(dtype) => dtype,
-            DtypeChoice::PerGraph { decoder, .. } => decoder,
-        }
-    }
-}
-
 impl std::fmt::Display for DtypeChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -289,7 +289,7 @@ fn looks_like_path(spec: &str) -> bool {
 fn local_model(dir: &Path) -> Result<PathBuf, HubError> {
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let manifest = dir.join(MANIFEST);
-    if crate::transformers_js::is_layout(&dir) {
+    if transformers_js::is_layout(&dir) {
         return Ok(dir);
     }
     if !manifest.is_file() {

@@ -1,7 +1,8 @@
 //! PaliGemma 2 (and 1) on ONNX Runtime: the graphs `python -m export convert` writes, driven by
-//! their `manifest.json`, or the community's transformers.js exports ([`transformers_js`]). Start at [`Pipeline`]: [`Pipeline::load`] with [`PipelineOptions`], then
-//! [`Pipeline::run`] over [`Request`]s gives a [`Response`] per request (text, token ids,
-//! [`Detection`]s, [`Segment`]s with their [`BinaryMask`]s) or that request's [`RequestError`].
+//! their `manifest.json`, or the community's transformers.js exports ([`transformers_js`]). Start
+//! at [`Pipeline`]: [`Pipeline::load`] with [`PipelineOptions`], then [`Pipeline::run`] over
+//! [`Request`]s gives a [`Response`] per request (text, token ids, [`Detection`]s, [`Segment`]s
+//! with their [`BinaryMask`]s) or that request's [`RequestError`].
 
 #![warn(missing_docs)]
 

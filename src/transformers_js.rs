@@ -239,12 +239,11 @@ fn field<'a>(object: &'a Value, key: &str) -> Option<&'a Value> {
 }
 
 /// Reads typed values of one JSON file, naming it in every error.
-struct Reader<'a> {
+struct Reader {
     path: PathBuf,
-    value: &'a Value,
 }
 
-impl Reader<'_> {
+impl Reader {
     fn error(&self, problem: String) -> LayoutError {
         LayoutError::Config {
             path: self.path.clone(),
@@ -302,7 +301,6 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
     let generation = read_json(dir, "generation_config.json", true)?;
     let cfg = Reader {
         path: dir.join("config.json"),
-        value: &config,
     };
     if field(&config, "model_type").and_then(Value::as_str) != Some("paligemma") {
         return Err(cfg.error(format!(
@@ -311,7 +309,7 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
         )));
     }
     let empty = Value::Object(Default::default());
-    let (text, defaults) = match field(cfg.value, "text_config") {
+    let (text, defaults) = match field(&config, "text_config") {
         None => (&empty, PALIGEMMA_TEXT),
         Some(text) => match field(text, "model_type").and_then(Value::as_str).unwrap_or("gemma") {
             "gemma" => (text, GEMMA),
@@ -361,10 +359,7 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
     }
 
     let (image_config, image_path, image_json) = ImageProcessorConfig::from_model_dir(dir)?;
-    let pre = Reader {
-        path: image_path,
-        value: &image_json,
-    };
+    let pre = Reader { path: image_path };
     let image_size = image_config.height as usize;
     let patch_size = cfg.usize(vision, "patch_size", DEFAULT_PATCH)?;
     if image_size == 0 || !image_size.is_multiple_of(patch_size) {
@@ -393,10 +388,7 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
         file: "tokenizer.json",
         problem: format!("cannot be read ({e})"),
     })?;
-    let tok = Reader {
-        path: tokenizer_path,
-        value: &empty,
-    };
+    let tok = Reader { path: tokenizer_path };
     let token = |name: &str| tokenizer.token_to_id(name).map(i64::from);
     let required = |name: &str| token(name).ok_or_else(|| tok.error(format!("has no {name} token: not a PaliGemma tokenizer")));
     let image_token_id = match field(&config, "image_token_id").or_else(|| field(&config, "image_token_index")) {
@@ -414,7 +406,6 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
     let generation_ids = match &generation {
         Some(json) => Reader {
             path: dir.join("generation_config.json"),
-            value: json,
         }
         .ids(json, "eos_token_id")?,
         None => None,

@@ -303,16 +303,16 @@ fn community_requests() -> Vec<(PathBuf, &'static str)> {
         .collect()
 }
 
-/// `paligemma --batch` of [`community_requests`] on the community layout, in `dtype`.
-fn community_rows(dtype: &str) -> Vec<serde_json::Value> {
-    let file = scratch(&format!("community-{}", dtype.replace([',', '='], "-"))).join("requests.jsonl");
-    let requests = community_requests();
+/// `paligemma --model MODEL --batch --json --dtype DTYPE --max-new-tokens N` over `requests`
+/// (image, prompt): one answer row per request, in order.
+fn batch_rows(model: &Path, tag: &str, requests: &[(PathBuf, String)], dtype: &str, max_new_tokens: &str) -> Vec<serde_json::Value> {
+    let file = scratch(&format!("{tag}-{}", dtype.replace([',', '='], "-"))).join("requests.jsonl");
     let lines: String = requests
         .iter()
         .map(|(i, p)| serde_json::json!({"image": i, "prompt": p}).to_string() + "\n")
         .collect();
     std::fs::write(&file, lines).unwrap();
-    let m = community().display().to_string();
+    let m = model.display().to_string();
     let out = paligemma(&[
         "--model",
         &m,
@@ -322,12 +322,18 @@ fn community_rows(dtype: &str) -> Vec<serde_json::Value> {
         dtype,
         "--json",
         "--max-new-tokens",
-        "24",
+        max_new_tokens,
     ]);
     assert!(out.status.success(), "{dtype}: {}", String::from_utf8_lossy(&out.stderr));
     let rows = json_lines(&out);
     assert_eq!(rows.len(), requests.len());
     rows
+}
+
+/// `paligemma --batch` of [`community_requests`] on the community layout, in `dtype`.
+fn community_rows(dtype: &str) -> Vec<serde_json::Value> {
+    let requests: Vec<(PathBuf, String)> = community_requests().into_iter().map(|(i, p)| (i, p.to_string())).collect();
+    batch_rows(&community(), "community", &requests, dtype, "24")
 }
 
 /// The community layout's other dtypes (ONNX Runtime's float16 tool, its MatMulNBits quantizer at
@@ -609,30 +615,11 @@ fn search_rows(dtype: &str) -> Vec<serde_json::Value> {
     let out = Command::new(python()).args(["-c", code]).current_dir(repo()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let prompts: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
-    let file = scratch(&format!("search-{dtype}")).join("requests.jsonl");
-    let lines: String = ["chelsea.png", "camera.png", "rocket.jpg", "text.png"]
+    let requests: Vec<(PathBuf, String)> = ["chelsea.png", "camera.png", "rocket.jpg", "text.png"]
         .iter()
-        .flat_map(|name| {
-            prompts
-                .iter()
-                .map(move |prompt| serde_json::json!({"image": image(name), "prompt": prompt}).to_string() + "\n")
-        })
+        .flat_map(|name| prompts.iter().map(move |prompt| (image(name), prompt.clone())))
         .collect();
-    std::fs::write(&file, lines).unwrap();
-    let m = model().display().to_string();
-    let out = paligemma(&[
-        "--model",
-        &m,
-        "--batch",
-        file.to_str().unwrap(),
-        "--dtype",
-        dtype,
-        "--max-new-tokens",
-        "40",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    json_lines(&out)
+    batch_rows(&model(), "search", &requests, dtype, "40")
 }
 
 /// int8 and q4 are lossy, so their answers are held to agreement with fp32 above a floor, never to
