@@ -9,7 +9,8 @@ Rules the tests check:
   exactly its colour; no background pixel ever equals a shape colour (see `BACKGROUNDS`);
 - a shape may be drawn over an earlier one (`OVERLAP_PROBABILITY` per placement) only while every
   earlier shape keeps at least `MIN_VISIBLE` of its own area visible; otherwise boxes stay apart;
-- text never touches a shape, so OCR and shape pixels do not mix;
+- text never touches a shape, so OCR and shape pixels do not mix; each character is centred in its
+  own cell of the top or bottom row of an 8 x 8 grid (`TEXT_CELLS`);
 - a box is the extent of the visible mask, `(x_min, y_min, x_max, y_max)` in pixels with the max
   edges exclusive (a mask covering columns 3..7 has x_min 3, x_max 8).
 """
@@ -50,8 +51,12 @@ BACKGROUND_SPREAD = 24
 SIZES = {"small": 0.16, "medium": 0.24, "large": 0.32}
 WORDS = ("cat", "dog", "sun", "tree", "map", "stop", "open", "exit", "book", "milk", "fish", "star")
 TEXT_PROBABILITY = 0.5
-# Font size as a fraction of the image side: 18 px at 112, about one character per 14-px patch.
+# Font size as a fraction of the image side: 18 px at 112 (a digit is 13 x 13 px).
 TEXT_HEIGHT = 0.16
+# Text sits on a grid of TEXT_CELLS x TEXT_CELLS cells, one character centred in each cell of a row:
+# at 112 px a cell is one 14-px patch of the scenes model, so each patch holds one whole character.
+# With proportional spacing (version 1) characters straddled patches and digits were read at chance.
+TEXT_CELLS = 8
 OVERLAP_PROBABILITY = 0.25
 MIN_VISIBLE = 0.6
 FONT_PATH = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
@@ -127,23 +132,29 @@ def _shape_mask(kind: str, x: int, y: int, side: int, size: int) -> np.ndarray:
 
 
 def _draw_text(rng: random.Random, size: int, background: np.ndarray) -> tuple[str, tuple, tuple, tuple]:
-    """Pick a word or number and draw it in a top or bottom band; returns text, (alpha, fill),
-    box and per-character column spans."""
+    """Pick a word or number and draw it on the top or bottom row of the text grid, one character
+    centred in each cell (see `TEXT_CELLS`); returns text, (alpha, fill), box and the cell columns of
+    each character."""
     text = rng.choice(WORDS) if rng.random() < 0.5 else str(rng.randint(0, 999))
     font = load_font(max(12, round(size * TEXT_HEIGHT)))
-    left, top, right, bottom = font.getbbox(text)
-    width, height = right - left, bottom - top
-    x = rng.randint(2, size - width - 2) - left
-    y = (rng.randint(2, size // 8) if rng.random() < 0.5 else rng.randint(size - size // 8 - height, size - height - 2)) - top
+    cell = size / TEXT_CELLS
+    first = rng.randint(0, TEXT_CELLS - len(text))
+    _, top, _, bottom = font.getbbox(text)
+    # The text's own extent centred in its row, kept inside the image (a bottom-row descender moves it up).
+    row_top = 0 if rng.random() < 0.5 else size - cell
+    y = min(max(1, round(row_top + (cell - (bottom - top)) / 2)), size - 1 - (bottom - top)) - top
+    layer = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(layer)
+    chars = []
+    for i, c in enumerate(text):
+        x0, x1 = (first + i) * cell, (first + i + 1) * cell
+        draw.text(((x0 + x1 - font.getlength(c)) / 2, y), c, font=font, fill=255)
+        chars.append((c, x0, x1))
     # Black or white text, whichever contrasts with the background's mean luminance.
     luminance = float(background.reshape(-1, 3).mean(0) @ np.array([0.299, 0.587, 0.114]))
     fill = (0, 0, 0) if luminance > 110 else (255, 255, 255)
-    layer = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(layer).text((x, y), text, font=font, fill=255)
     alpha = np.array(layer)
-    box = mask_box(alpha > 0)
-    chars = tuple((c, x + font.getlength(text[:i]), x + font.getlength(text[: i + 1])) for i, c in enumerate(text))
-    return text, (alpha, fill), box, chars
+    return text, (alpha, fill), mask_box(alpha > 0), tuple(chars)
 
 
 def generate(seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> Scene:

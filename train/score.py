@@ -36,6 +36,15 @@ def rle_mask(rle: dict) -> np.ndarray:
     return flat.reshape(width, height).T
 
 
+def mask_rle(mask: np.ndarray) -> dict:
+    """The inverse of `rle_mask`: a bool [h, w] mask as COCO uncompressed RLE."""
+    flat = mask.T.reshape(-1)
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]]))
+    counts = ([0] if flat.size and flat[0] else []) + runs.tolist()
+    return {"size": list(mask.shape), "counts": counts}
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0

@@ -70,8 +70,15 @@ def test_patch_labels_name_shapes_and_characters():
     head = PatchHead(cfg)
     scene = next(s for s in (scenes.generate(i, cfg.image_size) for i in range(50)) if s.text and s.text.isalpha())
     labels = head.labels(scene)
-    chars = {head.CHARS[v - head.first_char] for v in labels.tolist() if v >= head.first_char}
-    assert chars and chars <= set(scene.text)
+    text = [divmod(v - head.first_char, len(head.CHARS)) for v in labels.tolist() if v >= head.first_char]
+    assert {head.CHARS[c] for _, c in text} == set(scene.text)
+    # Each character fills its own patch column (train.scenes.TEXT_CELLS), left to right, and is
+    # labelled with its place in the text.
+    side = cfg.image_size // cfg.patch_size
+    top = labels.reshape(side, side).max(0).values.tolist()
+    columns = [divmod(v - head.first_char, len(head.CHARS)) for v in top if v >= head.first_char]
+    assert [head.CHARS[c] for _, c in columns] == list(scene.text)
+    assert [place for place, _ in columns] == list(range(len(scene.text)))
     shape_classes = {v for v in labels.tolist() if 0 < v < head.first_char}
     expected = {1 + head.COLOURS.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind) for o in scene.objects}
     assert shape_classes <= expected and shape_classes

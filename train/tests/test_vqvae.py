@@ -51,10 +51,12 @@ def test_a_perfect_code_gives_back_the_mask_within_the_resize_bound():
 
 def test_segment_answers_score_by_mask_iou(tmp_path):
     from train import scenes, tasks
-    from train.score import Tally, parse_segments, rle_mask
+    from train.score import Tally, mask_rle, parse_segments, rle_mask
 
     # COCO uncompressed RLE: column-major, the first run counts zeros: (0,0) off, (1,0) (0,1) on, the rest off.
     assert rle_mask({"size": [2, 3], "counts": [1, 2, 3]}).tolist() == [[False, True, False], [True, False, False]]
+    assert mask_rle(rle_mask({"size": [2, 3], "counts": [1, 2, 3]})) == {"size": [2, 3], "counts": [1, 2, 3]}
+    assert mask_rle(np.array([[True, False], [True, True]])) == {"size": [2, 2], "counts": [0, 2, 1, 1]}
     model = vqvae.train(tmp_path / "vae.npz", steps=1, batch=4, log_every=1)
     scene = scenes.generate(7, vqvae.IMAGE_SIZE)
     width, height = scene.image.size
