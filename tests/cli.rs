@@ -745,6 +745,72 @@ fn default_model_captions_the_example_scene_and_boxes_its_shapes() {
     }
 }
 
+/// The README's segment command: the committed seg decoder's mask for the example's object lies on
+/// that object (mask IoU >= 0.5, the evaluation's rule against the generator's own mask), and the
+/// annotated PNG tints exactly the answer's mask, away from the box outline and its label tab.
+#[test]
+fn default_model_segments_the_example_object_and_draws_its_mask() {
+    let dir = repo().join("models/scenes");
+    let example: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("example.json")).unwrap()).unwrap();
+    let prompt = example["segment_prompt"]
+        .as_str()
+        .expect("example.json has no segment_prompt: release the model with its VAE (python -m train.build)");
+    let label = prompt.strip_prefix("segment ").unwrap();
+    let image_path = dir.join("example.png");
+    let annotated = scratch("segment-example").join("example-segment.png");
+    let out = paligemma(&[
+        "--image",
+        image_path.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--json",
+        "--annotate",
+        annotated.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let segments = answer["segments"].as_array().unwrap();
+    assert_eq!(segments.len(), 1, "{answer}");
+    let mask_of = |rle: &serde_json::Value| paligemma::BinaryMask::from_rle(&serde_json::from_value(rle.clone()).unwrap()).unwrap();
+    let found = mask_of(&segments[0]["mask"]);
+    let object = example["objects"].as_array().unwrap().iter().find(|o| o["label"] == label).unwrap();
+    let truth = mask_of(&object["mask"]);
+    let both = found.data().iter().zip(truth.data()).filter(|(a, b)| **a && **b).count();
+    let either = found.data().iter().zip(truth.data()).filter(|(a, b)| **a || **b).count();
+    assert!(
+        both as f64 >= 0.5 * either as f64,
+        "mask IoU {both}/{either} with the {label}: {answer}"
+    );
+
+    let original = image::open(&image_path).unwrap().to_rgb8();
+    let drawn = image::open(&annotated).unwrap().to_rgb8();
+    let corners: Vec<f64> = segments[0]["box"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let (x0, y0, x1, y1) = (
+        corners[0].floor() as i64,
+        corners[1].floor() as i64,
+        corners[2].ceil() as i64,
+        corners[3].ceil() as i64,
+    );
+    let mut checked = 0;
+    for (x, y, pixel) in drawn.enumerate_pixels() {
+        let (px, py) = (i64::from(x), i64::from(y));
+        // The 1-px outline (2 px of margin) and the 9-px label tab above or inside the top edge.
+        let inside = |margin: i64| px >= x0 - margin && px < x1 + margin && py >= y0 - margin && py < y1 + margin;
+        let tab = py >= y0 - 11 && py < y0 + 11;
+        if (inside(2) && !inside(-2)) || tab {
+            continue;
+        }
+        assert_eq!(
+            pixel != original.get_pixel(x, y),
+            found.get(x, y),
+            "pixel ({x}, {y}) of {}",
+            annotated.display()
+        );
+        checked += usize::from(found.get(x, y));
+    }
+    assert!(checked >= 50, "only {checked} mask pixels lie away from the box and label");
+}
+
 /// The transformers tokens of a fixture case's first row (tests/fixtures/expected_tokens.json).
 fn fixture_tokens(case: &str) -> (serde_json::Value, usize) {
     let text = std::fs::read_to_string(repo().join("tests/fixtures/expected_tokens.json")).unwrap();

@@ -1,4 +1,5 @@
-"""A real `paligemma serve` on the tiny gqa1 model, and a headless Chromium, for the tests here.
+"""A real `paligemma serve` (on the tiny gqa1 model, and on the committed scenes model for answers
+that must be right), and a headless Chromium, for the tests here.
 
 Needs what `bash .ci/setup` installs (the release binary, Debian's chromium, the packages in
 tests/python/requirements.txt) and the tiny models that `python -m export fixtures
@@ -26,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 # The binary under test; PALIGEMMA_BIN points the tests at another build.
 BINARY = Path(os.environ.get("PALIGEMMA_BIN", REPO / "target" / "release" / "paligemma"))
 MODEL = Path(os.environ.get("PALIGEMMA_TEST_MODELS", REPO / "target" / "tiny-models")) / "gqa1" / "onnx"
+SCENES_MODEL = REPO / "models" / "scenes"  # committed: real segment answers with masks
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: playwright must never download a browser
 API_KEY = "test-key-7d1f"
 STARTUP_TIMEOUT_S = 120
@@ -75,16 +77,16 @@ def _drain(stream, lines: "queue.Queue[str | None]", log: list[str]) -> None:
     lines.put(None)
 
 
-def start_server(*extra: str) -> Server:
+def start_server(*extra: str, model: Path = MODEL) -> Server:
     if not BINARY.is_file() or not os.access(BINARY, os.X_OK):
         pytest.fail(f"{BINARY} is missing: run `bash .ci/setup` (it builds the release binary)", pytrace=False)
-    if not (MODEL / "manifest.json").is_file():
+    if not (model / "manifest.json").is_file():
         pytest.fail(
-            f"no tiny model at {MODEL}: run `.venv/bin/python -m export fixtures target/tiny-models` "
+            f"no model at {model}: run `.venv/bin/python -m export fixtures target/tiny-models` "
             "(`bash .ci/run` does), or set PALIGEMMA_TEST_MODELS",
             pytrace=False,
         )
-    command = [str(BINARY), "serve", "--model", str(MODEL), "--port", "0", *extra]
+    command = [str(BINARY), "serve", "--model", str(model), "--port", "0", *extra]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log: list[str] = []
     lines: queue.Queue[str | None] = queue.Queue()
@@ -128,6 +130,14 @@ def server():
 
 
 @pytest.fixture(scope="session")
+def scenes_server():
+    """`paligemma serve` on the scenes model (with its seg decoder), with --api-key."""
+    running = start_server("--api-key", API_KEY, model=SCENES_MODEL)
+    yield running
+    stop(running.process)
+
+
+@pytest.fixture(scope="session")
 def browser():
     """Debian's headless Chromium driven by playwright (which never downloads a browser of its own)."""
     try:
@@ -142,8 +152,7 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser, server):
+def open_page(browser, server: Server):
     """A fresh tab on the server's `/`; uncaught script errors are collected in `page.script_errors`."""
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     tab = context.new_page()
@@ -152,3 +161,15 @@ def page(browser, server):
     tab.goto(server.url + "/")
     yield tab
     context.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """The page of the tiny model's server."""
+    yield from open_page(browser, server)
+
+
+@pytest.fixture
+def scenes_page(browser, scenes_server):
+    """The page of the scenes model's server."""
+    yield from open_page(browser, scenes_server)

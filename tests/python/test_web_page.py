@@ -1,4 +1,5 @@
-"""The page at `/` in headless Chromium against a real `paligemma serve` on the tiny gqa1 model."""
+"""The page at `/` in headless Chromium against a real `paligemma serve`: on the tiny gqa1 model,
+and on the scenes model for a segmentation that must land on the right object."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from conftest import REPO, data_url
+from train import scenes
+from train.score import mask_iou, rle_mask
 
 IMAGES = REPO / "tests" / "data" / "images"
 ARTIFACTS = REPO / "target" / "artifacts"
@@ -17,6 +22,13 @@ ARTIFACTS = REPO / "target" / "artifacts"
 DETECT_IMAGE = IMAGES / "coffee.png"
 DETECT_OBJECTS = "tail"
 DETECT_MAX_NEW_TOKENS = 5
+
+# A held-out scene of the scenes model (never trained on: four shapes, three of them squares) and
+# one of its objects, which the model segments well: mask IoU 0.945 with the object's visible
+# pixels at release, the best of the first 30 held-out scenes' objects of at least 300 pixels (the
+# model's mean over those 49 is 0.34: it often segments another object than the one named).
+SEGMENT_SEED = 10_000_002
+SEGMENT_LABEL = "green square"
 
 
 def run_on_page(page, image: Path, task: str, fields: dict[str, str], max_new_tokens: int, api_key: str) -> None:
@@ -127,3 +139,48 @@ def test_rle_decodes_column_major_starting_with_background(page):
     assert page.evaluate("() => Array.from(decodeRle({size: [2, 3], counts: [1, 2, 3]}))") == [0, 1, 0, 1, 0, 0]
     # A mask whose first pixel is foreground starts with an empty background run.
     assert page.evaluate("() => Array.from(decodeRle({size: [2, 2], counts: [0, 2, 1, 1]}))") == [1, 0, 1, 1]
+
+
+def test_segment_draws_the_models_mask_on_the_right_object(scenes_page, scenes_server, tmp_path):
+    scene = scenes.generate(SEGMENT_SEED, 112)
+    image = tmp_path / f"scene-{SEGMENT_SEED}.png"
+    scene.image.save(image)
+    expected = scenes_server.generate(image, f"segment {SEGMENT_LABEL}", 32)
+    (segment,) = expected["segments"]
+    mask = rle_mask(segment["mask"])
+    (target,) = [o for o in scene.objects if o.label == SEGMENT_LABEL]
+    assert mask_iou(mask, target.mask) >= 0.8, f"the model's mask misses the {SEGMENT_LABEL}: {expected['text']!r}"
+
+    run_on_page(scenes_page, image, "segment", {"#object": SEGMENT_LABEL}, 32, scenes_server.api_key)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    scenes_page.screenshot(path=str(ARTIFACTS / "web-segment.png"), full_page=True)
+    assert scenes_page.get_attribute("body", "data-state") == "done", scenes_page.inner_text("#error")
+    assert scenes_page.inner_text("#answer") == expected["text"]
+    assert scenes_page.get_attribute("#canvas", "data-masks") == "1"
+
+    # Every canvas pixel away from the box outline and its label tag is the image's pixel, blended
+    # with the segment's colour exactly where the answer's mask is set (the page's drawResult).
+    height, width = mask.shape
+    drawn = np.array(
+        scenes_page.evaluate(
+            f"() => Array.from(document.getElementById('canvas').getContext('2d').getImageData(0, 0, {width}, {height}).data)"
+        )
+    ).reshape(height, width, 4)
+    colour = np.array(scenes_page.evaluate("() => PALETTE[0]"), dtype=float)
+    alpha = scenes_page.evaluate("() => MASK_ALPHA") / 255
+    pixels = np.asarray(scene.image, dtype=float)
+    want = np.where(mask[..., None], colour * alpha + pixels * (1 - alpha), pixels)
+    line = max(2, 2 * round(min(width, height) / 250))
+    left, top, right, bottom = (math.floor(v + 0.5) for v in segment["box"])
+    rows, cols = np.mgrid[:height, :width]
+    near_outline = ((rows >= top - line) & (rows <= bottom + line) & (cols >= left - line) & (cols <= right + line)) & ~(
+        (rows > top + line) & (rows < bottom - line) & (cols > left + line) & (cols < right - line)
+    )
+    tag = max(12, round(height / 30)) + 2 * round(max(12, round(height / 30)) / 4)
+    tag_top = top - line // 2 - tag if top - line // 2 - tag >= 0 else top + line // 2
+    in_tag = (rows >= tag_top - 1) & (rows <= tag_top + tag + 1) & (cols >= left - line)
+    checked = ~(near_outline | in_tag)
+    assert (mask & checked).sum() >= 50, "too little of the mask lies away from the box to check"
+    wrong = checked & (np.abs(drawn[..., :3] - want).max(axis=-1) > 2)
+    assert not wrong.any(), f"{wrong.sum()} pixels differ, e.g. (row, col) {np.argwhere(wrong)[:5].tolist()}"
+    assert scenes_page.script_errors == []
