@@ -353,6 +353,12 @@ fn health_page_and_metrics_answer() {
     assert_eq!(v["model"], model().display().to_string());
     assert_eq!(v["dtype"], "fp32");
     assert_eq!(v["providers"]["decoder_gqa"], json!(["CPUExecutionProvider"]));
+    // The checkout's binary finds the pinned wheel's library in .venv (deploy/tests checks a
+    // bundle's own library beside its binary).
+    let ort = &v["onnxruntime"];
+    assert_eq!(ort["source"], "the repository's .venv onnxruntime wheel", "{ort}");
+    assert!(ort["path"].as_str().unwrap().ends_with("libonnxruntime.so.1.31.1"), "{ort}");
+    assert_eq!(ort["version"], "1.31.1");
 
     let (status, headers, body) = get(&server.url("/"), &[]);
     assert_eq!(status, 200);

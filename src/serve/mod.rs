@@ -70,6 +70,9 @@ pub struct ModelInfo {
     pub providers: BTreeMap<String, Vec<String>>,
     /// Per graph, its file and dtype (what `--dtype` picked).
     pub graphs: BTreeMap<String, serde_json::Value>,
+    /// The ONNX Runtime library loaded: `{path, version, source}`, source being the rule that
+    /// found it (`--ort-lib`, `ORT_DYLIB_PATH`, next to the executable, the repository's .venv).
+    pub onnxruntime: serde_json::Value,
 }
 
 /// Shared by every handler.
@@ -97,6 +100,7 @@ pub fn run(options: ServeOptions) -> Result<()> {
         dtype: options.pipeline.dtype.to_string(),
         providers: BTreeMap::new(),
         graphs: BTreeMap::new(),
+        onnxruntime: serde_json::Value::Null,
     };
     let pipeline = Pipeline::load(options.pipeline)?;
     for warning in pipeline.warnings() {
@@ -112,6 +116,11 @@ pub fn run(options: ServeOptions) -> Result<()> {
             .iter()
             .map(|(graph, file, dtype)| (graph.clone(), serde_json::json!({"file": file, "dtype": dtype.as_str()})))
             .collect(),
+        onnxruntime: serde_json::json!({
+            "path": pipeline.ort.path,
+            "version": pipeline.ort.version,
+            "source": pipeline.ort.source.to_string(),
+        }),
         ..info
     };
     let prompts = pipeline.prompt_encoder();
@@ -206,6 +215,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "dtype": state.info.dtype,
         "providers": state.info.providers,
         "graphs": state.info.graphs,
+        "onnxruntime": state.info.onnxruntime,
     }))
 }
 
