@@ -605,12 +605,12 @@ mod tests {
     }
 
     #[test]
-    fn version_2_records_each_quantized_format() {
-        let m = scenes_manifest("v2", |_| {}).unwrap();
+    fn the_scenes_manifest_records_each_quantized_format() {
+        let m = scenes_manifest("formats", |_| {}).unwrap();
         let int8 = m.weight_format("int8").unwrap();
         assert_eq!((int8.op.as_str(), int8.weight_type.as_str()), ("MatMulNBits", "uint8"));
         assert_eq!(int8.details["bits"], 8);
-        assert_eq!(int8.graphs, ["decoder"]);
+        assert_eq!(int8.graphs, ["decoder", "decoder_gqa"]);
         assert!(!int8.has_int8_weights_in_integer_matmul());
         assert_eq!(m.weight_format("q4").unwrap().details["bits"], 4);
         assert_eq!(m.weight_format("fp32"), None);
