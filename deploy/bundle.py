@@ -51,18 +51,20 @@ def runtime_library(ort: Path) -> Path:
     return found[-1]
 
 
-def shipped_crates(target: str) -> list[dict]:
-    """Every package compiled into the binary: the root's normal dependencies, transitively, for
-    `target` with the default features (build scripts and proc macros run at build time only)."""
-    meta = json.loads(
-        subprocess.run(
-            ["cargo", "metadata", "--format-version", "1", "--locked", "--filter-platform", target],
-            check=True,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        ).stdout
-    )
+def cargo_metadata(target: str) -> dict:
+    """`cargo metadata` of the workspace, its dependency graph resolved for `target`."""
+    cmd = ["cargo", "metadata", "--format-version", "1", "--locked", "--filter-platform", target]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout)
+
+
+def package_version(meta: dict) -> str:
+    """The version of the root package (paligemma) in `cargo_metadata`'s answer."""
+    return next(p["version"] for p in meta["packages"] if p["id"] == meta["resolve"]["root"])
+
+
+def shipped_crates(meta: dict) -> list[dict]:
+    """Every package compiled into the binary: the root's normal dependencies, transitively, in
+    `cargo_metadata`'s answer (build scripts and proc macros run at build time only)."""
     packages = {p["id"]: p for p in meta["packages"]}
     nodes = {n["id"]: n for n in meta["resolve"]["nodes"]}
     root = meta["resolve"]["root"]
@@ -80,7 +82,7 @@ def shipped_crates(target: str) -> list[dict]:
     return sorted((packages[i] for i in seen), key=lambda p: (p["name"], p["version"]))
 
 
-def write_licences(dest: Path, ort: Path, target: str) -> int:
+def write_licences(dest: Path, ort: Path, meta: dict) -> int:
     """LICENSES/: ours, ONNX Runtime's, and each shipped crate's texts with an index; the crate count."""
     dest.mkdir(parents=True)
     shutil.copy2(REPO / "LICENSE", dest / "paligemma-LICENSE")
@@ -88,7 +90,7 @@ def write_licences(dest: Path, ort: Path, target: str) -> int:
     for name in ("LICENSE", "ThirdPartyNotices.txt"):
         shutil.copy2(ort / name, dest / "onnxruntime" / name)
     rows = []
-    for crate in shipped_crates(target):
+    for crate in shipped_crates(meta):
         root = Path(crate["manifest_path"]).parent
         texts = sorted(f for f in root.iterdir() if f.is_file() and f.name.lower().startswith(LICENCE_PREFIXES))
         folder = dest / "crates" / f"{crate['name']}-{crate['version']}"
@@ -134,15 +136,6 @@ Glibc: built on Debian 12 (glibc 2.36); hosts need glibc 2.36 or newer.
 """
 
 
-def cargo_version() -> str:
-    meta = json.loads(
-        subprocess.run(
-            ["cargo", "metadata", "--format-version", "1", "--no-deps", "--locked"], check=True, capture_output=True, text=True, cwd=REPO
-        ).stdout
-    )
-    return next(p["version"] for p in meta["packages"] if p["name"] == "paligemma")
-
-
 def build(out: Path, cargo_build: bool = True) -> Path:
     """Builds the binary (unless told not to) and writes `out`/paligemma-VERSION-TARGET.tar.gz; its path."""
     target = host_target()
@@ -153,7 +146,8 @@ def build(out: Path, cargo_build: bool = True) -> Path:
         raise SystemExit(f"error: {binary} is missing; build it with `cargo build --profile {PROFILE}` (or drop --no-build)")
     ort = onnxruntime_dir()
     library = runtime_library(ort)
-    version = cargo_version()
+    meta = cargo_metadata(target)
+    version = package_version(meta)
     name = f"paligemma-{version}-{target}"
     # Staged under a fixed name (the image build copies it: deploy/Containerfile's BUNDLE); the
     # tarball's top folder carries the version and target.
@@ -162,7 +156,7 @@ def build(out: Path, cargo_build: bool = True) -> Path:
     stage.mkdir(parents=True)
     shutil.copy2(binary, stage / "paligemma")
     shutil.copy2(library, stage / library.name)
-    crates = write_licences(stage / "LICENSES", ort, target)
+    crates = write_licences(stage / "LICENSES", ort, meta)
     ort_version = library.name.removeprefix("libonnxruntime.so.")
     (stage / "README.md").write_text(BUNDLE_README.format(version=version, target=target, ort_lib=library.name, ort_version=ort_version))
     archive = out / f"{name}.tar.gz"

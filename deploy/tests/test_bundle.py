@@ -66,7 +66,7 @@ def test_bundle_holds_the_stripped_binary_its_runtime_licences_and_readme(unpack
     assert (licences / "onnxruntime" / "LICENSE").read_text().startswith("MIT License")
     assert (licences / "onnxruntime" / "ThirdPartyNotices.txt").stat().st_size > 10_000
     assert "Apache License" in (licences / "paligemma-LICENSE").read_text()
-    shipped = bundle.shipped_crates(bundle.host_target())
+    shipped = bundle.shipped_crates(bundle.cargo_metadata(bundle.host_target()))
     folders = {p.name for p in (licences / "crates").iterdir()}
     assert folders == {f"{c['name']}-{c['version']}" for c in shipped}
     assert any(c["name"] == "ort" for c in shipped) and not any(c["name"] == "syn" for c in shipped)
