@@ -65,7 +65,8 @@ def transformers_answers(model, proc, reqs: list[dict]) -> list[dict]:
     answers = []
     with torch.no_grad():
         for r in reqs:
-            inputs = proc(images=[Image.open(r["image"]).convert("RGB")], text=[r["prompt"]], return_tensors="pt")
+            # `<image>` spelt out, as train.fit does: the processor's own layout, without its warning per call.
+            inputs = proc(images=[Image.open(r["image"]).convert("RGB")], text=["<image>" + r["prompt"]], return_tensors="pt")
             out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
             ids = out[0, inputs["input_ids"].shape[1] :].tolist()
             ids = ids[: next((k for k, t in enumerate(ids) if t in eos), len(ids))]

@@ -27,22 +27,25 @@ from .score import Tally, task_name
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 5500
+    steps: int = 7800
     batch: int = 32
     lr: float = 1.5e-3
     warmup: int = 150
     final_lr_fraction: float = 0.05
     patch_loss_weight: float = 1.0
     weight_decay: float = 0.01
-    # Relative odds of each task when a scene has it (detect is the main job and the longest target);
-    # a task with several requests in a scene (segment, one per label) splits its odds among them.
+    # Relative odds of each task when a scene has it; a task with several requests in a scene
+    # (segment and detect_each, one per label) splits its odds among them. detect_each (`detect
+    # LABEL`) and segment make the model find the object a label names; with all labels asked,
+    # detect can list the scene left to right without reading the prompt.
     weights: tuple[tuple[str, float], ...] = (
-        ("detect", 4.0),
-        ("ocr", 3.0),
-        ("count", 1.0),
-        ("colour", 1.0),
+        ("detect", 3.0),
+        ("detect_each", 2.0),
+        ("segment", 3.0),
+        ("ocr", 2.5),
+        ("count", 1.5),
+        ("colour", 0.75),
         ("caption", 1.0),
-        ("segment", 2.0),
     )
 
 
@@ -92,16 +95,25 @@ class PatchHead(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.linear(features).flatten(0, 1), labels.flatten())
 
 
+def mix_name(scene: scenes.Scene, prompt: str) -> str:
+    """The task's name in the mix: `score.task_name`, with a one-label `detect` in a scene of
+    several labels named `detect_each`."""
+    name = task_name(prompt)
+    return "detect_each" if name == "detect" and prompt != tasks.detect_prompt(scene) else name
+
+
 def sample(rng: random.Random, seed: int, image_size: int, weights: dict[str, float], vae=None):
-    """One scene and one of its tasks; `segment` tasks only with a mask VQ-VAE (`train.vqvae`)."""
+    """One scene and one of its tasks; `segment` tasks only with a mask VQ-VAE (`train.vqvae`).
+    Only the chosen task's target is made (a segment target runs the VQ-VAE's encoder)."""
     scene = scenes.generate(seed, image_size)
-    pairs = tasks.tasks_for(scene, vqvae.codes_of(vae, *scene.image.size) if vae is not None else None)
-    names = [task_name(p) for p, _ in pairs]
-    # A scene has a segment request per distinct label: they share the task's odds (as detect's
-    # objects share one request), so the mix does not tilt to segmentation in crowded scenes.
+    prompts = tasks.prompts_for(scene, segment=vae is not None, detect_each=weights.get("detect_each", 0.0) > 0)
+    names = [mix_name(scene, p) for p in prompts]
+    # Tasks with a request per label (segment, detect_each) share the task's odds among them, as
+    # detect's objects share one request, so the mix does not tilt to them in crowded scenes.
     odds = [weights.get(n, 0.0) / names.count(n) for n in names]
-    prompt, target = rng.choices(pairs, weights=odds)[0]
-    return scene, prompt, target
+    prompt = rng.choices(prompts, weights=odds)[0]
+    codes_of = vqvae.codes_of(vae, *scene.image.size) if vae is not None else None
+    return scene, prompt, tasks.target_for(scene, prompt, codes_of)
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -112,11 +124,27 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.final_lr_fraction + (1 - tc.final_lr_fraction) * 0.5 * (1 + torch.cos(torch.tensor(t * torch.pi)).item())
 
 
-def per_task_loss(logits: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float]:
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    tok = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-    mask = shift_labels != -100
-    per_row = (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+def target_loss(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The language loss transformers computes with `labels` (next-token cross-entropy over the
+    target tokens, Gemma 2's final logit soft-capping), with the LM head applied only where a
+    target token is predicted: the (vocab x hidden) head over every image and prompt position was
+    a sixth of a step. Returns the mean loss and each predicted token's loss with its row, (T, 2)."""
+    labels = inputs["labels"]
+    hidden = model.model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+    keep = labels[:, 1:] != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    cap = model.config.text_config.final_logit_softcapping
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    per_token = torch.nn.functional.cross_entropy(logits, labels[:, 1:][keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    return per_token.mean(), torch.stack([per_token.detach(), rows.to(per_token.dtype)], dim=1)
+
+
+def per_task_loss(per_token: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Mean per-token loss of each row, averaged over the rows of each task name."""
+    loss, rows = per_token[:, 0], per_token[:, 1].long()
+    per_row = torch.zeros(len(names)).index_add_(0, rows, loss) / torch.bincount(rows, minlength=len(names)).clamp(min=1)
     out: dict[str, list[float]] = {}
     for name, v in zip(names, per_row.tolist()):
         out.setdefault(name, []).append(v)
@@ -163,16 +191,16 @@ def train(
             return_tensors="pt",
             padding="longest",
         )
-        result = model(**inputs)
+        loss, per_token = target_loss(model, inputs)
         aux = head.loss(captured.pop("features"), torch.stack([head.labels(s) for s, _, _ in batch]))
-        (result.loss + tc.patch_loss_weight * aux).backward()
+        (loss + tc.patch_loss_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(result.loss.item())
+        losses.append(loss.item())
         running.setdefault("patches", []).append(aux.item())
-        for k, v in per_task_loss(result.logits.detach(), inputs["labels"], [task_name(p) for _, p, _ in batch]).items():
+        for k, v in per_task_loss(per_token, [mix_name(s, p) for s, p, _ in batch]).items():
             running.setdefault(k, []).append(v)
         if (step + 1) % log_every == 0 or step + 1 == tc.steps:
             el = time.time() - start

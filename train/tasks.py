@@ -45,15 +45,26 @@ def caption(scene: Scene) -> str:
     return f"{shapes} on a {scene.background} background"
 
 
-def detect_prompt(scene: Scene) -> str:
-    """`detect` with each distinct label once, in the canonical (left to right) order of first sight."""
-    labels = list(dict.fromkeys(o.label for o in scene.objects))
-    return "detect " + " ; ".join(labels)
+DETECT_PREFIX = "detect "
+LABEL_SEPARATOR = " ; "
 
 
-def detect_target(scene: Scene) -> str:
+def labels_of(scene: Scene) -> list[str]:
+    """Each distinct label once, in the canonical (left to right) order of first sight."""
+    return list(dict.fromkeys(o.label for o in scene.objects))
+
+
+def detect_prompt(scene: Scene, labels: list[str] | None = None) -> str:
+    """`detect` with `labels` (default: every label of the scene, `labels_of`)."""
+    return DETECT_PREFIX + LABEL_SEPARATOR.join(labels if labels is not None else labels_of(scene))
+
+
+def detect_target(scene: Scene, labels: list[str] | None = None) -> str:
+    """Every object whose label is one of `labels` (default: all), left to right: 4 `<locNNNN>`
+    tokens and the label, joined by " ; "."""
     width, height = scene.image.size
-    return " ; ".join(f"{loc_tokens(o.box, width, height)} {o.label}" for o in scene.objects)
+    wanted = set(labels if labels is not None else labels_of(scene))
+    return LABEL_SEPARATOR.join(f"{loc_tokens(o.box, width, height)} {o.label}" for o in scene.objects if o.label in wanted)
 
 
 SEGMENT_PREFIX = "segment "
@@ -74,23 +85,48 @@ def segment_target(scene: Scene, label: str, codes_of: Callable[[SceneObject], l
         if o.label == label:
             codes = "".join(f"<seg{c:03d}>" for c in codes_of(o))
             parts.append(f"{loc_tokens(o.box, width, height)}{codes} {o.label}")
-    return " ; ".join(parts)
+    return LABEL_SEPARATOR.join(parts)
+
+
+def prompts_for(scene: Scene, segment: bool = False, detect_each: bool = False) -> list[str]:
+    """The prompts of every task the scene supports, in a fixed order: caption, count, detect (all
+    labels), colour (one circle), OCR (text); with `detect_each`, `detect LABEL` for each label of a
+    scene with several (PaliGemma's one-class form); with `segment`, `segment LABEL` for each label."""
+    labels = labels_of(scene)
+    prompts = [CAPTION_PROMPT, COUNT_PROMPT, detect_prompt(scene)]
+    if sum(o.kind == "circle" for o in scene.objects) == 1:
+        prompts.append(COLOUR_PROMPT)
+    if scene.text is not None:
+        prompts.append(OCR_PROMPT)
+    if detect_each and len(labels) > 1:
+        prompts += [detect_prompt(scene, [label]) for label in labels]
+    if segment:
+        prompts += [segment_prompt(label) for label in labels]
+    return prompts
+
+
+def target_for(scene: Scene, prompt: str, codes_of: Callable[[SceneObject], list[int]] | None = None) -> str:
+    """The target of one of `prompts_for`'s prompts (`codes_of` is needed for `segment`)."""
+    if prompt == CAPTION_PROMPT:
+        return caption(scene)
+    if prompt == COUNT_PROMPT:
+        return str(len(scene.objects))
+    if prompt == COLOUR_PROMPT:
+        return next(o.colour for o in scene.objects if o.kind == "circle")
+    if prompt == OCR_PROMPT:
+        if scene.text is None:
+            raise ValueError(f"scene {scene.seed} has no text to read")
+        return scene.text
+    if prompt.startswith(DETECT_PREFIX):
+        return detect_target(scene, prompt[len(DETECT_PREFIX) :].split(LABEL_SEPARATOR))
+    if prompt.startswith(SEGMENT_PREFIX):
+        if codes_of is None:
+            raise ValueError("a segment target needs the mask VQ-VAE's codes_of")
+        return segment_target(scene, prompt[len(SEGMENT_PREFIX) :], codes_of)
+    raise ValueError(f"no task has the prompt {prompt!r}")
 
 
 def tasks_for(scene: Scene, codes_of: Callable[[SceneObject], list[int]] | None = None) -> list[tuple[str, str]]:
-    """(prompt, target) pairs for every task the scene supports, in a fixed order; with `codes_of`
+    """(prompt, target) pairs for every task the scene supports (`prompts_for`); with `codes_of`
     (the mask VQ-VAE's codes of an object), a `segment` pair for each distinct label too."""
-    pairs = [
-        (CAPTION_PROMPT, caption(scene)),
-        (COUNT_PROMPT, str(len(scene.objects))),
-        (detect_prompt(scene), detect_target(scene)),
-    ]
-    circles = [o for o in scene.objects if o.kind == "circle"]
-    if len(circles) == 1:
-        pairs.append((COLOUR_PROMPT, circles[0].colour))
-    if scene.text is not None:
-        pairs.append((OCR_PROMPT, scene.text))
-    if codes_of is not None:
-        for label in dict.fromkeys(o.label for o in scene.objects):
-            pairs.append((segment_prompt(label), segment_target(scene, label, codes_of)))
-    return pairs
+    return [(p, target_for(scene, p, codes_of)) for p in prompts_for(scene, segment=codes_of is not None)]

@@ -3,8 +3,8 @@
 import torch
 from safetensors.torch import load_file
 
-from train import scenes
-from train.fit import PatchHead, TrainConfig, lr_at, train
+from train import scenes, tasks
+from train.fit import PatchHead, TrainConfig, lr_at, per_task_loss, target_loss, train
 from train.model import ModelConfig, build
 
 SMALL = ModelConfig(
@@ -93,3 +93,27 @@ def test_a_mask_vqvae_adds_segment_targets_to_the_mix(tmp_path):
     report = train(SMALL, tc, 0, tmp_path / "model", log_every=1, seg_vae=tmp_path / "vae.npz")
     assert all(set(entry["tasks"]) == {"segment", "patches"} for entry in report["log"]), report["log"]
     assert report["seg_vae"] == str(tmp_path / "vae.npz")
+
+
+def test_target_loss_is_transformers_loss_with_the_head_on_target_tokens_only():
+    model, proc = build(SMALL, 0)
+    scene = scenes.generate(0, SMALL.image_size)
+    prompts = tasks.prompts_for(scene)
+    inputs = proc(
+        images=[scene.image] * len(prompts),
+        text=["<image>" + p for p in prompts],
+        suffix=[tasks.target_for(scene, p) for p in prompts],
+        return_tensors="pt",
+        padding="longest",
+    )
+    with torch.no_grad():
+        reference = model(**inputs)
+        loss, per_token = target_loss(model, inputs)
+    assert torch.allclose(loss, reference.loss, atol=1e-5)
+    # Per row, the mean over that row's target tokens of transformers' token losses.
+    logits, labels = reference.logits[:, :-1], inputs["labels"][:, 1:]
+    token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    rows = ((token * (labels != -100)).sum(1) / (labels != -100).sum(1)).tolist()
+    names = [f"row{i}" for i in range(len(prompts))]
+    got = per_task_loss(per_token, names)
+    assert all(abs(got[n] - want) < 1e-4 for n, want in zip(names, rows))

@@ -135,6 +135,30 @@ def test_detect_target_parses_back_to_the_boxes_within_half_a_bin(generated):
                 assert abs(got - want) <= side / 1023 / 2 + 1e-9
 
 
+def test_one_label_detect_targets_hold_only_that_labels_objects(generated):
+    many = [s for s in generated if len(tasks.labels_of(s)) > 1]
+    assert many
+    for s in many:
+        each = [p for p in tasks.prompts_for(s, detect_each=True) if p not in tasks.prompts_for(s)]
+        assert each == [f"detect {label}" for label in tasks.labels_of(s)]
+        for label, prompt in zip(tasks.labels_of(s), each):
+            parsed = parse_detect(tasks.target_for(s, prompt), *s.image.size)
+            assert [got for got, _ in parsed] == [o.label for o in s.objects if o.label == label]
+    single = next(s for s in generated if len(tasks.labels_of(s)) == 1)
+    # One label: `detect LABEL` is the full detect request, asked once.
+    assert tasks.prompts_for(single, detect_each=True) == tasks.prompts_for(single)
+
+
+def test_target_for_names_what_a_prompt_lacks(generated):
+    plain = next(s for s in generated if s.text is None)
+    with pytest.raises(ValueError, match="no text"):
+        tasks.target_for(plain, tasks.OCR_PROMPT)
+    with pytest.raises(ValueError, match="codes_of"):
+        tasks.target_for(plain, tasks.segment_prompt(plain.objects[0].label))
+    with pytest.raises(ValueError, match="no task"):
+        tasks.target_for(plain, "describe en")
+
+
 @pytest.mark.parametrize("side", [56, 112, 224, 448, 640])
 def test_binning_round_trips_every_pixel_edge_within_half_a_bin(side):
     for v in range(side + 1):
