@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import REPO, data_url
+from conftest import REPO, SCENES_MODEL, data_url
 from train import scenes
 from train.score import mask_iou, rle_mask
 
@@ -23,12 +23,12 @@ DETECT_IMAGE = IMAGES / "coffee.png"
 DETECT_OBJECTS = "tail"
 DETECT_MAX_NEW_TOKENS = 5
 
-# A held-out scene of the scenes model (never trained on: four shapes, three of them squares) and
-# one of its objects, which the model segments well: mask IoU 0.945 with the object's visible
-# pixels at release, the best of the first 30 held-out scenes' objects of at least 300 pixels (the
-# model's mean over those 49 is 0.34: it often segments another object than the one named).
-SEGMENT_SEED = 10_000_002
-SEGMENT_LABEL = "green square"
+# The scenes model's example (models/scenes/example.json): a held-out scene the released model
+# answers fully right, segment included (train.release picks it), so the mask the page draws is a
+# real answer on the right object whichever version of the model is committed.
+EXAMPLE = json.loads((SCENES_MODEL / "example.json").read_text())
+SEGMENT_SEED = EXAMPLE["seed"]
+SEGMENT_LABEL = EXAMPLE["segment_prompt"].removeprefix("segment ")
 
 
 def run_on_page(page, image: Path, task: str, fields: dict[str, str], max_new_tokens: int, api_key: str) -> None:
@@ -149,7 +149,7 @@ def test_segment_draws_the_models_mask_on_the_right_object(scenes_page, scenes_s
     (segment,) = expected["segments"]
     mask = rle_mask(segment["mask"])
     (target,) = [o for o in scene.objects if o.label == SEGMENT_LABEL]
-    assert mask_iou(mask, target.mask) >= 0.8, f"the model's mask misses the {SEGMENT_LABEL}: {expected['text']!r}"
+    assert mask_iou(mask, target.mask) >= 0.5, f"the model's mask misses the {SEGMENT_LABEL}: {expected['text']!r}"
 
     run_on_page(scenes_page, image, "segment", {"#object": SEGMENT_LABEL}, 32, scenes_server.api_key)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
