@@ -3,7 +3,8 @@
     python -m train.evaluate --model models/scenes --reference models/scenes-hf --scenes 300
 
 For every held-out scene (seeds from `EVAL_SEED_BASE`, never trained on) and every task it
-supports, transformers' greedy `generate` (one request at a time, fp32) gives the reference answer,
+supports (`detect` asking all its labels; with `--detect-each`, the one-label `detect LABEL` too,
+scored apart as `detect_each`), transformers' greedy `generate` (one request at a time, fp32) gives the reference answer,
 and `paligemma --batch ... --json` gives ours for each `--dtypes` entry. Detection is scored from the
 binary's own `detections` (boxes in image pixels, as a user gets them), the other tasks from its
 `text`. fp32 token ids must equal transformers' for every request, else the exit code is 1.
@@ -29,9 +30,10 @@ MAX_NEW_TOKENS = 48
 CHUNK = 64  # requests per `paligemma --batch` run
 
 
-def requests(count: int, image_size: int, image_dir: Path, first: int = 0, vae=None) -> list[dict]:
+def requests(count: int, image_size: int, image_dir: Path, first: int = 0, vae=None, detect_each: bool = False) -> list[dict]:
     """Every (scene, task) pair of `count` held-out scenes; each scene's PNG is written to image_dir.
-    With `vae` (a `train.vqvae.VQVAE`), `segment` requests too (scored by mask IoU)."""
+    With `vae` (a `train.vqvae.VQVAE`), `segment` requests too (scored by mask IoU); with
+    `detect_each`, `detect LABEL` for each label of a scene with several."""
     image_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(first, first + count):
@@ -39,8 +41,8 @@ def requests(count: int, image_size: int, image_dir: Path, first: int = 0, vae=N
         path = image_dir / f"scene-{i:04d}.png"
         scene.image.save(path)
         codes_of = vqvae.codes_of(vae, *scene.image.size) if vae is not None else None
-        for prompt, target in tasks.tasks_for(scene, codes_of):
-            out.append(dict(scene=scene, image=str(path), prompt=prompt, target=target))
+        for prompt in tasks.prompts_for(scene, segment=vae is not None, detect_each=detect_each):
+            out.append(dict(scene=scene, image=str(path), prompt=prompt, target=tasks.target_for(scene, prompt, codes_of)))
     return out
 
 
@@ -112,6 +114,7 @@ def evaluate(
     binary: Path = BINARY,
     first: int = 0,
     seg_vae: Path | None = None,
+    detect_each: bool = False,
 ) -> dict:
     """With `seg_vae` (the model's mask VQ-VAE, `train.vqvae`), segment requests are scored too:
     the binary's masks as it returns them, transformers' codes decoded by the VAE's decoder."""
@@ -119,7 +122,7 @@ def evaluate(
     vae = vqvae.load(seg_vae) if seg_vae is not None else None
     if vae is not None and "seg_decoder" not in manifest["graphs"]:
         raise SystemExit(f"error: --seg-vae given but {model} has no seg_decoder; convert it with --seg-vae")
-    reqs = requests(count, manifest["image_size"], work / "scenes", first, vae)
+    reqs = requests(count, manifest["image_size"], work / "scenes", first, vae, detect_each)
     report: dict = dict(scenes=count, first_scene=first, requests=len(reqs), seed_base=EVAL_SEED_BASE, results={}, answers=[])
     per_request = [dict(image=Path(r["image"]).name, prompt=r["prompt"], target=r["target"]) for r in reqs]
     reference_ids = None
@@ -166,6 +169,8 @@ def table(report: dict) -> str:
         "segment_mean_iou",
         "same_tokens_as_transformers",
     ]
+    if any("detect_each_recall@0.5" in s for s in report["results"].values()):
+        cols.insert(2, "detect_each_recall@0.5")
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, s in report["results"].items():
         lines.append(f"| {name} | " + " | ".join(str(s.get(c, "")) for c in cols) + " |")
@@ -188,10 +193,11 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=REPO / "target" / "eval", help="scene PNGs and batch files")
     ap.add_argument("--out", type=Path, help="write the full report (figures and every answer) as JSON")
     ap.add_argument("--seg-vae", type=Path, help="the model's mask VQ-VAE (train.vqvae npz): adds segment requests")
+    ap.add_argument("--detect-each", action="store_true", help="adds `detect LABEL` for each label of a scene with several (scored apart)")
     args = ap.parse_args()
     reference = None if str(args.reference) == "none" else args.reference
     dtypes = [d for d in args.dtypes.split(",") if d]
-    report = evaluate(args.model, reference, args.scenes, dtypes, args.work, args.binary, args.first, args.seg_vae)
+    report = evaluate(args.model, reference, args.scenes, dtypes, args.work, args.binary, args.first, args.seg_vae, args.detect_each)
     print(table(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import torch
 from . import scenes, tasks, vqvae
 from .evaluate import requests, transformers_answers
 from .model import ModelConfig, build
-from .score import Tally, task_name
+from .score import Tally, request_name
 
 
 @dataclass(frozen=True)
@@ -95,19 +95,12 @@ class PatchHead(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.linear(features).flatten(0, 1), labels.flatten())
 
 
-def mix_name(scene: scenes.Scene, prompt: str) -> str:
-    """The task's name in the mix: `score.task_name`, with a one-label `detect` in a scene of
-    several labels named `detect_each`."""
-    name = task_name(prompt)
-    return "detect_each" if name == "detect" and prompt != tasks.detect_prompt(scene) else name
-
-
 def sample(rng: random.Random, seed: int, image_size: int, weights: dict[str, float], vae=None):
     """One scene and one of its tasks; `segment` tasks only with a mask VQ-VAE (`train.vqvae`).
     Only the chosen task's target is made (a segment target runs the VQ-VAE's encoder)."""
     scene = scenes.generate(seed, image_size)
     prompts = tasks.prompts_for(scene, segment=vae is not None, detect_each=weights.get("detect_each", 0.0) > 0)
-    names = [mix_name(scene, p) for p in prompts]
+    names = [request_name(scene, p) for p in prompts]
     # Tasks with a request per label (segment, detect_each) share the task's odds among them, as
     # detect's objects share one request, so the mix does not tilt to them in crowded scenes.
     odds = [weights.get(n, 0.0) / names.count(n) for n in names]
@@ -133,7 +126,7 @@ def target_loss(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = model.model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
     keep = labels[:, 1:] != -100
     logits = model.lm_head(hidden[:, :-1][keep])
-    cap = model.config.text_config.final_logit_softcapping
+    cap = getattr(model.config.text_config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     per_token = torch.nn.functional.cross_entropy(logits, labels[:, 1:][keep], reduction="none")
@@ -200,7 +193,7 @@ def train(
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         running.setdefault("patches", []).append(aux.item())
-        for k, v in per_task_loss(per_token, [mix_name(s, p) for s, p, _ in batch]).items():
+        for k, v in per_task_loss(per_token, [request_name(s, p) for s, p, _ in batch]).items():
             running.setdefault(k, []).append(v)
         if (step + 1) % log_every == 0 or step + 1 == tc.steps:
             el = time.time() - start

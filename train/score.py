@@ -57,11 +57,18 @@ def match_masks(scene: Scene, label: str, predicted: list[tuple[np.ndarray, str]
 
 
 def task_name(prompt: str) -> str:
-    if prompt.startswith("detect "):
+    if prompt.startswith(tasks.DETECT_PREFIX):
         return "detect"
     if prompt.startswith(tasks.SEGMENT_PREFIX):
         return "segment"
     return {tasks.CAPTION_PROMPT: "caption", tasks.OCR_PROMPT: "ocr", tasks.COUNT_PROMPT: "count", tasks.COLOUR_PROMPT: "colour"}[prompt]
+
+
+def request_name(scene: Scene, prompt: str) -> str:
+    """`task_name`, except that a `detect` asking fewer labels than the scene has (PaliGemma's
+    one-label form, `detect LABEL`) is `detect_each`: a task of its own in training's mix and here."""
+    name = task_name(prompt)
+    return "detect_each" if name == "detect" and prompt != tasks.detect_prompt(scene) else name
 
 
 def iou(a, b) -> float:
@@ -118,13 +125,27 @@ class Tally:
         self.exact = {k: [0, 0] for k in ("caption", "count", "colour", "ocr", "detect", "segment")}
         self.ious: list[float] = []
         self.mask_ious: list[float] = []
+        # The one-label `detect LABEL` (`request_name`), scored apart; only with such requests.
+        self.each = [0, 0]
+        self.each_ious: list[float] = []
 
     def add(self, scene: Scene, prompt: str, target: str, answer: str, boxes=None, masks=None) -> bool:
         """Record one answer; returns whether it was right (for detect: every object at IoU >= 0.5;
         for segment: every object of the label at mask IoU >= 0.5). `boxes` ((x_min, y_min, x_max,
         y_max), label) pairs replace parsing the answer's loc tokens; `masks` (bool [h, w], label)
         pairs are a segment answer's masks at the image's size (required for segment)."""
-        name = task_name(prompt)
+        name = request_name(scene, prompt)
+        if name == "detect_each":
+            label_set = set(prompt[len(tasks.DETECT_PREFIX) :].split(tasks.LABEL_SEPARATOR))
+            predicted = boxes if boxes is not None else parse_boxes(answer, *scene.image.size)
+            named = [o for o in scene.objects if o.label in label_set]
+            ious = _best_matches(named, predicted, lambda o, box: iou(box, o.box))
+            self.each_ious += ious
+            # Right: every named object found and no other box (listing the scene is not an answer).
+            ok = all(v >= 0.5 for v in ious) and len(predicted) == len(named)
+            self.each[0] += int(ok)
+            self.each[1] += 1
+            return ok
         if name == "segment":
             ious = match_masks(scene, prompt[len(tasks.SEGMENT_PREFIX) :], masks or [])
             self.mask_ious += ious
@@ -149,4 +170,9 @@ class Tally:
         out["segment_objects"] = m
         out["segment_mean_iou"] = round(sum(self.mask_ious) / m, 4) if m else None
         out["answers"] = {k: n for k, (_, n) in self.exact.items()}
+        if self.each[1]:
+            out["detect_each_exact"] = round(self.each[0] / self.each[1], 4)
+            out["detect_each_objects"] = len(self.each_ious)
+            out["detect_each_recall@0.5"] = round(sum(v >= 0.5 for v in self.each_ious) / len(self.each_ious), 4)
+            out["answers"]["detect_each"] = self.each[1]
         return out

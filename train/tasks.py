@@ -112,18 +112,32 @@ def target_for(scene: Scene, prompt: str, codes_of: Callable[[SceneObject], list
     if prompt == COUNT_PROMPT:
         return str(len(scene.objects))
     if prompt == COLOUR_PROMPT:
-        return next(o.colour for o in scene.objects if o.kind == "circle")
+        circles = [o.colour for o in scene.objects if o.kind == "circle"]
+        if len(circles) != 1:
+            raise ValueError(f"scene {scene.seed} has {len(circles)} circles; the colour question needs exactly one")
+        return circles[0]
     if prompt == OCR_PROMPT:
         if scene.text is None:
             raise ValueError(f"scene {scene.seed} has no text to read")
         return scene.text
     if prompt.startswith(DETECT_PREFIX):
-        return detect_target(scene, prompt[len(DETECT_PREFIX) :].split(LABEL_SEPARATOR))
+        labels = prompt[len(DETECT_PREFIX) :].split(LABEL_SEPARATOR)
+        _check_labels(scene, labels)
+        return detect_target(scene, labels)
     if prompt.startswith(SEGMENT_PREFIX):
         if codes_of is None:
             raise ValueError("a segment target needs the mask VQ-VAE's codes_of")
-        return segment_target(scene, prompt[len(SEGMENT_PREFIX) :], codes_of)
+        label = prompt[len(SEGMENT_PREFIX) :]
+        _check_labels(scene, [label])
+        return segment_target(scene, label, codes_of)
     raise ValueError(f"no task has the prompt {prompt!r}")
+
+
+def _check_labels(scene: Scene, labels: list[str]) -> None:
+    # An empty target would train "answer nothing"; the scenes' prompts only ask what is there.
+    missing = [label for label in labels if label not in labels_of(scene)]
+    if missing:
+        raise ValueError(f"scene {scene.seed} has no object labelled {missing}; its labels are {labels_of(scene)}")
 
 
 def tasks_for(scene: Scene, codes_of: Callable[[SceneObject], list[int]] | None = None) -> list[tuple[str, str]]:

@@ -117,3 +117,6 @@ def test_target_loss_is_transformers_loss_with_the_head_on_target_tokens_only():
     names = [f"row{i}" for i in range(len(prompts))]
     got = per_task_loss(per_token, names)
     assert all(abs(got[n] - want) < 1e-4 for n, want in zip(names, rows))
+    # Rows of one task average together.
+    pooled = per_task_loss(per_token, ["a"] * 2 + ["b"] * (len(prompts) - 2))
+    assert abs(pooled["a"] - sum(rows[:2]) / 2) < 1e-4 and abs(pooled["b"] - sum(rows[2:]) / (len(rows) - 2)) < 1e-4

@@ -10,7 +10,7 @@ import pytest
 from train import scenes, tasks
 from train.evaluate import BINARY, REPO, evaluate
 from train.release import CI_SLICE, VAE_FILE
-from train.score import Tally, mask_rle, parse_boxes
+from train.score import Tally, mask_rle, parse_boxes, request_name
 
 MODEL = REPO / "models" / "scenes"
 REFERENCE = REPO / "models" / "scenes-hf"
@@ -80,3 +80,18 @@ def test_tally_scores_a_perfect_and_a_shifted_detection():
     assert len(parse_boxes(shifted, 112, 112)) == len(scene.objects)
     summary = tally.summary()
     assert summary["detect_recall@0.5"] == 0.5 and summary["detect_exact"] == 0.5
+
+
+def test_tally_scores_one_label_detect_apart_and_refuses_a_listed_scene():
+    scene = scenes.generate(3, 112)
+    label = tasks.labels_of(scene)[1]
+    prompt = tasks.detect_prompt(scene, [label])
+    assert request_name(scene, prompt) == "detect_each" and request_name(scene, tasks.detect_prompt(scene)) == "detect"
+    target = tasks.target_for(scene, prompt)
+    tally = Tally()
+    assert tally.add(scene, prompt, target, target)
+    # Every object of the scene, the named one among them: found, but not an answer to the prompt.
+    assert not tally.add(scene, prompt, target, tasks.detect_target(scene))
+    summary = tally.summary()
+    assert summary["detect_each_recall@0.5"] == 1.0 and summary["detect_each_exact"] == 0.5
+    assert summary["answers"]["detect_each"] == 2 and summary["detect_objects"] == 0

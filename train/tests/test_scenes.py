@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from train import scenes, tasks
-from train.scenes import COLOURS, generate
+from train.scenes import COLOURS, KINDS, generate
 
 SEEDS = range(60)
 SIZE = 224
@@ -143,7 +143,10 @@ def test_one_label_detect_targets_hold_only_that_labels_objects(generated):
         assert each == [f"detect {label}" for label in tasks.labels_of(s)]
         for label, prompt in zip(tasks.labels_of(s), each):
             parsed = parse_detect(tasks.target_for(s, prompt), *s.image.size)
-            assert [got for got, _ in parsed] == [o.label for o in s.objects if o.label == label]
+            named = [o for o in s.objects if o.label == label]
+            assert [got for got, _ in parsed] == [label] * len(named)
+            for (_, box), o in zip(parsed, named):
+                assert all(abs(got - want) <= SIZE / 1023 / 2 + 1e-9 for got, want in zip(box, o.box))
     single = next(s for s in generated if len(tasks.labels_of(s)) == 1)
     # One label: `detect LABEL` is the full detect request, asked once.
     assert tasks.prompts_for(single, detect_each=True) == tasks.prompts_for(single)
@@ -157,6 +160,13 @@ def test_target_for_names_what_a_prompt_lacks(generated):
         tasks.target_for(plain, tasks.segment_prompt(plain.objects[0].label))
     with pytest.raises(ValueError, match="no task"):
         tasks.target_for(plain, "describe en")
+    absent = next(label for label in (f"{c} {k}" for c in COLOURS for k in KINDS) if label not in tasks.labels_of(plain))
+    for prompt in (f"detect {absent}", tasks.segment_prompt(absent)):
+        with pytest.raises(ValueError, match="no object labelled"):
+            tasks.target_for(plain, prompt, codes_of=lambda o: [0] * 16)
+    uncircled = next(s for s in generated if not any(o.kind == "circle" for o in s.objects))
+    with pytest.raises(ValueError, match="0 circles"):
+        tasks.target_for(uncircled, tasks.COLOUR_PROMPT)
 
 
 @pytest.mark.parametrize("side", [56, 112, 224, 448, 640])
