@@ -95,9 +95,11 @@ def parse_boxes(text: str, width: int, height: int) -> list[tuple[tuple[float, f
     ]
 
 
-def match_boxes(scene: Scene, predicted) -> list[float]:
-    """Per ground-truth object, the IoU of the best unused predicted box with the same label (0 if none)."""
-    return _best_matches(scene.objects, predicted, lambda o, box: iou(box, o.box))
+def match_boxes(scene: Scene, predicted, labels: list[str] | None = None) -> list[float]:
+    """Per ground-truth object (those labelled one of `labels`, default all), the IoU of the best
+    unused predicted box with the same label (0 if none)."""
+    objects = [o for o in scene.objects if labels is None or o.label in labels]
+    return _best_matches(objects, predicted, lambda o, box: iou(box, o.box))
 
 
 def _best_matches(objects, predicted, similarity) -> list[float]:
@@ -125,8 +127,8 @@ class Tally:
         self.exact = {k: [0, 0] for k in ("caption", "count", "colour", "ocr", "detect", "segment")}
         self.ious: list[float] = []
         self.mask_ious: list[float] = []
-        # The one-label `detect LABEL` (`request_name`), scored apart; only with such requests.
-        self.each = [0, 0]
+        # The one-label `detect LABEL` (`request_name`), scored apart; its `exact` entry appears
+        # with its first request.
         self.each_ious: list[float] = []
 
     def add(self, scene: Scene, prompt: str, target: str, answer: str, boxes=None, masks=None) -> bool:
@@ -135,29 +137,26 @@ class Tally:
         y_max), label) pairs replace parsing the answer's loc tokens; `masks` (bool [h, w], label)
         pairs are a segment answer's masks at the image's size (required for segment)."""
         name = request_name(scene, prompt)
-        if name == "detect_each":
-            label_set = set(prompt[len(tasks.DETECT_PREFIX) :].split(tasks.LABEL_SEPARATOR))
-            predicted = boxes if boxes is not None else parse_boxes(answer, *scene.image.size)
-            named = [o for o in scene.objects if o.label in label_set]
-            ious = _best_matches(named, predicted, lambda o, box: iou(box, o.box))
-            self.each_ious += ious
-            # Right: every named object found and no other box (listing the scene is not an answer).
-            ok = all(v >= 0.5 for v in ious) and len(predicted) == len(named)
-            self.each[0] += int(ok)
-            self.each[1] += 1
-            return ok
         if name == "segment":
-            ious = match_masks(scene, prompt[len(tasks.SEGMENT_PREFIX) :], masks or [])
+            (label,) = tasks.prompt_labels(prompt)
+            ious = match_masks(scene, label, masks or [])
             self.mask_ious += ious
             ok = all(v >= 0.5 for v in ious)
-        elif name == "detect":
-            ious = match_boxes(scene, boxes if boxes is not None else parse_boxes(answer, *scene.image.size))
-            self.ious += ious
+        elif name in ("detect", "detect_each"):
+            predicted = boxes if boxes is not None else parse_boxes(answer, *scene.image.size)
+            ious = match_boxes(scene, predicted, tasks.prompt_labels(prompt))
             ok = all(v >= 0.5 for v in ious)
+            if name == "detect":
+                self.ious += ious
+            else:
+                self.each_ious += ious
+                # Right only with no other box: listing the whole scene is not an answer to it.
+                ok = ok and len(predicted) == len(ious)
         else:
             ok = answer == target
-        self.exact[name][0] += int(ok)
-        self.exact[name][1] += 1
+        counts = self.exact.setdefault(name, [0, 0])
+        counts[0] += int(ok)
+        counts[1] += 1
         return ok
 
     def summary(self) -> dict:
@@ -170,9 +169,7 @@ class Tally:
         out["segment_objects"] = m
         out["segment_mean_iou"] = round(sum(self.mask_ious) / m, 4) if m else None
         out["answers"] = {k: n for k, (_, n) in self.exact.items()}
-        if self.each[1]:
-            out["detect_each_exact"] = round(self.each[0] / self.each[1], 4)
+        if self.each_ious:
             out["detect_each_objects"] = len(self.each_ious)
             out["detect_each_recall@0.5"] = round(sum(v >= 0.5 for v in self.each_ious) / len(self.each_ious), 4)
-            out["answers"]["detect_each"] = self.each[1]
         return out

@@ -121,23 +121,31 @@ def target_for(scene: Scene, prompt: str, codes_of: Callable[[SceneObject], list
             raise ValueError(f"scene {scene.seed} has no text to read")
         return scene.text
     if prompt.startswith(DETECT_PREFIX):
-        labels = prompt[len(DETECT_PREFIX) :].split(LABEL_SEPARATOR)
-        _check_labels(scene, labels)
-        return detect_target(scene, labels)
+        return detect_target(scene, _scene_labels(scene, prompt))
     if prompt.startswith(SEGMENT_PREFIX):
         if codes_of is None:
             raise ValueError("a segment target needs the mask VQ-VAE's codes_of")
-        label = prompt[len(SEGMENT_PREFIX) :]
-        _check_labels(scene, [label])
+        (label,) = _scene_labels(scene, prompt)
         return segment_target(scene, label, codes_of)
     raise ValueError(f"no task has the prompt {prompt!r}")
 
 
-def _check_labels(scene: Scene, labels: list[str]) -> None:
+def prompt_labels(prompt: str) -> list[str]:
+    """The labels a `detect` prompt asks (" ; "-separated) or the one a `segment` prompt names."""
+    if prompt.startswith(DETECT_PREFIX):
+        return prompt[len(DETECT_PREFIX) :].split(LABEL_SEPARATOR)
+    if prompt.startswith(SEGMENT_PREFIX):
+        return [prompt[len(SEGMENT_PREFIX) :]]
+    raise ValueError(f"{prompt!r} is neither a detect nor a segment prompt")
+
+
+def _scene_labels(scene: Scene, prompt: str) -> list[str]:
     # An empty target would train "answer nothing"; the scenes' prompts only ask what is there.
-    missing = [label for label in labels if label not in labels_of(scene)]
+    labels, present = prompt_labels(prompt), labels_of(scene)
+    missing = [label for label in labels if label not in present]
     if missing:
-        raise ValueError(f"scene {scene.seed} has no object labelled {missing}; its labels are {labels_of(scene)}")
+        raise ValueError(f"scene {scene.seed} has no object labelled {missing}; its labels are {present}")
+    return labels
 
 
 def tasks_for(scene: Scene, codes_of: Callable[[SceneObject], list[int]] | None = None) -> list[tuple[str, str]]:

@@ -25,7 +25,8 @@ DETECT_MAX_NEW_TOKENS = 5
 
 # The scenes model's example (models/scenes/example.json): a held-out scene the released model
 # answers fully right, segment included (train.release picks it), so the mask the page draws is a
-# real answer on the right object whichever version of the model is committed.
+# real answer on the right object whichever version of the model is committed. "Right" there is
+# mask IoU >= 0.5; this test holds the mask to 0.8 (version 3's example: 0.895).
 EXAMPLE = json.loads((SCENES_MODEL / "example.json").read_text())
 SEGMENT_SEED = EXAMPLE["seed"]
 SEGMENT_LABEL = EXAMPLE["segment_prompt"].removeprefix("segment ")
@@ -149,7 +150,7 @@ def test_segment_draws_the_models_mask_on_the_right_object(scenes_page, scenes_s
     (segment,) = expected["segments"]
     mask = rle_mask(segment["mask"])
     (target,) = [o for o in scene.objects if o.label == SEGMENT_LABEL]
-    assert mask_iou(mask, target.mask) >= 0.5, f"the model's mask misses the {SEGMENT_LABEL}: {expected['text']!r}"
+    assert mask_iou(mask, target.mask) >= 0.8, f"the model's mask misses the {SEGMENT_LABEL}: {expected['text']!r}"
 
     run_on_page(scenes_page, image, "segment", {"#object": SEGMENT_LABEL}, 32, scenes_server.api_key)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
