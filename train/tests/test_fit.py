@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from train import scenes, tasks
-from train.fit import PatchHead, TrainConfig, lr_at, per_task_loss, target_loss, train
+from train.fit import PatchHead, RelevanceHead, TrainConfig, lr_at, per_task_loss, target_loss, train
 from train.model import ModelConfig, build
 
 SMALL = ModelConfig(
@@ -84,6 +84,31 @@ def test_patch_labels_name_shapes_and_characters():
     assert shape_classes <= expected and shape_classes
 
 
+def test_relevance_labels_cover_the_named_objects_only():
+    cfg = ModelConfig()
+    head = RelevanceHead(cfg)
+    scene = next(s for s in (scenes.generate(i, cfg.image_size) for i in range(50)) if len(tasks.labels_of(s)) > 2)
+    side, area = cfg.image_size // cfg.patch_size, cfg.patch_size**2
+
+    def covered(labels):
+        union = sum(o.mask.astype(int) for o in scene.objects if o.label in labels).clip(max=1)
+        return int(union.sum())
+
+    first, *rest = tasks.labels_of(scene)
+    for prompt, named in [
+        (tasks.segment_prompt(first), [first]),
+        (tasks.detect_prompt(scene, rest), rest),
+        (tasks.detect_prompt(scene), tasks.labels_of(scene)),
+    ]:
+        labels = head.labels(scene, prompt)
+        assert labels.shape == (side * side,) and 0 <= labels.min() and labels.max() <= 1
+        # Fractions of a patch's pixels: they add up to the named objects' visible area.
+        assert round(float(labels.sum()) * area) == covered(named), prompt
+    assert head.labels(scene, tasks.CAPTION_PROMPT) is None and head.labels(scene, tasks.OCR_PROMPT) is None
+    # Half the decoder's layers: what follows reads the marks out.
+    assert head.layer == 2 and RelevanceHead(SMALL).layer == 1
+
+
 def test_a_mask_vqvae_adds_segment_targets_to_the_mix(tmp_path):
     from train import vqvae
 
@@ -91,7 +116,7 @@ def test_a_mask_vqvae_adds_segment_targets_to_the_mix(tmp_path):
     # segment alone, so every row of every step is one.
     tc = TrainConfig(steps=2, batch=4, warmup=1, weights=(("segment", 1.0),))
     report = train(SMALL, tc, 0, tmp_path / "model", log_every=1, seg_vae=tmp_path / "vae.npz")
-    assert all(set(entry["tasks"]) == {"segment", "patches"} for entry in report["log"]), report["log"]
+    assert all(set(entry["tasks"]) == {"segment", "patches", "relevance"} for entry in report["log"]), report["log"]
     assert report["seg_vae"] == str(tmp_path / "vae.npz")
 
 
