@@ -125,9 +125,9 @@ def _value_info(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), dims)
 
 
-def run_in_segments(path: Path, feeds: dict[str, np.ndarray], budget: int = SEGMENT_BYTES) -> list[np.ndarray]:
+def run_in_segments(path: Path, feeds: dict[str, np.ndarray], budget: int = SEGMENT_BYTES) -> dict[str, np.ndarray]:
     """The graph at `path` run on `feeds` one segment at a time (see the module docstring): its
-    outputs in graph order."""
+    outputs by name, in graph order."""
     import onnxruntime as ort
 
     model = onnx.load(str(path), load_external_data=False)
@@ -168,7 +168,7 @@ def run_in_segments(path: Path, feeds: dict[str, np.ndarray], budget: int = SEGM
         values.update(zip(wanted, results))
         for name in [n for n in values if last_use.get(n, -1) <= i and n not in outputs]:
             del values[name]
-    return [values[name] for name in outputs]
+    return {name: values[name] for name in outputs}
 
 
 def compare(label: str, names: list[str], got: list[np.ndarray], want: list[np.ndarray]) -> float:
@@ -196,7 +196,6 @@ def check_graph(path: Path, feeds: dict[str, np.ndarray], module: nn.Module, arg
     output. Returns the largest relative difference; prints it."""
     want = torch_outputs(module, args, weights)
     got = run_in_segments(path, feeds)
-    names = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
-    worst = compare(path.name, names, got, want)
+    worst = compare(path.name, list(got), list(got.values()), want)
     print(f"  {path.name}: checked against torch, largest difference {worst:.1e} of scale", file=sys.stderr, flush=True)
     return worst

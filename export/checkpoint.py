@@ -107,11 +107,9 @@ class Checkpoint:
         row_bytes = entry.nbytes // entry.shape[0] if entry.shape else entry.nbytes
         start, end = rows if rows is not None else (0, entry.shape[0] if entry.shape else 1)
         out = torch.empty((end - start, *entry.shape[1:]), dtype=dtype)
-        step = max(1, CHUNK_BYTES // max(row_bytes, 1))
         with open(entry.file, "rb") as f:
             f.seek(entry.offset + start * row_bytes)
-            for first in range(0, end - start, step):
-                last = min(end - start, first + step)
+            for first, last in _row_ranges(end - start, row_bytes):
                 buffer = bytearray((last - first) * row_bytes)
                 if f.readinto(buffer) != len(buffer):
                     raise ExportError(f"{entry.file}: ended inside tensor {key}; download it again")
@@ -122,10 +120,14 @@ class Checkpoint:
 
     def row_chunks(self, key: str, row_bytes: int) -> Iterator[tuple[int, int]]:
         """`[start, end)` row ranges of `key` whose converted size is about CHUNK_BYTES."""
-        rows = self.entries[key].shape[0] if self.entries[key].shape else 1
-        step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-        for start in range(0, rows, step):
-            yield start, min(rows, start + step)
+        yield from _row_ranges(self.entries[key].shape[0] if self.entries[key].shape else 1, row_bytes)
+
+
+def _row_ranges(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
+    """`[start, end)` ranges over `rows` rows of `row_bytes` each, about CHUNK_BYTES a range."""
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
 
 
 def _some(names: list[str], limit: int = 8) -> str:

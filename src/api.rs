@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::detect::Detection;
 use crate::engine::{mean_ms, ms, Timings};
-use crate::pipeline::Response;
+use crate::pipeline::{Pipeline, Response};
 use crate::segment::Segment;
 
 /// One request's answer: a line of `paligemma --json`, the body of `/v1/generate` and the data of
@@ -108,6 +108,69 @@ pub struct BatchLine {
 
 /// The shape of a [`BatchLine`], for error messages.
 pub const BATCH_LINE_SHAPE: &str = "{\"image\": PATH, \"prompt\": TEXT, \"max_new_tokens\": N (optional)}";
+
+/// `GET /health`'s body: what the server runs, fixed once the model has loaded (the server
+/// listens only then).
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: &'static str,
+    /// `--model` as given.
+    pub model: String,
+    /// `--dtype` as given (`auto` is resolved per graph in `graphs`).
+    pub dtype: String,
+    /// Per graph, the execution providers ONNX Runtime assigned its nodes to.
+    pub providers: BTreeMap<String, Vec<String>>,
+    /// Per graph, its file and the dtype `--dtype` picked.
+    pub graphs: BTreeMap<String, GraphFile>,
+    /// The ONNX Runtime library loaded.
+    pub onnxruntime: OrtLibrary,
+}
+
+/// One graph of [`Health::graphs`].
+#[derive(Debug, Clone, Serialize)]
+pub struct GraphFile {
+    /// The ONNX file, relative to the model directory.
+    pub file: String,
+    /// `fp32`, `fp16`, `int8`, `q4`, ...
+    pub dtype: &'static str,
+}
+
+/// [`Health::onnxruntime`]: the library's file, version and the search rule that found it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OrtLibrary {
+    /// The path handed to `dlopen`.
+    pub path: PathBuf,
+    /// `major.minor.patch` from the library's file name (see `OrtInfo::version`).
+    pub version: String,
+    /// `--ort-lib`, `ORT_DYLIB_PATH`, next to the executable, or the repository's .venv.
+    pub source: String,
+}
+
+impl Health {
+    /// The body for `pipeline`, loaded from `--model` `model` with `--dtype` `dtype`.
+    pub fn new(model: String, dtype: String, pipeline: &Pipeline) -> Health {
+        let graphs = pipeline.graph_files().iter().map(|(graph, file, dtype)| {
+            let file = GraphFile {
+                file: file.clone(),
+                dtype: dtype.as_str(),
+            };
+            (graph.clone(), file)
+        });
+        Health {
+            status: "ok",
+            model,
+            dtype,
+            providers: pipeline.providers().iter().cloned().collect(),
+            graphs: graphs.collect(),
+            onnxruntime: OrtLibrary {
+                path: pipeline.ort.path.clone(),
+                version: pipeline.ort.version.clone(),
+                source: pipeline.ort.source.to_string(),
+            },
+        }
+    }
+}
 
 /// The `/v1/generate` JSON body.
 #[derive(Debug, Deserialize)]

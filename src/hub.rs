@@ -89,7 +89,8 @@ pub enum HubError {
         repo: String,
         /// The Hub cache directory searched.
         cache_dir: PathBuf,
-        /// The files not in the cache (`manifest.json` alone when even it is absent).
+        /// The files not in the cache (`manifest.json` alone when neither it nor a transformers.js
+        /// layout is cached).
         missing: Vec<String>,
     },
     /// hf-hub could not fetch a file: HTTP status, network, auth, or a reply it failed on.
@@ -338,14 +339,29 @@ fn cached_snapshot(cache: &Cache, repo_id: &str) -> Result<Cached, HubError> {
     })
 }
 
-/// A cached snapshot of a transformers.js repo holding every file `dtype` needs.
+/// What the cache holds of a transformers.js repo (a cached `config.json` beside
+/// `onnx/decoder_model_merged*.onnx`) for `dtype`: complete, or the files `dtype` needs that are
+/// absent. None when the cache holds no such layout.
 #[cfg(feature = "hub")]
-fn cached_layout(cache: &Cache, repo_id: &str, dtype: DtypeChoice) -> Option<PathBuf> {
+fn cached_layout(cache: &Cache, repo_id: &str, dtype: DtypeChoice) -> Option<Cached> {
     let config = cache.model(repo_id.to_string()).get("config.json")?;
     let dir = config.parent()?;
+    if !transformers_js::is_layout(dir) {
+        return None;
+    }
     let files = transformers_js::all_files(dir);
-    let needed = transformers_js::needed_files(&files, dtype, dir).ok()?;
-    (transformers_js::is_layout(dir) && needed.iter().all(|f| files.contains(f))).then(|| dir.to_path_buf())
+    Some(match transformers_js::needed_files(&files, dtype, dir) {
+        Ok(needed) => {
+            let missing: Vec<String> = needed.into_iter().filter(|f| !files.contains(f)).collect();
+            if missing.is_empty() {
+                Cached::Complete(dir.to_path_buf())
+            } else {
+                Cached::Missing(missing)
+            }
+        }
+        // The repo's full file list is unknown offline; say which graphs the cache lacks.
+        Err(e) => Cached::Missing(vec![format!("the {dtype} graphs ({e})")]),
+    })
 }
 
 #[cfg(not(feature = "hub"))]
@@ -356,13 +372,12 @@ fn hub_model(repo_id: &str, _options: &HubOptions, _dtype: DtypeChoice) -> Resul
 #[cfg(feature = "hub")]
 fn hub_model(repo_id: &str, options: &HubOptions, dtype: DtypeChoice) -> Result<PathBuf, HubError> {
     let cache = Cache::new(options.cache_dir.clone());
-    let missing = match cached_snapshot(&cache, repo_id)? {
-        Cached::Complete(dir) => return Ok(dir),
-        Cached::Missing(missing) => missing,
+    // A conversion's manifest lists its files; a transformers.js layout has none, so the dtype
+    // picks them.
+    let missing = match (cached_snapshot(&cache, repo_id)?, cached_layout(&cache, repo_id, dtype)) {
+        (Cached::Complete(dir), _) | (_, Some(Cached::Complete(dir))) => return Ok(dir),
+        (_, Some(Cached::Missing(missing))) | (Cached::Missing(missing), None) => missing,
     };
-    if let Some(dir) = cached_layout(&cache, repo_id, dtype) {
-        return Ok(dir);
-    }
     if options.offline {
         return Err(HubError::OfflineNotCached {
             repo: repo_id.to_string(),

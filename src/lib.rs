@@ -47,7 +47,7 @@ pub use pipeline::{ImageInput, LoadError, Pipeline, PipelineOptions, Request, Re
 pub use preprocess::{ImageLimits, LoadedImage, PreprocessError};
 pub use prompt::PromptError;
 pub use segment::{Segment, SegmentError};
-pub use session::ModelError;
+pub use session::{ModelError, Origin};
 pub use transformers_js::LayoutError;
 
 /// An error and its causes on one line: hf-hub keeps the HTTP status, libloading the `dlerror()`

@@ -107,7 +107,7 @@ impl ImageProcessorConfig {
                 (path, json)
             }
         };
-        let config = Self::from_json(&json.to_string(), &path)?;
+        let config = Self::from_value(&json, &path)?;
         Ok((config, path, json))
     }
 
@@ -123,15 +123,20 @@ impl ImageProcessorConfig {
     /// Parses and validates the JSON text of a `preprocessor_config.json`; `path` names it in
     /// errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self, PreprocessError> {
+        Self::validate(serde_json::from_str(text).map_err(|e| shape_error(e, path))?, path)
+    }
+
+    /// [`Self::from_json`] for JSON already parsed, such as `processor_config.json`'s
+    /// `image_processor` object.
+    fn from_value(json: &serde_json::Value, path: &Path) -> Result<Self, PreprocessError> {
+        Self::validate(RawProcessorConfig::deserialize(json).map_err(|e| shape_error(e, path))?, path)
+    }
+
+    fn validate(raw: RawProcessorConfig, path: &Path) -> Result<Self, PreprocessError> {
         let invalid = |reason: String| PreprocessError::InvalidConfig {
             path: path.to_owned(),
             reason,
         };
-        let raw: RawProcessorConfig = serde_json::from_str(text).map_err(|e| {
-            invalid(format!(
-                "{e}; expected \"size\": {{\"height\", \"width\"}}, 3-element \"image_mean\" and \"image_std\""
-            ))
-        })?;
         if raw.resample != default_resample() {
             return Err(PreprocessError::UnsupportedResample {
                 path: path.to_owned(),
@@ -169,6 +174,13 @@ impl ImageProcessorConfig {
             rescale_factor: raw.rescale_factor,
             do_convert_rgb: raw.do_convert_rgb == Some(true),
         })
+    }
+}
+
+fn shape_error(e: serde_json::Error, path: &Path) -> PreprocessError {
+    PreprocessError::InvalidConfig {
+        path: path.to_owned(),
+        reason: format!("{e}; expected \"size\": {{\"height\", \"width\"}}, 3-element \"image_mean\" and \"image_std\""),
     }
 }
 

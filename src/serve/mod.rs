@@ -24,7 +24,6 @@ pub mod connections;
 pub mod metrics;
 pub mod openai;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,7 +37,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 
-use crate::api::{ErrorCode, ErrorType};
+use crate::api::{ErrorCode, ErrorType, Health};
 use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::prompt::PromptEncoder;
 use crate::serve::api::{ApiError, Limits};
@@ -61,20 +60,6 @@ pub struct ServeOptions {
     pub cors_origin: Option<String>,
 }
 
-/// What `/health` reports.
-pub struct ModelInfo {
-    /// `--model` as given.
-    pub model: String,
-    pub dtype: String,
-    /// Per graph, the execution providers ONNX Runtime assigned its nodes to.
-    pub providers: BTreeMap<String, Vec<String>>,
-    /// Per graph, its file and dtype (what `--dtype` picked).
-    pub graphs: BTreeMap<String, serde_json::Value>,
-    /// The ONNX Runtime library loaded: `{path, version, source}`, source being the rule that
-    /// found it (`--ort-lib`, `ORT_DYLIB_PATH`, next to the executable, the repository's .venv).
-    pub onnxruntime: serde_json::Value,
-}
-
 /// Shared by every handler.
 pub struct AppState {
     pub queue: Queue,
@@ -82,7 +67,8 @@ pub struct AppState {
     pub limits: Limits,
     /// The pipeline's prompt encoder: prompts are checked in the handler, before queueing.
     pub prompts: Arc<PromptEncoder>,
-    pub info: ModelInfo,
+    /// `/health`'s body, fixed once the model has loaded.
+    pub info: Health,
     api_key: Option<String>,
     cors_origin: Option<HeaderValue>,
 }
@@ -95,13 +81,7 @@ pub fn run(options: ServeOptions) -> Result<()> {
         .map(HeaderValue::from_str)
         .transpose()
         .context("--cors-origin is not a valid header value")?;
-    let info = ModelInfo {
-        model: options.pipeline.model.clone(),
-        dtype: options.pipeline.dtype.to_string(),
-        providers: BTreeMap::new(),
-        graphs: BTreeMap::new(),
-        onnxruntime: serde_json::Value::Null,
-    };
+    let (model, dtype) = (options.pipeline.model.clone(), options.pipeline.dtype.to_string());
     let pipeline = Pipeline::load(options.pipeline)?;
     for warning in pipeline.warnings() {
         eprintln!("warning: {warning}");
@@ -109,20 +89,7 @@ pub fn run(options: ServeOptions) -> Result<()> {
     if let Some(note) = pipeline.one_at_a_time_note() {
         eprintln!("note: {note}");
     }
-    let info = ModelInfo {
-        providers: pipeline.providers().iter().cloned().collect(),
-        graphs: pipeline
-            .graph_files()
-            .iter()
-            .map(|(graph, file, dtype)| (graph.clone(), serde_json::json!({"file": file, "dtype": dtype.as_str()})))
-            .collect(),
-        onnxruntime: serde_json::json!({
-            "path": pipeline.ort.path,
-            "version": pipeline.ort.version,
-            "source": pipeline.ort.source.to_string(),
-        }),
-        ..info
-    };
+    let info = Health::new(model, dtype, &pipeline);
     let prompts = pipeline.prompt_encoder();
     let slots = pipeline.capacity().map_or(options.max_batch, |c| c.min(options.max_batch));
     let metrics = Arc::new(Metrics::new(slots));
@@ -208,15 +175,8 @@ async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }
 
-async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "status": "ok",
-        "model": state.info.model,
-        "dtype": state.info.dtype,
-        "providers": state.info.providers,
-        "graphs": state.info.graphs,
-        "onnxruntime": state.info.onnxruntime,
-    }))
+async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
+    Json(state.info.clone())
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
