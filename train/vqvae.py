@@ -245,27 +245,35 @@ def train(
     stream = objects(range(EVAL_SEEDS.start), image_size)
     last_used = torch.zeros(CODEBOOK, dtype=torch.int64)
     started = time.time()
-    for step in range(1, steps + 1):
-        targets = torch.from_numpy(np.stack([next(stream)[2] for _ in range(batch)]))
-        for group in optimiser.param_groups:
-            group["lr"] = lr * min(1.0, step / 100) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / steps)))
-        recon, codes, z, codebook_loss, commitment = model(targets)
-        loss = (recon - targets).pow(2).mean() + codebook_loss + 0.25 * commitment
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        last_used[codes.unique()] = step
-        if step % restart_every == 0 and step < steps * 0.8:
-            # Entries no batch picked since the last check restart on this batch's encoder outputs.
-            dead = (last_used <= step - restart_every).nonzero()[:, 0]
-            if len(dead):
-                picks = torch.randperm(z.shape[0] * z.shape[1])[: len(dead)]
-                with torch.no_grad():
-                    model.codebook[dead] = z.detach().reshape(-1, z.shape[-1])[picks]
-                last_used[dead] = step
-        if step % log_every == 0 or step == steps:
-            used = codes.unique().numel()
-            print(f"step {step}/{steps} loss {loss.item():.4f} codes in batch {used} ({time.time() - started:.0f} s)", flush=True)
+    # Without it, two runs in one process differ by 1e-4 after 20 steps of 64 masks (some CPU
+    # kernel's reduction order; identical with it, at the same speed), so a seed did not fix the
+    # VQ-VAE and every model trained on its codes.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for step in range(1, steps + 1):
+            targets = torch.from_numpy(np.stack([next(stream)[2] for _ in range(batch)]))
+            for group in optimiser.param_groups:
+                group["lr"] = lr * min(1.0, step / 100) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+            recon, codes, z, codebook_loss, commitment = model(targets)
+            loss = (recon - targets).pow(2).mean() + codebook_loss + 0.25 * commitment
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            last_used[codes.unique()] = step
+            if step % restart_every == 0 and step < steps * 0.8:
+                # Entries no batch picked since the last check restart on this batch's encoder outputs.
+                dead = (last_used <= step - restart_every).nonzero()[:, 0]
+                if len(dead):
+                    picks = torch.randperm(z.shape[0] * z.shape[1])[: len(dead)]
+                    with torch.no_grad():
+                        model.codebook[dead] = z.detach().reshape(-1, z.shape[-1])[picks]
+                    last_used[dead] = step
+            if step % log_every == 0 or step == steps:
+                used = codes.unique().numel()
+                print(f"step {step}/{steps} loss {loss.item():.4f} codes in batch {used} ({time.time() - started:.0f} s)", flush=True)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     save(model, out)
     return model.eval()
 
