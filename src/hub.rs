@@ -374,9 +374,13 @@ fn hub_model(repo_id: &str, options: &HubOptions, dtype: DtypeChoice) -> Result<
     let cache = Cache::new(options.cache_dir.clone());
     // A conversion's manifest lists its files; a transformers.js layout has none, so the dtype
     // picks them.
-    let missing = match (cached_snapshot(&cache, repo_id)?, cached_layout(&cache, repo_id, dtype)) {
-        (Cached::Complete(dir), _) | (_, Some(Cached::Complete(dir))) => return Ok(dir),
-        (_, Some(Cached::Missing(missing))) | (Cached::Missing(missing), None) => missing,
+    let missing = match cached_snapshot(&cache, repo_id)? {
+        Cached::Complete(dir) => return Ok(dir),
+        Cached::Missing(manifest_missing) => match cached_layout(&cache, repo_id, dtype) {
+            Some(Cached::Complete(dir)) => return Ok(dir),
+            Some(Cached::Missing(missing)) => missing,
+            None => manifest_missing,
+        },
     };
     if options.offline {
         return Err(HubError::OfflineNotCached {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,9 @@ DETECT_MAX_NEW_TOKENS = 5
 # under its own tag.
 EXAMPLE = json.loads((SCENES_MODEL / "example.json").read_text())
 SEGMENT_SEED = EXAMPLE["seed"]
+_LABEL_COUNTS = Counter(o["label"] for o in EXAMPLE["objects"])
 SEGMENT_LABELS = list(
-    dict.fromkeys(
-        [EXAMPLE["segment_prompt"].removeprefix("segment ")]
-        + [label for label in (o["label"] for o in EXAMPLE["objects"]) if [o["label"] for o in EXAMPLE["objects"]].count(label) == 1]
-    )
+    dict.fromkeys([EXAMPLE["segment_prompt"].removeprefix("segment ")] + [label for label, n in _LABEL_COUNTS.items() if n == 1])
 )
 
 
