@@ -4,8 +4,8 @@ For each preset and text depth: writes a random checkpoint as released (bf16 saf
 `python -m export tiny --preset`), converts it under `/usr/bin/time -v` (any extra convert
 arguments after `--`), and prints one JSON line: peak RSS (GB), wall time (s), the checkpoint's
 largest tensor in float32 (GB, the yardstick of the memory bound), the bytes written, the checks'
-and `--validate`'s lines; then deletes both, so a
-28B run needs about 55 GB free at a time, not all of them. Nothing here is asserted anywhere.
+and `--validate`'s lines; then deletes both, so a 28B run needs about 55 GB free at a time, not
+all of them. The figures are asserted nowhere; how they are read is (tests/test_convert_memory.py).
 
     python -m bench.convert_memory --preset 10b-448 28b-448 --layers 2 6
     python -m bench.convert_memory --preset 3b-224 --layers 26 -- --quantize int8,int4

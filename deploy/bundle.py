@@ -136,6 +136,28 @@ Glibc: built on Debian 12 (glibc 2.36); hosts need glibc 2.36 or newer.
 """
 
 
+def example_prompts(model: Path) -> list[str]:
+    """The prompts a shipped build is checked with on `model`'s example (example.json): a caption,
+    its detect prompt and, where the model segments, its segment prompt."""
+    example = json.loads((model / "example.json").read_text())
+    return ["caption en", example["detect_prompt"]] + [example[k] for k in ("segment_prompt",) if k in example]
+
+
+def cli_answer(binary: Path, model: Path, image: Path, prompt: str, cwd: Path | None = None, env: dict | None = None) -> dict:
+    """The CLI's `--json` answer (api::Generation) to one prompt; SystemExit with its stderr if it fails."""
+    run = subprocess.run(
+        [str(binary), "--model", str(model), "--image", str(image), "--prompt", prompt, "--json"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if run.returncode != 0:
+        raise SystemExit(f"error: {binary} {prompt!r} exited {run.returncode}:\n{run.stderr.strip()}")
+    return json.loads(run.stdout)
+
+
 def build(out: Path, cargo_build: bool = True) -> Path:
     """Builds the binary (unless told not to) and writes `out`/paligemma-VERSION-TARGET.tar.gz; its path."""
     target = host_target()

@@ -99,13 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         if health["onnxruntime"]["source"] != "next to the executable":
             raise SystemExit(f"error: the image's server loaded another ONNX Runtime: {health['onnxruntime']}")
         report["healthcheck_exit"] = sh(engine, "healthcheck", "run", NAME, check=False).returncode
-        example = json.loads((MODEL / "example.json").read_text())
         image = MODEL / "example.png"
-        prompts = ["caption en", example["detect_prompt"]] + [example[k] for k in ("segment_prompt",) if k in example]
-        for prompt in prompts:
+        for prompt in bundle.example_prompts(MODEL):
             got = http(url + "/v1/generate", {"image": base64.b64encode(image.read_bytes()).decode(), "prompt": prompt})
-            want = json.loads(sh(str(CHECKOUT_BINARY), "--model", str(MODEL), "--image", str(image), "--prompt", prompt, "--json").stdout)
-            same = got["token_ids"] == want["token_ids"] and got.get("segments") == want.get("segments")
+            want = bundle.cli_answer(CHECKOUT_BINARY, MODEL, image, prompt)
+            same = all(got.get(k) == want.get(k) for k in ("token_ids", "detections", "segments"))
             report.setdefault("answers", []).append({"prompt": prompt, "text": got["text"], "same_as_checkout": same})
         stopped = time.monotonic()
         sh(engine, "stop", "--time", "60", NAME)

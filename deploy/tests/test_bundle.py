@@ -38,22 +38,6 @@ def clean_env(home: Path) -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
 
 
-def answers(binary: Path, model: Path, image: Path, prompts: list[str], cwd: Path, env: dict | None) -> list[dict]:
-    out = []
-    for prompt in prompts:
-        run = subprocess.run(
-            [str(binary), "--model", str(model), "--image", str(image), "--prompt", prompt, "--json"],
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert run.returncode == 0, f"{binary} {prompt!r}: {run.stderr}"
-        out.append(json.loads(run.stdout))
-    return out
-
-
 def test_bundle_holds_the_stripped_binary_its_runtime_licences_and_readme(unpacked):
     names = sorted(p.name for p in unpacked.iterdir())
     assert names[:2] == ["LICENSES", "README.md"] and names[3] == "paligemma", names
@@ -80,14 +64,13 @@ def test_unpacked_bundle_answers_as_the_checkout_build(unpacked, tmp_path):
         pytest.fail(f"{CHECKOUT_BINARY} is missing: build it with `cargo build --release` (.ci/setup does)")
     model = tmp_path / "scenes"
     shutil.copytree(MODEL, model)
-    example = json.loads((MODEL / "example.json").read_text())
     image = tmp_path / "example.png"
     shutil.copy2(MODEL / "example.png", image)
-    prompts = ["caption en", example["detect_prompt"]] + ([example["segment_prompt"]] if "segment_prompt" in example else [])
+    prompts = bundle.example_prompts(MODEL)
     work = tmp_path / "work"
     work.mkdir()
-    ours = answers(unpacked / "paligemma", model, image, prompts, work, clean_env(work))
-    reference = answers(CHECKOUT_BINARY, model, image, prompts, REPO, None)
+    ours = [bundle.cli_answer(unpacked / "paligemma", model, image, p, work, clean_env(work)) for p in prompts]
+    reference = [bundle.cli_answer(CHECKOUT_BINARY, model, image, p, REPO) for p in prompts]
     for prompt, got, want in zip(prompts, ours, reference):
         assert got["token_ids"] == want["token_ids"], prompt
         assert got.get("detections") == want.get("detections") and got.get("segments") == want.get("segments"), prompt
