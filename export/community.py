@@ -15,7 +15,10 @@ opset 14; no manifest.json; the transformers.js layout and names:
 
 Dtypes (transformers.js suffixes): fp32 "", fp16 "_fp16" (ONNX Runtime's float16 tool, float16
 I/O), q4 "_q4" (ONNX Runtime's MatMulNBits quantizer, block 64, float32 I/O), q4f16 "_q4f16"
-(the q4 weights on the fp16 graph). Config, tokenizer and processor files are copied beside.
+(the q4 weights on the fp16 graph), and the 8-bit ones of transformers.js' scripts/quantize.py
+(ONNX Runtime's dynamic quantizer, IntegerOps: MatMulInteger on constant weights, per tensor):
+int8 "_int8" (int8 weights), uint8 "_uint8" (uint8), q8 "_quantized" (uint8 in a graph with a
+Conv, int8 in the others). Config, tokenizer and processor files are copied beside.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SUFFIX = {"fp32": "", "fp16": "_fp16", "q4": "_q4", "q4f16": "_q4f16"}
+SUFFIX = {"fp32": "", "fp16": "_fp16", "q4": "_q4", "q4f16": "_q4f16", "int8": "_int8", "uint8": "_uint8", "q8": "_quantized"}
 OPSET = 14
 # What a transformers.js repo holds beside onnx/ (those the checkpoint has).
 COPIED = (
@@ -127,6 +130,30 @@ def _q4(source: Path, target: Path) -> None:
     onnx.save(quantizer.model.model, str(target))
 
 
+def _8bit(source: Path, target: Path, dtype: str) -> None:
+    """transformers.js' `quantize_q8` with its defaults (no per-channel, no reduced range; ONNX
+    Runtime's activations are uint8), the weight type its `quantize` picks for `dtype`."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    if dtype == "q8":
+        ops = {n.op_type for n in onnx.load(str(source)).graph.node}
+        weight_type = QuantType.QUInt8 if ops & {"Conv", "GroupQueryAttention", "MultiHeadAttention"} else QuantType.QInt8
+    else:
+        weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[dtype]
+    quantize_dynamic(
+        source,
+        target,
+        per_channel=False,
+        reduce_range=False,
+        weight_type=weight_type,
+        extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
+    )
+
+
 def build(checkpoint: Path, out_dir: Path, dtypes=("fp32",)) -> Path:
     """Writes the community layout of `checkpoint` (a PaliGemma or PaliGemma 2 directory) to
     `out_dir` with the graphs of `dtypes` (keys of SUFFIX)."""
@@ -168,6 +195,9 @@ def build(checkpoint: Path, out_dir: Path, dtypes=("fp32",)) -> Path:
             _q4(fp32, onnx_dir / f"{stem}_q4.onnx")
         if "q4f16" in dtypes:
             _q4(onnx_dir / f"{stem}_fp16.onnx", onnx_dir / f"{stem}_q4f16.onnx")
+        for dtype in ("int8", "uint8", "q8"):
+            if dtype in dtypes:
+                _8bit(fp32, onnx_dir / f"{stem}{SUFFIX[dtype]}.onnx", dtype)
         if "fp16" not in dtypes and (onnx_dir / f"{stem}_fp16.onnx").exists():
             (onnx_dir / f"{stem}_fp16.onnx").unlink()
         if "fp32" not in dtypes:

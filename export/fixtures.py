@@ -221,7 +221,7 @@ QUANTIZE = {"gqa1": ["int8", "q4"]}
 # manifest, no mask inputs) to MODELS_ROOT/<name>/community, in these dtypes.
 COMMUNITY_CONFIGS = ("gqa1", "gemma1")
 COMMUNITY_DIR = "community"
-COMMUNITY_DTYPES = ("fp32", "fp16", "q4", "q4f16")
+COMMUNITY_DTYPES = ("fp32", "fp16", "q4", "q4f16", "int8", "q8")
 # Configurations also converted with --dtype fp16 (MODELS_ROOT/<name>/onnx-fp16), for fp16 cases.
 FP16_CONFIGS = ("gqa1",)
 

@@ -370,7 +370,8 @@ const X64_QUANT_PRECISION: &str = "session.x64quantprecision";
 
 /// Whether the `graph` file picked in `dtype` holds int8 weights whose kernels would saturate on
 /// this CPU: it is then built with [`X64_QUANT_PRECISION`]. Only int8 weights in integer MatMul ops
-/// (version 1 conversions' `int8`), and only on CPUs without VNNI.
+/// (version 1 conversions' `int8`, transformers.js exports' `int8` and `q8`), and only on CPUs
+/// without VNNI.
 fn needs_exact_int8(manifest: &Manifest, graph: &str, dtype: Dtype) -> Option<String> {
     match manifest.weight_format(dtype.as_str()) {
         Some(format)
@@ -442,12 +443,18 @@ impl ModelSessions {
         let selection = m.select(dir, choice)?;
         let mut open = |name: &'static str, file: &str, dtype: Dtype| -> Result<Graph, ModelError> {
             let entries: &[(&str, &str)] = if let Some(op) = needs_exact_int8(m, name, dtype) {
+                // A transformers.js export cannot be re-converted, only replaced.
+                const EXACT_INT8: &str =
+                    "`python -m export convert --quantize int8` (MatMulNBits 8-bit: exact on every CPU, faster to decode)";
+                let instead = if m.synthesized {
+                    format!("a transformers.js export's int8 and q8 graphs are all made so: run its --dtype q4 or --dtype fp32, or convert the checkpoint with {EXACT_INT8}")
+                } else {
+                    format!("re-convert with this version's {EXACT_INT8}, or run --dtype fp32")
+                };
                 warnings.push(format!(
                     "{file} holds int8 weights ({op}), which ONNX Runtime sums with saturating 16-bit \
                      instructions on this CPU: it has no {INT8_EXACT_FEATURES}. Running it with ONNX \
-                     Runtime's exact uint8 kernels instead ({X64_QUANT_PRECISION}=1), which is slower; \
-                     re-convert with this version's `python -m export convert --quantize int8` (MatMulNBits \
-                     8-bit: exact on every CPU, faster to decode), or run --dtype fp32"
+                     Runtime's exact uint8 kernels instead ({X64_QUANT_PRECISION}=1), which is slower; {instead}"
                 ));
                 &[(X64_QUANT_PRECISION, "1")]
             } else {

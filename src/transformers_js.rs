@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::config::{ConfigError, Dtype, DtypeChoice, GraphFiles, Graphs, Manifest, MANIFEST_FILE};
+use crate::config::{ConfigError, Dtype, DtypeChoice, GraphFiles, Graphs, Manifest, WeightFormat, MANIFEST_FILE};
 use crate::preprocess::{ImageProcessorConfig, PreprocessError};
 
 /// The graphs of the layout: (manifest key, file stem under `onnx/`).
@@ -125,6 +125,34 @@ pub fn needed_files(files: &[String], choice: DtypeChoice, repo: &Path) -> Resul
     needed.sort();
     needed.dedup();
     Ok(needed)
+}
+
+/// What transformers.js' `scripts/quantize.py` writes in its 8-bit dtypes, recorded as a
+/// conversion's manifest records its own (`session.rs` decides on it): ONNX Runtime's dynamic
+/// quantizer in IntegerOps mode, so `MatMulInteger` on constant weights, with `int8` weights for
+/// `int8`, `uint8` for `uint8`, and for `q8` `uint8` in a graph with a `Conv` (the vision
+/// encoder's patch embedding) and `int8` in the others. Only the graphs with that dtype's file
+/// are listed, and not the embedding (its weights feed a `Gather`, no integer MatMul); the
+/// 4-bit dtypes (`MatMulNBits`, `MatMulBnb4`) are not recorded.
+fn quantization(graphs: &Graphs) -> BTreeMap<String, WeightFormat> {
+    let named = [("vision_encoder", &graphs.vision_encoder), ("decoder", &graphs.decoder)];
+    [(Dtype::Int8, "int8"), (Dtype::Uint8, "uint8"), (Dtype::Q8, "int8")]
+        .into_iter()
+        .filter_map(|(dtype, weight_type)| {
+            let graphs: Vec<String> = named
+                .iter()
+                .filter(|(name, files)| files.contains_key(dtype.as_str()) && !(dtype == Dtype::Q8 && *name == "vision_encoder"))
+                .map(|(name, _)| name.to_string())
+                .collect();
+            let format = WeightFormat {
+                op: "MatMulInteger".into(),
+                weight_type: weight_type.into(),
+                graphs,
+                details: BTreeMap::from([("source".to_string(), Value::from("transformers.js scripts/quantize.py"))]),
+            };
+            (!format.graphs.is_empty()).then(|| (dtype.as_str().to_string(), format))
+        })
+        .collect()
 }
 
 /// Every regular file under `dir`, relative to it, sorted (a model directory's `files`).
@@ -472,8 +500,8 @@ pub fn manifest(dir: &Path) -> Result<Manifest, LayoutError> {
         loc_token_start: required("<loc0000>")?,
         seg_token_start: required("<seg000>")?,
         dtypes,
+        quantization: quantization(&graphs),
         graphs,
-        quantization: BTreeMap::new(),
         files,
         file_sizes,
         producer: BTreeMap::new(),
@@ -565,6 +593,40 @@ mod tests {
         assert_eq!(m.dtypes, ["fp32", "q8", "q4f16"]);
         assert_eq!(m.graphs.decoder["q8"], "onnx/decoder_model_merged_quantized.onnx");
         assert_eq!(m.graphs.vision_encoder.keys().collect::<Vec<_>>(), ["fp32"]);
+    }
+
+    #[test]
+    fn the_8bit_dtypes_record_the_weights_transformers_js_quantize_script_writes() {
+        let graphs = [
+            "vision_encoder_quantized.onnx",
+            "vision_encoder_int8.onnx",
+            "embed_tokens_quantized.onnx",
+            "decoder_model_merged_quantized.onnx",
+            "decoder_model_merged_int8.onnx",
+            "decoder_model_merged_uint8.onnx",
+            "decoder_model_merged_q4.onnx",
+        ];
+        let m = layout("q8", paligemma2_config(), 256, &graphs).unwrap();
+        let formats: Vec<_> = m
+            .quantization
+            .iter()
+            .map(|(dtype, f)| (dtype.as_str(), f.op.as_str(), f.weight_type.as_str(), f.graphs.join(",")))
+            .collect();
+        // q8's vision encoder has a Conv, so the script gave it uint8 weights; the embeddings'
+        // weights feed a Gather; q4 is MatMulNBits.
+        assert_eq!(
+            formats,
+            [
+                ("int8", "MatMulInteger", "int8", "vision_encoder,decoder".to_string()),
+                ("q8", "MatMulInteger", "int8", "decoder".to_string()),
+                ("uint8", "MatMulInteger", "uint8", "decoder".to_string()),
+            ]
+        );
+        let saturating: Vec<_> = ["int8", "q8", "uint8", "q4"]
+            .into_iter()
+            .filter(|d| m.weight_format(d).is_some_and(|f| f.has_int8_weights_in_integer_matmul()))
+            .collect();
+        assert_eq!(saturating, ["int8", "q8"]);
     }
 
     #[test]

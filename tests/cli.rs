@@ -337,8 +337,10 @@ fn community_rows(dtype: &str) -> Vec<serde_json::Value> {
 }
 
 /// The community layout's other dtypes (ONNX Runtime's float16 tool, its MatMulNBits quantizer at
-/// block 64, both) and per-graph mixes of float16 and float32 graphs: each gives the tokens ONNX
-/// Runtime's Python API gives on the same graphs (tests/community_reference.py), and its agreement
+/// block 64, both, and the 8-bit dtypes of transformers.js' quantize script) and per-graph mixes
+/// of float16 and float32 graphs: each gives the tokens ONNX Runtime's Python API gives on the
+/// same graphs with exact integer kernels (tests/community_reference.py), so on a CPU whose
+/// int8-weight kernels saturate the binary must run the int8 and q8 graphs exactly; its agreement
 /// with fp32 is reported (tests/parity.rs holds fp32 to transformers).
 #[test]
 fn community_dtypes_and_per_graph_mixes_give_onnx_runtime_python_tokens() {
@@ -353,6 +355,8 @@ fn community_dtypes_and_per_graph_mixes_give_onnx_runtime_python_tokens() {
         ("q4f16", ["_q4f16", "_q4f16", "_q4f16"], 0.0),
         ("vision=fp16,embed=fp32,decoder=fp32", ["_fp16", "", ""], 0.8),
         ("vision=fp32,embed=fp16,decoder=q4f16", ["", "_fp16", "_q4f16"], 0.0),
+        ("int8", ["_int8", "_int8", "_int8"], 0.0),
+        ("q8", ["_quantized", "_quantized", "_quantized"], 0.0),
     ];
     for (dtype, [vision, embed, decoder], floor) in cases {
         let rows = community_rows(dtype);
@@ -435,8 +439,11 @@ fn community_layout_without_config_json_is_refused_by_name() {
 #[test]
 fn community_dtype_that_is_not_there_lists_what_is() {
     for (dtype, needles) in [
-        ("bnb4", ["decoder has no bnb4 file", "fp16, fp32, q4, q4f16"]),
-        ("vision=uint8", ["vision_encoder has no uint8 file", "fp16, fp32, q4, q4f16"]),
+        ("bnb4", ["decoder has no bnb4 file", "fp16, fp32, int8, q4, q4f16, q8"]),
+        (
+            "vision=uint8",
+            ["vision_encoder has no uint8 file", "fp16, fp32, int8, q4, q4f16, q8"],
+        ),
         ("vision=fp16,vision=q4", ["names a graph a second time", "vision=fp16"]),
         ("text=q4", ["names no graph", "vision, embed, decoder"]),
     ] {

@@ -319,7 +319,7 @@ fn transformers_js_repo_downloads_only_the_graphs_of_its_dtype() {
         .expect_err("no bnb4 graphs")
         .to_string();
     assert!(
-        missing.contains("decoder has no bnb4 file (it has: fp16, fp32, q4, q4f16)"),
+        missing.contains("decoder has no bnb4 file (it has: fp16, fp32, int8, q4, q4f16, q8)"),
         "{missing}"
     );
     let dir = hub::resolve_model(REPO, &options(server.endpoint(), &cache, false), q4).expect("download");

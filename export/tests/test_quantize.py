@@ -381,6 +381,36 @@ def test_version1_int8_conversions_run_exactly_on_a_cpu_without_vnni(quantized, 
     assert emulated == agreement(OnnxPaliGemma(twin, dtype="int8"), references[0], MAX_NEW_TOKENS)
 
 
+def test_community_int8_and_q8_graphs_run_exactly_on_a_cpu_without_vnni(tiny_root, tmp_path):
+    """transformers.js' 8-bit graphs (export/community.py builds them as its quantize script does)
+    hold int8 weights in MatMulInteger, and no manifest says so: the binary reads it from the
+    layout's dtype names, and where the kernels saturate runs those graphs with ONNX Runtime's
+    exact uint8 kernels, warning once per graph (int8: vision encoder and decoder; q8: the decoder,
+    its vision encoder has uint8 weights). On the emulated AVX2 CPU and here, its tokens are ONNX
+    Runtime's Python API's with exact kernels (tests/community_reference.py)."""
+    from export import community
+
+    binary = REPO / "target" / "release" / "paligemma"
+    if not binary.exists():
+        pytest.fail(f"{binary} is missing: build it with `cargo build --release` (.ci/setup does)")
+    layout = community.build(converted_dir(tiny_root, "gqa1").source, tmp_path / "community", ("fp32", "int8", "q8"))
+    image = str(shared_images()[0])
+    for dtype, suffix, int8_graphs in (("int8", "_int8", 2), ("q8", "_quantized", 1)):
+        script = [sys.executable, str(REPO / "tests" / "community_reference.py"), str(layout), suffix, suffix, suffix]
+        done = subprocess.run([*script, str(MAX_NEW_TOKENS), image, "caption en"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        (expected,) = json.loads(done.stdout)
+        argv = [str(binary), "--model", str(layout), "--image", image, "--prompt", "caption en", "--dtype", dtype]
+        argv += ["--max-new-tokens", str(MAX_NEW_TOKENS), "--json"]
+        native = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        for done, saturates in ((avx2.run(argv), True), (native, cpu.int8_weight_kernels_saturate())):
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["token_ids"] == expected, (dtype, saturates)
+            warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+            assert len(warnings) == (int8_graphs if saturates else 0), (dtype, warnings)
+            assert all("transformers.js" in w and "--dtype q4" in w for w in warnings), warnings
+
+
 def test_int8_tokens_are_the_same_on_an_avx2_cpu(quantized):
     """This converter's int8 through the binary, here and on the emulated CPU."""
     _, _, out = quantized
