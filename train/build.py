@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=REPO / "target" / "scenes-build")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
-    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-steps", type=int, default=vqvae.STEPS)
     ap.add_argument("--steps", type=int, default=fit.TrainConfig.steps)
     ap.add_argument("--scenes", type=int, default=300, help="held-out scenes the release evaluates")
     ap.add_argument("--models", type=Path, default=REPO / "models")

@@ -45,6 +45,9 @@ CODE_DIM = 64
 EVAL_SEEDS = range(10_000_000, 10_000_300)
 # The scenes model's image side (train.model.ModelConfig): its masks are what the codes describe.
 IMAGE_SIZE = 112
+# Version 4 trained 1,500 steps: loss 0.0137 at step 1,000, 0.0132 at 1,500, for 220 s of the
+# 90-minute build; the cosine schedule ends at the last step either way.
+STEPS = 1000
 
 
 def pixel_box(bins: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int] | None:
@@ -229,7 +232,7 @@ def evaluate(model: VQVAE, seeds=EVAL_SEEDS, image_size: int = IMAGE_SIZE) -> di
 
 def train(
     out: Path,
-    steps: int = 1500,
+    steps: int = STEPS,
     seed: int = 0,
     batch: int = 64,
     lr: float = 2e-3,
@@ -281,7 +284,7 @@ def train(
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.vqvae", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="side of the scenes whose masks it learns")
