@@ -447,7 +447,7 @@ impl ModelSessions {
                 const EXACT_INT8: &str =
                     "`python -m export convert --quantize int8` (MatMulNBits 8-bit: exact on every CPU, faster to decode)";
                 let instead = if m.synthesized {
-                    format!("a transformers.js export's int8 and q8 graphs are all made so: run its --dtype q4 or --dtype fp32, or convert the checkpoint with {EXACT_INT8}")
+                    format!("transformers.js' quantize script writes its int8 graphs, and its q8 graphs without a Conv, so: run the export's --dtype q4 or --dtype fp32, or convert the checkpoint with {EXACT_INT8}")
                 } else {
                     format!("re-convert with this version's {EXACT_INT8}, or run --dtype fp32")
                 };
