@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: the image's server loaded another ONNX Runtime: {health['onnxruntime']}")
         report["healthcheck_exit"] = sh(engine, "healthcheck", "run", NAME, check=False).returncode
         image = MODEL / "example.png"
+        encoded = base64.b64encode(image.read_bytes()).decode()
         for prompt in bundle.example_prompts(MODEL):
-            got = http(url + "/v1/generate", {"image": base64.b64encode(image.read_bytes()).decode(), "prompt": prompt})
+            got = http(url + "/v1/generate", {"image": encoded, "prompt": prompt})
             want = bundle.cli_answer(CHECKOUT_BINARY, MODEL, image, prompt)
             same = all(got.get(k) == want.get(k) for k in ("token_ids", "detections", "segments"))
             report.setdefault("answers", []).append({"prompt": prompt, "text": got["text"], "same_as_checkout": same})
