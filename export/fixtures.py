@@ -205,14 +205,22 @@ def prepare_models(models_root: Path, log=print) -> dict[str, tuple[Path, Path]]
             fp16_stamp.write_text(json.dumps(want, indent=2))
             log(f"{name}: converted to {fp16_dir} (fp16)")
         community_dir = models_root / name / COMMUNITY_DIR
-        if name in COMMUNITY_CONFIGS:
-            community_stamp = {**want, "community": _digest(Path(__file__).with_name("community.py"))}
-            if not (_read_json(community_dir.with_suffix(".stamp.json")) == community_stamp and (community_dir / "config.json").is_file()):
-                community.build(source, community_dir, COMMUNITY_DTYPES)
-                community_dir.with_suffix(".stamp.json").write_text(json.dumps(community_stamp, indent=2))
-                log(f"{name}: wrote the transformers.js layout (TorchScript, no manifest) to {community_dir}")
+        if name in COMMUNITY_CONFIGS and not community_is_current(community_dir, name):
+            community.build(source, community_dir, COMMUNITY_DTYPES)
+            community_dir.with_suffix(".stamp.json").write_text(json.dumps(community_stamp(name), indent=2))
+            log(f"{name}: wrote the transformers.js layout (TorchScript, no manifest) to {community_dir}")
         out[name] = (source, onnx_dir)
     return out
+
+
+def community_stamp(name: str) -> dict:
+    """The stamp of `name`'s community layout: its checkpoint's and export/community.py's digests."""
+    return {**stamp(name), "community": _digest(Path(__file__).with_name("community.py"))}
+
+
+def community_is_current(community_dir: Path, name: str) -> bool:
+    """Whether `community_dir` holds the layout (every `COMMUNITY_DTYPES`) this code would write for `name`."""
+    return _read_json(community_dir.with_suffix(".stamp.json")) == community_stamp(name) and (community_dir / "config.json").is_file()
 
 
 # Quantized decoders (manifest dtype keys) converted beside the fp32 graphs, for `--dtype` tests.

@@ -60,6 +60,17 @@ def shared_conversion(name: str, dtype: str, quantize_to: tuple[str, ...]) -> Co
     return Converted(name, TEST_CONFIGS[name], root / "source", onnx_dir)
 
 
+def community_layout(root: Path, name: str, dtypes: tuple[str, ...]) -> Path:
+    """`name`'s transformers.js layout (export/community.py) in `dtypes`: the shared cache's when
+    current and it holds them, else written under `root`."""
+    from export import community
+
+    shared = shared_models_root() / name / fx.COMMUNITY_DIR
+    if set(dtypes) <= set(fx.COMMUNITY_DTYPES) and fx.community_is_current(shared, name):
+        return shared
+    return community.build(converted_dir(root, name).source, root / f"{name}-community-{'-'.join(dtypes)}", dtypes)
+
+
 def converted_dir(root: Path, name: str, dtype: str = "fp32", quantize_to: tuple[str, ...] = ()) -> Converted:
     shared = shared_conversion(name, dtype, quantize_to)
     if shared is not None:

@@ -28,7 +28,7 @@ from export.runtime import OnnxPaliGemma
 from export.validate import Agreement, agreement, greedy_references
 
 from . import avx2
-from .conftest import FIGURES, converted_dir, shared_images
+from .conftest import FIGURES, community_layout, converted_dir, shared_images
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -381,19 +381,17 @@ def test_version1_int8_conversions_run_exactly_on_a_cpu_without_vnni(quantized, 
     assert emulated == agreement(OnnxPaliGemma(twin, dtype="int8"), references[0], MAX_NEW_TOKENS)
 
 
-def test_community_int8_and_q8_graphs_run_exactly_on_a_cpu_without_vnni(tiny_root, tmp_path):
+def test_community_int8_and_q8_graphs_run_exactly_on_a_cpu_without_vnni(tiny_root):
     """transformers.js' 8-bit graphs (export/community.py builds them as its quantize script does)
     hold int8 weights in MatMulInteger, and no manifest says so: the binary reads it from the
     layout's dtype names, and where the kernels saturate runs those graphs with ONNX Runtime's
     exact uint8 kernels, warning once per graph (int8: vision encoder and decoder; q8: the decoder,
     its vision encoder has uint8 weights). On the emulated AVX2 CPU and here, its tokens are ONNX
     Runtime's Python API's with exact kernels (tests/community_reference.py)."""
-    from export import community
-
     binary = REPO / "target" / "release" / "paligemma"
     if not binary.exists():
         pytest.fail(f"{binary} is missing: build it with `cargo build --release` (.ci/setup does)")
-    layout = community.build(converted_dir(tiny_root, "gqa1").source, tmp_path / "community", ("fp32", "int8", "q8"))
+    layout = community_layout(tiny_root, "gqa1", ("fp32", "int8", "q8"))
     image = str(shared_images()[0])
     for dtype, suffix, int8_graphs in (("int8", "_int8", 2), ("q8", "_quantized", 1)):
         script = [sys.executable, str(REPO / "tests" / "community_reference.py"), str(layout), suffix, suffix, suffix]
