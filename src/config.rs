@@ -149,6 +149,12 @@ impl std::str::FromStr for DtypeChoice {
     /// manifest keys `vision_encoder`, `embed_tokens`).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         if !text.contains('=') {
+            if text.contains(',') {
+                return Err(ConfigError::DtypeChoice {
+                    text: text.to_string(),
+                    why: "a list of dtypes names no graph".to_string(),
+                });
+            }
             return Ok(DtypeChoice::All(text.trim().parse()?));
         }
         let mut picked: [Option<Dtype>; 3] = [None; 3];
@@ -267,7 +273,7 @@ pub enum ConfigError {
         problem: String,
     },
     /// A dtype name that is none of this runtime's.
-    #[error("unknown dtype {name:?}; valid: fp32, fp16, int8, uint8, q8, q4, q4f16, bnb4 (int4 is read as q4, quantized as q8), or one per graph: vision=fp16,embed=fp32,decoder=q4")]
+    #[error("unknown dtype {name:?}; valid: fp32, fp16, int8, uint8, q8, q4, q4f16, bnb4 (aliases: int4 for q4, quantized for q8), or one per graph: vision=fp16,embed=fp32,decoder=q4")]
     UnknownDtype {
         /// The name given.
         name: String,

@@ -446,6 +446,8 @@ fn community_dtype_that_is_not_there_lists_what_is() {
         ),
         ("vision=fp16,vision=q4", ["names a graph a second time", "vision=fp16"]),
         ("text=q4", ["names no graph", "vision, embed, decoder"]),
+        ("q8,int8", ["a list of dtypes names no graph", "vision=fp16,embed=fp32,decoder=q4"]),
+        ("int3", ["unknown dtype \"int3\"", "aliases: int4 for q4"]),
     ] {
         assert_error(
             &run_image(&community(), &image("chelsea.png"), "caption en", &["--dtype", dtype]),
