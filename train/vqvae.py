@@ -195,22 +195,31 @@ def load(path: Path) -> VQVAE:
     return model.eval()
 
 
-def encode(model: VQVAE, target: np.ndarray) -> list[int]:
-    """The 16 codes of one 64x64 target (`crop`)."""
+def encode(model: VQVAE, targets: list[np.ndarray]) -> list[list[int]]:
+    """The 16 codes of each 64x64 target (`crop`), in one encoder call."""
+    if not targets:
+        return []
     with torch.no_grad():
-        codes, _ = model.codes(torch.from_numpy(target)[None])
-    return codes[0].tolist()
+        codes, _ = model.codes(torch.from_numpy(np.stack(targets)))
+    return codes.tolist()
+
+
+def objects_codes(model: VQVAE, objects: list[tuple[scenes.SceneObject, int, int]]) -> dict[int, list[int]]:
+    """The codes of each (object, scene width, scene height): its mask cropped to the box its loc
+    tokens give, keyed by `id(object)`; one encoder call for all (training encodes a batch's
+    segment targets at once: one call per object was 6% of a step)."""
+    crops = [crop(o.mask, box_bins(o.box, width, height)) for o, width, height in objects]
+    codes = iter(encode(model, [c for c in crops if c is not None]))
+    # A box that truncates to no pixel has no mask to describe; any codes decode to nothing there.
+    return {id(o): next(codes) if c is not None else [0] * GRID * GRID for (o, _, _), c in zip(objects, crops)}
 
 
 def codes_of(model: VQVAE, width: int, height: int):
-    """`train.tasks.segment_target`'s `codes_of` for objects of a `width` x `height` scene: the
-    codes of each object's mask cropped to the box its loc tokens give."""
+    """`train.tasks.segment_target`'s `codes_of` for objects of a `width` x `height` scene
+    (`objects_codes` of one object)."""
 
     def codes(obj: scenes.SceneObject) -> list[int]:
-        bins = box_bins(obj.box, width, height)
-        target = crop(obj.mask, bins)
-        # A box that truncates to no pixel has no mask to describe; any codes decode to nothing there.
-        return encode(model, target) if target is not None else [0] * GRID * GRID
+        return objects_codes(model, [(obj, width, height)])[id(obj)]
 
     return codes
 

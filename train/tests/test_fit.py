@@ -1,10 +1,11 @@
 """The trainer: same seed, same weights; the model's fixed initialisation; the per-patch labels."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from train import scenes, tasks
-from train.fit import PatchHead, RelevanceHead, TrainConfig, lr_at, per_task_loss, target_loss, train
+from train.fit import BoxHead, PatchHead, RelevanceHead, TrainConfig, lr_at, per_task_loss, target_loss, targets, train
 from train.model import ModelConfig, build
 
 SMALL = ModelConfig(
@@ -84,6 +85,50 @@ def test_patch_labels_name_shapes_and_characters():
     assert shape_classes <= expected and shape_classes
 
 
+def test_box_labels_give_each_patch_the_box_of_the_object_covering_most_of_it():
+    cfg = ModelConfig()
+    head = BoxHead(cfg)
+    p, side = cfg.patch_size, cfg.image_size // cfg.patch_size
+    for seed in range(10_000_300, 10_000_340):
+        scene = scenes.generate(seed, cfg.image_size)
+        labels = head.labels(scene)
+        for i, (*edges, owned) in enumerate(labels.tolist()):
+            row, col = divmod(i, side)
+            cover = [o.mask[row * p : (row + 1) * p, col * p : (col + 1) * p].mean() for o in scene.objects]
+            assert owned == (max(cover) >= BoxHead.MIN_COVER), (seed, i)
+            if owned:
+                x0, y0, x1, y1 = scene.objects[cover.index(max(cover))].box
+                expected = [x0 / p - col - 0.5, y0 / p - row - 0.5, x1 / p - col - 0.5, y1 / p - row - 0.5]
+                assert edges == pytest.approx(expected, abs=1e-5), (seed, i)
+            else:
+                assert edges == [0, 0, 0, 0]
+    # The scene of the README's example: the yellow triangle (41, 1, 68, 28) owns the top row's 4th patch.
+    example = head.labels(scenes.generate(10_000_300, cfg.image_size))
+    assert example[3].tolist() == pytest.approx([41 / p - 3.5, 1 / p - 0.5, 68 / p - 3.5, 28 / p - 0.5, 1])
+    # A shape no patch centre falls on (PatchHead gives it no patch) still owns patches here.
+    scene, small = next(
+        (s, o)
+        for s in (scenes.generate(i, cfg.image_size) for i in range(300))
+        for o in s.objects
+        if not o.mask[p // 2 :: p, p // 2 :: p].any()
+    )
+    owned = [i % side + 0.5 + row[0] for i, row in enumerate(head.labels(scene).tolist()) if row[4] == 1]
+    assert any(x == pytest.approx(small.box[0] / p) for x in owned)
+
+
+def test_a_batch_s_segment_targets_hold_each_object_s_own_codes(tmp_path):
+    from train import vqvae
+
+    vae = vqvae.train(tmp_path / "vae.npz", steps=1, batch=4, log_every=1)
+    batch = []
+    for seed in range(20):
+        scene = scenes.generate(seed, vqvae.IMAGE_SIZE)
+        batch += [(scene, tasks.segment_prompt(label)) for label in tasks.labels_of(scene)] + [(scene, tasks.CAPTION_PROMPT)]
+    one_by_one = [tasks.target_for(s, prompt, vqvae.codes_of(vae, *s.image.size)) for s, prompt in batch]
+    assert targets(batch, vae) == one_by_one
+    assert sum(prompt.startswith(tasks.SEGMENT_PREFIX) for _, prompt in batch) > 20
+
+
 def test_relevance_labels_cover_the_named_objects_only():
     cfg = ModelConfig()
     head = RelevanceHead(cfg)
@@ -116,7 +161,7 @@ def test_a_mask_vqvae_adds_segment_targets_to_the_mix(tmp_path):
     # segment alone, so every row of every step is one.
     tc = TrainConfig(steps=2, batch=4, warmup=1, weights=(("segment", 1.0),))
     report = train(SMALL, tc, 0, tmp_path / "model", log_every=1, seg_vae=tmp_path / "vae.npz")
-    assert all(set(entry["tasks"]) == {"segment", "patches", "relevance"} for entry in report["log"]), report["log"]
+    assert all(set(entry["tasks"]) == {"segment", "patches", "boxes", "relevance"} for entry in report["log"]), report["log"]
     assert report["seg_vae"] == str(tmp_path / "vae.npz")
 
 

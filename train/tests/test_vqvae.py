@@ -29,7 +29,7 @@ def test_the_file_converts_to_the_decoder_it_trained(tmp_path):
         assert torch.allclose(converted(codes), model.decode(codes), atol=1e-6)
     reloaded = vqvae.load(tmp_path / "vae.npz")
     target = next(vqvae.objects([5]))[2]
-    assert vqvae.encode(reloaded, target) == vqvae.encode(model, target)
+    assert vqvae.encode(reloaded, [target]) == vqvae.encode(model, [target])
 
 
 def test_pixel_boxes_truncate_as_the_runtime_does():
