@@ -200,11 +200,13 @@ def sample(rng: random.Random, seed: int, image_size: int, weights: dict[str, fl
 def targets(batch: list[tuple[scenes.Scene, str]], vae=None) -> list[str]:
     """The target of each (scene, prompt); the segment targets' masks go through the mask VQ-VAE's
     encoder (`train.vqvae`) in one call."""
+    if vae is None:
+        return [tasks.target_for(s, p) for s, p in batch]
     named = [
         (o, *s.image.size) for s, p in batch if p.startswith(tasks.SEGMENT_PREFIX) for o in s.objects if o.label in tasks.prompt_labels(p)
     ]
-    codes = vqvae.objects_codes(vae, named) if named and vae is not None else {}
-    return [tasks.target_for(s, p, (lambda o: codes[id(o)]) if vae is not None else None) for s, p in batch]
+    codes = vqvae.objects_codes(vae, named)
+    return [tasks.target_for(s, p, lambda o: codes[id(o)]) for s, p in batch]
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
