@@ -55,13 +55,33 @@ class TrainConfig:
     )
 
 
+# Least share of a patch an object must cover to own it (`patch_owners`).
+MIN_COVER = 0.1
+
+
+def patch_owners(scene: scenes.Scene, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each patch in row-major order, (N,) each: the index in `scene.objects` of the object
+    covering most of it, and whether that object covers at least `MIN_COVER` of it (owns it)."""
+    p, side = cfg.patch_size, cfg.image_size // cfg.patch_size
+    if not scene.objects:
+        return torch.zeros(side * side, dtype=torch.long), torch.zeros(side * side, dtype=torch.bool)
+    cover = torch.stack([torch.from_numpy(o.mask[: side * p, : side * p].astype("float32")) for o in scene.objects])
+    cover = cover.reshape(len(scene.objects), side, p, side, p).mean(dim=(2, 4)).reshape(len(scene.objects), -1)
+    share, owner = cover.max(dim=0)
+    return owner, share >= MIN_COVER
+
+
 class PatchHead(torch.nn.Module):
     """Auxiliary training signal, not part of the model: from each patch's vision feature, predict
-    what covers the patch centre: background, one of colour x kind, or which character of the text
-    and its place in the text (first, second, ...), so that reading in order needs no search.
+    what is in the patch: background, the colour x kind of the object that owns it (`patch_owners`),
+    or which character of the text and its place in the text (first, second, ...), so that reading
+    in order needs no search.
 
     Through the language loss alone the vision tower learns slowly: after 1,500 steps the answers
-    barely depended on the image. A label per patch gives every image 64 direct targets."""
+    barely depended on the image. A label per patch gives every image 64 direct targets. Up to
+    version 6 a patch took the object under its centre, so a small shape between centres had no
+    label, and version 6's remaining detection misses were mostly a box named with a neighbour's
+    colour or kind."""
 
     COLOURS = sorted(scenes.COLOURS)
     CHARS = sorted(set("0123456789" + "".join(scenes.WORDS)))
@@ -90,11 +110,11 @@ class PatchHead(torch.nn.Module):
                 best, place, char = max(overlap)
                 if best > 0:
                     out[rows, col] = self.first_char + place * len(self.CHARS) + self.CHARS.index(char)
-        picks = slice(p // 2, side * p, p)
-        for o in scene.objects:
-            hit = torch.from_numpy(o.mask[picks, picks].copy())
-            out[hit] = 1 + self.COLOURS.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind)
-        return out.reshape(-1)
+        out = out.reshape(-1)
+        owner, owned = patch_owners(scene, self.cfg)
+        classes = torch.tensor([1 + self.COLOURS.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind) for o in scene.objects])
+        out[owned] = classes[owner[owned]]
+        return out
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # features (B, N, Dv), labels (B, N)
@@ -108,11 +128,8 @@ class BoxHead(torch.nn.Module):
 
     Version 5 missed 21 of 255 objects of multi-label `detect` on 100 scenes, 10 of them with a
     box below IoU 0.5: the language loss teaches where an edge is only through one 1,024-way token
-    per edge; this head through every patch of every object, from every task's images. Coverage,
-    not the patch centre (`PatchHead`), so a small triangle between centres still gets a patch."""
-
-    # Least share of a patch an object must cover to own it.
-    MIN_COVER = 0.1
+    per edge; this head through every patch of every object, from every task's images. Patches
+    go by coverage (`patch_owners`), so a small triangle between patch centres still gets some."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -126,14 +143,12 @@ class BoxHead(torch.nn.Module):
         out = torch.zeros((side * side, 5))
         if not scene.objects:
             return out
-        cover = torch.stack([torch.from_numpy(o.mask[: side * p, : side * p].astype("float32")) for o in scene.objects])
-        cover = cover.reshape(len(scene.objects), side, p, side, p).mean(dim=(2, 4)).reshape(len(scene.objects), -1)
-        share, owner = cover.max(dim=0)
+        owner, owned = patch_owners(scene, self.cfg)
         centre = (torch.arange(side * side) % side + 0.5, torch.arange(side * side) // side + 0.5)
         boxes = torch.tensor([o.box for o in scene.objects], dtype=torch.float32)[owner] / p
         out[:, 0], out[:, 2] = boxes[:, 0] - centre[0], boxes[:, 2] - centre[0]
         out[:, 1], out[:, 3] = boxes[:, 1] - centre[1], boxes[:, 3] - centre[1]
-        out[:, 4] = (share >= self.MIN_COVER).float()
+        out[:, 4] = owned.float()
         return out * out[:, 4:]
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -187,14 +202,23 @@ class RelevanceHead(torch.nn.Module):
 
 
 def sample(rng: random.Random, seed: int, image_size: int, weights: dict[str, float], segment: bool) -> tuple[scenes.Scene, str]:
-    """One scene and the prompt of one of its tasks; `segment` tasks only when `segment`."""
+    """One scene and the prompt of one of its tasks; `segment` tasks only when `segment`. A
+    `detect` of every label names them in a random order (its target stays left to right)."""
     scene = scenes.generate(seed, image_size)
     prompts = tasks.prompts_for(scene, segment=segment, detect_each=weights.get("detect_each", 0.0) > 0)
     names = [request_name(scene, p) for p in prompts]
     # Tasks with a request per label (segment, detect_each) share the task's odds among them, as
     # detect's objects share one request, so the mix does not tilt to them in crowded scenes.
     odds = [weights.get(n, 0.0) / names.count(n) for n in names]
-    return scene, rng.choices(prompts, weights=odds)[0]
+    prompt = rng.choices(prompts, weights=odds)[0]
+    if request_name(scene, prompt) == "detect":
+        # Up to version 6 the prompt listed the labels in the target's order, so a box's label
+        # could be copied from the prompt by position, and version 6 did: in its misses a box
+        # often carried the colour or kind of the label at its place in the prompt, not its own.
+        labels = tasks.prompt_labels(prompt)
+        rng.shuffle(labels)
+        prompt = tasks.detect_prompt(scene, labels)
+    return scene, prompt
 
 
 def targets(batch: list[tuple[scenes.Scene, str]], vae=None) -> list[str]:

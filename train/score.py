@@ -66,9 +66,10 @@ def task_name(prompt: str) -> str:
 
 def request_name(scene: Scene, prompt: str) -> str:
     """`task_name`, except that a `detect` asking fewer labels than the scene has (PaliGemma's
-    one-label form, `detect LABEL`) is `detect_each`: a task of its own in training's mix and here."""
+    one-label form, `detect LABEL`) is `detect_each`: a task of its own in training's mix and here.
+    A `detect` naming every label, in any order, is `detect`."""
     name = task_name(prompt)
-    return "detect_each" if name == "detect" and prompt != tasks.detect_prompt(scene) else name
+    return "detect_each" if name == "detect" and set(tasks.prompt_labels(prompt)) != set(tasks.labels_of(scene)) else name
 
 
 def iou(a, b) -> float:
