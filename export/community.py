@@ -140,7 +140,8 @@ def _8bit(source: Path, target: Path, dtype: str) -> None:
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     if dtype == "q8":
-        ops = {n.op_type for n in onnx.load(str(source)).graph.node}
+        # The ops alone: without the external weights, which quantize_dynamic reads itself.
+        ops = {n.op_type for n in onnx.load(str(source), load_external_data=False).graph.node}
         weight_type = QuantType.QUInt8 if ops & {"Conv", "GroupQueryAttention", "MultiHeadAttention"} else QuantType.QInt8
     else:
         weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[dtype]

@@ -3,9 +3,10 @@
     python -m train.evaluate --model models/scenes --reference models/scenes-hf --scenes 300
 
 For every held-out scene (seeds from `EVAL_SEED_BASE`, never trained on) and every task it
-supports (`detect` asking all its labels; with `--detect-each`, the one-label `detect LABEL` too,
-scored apart as `detect_each`), transformers' greedy `generate` (one request at a time, fp32) gives the reference answer,
-and `paligemma --batch ... --json` gives ours for each `--dtypes` entry. Detection is scored from the
+supports (`detect` asking all its labels, left to right or with `--shuffle-labels` in another order;
+with `--detect-each`, the one-label `detect LABEL` too, scored apart as `detect_each`),
+transformers' greedy `generate` (one request at a time, fp32) gives the reference answer, and
+`paligemma --batch ... --json` gives ours for each `--dtypes` entry. Detection is scored from the
 binary's own `detections` (boxes in image pixels, as a user gets them), the other tasks from its
 `text`. fp32 token ids must equal transformers' for every request, else the exit code is 1.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import time
@@ -30,10 +32,13 @@ MAX_NEW_TOKENS = 48
 CHUNK = 64  # requests per `paligemma --batch` run
 
 
-def requests(count: int, image_size: int, image_dir: Path, first: int = 0, vae=None, detect_each: bool = False) -> list[dict]:
+def requests(
+    count: int, image_size: int, image_dir: Path, first: int = 0, vae=None, detect_each: bool = False, shuffle_labels: bool = False
+) -> list[dict]:
     """Every (scene, task) pair of `count` held-out scenes; each scene's PNG is written to image_dir.
     With `vae` (a `train.vqvae.VQVAE`), `segment` requests too (scored by mask IoU); with
-    `detect_each`, `detect LABEL` for each label of a scene with several."""
+    `detect_each`, `detect LABEL` for each label of a scene with several; with `shuffle_labels`,
+    the `detect` of every label names them in another order than the answer's (seeded by the scene)."""
     image_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(first, first + count):
@@ -42,8 +47,18 @@ def requests(count: int, image_size: int, image_dir: Path, first: int = 0, vae=N
         scene.image.save(path)
         codes_of = vqvae.codes_of(vae, *scene.image.size) if vae is not None else None
         for prompt in tasks.prompts_for(scene, segment=vae is not None, detect_each=detect_each):
+            if shuffle_labels and prompt == tasks.detect_prompt(scene) and len(tasks.labels_of(scene)) > 1:
+                prompt = tasks.detect_prompt(scene, _another_order(tasks.labels_of(scene), random.Random(scene.seed)))
             out.append(dict(scene=scene, image=str(path), prompt=prompt, target=tasks.target_for(scene, prompt, codes_of)))
     return out
+
+
+def _another_order(labels: list[str], rng: random.Random) -> list[str]:
+    """A random order of two or more distinct labels, other than the given one."""
+    shuffled = list(labels)
+    while shuffled == labels:
+        rng.shuffle(shuffled)
+    return shuffled
 
 
 def run_transformers(reference: Path, reqs: list[dict]) -> list[dict]:
@@ -115,6 +130,7 @@ def evaluate(
     first: int = 0,
     seg_vae: Path | None = None,
     detect_each: bool = False,
+    shuffle_labels: bool = False,
 ) -> dict:
     """With `seg_vae` (the model's mask VQ-VAE, `train.vqvae`), segment requests are scored too:
     the binary's masks as it returns them, transformers' codes decoded by the VAE's decoder."""
@@ -122,7 +138,7 @@ def evaluate(
     vae = vqvae.load(seg_vae) if seg_vae is not None else None
     if vae is not None and "seg_decoder" not in manifest["graphs"]:
         raise SystemExit(f"error: --seg-vae given but {model} has no seg_decoder; convert it with --seg-vae")
-    reqs = requests(count, manifest["image_size"], work / "scenes", first, vae, detect_each)
+    reqs = requests(count, manifest["image_size"], work / "scenes", first, vae, detect_each, shuffle_labels)
     report: dict = dict(scenes=count, first_scene=first, requests=len(reqs), seed_base=EVAL_SEED_BASE, results={}, answers=[])
     per_request = [dict(image=Path(r["image"]).name, prompt=r["prompt"], target=r["target"]) for r in reqs]
     reference_ids = None
@@ -194,10 +210,13 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="write the full report (figures and every answer) as JSON")
     ap.add_argument("--seg-vae", type=Path, help="the model's mask VQ-VAE (train.vqvae npz): adds segment requests")
     ap.add_argument("--detect-each", action="store_true", help="adds `detect LABEL` for each label of a scene with several (scored apart)")
+    ap.add_argument("--shuffle-labels", action="store_true", help="`detect` of every label names them in another order than left to right")
     args = ap.parse_args()
     reference = None if str(args.reference) == "none" else args.reference
     dtypes = [d for d in args.dtypes.split(",") if d]
-    report = evaluate(args.model, reference, args.scenes, dtypes, args.work, args.binary, args.first, args.seg_vae, args.detect_each)
+    report = evaluate(
+        args.model, reference, args.scenes, dtypes, args.work, args.binary, args.first, args.seg_vae, args.detect_each, args.shuffle_labels
+    )
     print(table(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from train import scenes, tasks
-from train.evaluate import BINARY, REPO, evaluate
+from train.evaluate import BINARY, REPO, evaluate, requests
 from train.release import CI_SLICE, VAE_FILE
 from train.score import Tally, mask_rle, parse_boxes, request_name
 
@@ -95,3 +95,22 @@ def test_tally_scores_one_label_detect_apart_and_refuses_a_listed_scene():
     summary = tally.summary()
     assert summary["detect_each_recall@0.5"] == 1.0 and summary["detect_each_exact"] == 0.5
     assert summary["answers"]["detect_each"] == 2 and summary["detect_objects"] == 0
+
+
+def test_shuffled_labels_ask_every_label_in_another_order_for_the_same_answer(tmp_path):
+    plain = requests(12, 112, tmp_path / "plain")
+    shuffled = requests(12, 112, tmp_path / "shuffled", shuffle_labels=True)
+    assert len(plain) == len(shuffled)
+    changed = 0
+    for p, s in zip(plain, shuffled):
+        scene = p["scene"]
+        if p["prompt"] == tasks.detect_prompt(scene) and len(tasks.labels_of(scene)) > 1:
+            assert s["prompt"] != p["prompt"] and sorted(tasks.prompt_labels(s["prompt"])) == sorted(tasks.labels_of(scene))
+            assert request_name(scene, s["prompt"]) == "detect"
+            changed += 1
+        else:
+            assert s["prompt"] == p["prompt"]
+        assert s["target"] == p["target"]
+    assert changed >= 6
+    # Seeded by the scene: the same prompts again.
+    assert [r["prompt"] for r in requests(12, 112, tmp_path / "again", shuffle_labels=True)] == [r["prompt"] for r in shuffled]
