@@ -112,7 +112,7 @@ class PatchHead(torch.nn.Module):
                     out[rows, col] = self.first_char + place * len(self.CHARS) + self.CHARS.index(char)
         out = out.reshape(-1)
         owner, owned = patch_owners(scene, self.cfg)
-        classes = torch.tensor([1 + self.COLOURS.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind) for o in scene.objects])
+        classes = torch.tensor([1 + self.COLOURS.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind) for o in scene.objects], dtype=torch.long)
         out[owned] = classes[owner[owned]]
         return out
 
