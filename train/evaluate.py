@@ -55,6 +55,8 @@ def requests(
 
 def _another_order(labels: list[str], rng: random.Random) -> list[str]:
     """A random order of two or more distinct labels, other than the given one."""
+    if len(set(labels)) < 2:
+        raise ValueError(f"{labels} has no other order; it needs two distinct labels or more")
     shuffled = list(labels)
     while shuffled == labels:
         rng.shuffle(shuffled)
@@ -139,7 +141,16 @@ def evaluate(
     if vae is not None and "seg_decoder" not in manifest["graphs"]:
         raise SystemExit(f"error: --seg-vae given but {model} has no seg_decoder; convert it with --seg-vae")
     reqs = requests(count, manifest["image_size"], work / "scenes", first, vae, detect_each, shuffle_labels)
-    report: dict = dict(scenes=count, first_scene=first, requests=len(reqs), seed_base=EVAL_SEED_BASE, results={}, answers=[])
+    report: dict = dict(
+        scenes=count,
+        first_scene=first,
+        requests=len(reqs),
+        seed_base=EVAL_SEED_BASE,
+        detect_each=detect_each,
+        shuffle_labels=shuffle_labels,
+        results={},
+        answers=[],
+    )
     per_request = [dict(image=Path(r["image"]).name, prompt=r["prompt"], target=r["target"]) for r in reqs]
     reference_ids = None
     if reference is not None:

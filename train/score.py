@@ -67,9 +67,11 @@ def task_name(prompt: str) -> str:
 def request_name(scene: Scene, prompt: str) -> str:
     """`task_name`, except that a `detect` asking fewer labels than the scene has (PaliGemma's
     one-label form, `detect LABEL`) is `detect_each`: a task of its own in training's mix and here.
-    A `detect` naming every label, in any order, is `detect`."""
+    A `detect` naming every label, in any order (or the scene's own prompt), is `detect`."""
     name = task_name(prompt)
-    return "detect_each" if name == "detect" and set(tasks.prompt_labels(prompt)) != set(tasks.labels_of(scene)) else name
+    if name != "detect" or prompt == tasks.detect_prompt(scene):
+        return name
+    return "detect" if set(tasks.prompt_labels(prompt)) == set(tasks.labels_of(scene)) else "detect_each"
 
 
 def iou(a, b) -> float:

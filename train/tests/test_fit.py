@@ -1,5 +1,6 @@
 """The trainer: same seed, same weights; the model's fixed initialisation; the per-patch labels."""
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -126,6 +127,26 @@ def test_box_labels_give_each_patch_the_box_of_the_object_covering_most_of_it():
     patches = PatchHead(cfg)
     small_class = 1 + patches.COLOURS.index(small.colour) * len(scenes.KINDS) + scenes.KINDS.index(small.kind)
     assert small_class in patches.labels(scene).tolist()
+
+
+def test_patch_labels_name_the_shape_that_owns_each_patch():
+    cfg = ModelConfig()
+    head = PatchHead(cfg)
+    p, side = cfg.patch_size, cfg.image_size // cfg.patch_size
+    for seed in range(10_000_300, 10_000_340):
+        scene = scenes.generate(seed, cfg.image_size)
+        for i, label in enumerate(head.labels(scene).tolist()):
+            row, col = divmod(i, side)
+            cover = [o.mask[row * p : (row + 1) * p, col * p : (col + 1) * p].mean() for o in scene.objects]
+            if max(cover) >= MIN_COVER:
+                o = scene.objects[cover.index(max(cover))]
+                assert label == 1 + head.COLOURS.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind), (seed, i)
+            else:
+                assert label == 0 or label >= head.first_char, (seed, i)
+    # A scene without shapes: background and text only, and its `detect` is no one-label form.
+    empty = dataclasses.replace(scenes.generate(10_000_300, cfg.image_size), objects=[])
+    assert all(v == 0 or v >= head.first_char for v in head.labels(empty).tolist())
+    assert request_name(empty, tasks.detect_prompt(empty)) == "detect"
 
 
 def test_a_detect_of_every_label_names_them_in_any_order_and_answers_left_to_right():
