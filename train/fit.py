@@ -112,11 +112,13 @@ class PatchHead(torch.nn.Module):
                     out[rows, col] = self.first_char + place * len(self.CHARS) + self.CHARS.index(char)
         out = out.reshape(-1)
         owner, owned = patch_owners(scene, self.cfg)
-        classes = torch.tensor(
-            [1 + self.COLOURS.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind) for o in scene.objects], dtype=torch.long
-        )
+        classes = torch.tensor([self.shape_class(o) for o in scene.objects], dtype=torch.long)
         out[owned] = classes[owner[owned]]
         return out
+
+    def shape_class(self, obj: scenes.SceneObject) -> int:
+        """The class of a shape's patches: 1 + its colour x kind."""
+        return 1 + self.COLOURS.index(obj.colour) * len(scenes.KINDS) + scenes.KINDS.index(obj.kind)
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # features (B, N, Dv), labels (B, N)

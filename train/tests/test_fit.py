@@ -87,27 +87,37 @@ def test_patch_labels_name_shapes_and_characters():
     assert [head.CHARS[c] for _, c in columns] == list(scene.text)
     assert [place for place, _ in columns] == list(range(len(scene.text)))
     shape_classes = {v for v in labels.tolist() if 0 < v < head.first_char}
-    expected = {1 + head.COLOURS.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind) for o in scene.objects}
+    expected = {head.shape_class(o) for o in scene.objects}
     assert shape_classes <= expected and shape_classes
+
+
+def covered_patches(cfg: ModelConfig):
+    """(seed, scene, patch index, row, column, each object's share of the patch) for every patch of
+    40 held-out scenes, the shares measured pixel by pixel."""
+    p, side = cfg.patch_size, cfg.image_size // cfg.patch_size
+    for seed in range(10_000_300, 10_000_340):
+        scene = scenes.generate(seed, cfg.image_size)
+        for i in range(side * side):
+            row, col = divmod(i, side)
+            yield seed, scene, i, row, col, [o.mask[row * p : (row + 1) * p, col * p : (col + 1) * p].mean() for o in scene.objects]
 
 
 def test_box_labels_give_each_patch_the_box_of_the_object_covering_most_of_it():
     cfg = ModelConfig()
     head = BoxHead(cfg)
     p, side = cfg.patch_size, cfg.image_size // cfg.patch_size
-    for seed in range(10_000_300, 10_000_340):
-        scene = scenes.generate(seed, cfg.image_size)
-        labels = head.labels(scene)
-        for i, (*edges, owned) in enumerate(labels.tolist()):
-            row, col = divmod(i, side)
-            cover = [o.mask[row * p : (row + 1) * p, col * p : (col + 1) * p].mean() for o in scene.objects]
-            assert owned == (max(cover) >= MIN_COVER), (seed, i)
-            if owned:
-                x0, y0, x1, y1 = scene.objects[cover.index(max(cover))].box
-                expected = [x0 / p - col - 0.5, y0 / p - row - 0.5, x1 / p - col - 0.5, y1 / p - row - 0.5]
-                assert edges == pytest.approx(expected, abs=1e-5), (seed, i)
-            else:
-                assert edges == [0, 0, 0, 0]
+    labels = {}
+    for seed, scene, i, row, col, cover in covered_patches(cfg):
+        if seed not in labels:
+            labels[seed] = head.labels(scene).tolist()
+        *edges, owned = labels[seed][i]
+        assert owned == (max(cover) >= MIN_COVER), (seed, i)
+        if owned:
+            x0, y0, x1, y1 = scene.objects[cover.index(max(cover))].box
+            expected = [x0 / p - col - 0.5, y0 / p - row - 0.5, x1 / p - col - 0.5, y1 / p - row - 0.5]
+            assert edges == pytest.approx(expected, abs=1e-5), (seed, i)
+        else:
+            assert edges == [0, 0, 0, 0]
     # The scene of the README's example: the yellow triangle (41, 1, 68, 28) owns the top row's 4th patch.
     example = head.labels(scenes.generate(10_000_300, cfg.image_size))
     assert example[3].tolist() == pytest.approx([41 / p - 3.5, 1 / p - 0.5, 68 / p - 3.5, 28 / p - 0.5, 1])
@@ -125,24 +135,20 @@ def test_box_labels_give_each_patch_the_box_of_the_object_covering_most_of_it():
     ]
     assert any(box == pytest.approx([v / p for v in small.box]) for box in owned)
     patches = PatchHead(cfg)
-    small_class = 1 + patches.COLOURS.index(small.colour) * len(scenes.KINDS) + scenes.KINDS.index(small.kind)
-    assert small_class in patches.labels(scene).tolist()
+    assert patches.shape_class(small) in patches.labels(scene).tolist()
 
 
 def test_patch_labels_name_the_shape_that_owns_each_patch():
     cfg = ModelConfig()
     head = PatchHead(cfg)
-    p, side = cfg.patch_size, cfg.image_size // cfg.patch_size
-    for seed in range(10_000_300, 10_000_340):
-        scene = scenes.generate(seed, cfg.image_size)
-        for i, label in enumerate(head.labels(scene).tolist()):
-            row, col = divmod(i, side)
-            cover = [o.mask[row * p : (row + 1) * p, col * p : (col + 1) * p].mean() for o in scene.objects]
-            if max(cover) >= MIN_COVER:
-                o = scene.objects[cover.index(max(cover))]
-                assert label == 1 + head.COLOURS.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind), (seed, i)
-            else:
-                assert label == 0 or label >= head.first_char, (seed, i)
+    labels = {}
+    for seed, scene, i, _, _, cover in covered_patches(cfg):
+        if seed not in labels:
+            labels[seed] = head.labels(scene).tolist()
+        if max(cover) >= MIN_COVER:
+            assert labels[seed][i] == head.shape_class(scene.objects[cover.index(max(cover))]), (seed, i)
+        else:
+            assert labels[seed][i] == 0 or labels[seed][i] >= head.first_char, (seed, i)
     # A scene without shapes: background and text only, and its `detect` is no one-label form.
     empty = dataclasses.replace(scenes.generate(10_000_300, cfg.image_size), objects=[])
     assert all(v == 0 or v >= head.first_char for v in head.labels(empty).tolist())
