@@ -44,8 +44,9 @@ class TrainConfig:
     # fell at the last step, so version 5 moved odds from OCR, colour and caption to detect and count.
     # Caption at 0.75 fell from 0.847 to 0.687 exact (colours and kinds of 3-4 shapes), so version 6
     # gives it its odds back. Version 7 (labels in any order) read 0.887 of the texts, every miss a
-    # number, its OCR loss flat at 0.07 to 0.16 over its last 400 steps, so version 8 gives OCR version 4's odds,
-    # from segment (IoU 0.92, goal 0.80) and colour (loss 0.001), and trains 500 steps longer.
+    # number, its OCR loss flat at 0.07 to 0.16 over its last 400 steps, so version 8 gives OCR
+    # version 4's odds, from segment (IoU 0.92, goal 0.80) and colour (loss 0.001), and trains 500
+    # steps longer.
     weights: tuple[tuple[str, float], ...] = (
         ("detect", 3.5),
         ("detect_each", 2.0),

@@ -91,29 +91,29 @@ def test_patch_labels_name_shapes_and_characters():
     assert shape_classes <= expected and shape_classes
 
 
-def covered_patches(cfg: ModelConfig):
-    """(seed, scene, patch index, row, column, each object's share of the patch) for every patch of
-    40 held-out scenes, the shares measured pixel by pixel."""
+def owned_patches(cfg: ModelConfig, labels_of):
+    """(seed, patch index, row, column, the object covering the most of the patch if it covers at
+    least MIN_COVER of it else None, the patch's row of `labels_of(scene)`) for every patch of 40
+    held-out scenes, the shares measured pixel by pixel."""
     p, side = cfg.patch_size, cfg.image_size // cfg.patch_size
     for seed in range(10_000_300, 10_000_340):
         scene = scenes.generate(seed, cfg.image_size)
+        labels = labels_of(scene).tolist()
         for i in range(side * side):
             row, col = divmod(i, side)
-            yield seed, scene, i, row, col, [o.mask[row * p : (row + 1) * p, col * p : (col + 1) * p].mean() for o in scene.objects]
+            cover = [o.mask[row * p : (row + 1) * p, col * p : (col + 1) * p].mean() for o in scene.objects]
+            owner = scene.objects[cover.index(max(cover))] if max(cover) >= MIN_COVER else None
+            yield seed, i, row, col, owner, labels[i]
 
 
 def test_box_labels_give_each_patch_the_box_of_the_object_covering_most_of_it():
     cfg = ModelConfig()
     head = BoxHead(cfg)
     p, side = cfg.patch_size, cfg.image_size // cfg.patch_size
-    labels = {}
-    for seed, scene, i, row, col, cover in covered_patches(cfg):
-        if seed not in labels:
-            labels[seed] = head.labels(scene).tolist()
-        *edges, owned = labels[seed][i]
-        assert owned == (max(cover) >= MIN_COVER), (seed, i)
-        if owned:
-            x0, y0, x1, y1 = scene.objects[cover.index(max(cover))].box
+    for seed, i, row, col, owner, (*edges, owned) in owned_patches(cfg, head.labels):
+        assert owned == (owner is not None), (seed, i)
+        if owner is not None:
+            x0, y0, x1, y1 = owner.box
             expected = [x0 / p - col - 0.5, y0 / p - row - 0.5, x1 / p - col - 0.5, y1 / p - row - 0.5]
             assert edges == pytest.approx(expected, abs=1e-5), (seed, i)
         else:
@@ -141,14 +141,11 @@ def test_box_labels_give_each_patch_the_box_of_the_object_covering_most_of_it():
 def test_patch_labels_name_the_shape_that_owns_each_patch():
     cfg = ModelConfig()
     head = PatchHead(cfg)
-    labels = {}
-    for seed, scene, i, _, _, cover in covered_patches(cfg):
-        if seed not in labels:
-            labels[seed] = head.labels(scene).tolist()
-        if max(cover) >= MIN_COVER:
-            assert labels[seed][i] == head.shape_class(scene.objects[cover.index(max(cover))]), (seed, i)
+    for seed, i, _, _, owner, label in owned_patches(cfg, head.labels):
+        if owner is not None:
+            assert label == head.shape_class(owner), (seed, i)
         else:
-            assert labels[seed][i] == 0 or labels[seed][i] >= head.first_char, (seed, i)
+            assert label == 0 or label >= head.first_char, (seed, i)
     # A scene without shapes: background and text only, and its `detect` is no one-label form.
     empty = dataclasses.replace(scenes.generate(10_000_300, cfg.image_size), objects=[])
     assert all(v == 0 or v >= head.first_char for v in head.labels(empty).tolist())
